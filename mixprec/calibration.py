@@ -1,0 +1,117 @@
+"""Post-training calibration: activation ranges from calibration prompts, weight scales per bit.
+
+The result is one safetensors file holding, for every quantizable layer, the weight scales of every
+candidate weight bit-width, the activation range and the activation (scale, zero point) of every
+candidate activation bit-width; its metadata records the bit sets, fingerprints and config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mixprec.quantizers import LayerQuantParams, QuantLayer, RangeObserver, act_qparams, weight_scales
+
+FORMAT_VERSION = "1"
+
+
+def calibrate_layers(layers: Mapping[str, QuantLayer], run_calibration: Callable[[], None],
+                     weight_bits: Sequence[int], act_bits: Sequence[int], momentum: float = 0.95,
+                     weight_clip: str = "minmax", progress: bool = False) -> dict[str, LayerQuantParams]:
+    """Observe input ranges while ``run_calibration()`` drives the model, then compute all parameters.
+
+    Layers are left in full precision and get their ``params`` attached.
+    """
+    for layer in layers.values():
+        layer.w_bits = layer.a_bits = None
+        layer.observer = RangeObserver(momentum)
+    try:
+        with torch.no_grad():
+            run_calibration()
+    finally:
+        observers = {n: layer.observer for n, layer in layers.items()}
+        for layer in layers.values():
+            layer.observer = None
+    unseen = [n for n, o in observers.items() if o.lo is None]
+    if unseen:
+        raise RuntimeError(f"{len(unseen)} layers saw no input during calibration (e.g. {unseen[:3]}); "
+                           f"they are not reached by this pipeline: add them to model.exclude_patterns")
+    params: dict[str, LayerQuantParams] = {}
+    items = layers.items()
+    if progress:
+        from tqdm import tqdm
+        items = tqdm(items, total=len(layers), desc="weight scales", leave=False)
+    for name, layer in items:
+        obs = observers[name]
+        params[name] = LayerQuantParams(
+            weight_scales={b: weight_scales(layer.inner.weight, b, clip=weight_clip).cpu() for b in weight_bits},
+            act_range=(obs.lo, obs.hi),
+            act_params={b: act_qparams(obs.lo, obs.hi, b) for b in act_bits},
+        )
+        layer.params = params[name]
+        layer.drop_cache()
+    return params
+
+
+def attach_params(layers: Mapping[str, QuantLayer], params: Mapping[str, LayerQuantParams]) -> None:
+    missing = sorted(set(layers) - set(params))
+    if missing:
+        raise KeyError(f"the calibration file has no parameters for {len(missing)} layers of this model "
+                       f"(e.g. {missing[:3]}); it was made for another model: rerun stage=calibrate")
+    for name, layer in layers.items():
+        layer.params = params[name]
+        layer.drop_cache()
+
+
+def save_params(path: str | os.PathLike, params: Mapping[str, LayerQuantParams], metadata: Mapping[str, Any]) -> None:
+    """Write the parameters as safetensors; ``path`` should be a temporary name the caller renames."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, p in params.items():
+        for b, s in p.weight_scales.items():
+            tensors[f"{name}/w{b}/scale"] = s.float().contiguous()
+        lo, hi = p.act_range
+        tensors[f"{name}/act/range"] = torch.tensor([lo, hi], dtype=torch.float64)
+        for b, (scale, zero) in p.act_params.items():
+            tensors[f"{name}/a{b}/scale"] = torch.tensor([scale], dtype=torch.float64)
+            tensors[f"{name}/a{b}/zero"] = torch.tensor([zero], dtype=torch.int64)
+    meta = {"format": "mixprec.quant_params", "version": FORMAT_VERSION,
+            "layers": json.dumps(list(params)), **{k: json.dumps(v) for k, v in metadata.items()}}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_params(path: str | os.PathLike) -> tuple[dict[str, LayerQuantParams], dict[str, Any]]:
+    with safe_open(str(path), framework="pt") as f:
+        raw_meta = f.metadata() or {}
+        if raw_meta.get("format") != "mixprec.quant_params":
+            raise ValueError(f"{path} is not a mixprec calibration file (format {raw_meta.get('format')!r})")
+        meta = {k: json.loads(v) for k, v in raw_meta.items() if k not in ("format", "version")}
+        keys = set(f.keys())
+        params: dict[str, LayerQuantParams] = {}
+        for name in meta["layers"]:
+            wscales, aparams = {}, {}
+            for b in meta["weight_bits"]:
+                wscales[int(b)] = f.get_tensor(f"{name}/w{b}/scale")
+            for b in meta["act_bits"]:
+                aparams[int(b)] = (float(f.get_tensor(f"{name}/a{b}/scale")[0]), int(f.get_tensor(f"{name}/a{b}/zero")[0]))
+            rng = f.get_tensor(f"{name}/act/range") if f"{name}/act/range" in keys else None
+            params[name] = LayerQuantParams(wscales, (float(rng[0]), float(rng[1])) if rng is not None else None, aparams)
+    return params, meta
+
+
+def check_bits_available(meta: Mapping[str, Any], weight_bits: Sequence[int], act_bits: Sequence[int], path: Path) -> None:
+    have_w, have_a = {int(b) for b in meta["weight_bits"]}, {int(b) for b in meta["act_bits"]}
+    lacking_w = sorted(set(int(b) for b in weight_bits) - have_w)
+    lacking_a = sorted(set(int(b) for b in act_bits) - have_a)
+    if lacking_w or lacking_a:
+        raise ValueError(
+            f"{path} was calibrated for weight bits {sorted(have_w)} and activation bits {sorted(have_a)}; "
+            f"this run needs weight bits {lacking_w or '-'} / activation bits {lacking_a or '-'} that it lacks. "
+            f"Rerun `python run.py stage=calibrate` with quant.weight_bits / quant.act_bits including them."
+        )

@@ -1,0 +1,117 @@
+"""Deterministic generation through the pipeline's standard ``__call__``.
+
+Prompts are encoded once and cached; initial latents come from one CPU generator per seed, so an
+image depends only on (prompt, seed), not on batch composition or device. The denoiser's outputs
+at every sampler step can be captured (quality metric: SQNR of the denoiser output).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class GenerationOutput:
+    images: torch.Tensor | None  # [N, 3, H, W] in [0, 1], float32
+    denoiser: torch.Tensor | None  # [N, steps, C, h, w]: the denoiser output at each sampler step
+    latents: torch.Tensor | None  # [N, C, h, w]: final latents
+
+
+class Sampler:
+    """Runs a text-to-image pipeline on fixed prompts and seeds."""
+
+    def __init__(self, pipe, resolution: int, num_inference_steps: int, guidance_scale: float = 0.0,
+                 batch_size: int = 8):
+        self.pipe = pipe
+        self.resolution = resolution
+        self.steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.batch_size = max(1, int(batch_size))
+        self.is_xl = hasattr(pipe, "text_encoder_2")
+        self._cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.unet.dtype
+
+    def _encode_one(self, prompt: str) -> dict[str, torch.Tensor]:
+        if prompt not in self._cache:
+            with torch.no_grad():
+                cfg = self.guidance_scale > 1.0
+                if self.is_xl:
+                    pe, npe, ppe, nppe = self.pipe.encode_prompt(prompt, device=self.device, num_images_per_prompt=1,
+                                                                 do_classifier_free_guidance=cfg)
+                    enc = {"prompt_embeds": pe, "pooled_prompt_embeds": ppe}
+                    if cfg:
+                        enc.update(negative_prompt_embeds=npe, negative_pooled_prompt_embeds=nppe)
+                else:
+                    pe, npe = self.pipe.encode_prompt(prompt, self.device, 1, cfg)
+                    enc = {"prompt_embeds": pe}
+                    if cfg:
+                        enc["negative_prompt_embeds"] = npe
+            self._cache[prompt] = enc
+        return self._cache[prompt]
+
+    def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        parts = [self._encode_one(p) for p in prompts]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def initial_latents(self, seeds: Sequence[int]) -> torch.Tensor:
+        unet = self.pipe.unet
+        size = self.resolution // self.pipe.vae_scale_factor
+        shape = (unet.config.in_channels, size, size)
+        noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+        return torch.stack(noise).to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], decode: bool = True,
+                 capture_denoiser: bool = False, keep_on_device: bool = False) -> GenerationOutput:
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        images, denoiser, finals = [], [], []
+        captured: list[torch.Tensor] = []
+
+        def hook(_m, _args, out):
+            captured.append((out[0] if isinstance(out, tuple) else out.sample).detach())
+
+        handle = self.pipe.unet.register_forward_hook(hook) if capture_denoiser else None
+        try:
+            for i in range(0, len(prompts), self.batch_size):
+                p, s = list(prompts[i:i + self.batch_size]), list(seeds[i:i + self.batch_size])
+                captured.clear()
+                out = self.pipe(
+                    **self.encode(p), latents=self.initial_latents(s), num_inference_steps=self.steps,
+                    guidance_scale=self.guidance_scale, height=self.resolution, width=self.resolution,
+                    output_type="pt" if decode else "latent", return_dict=True,
+                )
+                move = (lambda t: t) if keep_on_device else (lambda t: t.float().cpu())
+                if decode:
+                    images.append(move(out.images))
+                else:
+                    finals.append(move(out.images))
+                if capture_denoiser:
+                    # With classifier-free guidance the denoiser sees [uncond; cond]: keep the conditional half.
+                    steps = [c[-len(p):] for c in captured]
+                    denoiser.append(move(torch.stack(steps, dim=1)))
+        finally:
+            if handle is not None:
+                handle.remove()
+        return GenerationOutput(
+            images=torch.cat(images) if images else None,
+            denoiser=torch.cat(denoiser) if denoiser else None,
+            latents=torch.cat(finals) if finals else None,
+        )
+
+
+def to_pil(images: torch.Tensor) -> list:
+    from PIL import Image
+
+    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]

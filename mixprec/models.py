@@ -1,0 +1,350 @@
+"""Loading text-to-image pipelines and taking the census of their quantizable layers.
+
+A model is described by a :class:`ModelSpec` (the ``model`` config group). Sources:
+- ``builtin``: the project's trained tiny model shipped in ``mixprec/assets/tiny`` (or ``path``);
+- ``tiny_random``: an SDXL-architecture pipeline with a small config and random weights (tests);
+- ``diffusers``: a hub id or a local folder through ``DiffusionPipeline.from_pretrained``; with
+  ``weights: random`` the full-size architecture is built from configs shipped in
+  ``mixprec/reference`` instead (speed and memory work where no checkpoint can be downloaded).
+Nothing is fetched from a hub unless the spec names a hub id and the user did not set
+``HF_HUB_OFFLINE``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+REFERENCE_DIR = Path(__file__).parent / "reference"
+ASSETS_DIR = Path(__file__).parent / "assets"
+SOURCES = ("builtin", "tiny_random", "diffusers")
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    source: str = "diffusers"
+    hub_id: str | None = None
+    path: str | None = None
+    weights: str = "pretrained"  # or "random"
+    family: str = "sdxl"  # which shipped configs build the random-weight architecture
+    arch: dict[str, Any] = field(default_factory=dict)  # tiny_random architecture
+    seed: int = 0  # random-weight init seed
+    dtype: str = "float32"
+    resolution: int = 512
+    num_inference_steps: int = 1
+    guidance_scale: float = 0.0
+    content_patterns: list[str] = field(default_factory=lambda: ["attn2", "ff"])
+    exclude_patterns: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model option(s) {sorted(unknown)}; known: {sorted(known)}")
+        spec = cls(**d)
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"model.source must be one of {SOURCES}, got {self.source!r}")
+        if self.weights not in ("pretrained", "random"):
+            raise ValueError(f"model.weights must be 'pretrained' or 'random', got {self.weights!r}")
+        if self.source == "diffusers" and self.weights == "pretrained" and not (self.path or self.hub_id):
+            raise ValueError(f"model {self.name!r} needs model.path (a local folder) or model.hub_id")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    def fingerprint_data(self) -> dict[str, Any]:
+        """What identifies the model's weights (not how it is sampled)."""
+        data = {k: v for k, v in asdict(self).items()
+                if k in ("name", "source", "hub_id", "path", "weights", "family", "arch", "seed")}
+        if self.source == "builtin":
+            data["weights_digest"] = _folder_digest(self.resolved_path())
+        return data
+
+    def resolved_path(self) -> Path | None:
+        if self.source == "builtin":
+            return Path(self.path) if self.path else ASSETS_DIR / "tiny"
+        return Path(self.path) if self.path else None
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _folder_digest(folder: Path | None) -> str | None:
+    """Cheap identity of a saved pipeline: names and sizes of its weight files."""
+    if folder is None or not folder.exists():
+        return None
+    files = sorted(p for p in folder.rglob("*.safetensors"))
+    return ";".join(f"{p.relative_to(folder)}:{p.stat().st_size}" for p in files)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r} was asked for but CUDA is not available; use device=cpu or auto")
+    return torch.device(device)
+
+
+# --------------------------------------------------------------------------- loading
+def load_pipeline(spec: ModelSpec, device: str | torch.device = "cpu"):
+    """Build or load the pipeline described by ``spec`` and move it to ``device``."""
+    from diffusers import DiffusionPipeline
+
+    if spec.source == "tiny_random":
+        from mixprec.tiny.build import build_pipeline
+
+        pipe = build_pipeline(spec.arch, seed=spec.seed)
+    elif spec.source == "builtin":
+        folder = spec.resolved_path()
+        _check_pipeline_folder(folder, spec.name)
+        pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=spec.torch_dtype, local_files_only=True)
+        _check_tokenizers(pipe, folder)
+    elif spec.weights == "random":
+        pipe = build_random_pipeline(spec.family, seed=spec.seed)
+    else:
+        pipe = _load_diffusers(spec)
+    if not hasattr(pipe, "unet"):
+        raise TypeError(f"model {spec.name!r} loaded as {type(pipe).__name__}, which has no UNet denoiser; "
+                        f"mixprec needs a text-to-image diffusion pipeline with a UNet")
+    pipe = pipe.to(device=torch.device(device), dtype=spec.torch_dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _load_diffusers(spec: ModelSpec):
+    from diffusers import DiffusionPipeline
+
+    if spec.path:
+        folder = Path(spec.path)
+        _check_pipeline_folder(folder, spec.name)
+        pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=spec.torch_dtype, local_files_only=True)
+        _check_tokenizers(pipe, folder)
+        return pipe
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        return DiffusionPipeline.from_pretrained(spec.hub_id, torch_dtype=spec.torch_dtype, local_files_only=offline)
+    except Exception as exc:  # the hub client's errors are many; the advice is the same
+        raise RuntimeError(
+            f"could not load {spec.hub_id!r} from the hub{' (HF_HUB_OFFLINE is set, so only the local cache was tried)' if offline else ''}: "
+            f"{exc}. Download it elsewhere and pass model.path=<folder>, or use model.weights=random for "
+            f"speed/memory work."
+        ) from exc
+
+
+def _check_pipeline_folder(folder: Path | None, name: str) -> None:
+    if folder is None or not (folder / "model_index.json").exists():
+        raise FileNotFoundError(
+            f"model {name!r}: {folder} is not a diffusers pipeline folder (no model_index.json). "
+            + ("The built-in tiny model is trained by `python run.py stage=train_tiny`." if name == "tiny" else
+               "Pass model.path=<folder saved with save_pretrained>.")
+        )
+
+
+def _check_tokenizers(pipe, folder: Path) -> None:
+    """A tokenizer folder that is missing or empty can load as a tokenizer that maps everything to UNK."""
+    for attr in ("tokenizer", "tokenizer_2"):
+        tok = getattr(pipe, attr, None)
+        if tok is None:
+            continue
+        ids = tok("a red circle", add_special_tokens=False).input_ids
+        if len(tok) < 10 or not ids or all(i == tok.unk_token_id for i in ids):
+            raise ValueError(f"{folder}/{attr} did not load a working tokenizer (vocabulary of {len(tok)}, "
+                             f"'a red circle' -> {ids}); the folder is incomplete")
+
+
+def build_random_pipeline(family: str, seed: int = 0, device: str | torch.device = "cpu"):
+    """The full-size architecture of ``family`` with random weights, from configs shipped in the package.
+
+    Random weights are meaningless for image quality but exact for layer census, speed and memory.
+    The tokenizer is the tiny model's (real CLIP vocabularies cannot be shipped); prompts of its
+    vocabulary work, and the text encoders keep the full-size architecture.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, \
+        UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from mixprec.tiny.tokenizer import build_tokenizer
+
+    cfg = _family_configs(family)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(cfg["unet"])
+        vae = AutoencoderKL.from_config(cfg["vae"])
+        te = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"])) if "text_encoder_2" in cfg else None
+    tok = build_tokenizer(model_max_length=77)
+    scheduler = EulerDiscreteScheduler.from_config(cfg["scheduler"])
+    if te2 is not None:
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
+                                         unet=unet, scheduler=scheduler)
+    return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def _family_configs(family: str) -> dict[str, dict[str, Any]]:
+    path = REFERENCE_DIR / f"{family}_configs.json"
+    if not path.exists():
+        known = sorted(p.name[: -len("_configs.json")] for p in REFERENCE_DIR.glob("*_configs.json"))
+        raise ValueError(f"no shipped configs for model family {family!r}; known: {known}")
+    configs = json.loads(path.read_text())
+    if "unet_file" in configs:
+        configs["unet"] = json.loads((REFERENCE_DIR / configs.pop("unet_file")).read_text())
+    return configs
+
+
+def build_random_unet(family: str, device: str | torch.device = "meta") -> nn.Module:
+    """Only the denoiser of ``family``; on the meta device it costs no memory (census)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device(device):
+        return UNet2DConditionModel.from_config(_family_configs(family)["unet"])
+
+
+# --------------------------------------------------------------------------- census
+@dataclass
+class LayerInfo:
+    name: str
+    type: str  # "Linear" | "Conv2d"
+    group: str  # "content" | "quality"
+    params: int
+    out_channels: int
+    in_features: int
+    kernel: str  # "1x1", "3x3" or "" for Linear
+    act_elems: int  # input-activation elements per image (0 when not measured)
+    block: str  # coarse position in the network: down_blocks.1, mid_block, up_blocks.0, conv_in, ...
+    excluded: bool = False
+    protected: bool = False
+
+    def as_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+CENSUS_COLUMNS = list(LayerInfo.__dataclass_fields__)
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    """A pattern matches a whole dotted component (``ff`` matches ``...ff.net.2`` but not ``buff``),
+    or, when it contains a dot or regex characters, is searched as a regular expression."""
+    parts = name.split(".")
+    for pat in patterns:
+        if re.fullmatch(r"[A-Za-z0-9_]+", pat):
+            if pat in parts:
+                return True
+        elif re.search(pat, name):
+            return True
+    return False
+
+
+def layer_group(name: str, content_patterns: Sequence[str]) -> str:
+    return "content" if _matches(name, content_patterns) else "quality"
+
+
+def block_of(name: str) -> str:
+    parts = name.split(".")
+    if parts[0] in ("down_blocks", "up_blocks") and len(parts) > 1:
+        return f"{parts[0]}.{parts[1]}"
+    return parts[0]
+
+
+def census(denoiser: nn.Module, content_patterns: Sequence[str], exclude_patterns: Sequence[str] = (),
+           act_elems: dict[str, int] | None = None) -> list[LayerInfo]:
+    """Every Linear/Conv2d of the denoiser (QuantLayer wrappers are looked through), in module order."""
+    from mixprec.quantizers import QuantLayer
+
+    rows: list[LayerInfo] = []
+    for name, module in denoiser.named_modules():
+        if isinstance(module, QuantLayer):
+            name, module = module.name, module.inner
+        elif not isinstance(module, (nn.Linear, nn.Conv2d)) or name.endswith(".inner"):
+            continue
+        is_conv = isinstance(module, nn.Conv2d)
+        rows.append(LayerInfo(
+            name=name,
+            type="Conv2d" if is_conv else "Linear",
+            group=layer_group(name, content_patterns),
+            params=sum(p.numel() for p in module.parameters(recurse=False)),
+            out_channels=module.out_channels if is_conv else module.out_features,
+            in_features=(module.in_channels * module.kernel_size[0] * module.kernel_size[1]) if is_conv else module.in_features,
+            kernel=f"{module.kernel_size[0]}x{module.kernel_size[1]}" if is_conv else "",
+            act_elems=int((act_elems or {}).get(name, 0)),
+            block=block_of(name),
+            excluded=_matches(name, exclude_patterns) if exclude_patterns else False,
+        ))
+    return rows
+
+
+def unet_example_inputs(unet: nn.Module, batch: int, latent_size: int, text_len: int = 77,
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Inputs of the right shapes for one denoiser call (SD and SDXL conditioning)."""
+    cfg = unet.config
+    kwargs: dict[str, Any] = {
+        "sample": torch.zeros(batch, cfg.in_channels, latent_size, latent_size, device=device, dtype=dtype),
+        "timestep": torch.tensor(999, device=device),
+        "encoder_hidden_states": torch.zeros(batch, text_len, cfg.cross_attention_dim, device=device, dtype=dtype),
+    }
+    if cfg.addition_embed_type == "text_time":
+        n_time = 6
+        text_dim = cfg.projection_class_embeddings_input_dim - n_time * cfg.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.zeros(batch, text_dim, device=device, dtype=dtype),
+            "time_ids": torch.zeros(batch, n_time, device=device, dtype=dtype),
+        }
+    return kwargs
+
+
+def measure_act_elems(unet: nn.Module, latent_size: int, text_len: int = 77) -> dict[str, int]:
+    """Input-activation elements per image of every Linear/Conv2d, from one forward of batch 1.
+
+    Works on the meta device (shapes only), so full-size models cost no memory or time.
+    """
+    from mixprec.quantizers import QuantLayer
+
+    device = next(unet.parameters()).device
+    dtype = next(unet.parameters()).dtype
+    sizes: dict[str, int] = {}
+    hooks = []
+    for name, module in unet.named_modules():
+        if isinstance(module, QuantLayer):
+            key, target = module.name, module
+        elif isinstance(module, (nn.Linear, nn.Conv2d)) and not name.endswith(".inner"):
+            key, target = name, module
+        else:
+            continue
+
+        def hook(_m, args, _key=key):
+            sizes[_key] = sizes.get(_key, 0) + int(args[0].numel())
+        hooks.append(target.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            unet(**unet_example_inputs(unet, 1, latent_size, text_len, device=device, dtype=dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+    return sizes
+
+
+def latent_size(pipe, resolution: int) -> int:
+    return resolution // pipe.vae_scale_factor
+
+
+def text_length(pipe) -> int:
+    tok = getattr(pipe, "tokenizer", None)
+    return int(tok.model_max_length) if tok is not None else 77

@@ -1,0 +1,52 @@
+"""Dispatch a composed config to its stage module and record what the stage did.
+
+Every stage is a module ``mixprec.stages.<name>`` with ``run(cfg, ws) -> dict`` (its headline
+numbers). The runner builds the workspace, times the stage and writes ``<stage>.json``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from mixprec.stages.common import to_dict, workspace
+
+log = logging.getLogger("mixprec")
+
+STAGES = ("inspect", "calibrate", "sensitivity", "allocate", "select", "infer", "evaluate", "report",
+          "benchmark", "train_tiny", "pipeline")
+
+
+def stage_module(name: str):
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    try:
+        return importlib.import_module(f"mixprec.stages.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"mixprec.stages.{name}":
+            raise NotImplementedError(f"stage {name!r} is not available in this version of mixprec") from exc
+        raise
+
+
+def with_stage(cfg: DictConfig, stage_cfg: DictConfig) -> DictConfig:
+    """A copy of ``cfg`` whose ``stage`` node is ``stage_cfg`` (how the pipeline runs its sub-stages)."""
+    sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    OmegaConf.set_struct(sub, False)
+    sub.stage = OmegaConf.create(OmegaConf.to_container(stage_cfg, resolve=True))
+    return sub
+
+
+def run_stage(cfg: DictConfig) -> dict[str, Any]:
+    name = str(cfg.stage.name)
+    module = stage_module(name)
+    ws = workspace(cfg)
+    start = time.perf_counter()
+    headline = module.run(cfg, ws) or {}
+    wall = time.perf_counter() - start
+    ws.record_stage(name, to_dict(cfg), wall, headline)
+    log.info("stage %s finished in %.1f s; workspace %s", name, wall, ws.root)
+    return headline

@@ -1,0 +1,60 @@
+"""stage=calibrate: PTQ parameters for every candidate bit-width of every quantizable layer.
+
+Runs the calibration prompts through the pipeline (the sampler's own timesteps) with observers on
+every layer input, then writes quant_params.safetensors (weight scales per bit, activation range
+and per-bit activation parameters, fingerprints in its metadata) and the census layers.csv.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from omegaconf import DictConfig
+
+from mixprec.calibration import calibrate_layers, save_params
+from mixprec.metrics import sqnr_db
+from mixprec.models import CENSUS_COLUMNS
+from mixprec.quantizers import fake_quant_weight
+from mixprec.stages.common import LAYERS_CSV, QUANT_PARAMS, load_model, prompt_set, to_dict, tracker
+from mixprec.workspace import Workspace
+
+log = logging.getLogger("mixprec")
+
+
+def run(cfg: DictConfig, ws: Workspace) -> dict:
+    bundle = load_model(cfg, batch_size=int(cfg.stage.batch_size))
+    q = bundle.quant
+    pairs = prompt_set(cfg, "calibration")
+    prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
+    with tracker(cfg, ws, "calibrate") as track:
+        params = calibrate_layers(
+            bundle.layers, lambda: bundle.sampler.generate(prompts, seeds, decode=False),
+            q["weight_bits"], q["act_bits"], momentum=float(q["act_momentum"]), weight_clip=str(q["weight_clip"]),
+            progress=True,
+        )
+        rows = bundle.census()
+        ws.write_csv(LAYERS_CSV, [r.as_row() for r in rows], CENSUS_COLUMNS)
+        meta = {"fingerprints": ws.fingerprints, "weight_bits": list(q["weight_bits"]), "act_bits": list(q["act_bits"]),
+                "quant": q, "model": to_dict(cfg.model), "calibration_prompts": pairs}
+        with ws.atomic_path(QUANT_PARAMS) as tmp:
+            save_params(tmp, params, meta)
+
+        wsqnr = {b: [] for b in q["weight_bits"]}
+        table = []
+        for name, layer in bundle.layers.items():
+            w = layer.inner.weight
+            row = [name]
+            for b in q["weight_bits"]:
+                v = sqnr_db(w, fake_quant_weight(w, params[name].weight_scales[b].to(w.device), b))
+                wsqnr[b].append(v)
+                row.append(v)
+            table.append(row + list(params[name].act_range))
+        track.log_table("weight_sqnr_db", ["layer"] + [f"w{b}" for b in q["weight_bits"]] + ["act_min", "act_max"], table)
+    headline = {
+        "layers": len(params),
+        "calibration_images": len(pairs),
+        "mean_weight_sqnr_db": {b: sum(v) / len(v) for b, v in wsqnr.items()},
+    }
+    log.info("calibrated %d layers on %d prompts; mean weight SQNR %s", len(params), len(pairs),
+             {b: round(v, 1) for b, v in headline["mean_weight_sqnr_db"].items()})
+    return headline

@@ -1,0 +1,133 @@
+"""What most stages share: turning the config into a loaded, quantizable model and a tracker.
+
+This is the only place (with run.py and mixprec.runner) where stage code reads the Hydra config;
+everything it calls takes plain arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mixprec import calibration
+from mixprec.generation import Sampler
+from mixprec.models import ModelSpec, _matches, census, latent_size, load_pipeline, measure_act_elems, \
+    resolve_device, text_length
+from mixprec.prompts import resolve_prompt_set
+from mixprec.quantizers import QuantLayer, quantize_
+from mixprec.tracking import Tracker, start_run
+from mixprec.workspace import Workspace, fingerprint
+
+QUANT_PARAMS = "quant_params.safetensors"
+LAYERS_CSV = "layers.csv"
+
+
+def to_dict(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def model_spec(cfg: DictConfig) -> ModelSpec:
+    return ModelSpec.from_dict(to_dict(cfg.model))
+
+
+def quant_recipe(cfg: DictConfig) -> dict[str, Any]:
+    q = to_dict(cfg.quant)
+    for kind, allowed in (("weight_bits_by_group", "weight_bits"), ("act_bits_by_group", "act_bits")):
+        for group, bits in q[kind].items():
+            extra = sorted(set(bits) - set(q[allowed]))
+            if extra:
+                raise ValueError(f"quant.{kind}.{group} uses bits {extra} that quant.{allowed}={q[allowed]} "
+                                 f"does not calibrate; add them to quant.{allowed}")
+    if any(b < 2 or b > 8 for b in q["weight_bits"] + q["act_bits"]):
+        raise ValueError(f"bit-widths must be between 2 and 8, got weight {q['weight_bits']} / act {q['act_bits']}")
+    return q
+
+
+def fingerprints(cfg: DictConfig) -> dict[str, str]:
+    spec = model_spec(cfg)
+    q = quant_recipe(cfg)
+    model_fp = fingerprint(spec.fingerprint_data())
+    calib = resolve_prompt_set(to_dict(cfg.prompts.calibration), "calibration")
+    quant_fp = fingerprint({"model": model_fp, "quant": {k: v for k, v in q.items() if k != "name"},
+                            "calibration": calib, "steps": spec.num_inference_steps,
+                            "resolution": spec.resolution, "exclude": spec.exclude_patterns})
+    return {"model": model_fp, "quant": quant_fp}
+
+
+def workspace(cfg: DictConfig) -> Workspace:
+    return Workspace(cfg.paths.workspace, fingerprints=fingerprints(cfg))
+
+
+@contextlib.contextmanager
+def tracker(cfg: DictConfig, ws: Workspace, job_type: str, extra_config: Mapping[str, Any] | None = None) -> Iterator[Tracker]:
+    t = cfg.tracking
+    run = start_run(
+        t.mode, project=t.project, entity=t.entity, group=t.group or ws.root.name, job_type=job_type,
+        config={**to_dict(cfg), **(extra_config or {})}, directory=t.dir,
+        tags=[str(cfg.model.name)],
+    )
+    with run:
+        yield run
+
+
+@dataclass
+class ModelBundle:
+    """A loaded pipeline with its denoiser's quantizable layers wrapped, and a sampler."""
+
+    spec: ModelSpec
+    pipe: Any
+    layers: dict[str, QuantLayer]
+    sampler: Sampler
+    device: torch.device
+    quant: dict[str, Any]
+    calib_meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    def census(self, protected: set[str] | None = None) -> list:
+        unet = self.unet
+        acts = measure_act_elems(unet, latent_size(self.pipe, self.spec.resolution), text_length(self.pipe))
+        rows = census(unet, self.spec.content_patterns, self.spec.exclude_patterns, acts)
+        for r in rows:
+            r.excluded = r.name not in self.layers
+            r.protected = bool(protected and r.name in protected)
+        return rows
+
+
+def load_model(cfg: DictConfig, batch_size: int | None = None) -> ModelBundle:
+    spec = model_spec(cfg)
+    q = quant_recipe(cfg)
+    device = resolve_device(str(cfg.device))
+    pipe = load_pipeline(spec, device=device)
+    torch.manual_seed(int(cfg.seed))
+    excl = spec.exclude_patterns
+    layers = quantize_(pipe.unet, (lambda n, m: not _matches(n, excl)) if excl else None, skip_bos=bool(q["skip_bos"]))
+    sampler = Sampler(pipe, spec.resolution, spec.num_inference_steps, spec.guidance_scale,
+                      batch_size=batch_size or int(cfg.get("batch_size", 8) or 8))
+    return ModelBundle(spec, pipe, layers, sampler, device, q)
+
+
+def load_calibrated(cfg: DictConfig, ws: Workspace, batch_size: int | None = None) -> ModelBundle:
+    """The model with the workspace's calibration attached (checked against this run's fingerprints)."""
+    path = ws.require(QUANT_PARAMS, "calibrate")
+    params, meta = calibration.load_params(path)
+    ws.check_fingerprints(meta.get("fingerprints"), QUANT_PARAMS, "calibrate")
+    bundle = load_model(cfg, batch_size)
+    q = bundle.quant
+    calibration.check_bits_available(meta, q["weight_bits"], q["act_bits"], path)
+    calibration.attach_params(bundle.layers, params)
+    bundle.calib_meta = meta
+    return bundle
+
+
+def prompt_set(cfg: DictConfig, name: str) -> list[tuple[str, int]]:
+    if name not in cfg.prompts:
+        raise KeyError(f"the prompts config {cfg.prompts.get('name')!r} has no {name!r} set")
+    return resolve_prompt_set(to_dict(cfg.prompts[name]), name)

@@ -1,0 +1,69 @@
+"""stage=inspect: the layer census of the denoiser, written as layers.csv.
+
+Full-size architectures with random weights are built on the meta device: the census needs only
+shapes, so it costs neither memory nor time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+
+from omegaconf import DictConfig
+
+from mixprec.models import CENSUS_COLUMNS, LayerInfo, build_random_unet, census, measure_act_elems
+from mixprec.stages.common import LAYERS_CSV, load_model, model_spec
+from mixprec.workspace import Workspace
+
+log = logging.getLogger("mixprec")
+
+
+def summarize(rows: list[LayerInfo], total_params: int) -> dict:
+    types = Counter(r.type for r in rows)
+    groups = Counter(r.group for r in rows if not r.excluded)
+    return {
+        "layers": len(rows),
+        "linear": types.get("Linear", 0),
+        "conv2d": types.get("Conv2d", 0),
+        "content": groups.get("content", 0),
+        "quality": groups.get("quality", 0),
+        "excluded": sum(r.excluded for r in rows),
+        "layer_params": sum(r.params for r in rows),
+        "denoiser_params": total_params,
+    }
+
+
+def format_table(rows: list[LayerInfo]) -> str:
+    by_block: dict[str, dict] = defaultdict(lambda: Counter())
+    for r in rows:
+        c = by_block[r.block]
+        c["layers"] += 1
+        c[r.type] += 1
+        c[r.group] += 1
+        c["params"] += r.params
+    lines = [f"{'block':<16}{'layers':>7}{'Linear':>8}{'Conv2d':>8}{'content':>9}{'quality':>9}{'params (M)':>12}"]
+    for block, c in by_block.items():
+        lines.append(f"{block:<16}{c['layers']:>7}{c['Linear']:>8}{c['Conv2d']:>8}{c['content']:>9}{c['quality']:>9}"
+                     f"{c['params'] / 1e6:>12.2f}")
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig, ws: Workspace) -> dict:
+    spec = model_spec(cfg)
+    if spec.source == "diffusers" and spec.weights == "random":
+        unet = build_random_unet(spec.family, device="meta")
+        size = spec.resolution // 8
+        acts = measure_act_elems(unet, size, 77)
+        rows = census(unet, spec.content_patterns, spec.exclude_patterns, acts)
+        total = sum(p.numel() for p in unet.parameters())
+    else:
+        bundle = load_model(cfg)
+        rows = bundle.census()
+        total = sum(p.numel() for p in bundle.unet.parameters())
+    ws.write_csv(LAYERS_CSV, [r.as_row() for r in rows], CENSUS_COLUMNS)
+    summary = summarize(rows, total)
+    print(format_table(rows))
+    print(f"{spec.name}: {summary['layers']} layers ({summary['linear']} Linear, {summary['conv2d']} Conv2d), "
+          f"{summary['content']} content / {summary['quality']} quality, {summary['excluded']} excluded; "
+          f"{summary['layer_params']:,} parameters in these layers, {summary['denoiser_params']:,} in the denoiser")
+    return summary
