@@ -1,0 +1,537 @@
+"""The integer programs that turn sensitivities into bit-width plans.
+
+Two programs, both multiple-choice knapsacks (one bit-width per layer):
+
+* :func:`solve_group` — the published MixDQ program, one group (content or quality) and one kind
+  (weights or activations) at a time: maximize the summed metric subject to the size-weighted
+  mean bit-width lying in ``[target - tolerance, target + eps]``.
+* :func:`solve_bytes` — one joint program over both groups of the weights with a budget in MiB
+  of packed weights plus per-channel scales; metrics of the two groups are normalised so that
+  they can share one objective, and K weights content against quality.
+
+Every returned solution is re-checked in exact integer arithmetic against the constraints it was
+solved under (:class:`PlanVerificationError` if a solver ever hands back something else), and
+every request is checked for feasibility before a model is built, so that an impossible target
+fails with the range that *is* reachable rather than with a solver status.
+
+Protected layers (kept in full precision, e.g. activation protection) are not variables: they are
+excluded from the mean-bit budget and appear in a plan with :data:`PROTECTED_BITS` (16), so that
+every value in a plan is an int and "16" reads as what the layer runs in (fp16/bf16).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import reduce
+
+PROTECTED_BITS = 16
+SOLVERS = ("cp-sat", "scip", "cbc")
+GROUPS = ("content", "quality")
+MIB = 1 << 20
+
+
+class AllocationError(ValueError):
+    """A request the allocator cannot turn into a plan; the message says what to change."""
+
+
+class InfeasibleBudgetError(AllocationError):
+    """The target (mean bits or bytes) lies outside what the allowed bit-widths can reach."""
+
+
+class SensitivityError(AllocationError):
+    """Sensitivities are missing, non-finite in a way that cannot be capped, or for unknown bits."""
+
+
+class SolverError(RuntimeError):
+    """The solver returned no solution (time limit reached before the first one, or invalid model)."""
+
+
+class PlanVerificationError(RuntimeError):
+    """A solver's answer broke a constraint; never expected, checked so it can never pass silently."""
+
+
+@dataclass(frozen=True)
+class Solution:
+    """One solved program.
+
+    ``bits`` holds every layer of the program plus protected layers at :data:`PROTECTED_BITS`.
+    ``objective`` is the float objective of the returned plan recomputed from the (capped) input
+    metric, not the solver's scaled integer objective. ``mean_bits`` is per group (and
+    ``"overall"`` over all solved layers) size-weighted, protected layers excluded.
+    ``deterministic_time`` is CP-SAT's reproducible work measure (None for MIP solvers);
+    ``solve_time_s`` is wall-clock and therefore not reproducible.
+    """
+
+    bits: dict[str, int]
+    status: str
+    objective: float
+    mean_bits: dict[str, float]
+    solve_time_s: float
+    solver: str
+    deterministic_time: float | None = None
+    bytes: int | None = None
+    objective_by_group: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- validation
+
+def _check_solver(solver: str) -> str:
+    s = solver.lower().replace("_", "-")
+    if s == "cpsat":
+        s = "cp-sat"
+    if s not in SOLVERS:
+        raise AllocationError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
+    return s
+
+
+def _check_bits(bits: Iterable[int], what: str) -> tuple[int, ...]:
+    out = []
+    for b in bits:
+        if isinstance(b, bool) or int(b) != b or not 1 <= int(b) <= 32:
+            raise AllocationError(f"{what}: bit-width {b!r} is not an integer between 1 and 32")
+        out.append(int(b))
+    if not out:
+        raise AllocationError(f"{what}: the set of allowed bit-widths is empty")
+    return tuple(sorted(set(out)))
+
+
+def _capped(value: float, cap: float, layer: str, b: int) -> float:
+    v = float(value)
+    if math.isnan(v):
+        raise SensitivityError(f"sensitivity of layer {layer!r} at {b} bits is NaN; rerun the sensitivity stage "
+                               f"for this layer")
+    # SQNR of a lossless layer is +inf; capping keeps it comparable and the objective finite.
+    return max(-cap, min(cap, v))
+
+
+def _table(metric: Mapping[str, Mapping[int, float]], layers: Sequence[str], bits: Sequence[int],
+           cap: float, what: str) -> dict[str, dict[int, float]]:
+    """Capped metric for exactly ``layers`` x ``bits``; every gap is reported at once."""
+    missing_layers = [l for l in layers if l not in metric]
+    missing_bits: list[str] = []
+    table: dict[str, dict[int, float]] = {}
+    for l in layers:
+        if l not in metric:
+            continue
+        row = {int(k): v for k, v in metric[l].items()}
+        gaps = [b for b in bits if b not in row]
+        if gaps:
+            missing_bits.append(f"{l} (no {', '.join(map(str, gaps))}-bit value; has {sorted(row)})")
+            continue
+        table[l] = {b: _capped(row[b], cap, l, b) for b in bits}
+    if missing_layers or missing_bits:
+        parts = []
+        if missing_layers:
+            parts.append(f"{len(missing_layers)} layer(s) have no sensitivities at all: "
+                         f"{', '.join(missing_layers[:8])}{' ...' if len(missing_layers) > 8 else ''}")
+        if missing_bits:
+            parts.append(f"{len(missing_bits)} layer(s) lack allowed bit-widths {list(bits)}: "
+                         f"{'; '.join(missing_bits[:5])}{' ...' if len(missing_bits) > 5 else ''}")
+        raise SensitivityError(f"{what}: " + ". ".join(parts) + ". Rerun the sensitivity stage for these layers/bits, "
+                               "mark the layers protected or excluded, or restrict the allowed bits.")
+    return table
+
+
+def _check_sizes(sizes: Mapping[str, int], layers: Sequence[str], what: str) -> dict[str, int]:
+    out = {}
+    for l in layers:
+        s = sizes[l]
+        if isinstance(s, bool) or int(s) != s or int(s) < 0:
+            raise AllocationError(f"{what}: size of layer {l!r} must be a non-negative integer, got {s!r}")
+        out[l] = int(s)
+    if sum(out.values()) <= 0:
+        raise AllocationError(f"{what}: the layers to allocate have total size 0")
+    return out
+
+
+def _mean(bits: Mapping[str, int], sizes: Mapping[str, int]) -> float:
+    total = sum(sizes[l] for l in bits)
+    return sum(sizes[l] * b for l, b in bits.items()) / total if total else float("nan")
+
+
+# ---------------------------------------------------------------------------- target split
+
+def reachable_mean(bits: Sequence[int]) -> tuple[int, int]:
+    """Reachable size-weighted mean of one group: every layer shares the group's bit set."""
+    b = _check_bits(bits, "reachable_mean")
+    return b[0], b[-1]
+
+
+def split_target(target: float, K: float, content_size: int, quality_size: int,
+                 content_bits: Sequence[int], quality_bits: Sequence[int]) -> tuple[float, float]:
+    """Split an overall mean-bit target into (content_target, quality_target).
+
+    With sizes S_c, S_q and S = S_c + S_q, the split keeps the overall size-weighted mean at the
+    target and gives content K times the quality mean bits::
+
+        t_q = target * S / (K * S_c + S_q)        t_c = K * t_q
+        so that  (S_c * t_c + S_q * t_q) / S == target.
+
+    A share outside its group's reachable range ``[min bits, max bits]`` is clipped to it and the
+    remainder moved to the other group (content first, then quality, then content again — on the
+    line S_c*t_c + S_q*t_q = target*S that is the point of the box nearest the K ray). If the
+    other group cannot absorb the remainder either, the overall target is infeasible and
+    :class:`InfeasibleBudgetError` reports the reachable overall range.
+
+    t_c grows with K (K*S/(K*S_c + S_q) is increasing for K > 0) and clipping is monotone, so a
+    larger K never gives content fewer target bits. K = 1 gives equal mean bits. A group of size
+    0 takes no budget: the whole target goes to the other one.
+    """
+    if not (K > 0 and math.isfinite(K)):
+        raise AllocationError(f"K must be a positive finite number, got {K!r}")
+    cb, qb = _check_bits(content_bits, "content bits"), _check_bits(quality_bits, "quality bits")
+    sc, sq = int(content_size), int(quality_size)
+    if sc < 0 or sq < 0 or sc + sq == 0:
+        raise AllocationError(f"group sizes must be non-negative with a positive sum, got {sc}, {sq}")
+    s = sc + sq
+    lo = (sc * cb[0] + sq * qb[0]) / s
+    hi = (sc * cb[-1] + sq * qb[-1]) / s
+    tiny = 1e-9
+    if not (lo - tiny <= target <= hi + tiny):
+        raise InfeasibleBudgetError(
+            f"overall target {target} bits is outside the reachable range [{lo:.4f}, {hi:.4f}] "
+            f"(content bits {list(cb)} on {sc} elements, quality bits {list(qb)} on {sq} elements); "
+            f"choose a target in that range or change the allowed bit-widths")
+    if sc == 0:
+        return float("nan"), min(max(float(target), qb[0]), qb[-1])
+    if sq == 0:
+        return min(max(float(target), cb[0]), cb[-1]), float("nan")
+
+    tq = target * s / (K * sc + sq)
+    tc = K * tq
+    for _ in range(2):
+        if not cb[0] <= tc <= cb[-1]:
+            tc = min(max(tc, cb[0]), cb[-1])
+            tq = (target * s - sc * tc) / sq
+        if not qb[0] <= tq <= qb[-1]:
+            tq = min(max(tq, qb[0]), qb[-1])
+            tc = (target * s - sq * tq) / sc
+    # rounding can leave a hair outside after moving the remainder: snap, the range check passed
+    tc = min(max(tc, cb[0]), cb[-1])
+    tq = min(max(tq, qb[0]), qb[-1])
+    return float(tc), float(tq)
+
+
+# ---------------------------------------------------------------------------- solver plumbing
+
+def _gcd(values: Iterable[int]) -> int:
+    g = reduce(math.gcd, (abs(v) for v in values), 0)
+    return g or 1
+
+
+@dataclass
+class _Program:
+    """A multiple-choice knapsack: one choice per layer, a weighted sum within [lo, hi]."""
+
+    layers: list[str]
+    choices: dict[str, tuple[int, ...]]
+    weight: dict[str, dict[int, int]]  # integer constraint coefficient per (layer, bits)
+    lo: int
+    hi: int
+    value: dict[str, dict[int, float]]  # float objective per (layer, bits), maximized
+    int_value: dict[str, dict[int, int]]  # the same, scaled and rounded for CP-SAT
+
+
+def _int_values(value: Mapping[str, Mapping[int, float]], scale: float) -> dict[str, dict[int, int]]:
+    # Regret vs the layer's best choice: a constant shift per layer (exactly one choice is taken),
+    # so the optimum is unchanged while coefficients stay small whatever the metric's offset.
+    out = {}
+    for l, row in value.items():
+        best = max(row.values())
+        out[l] = {b: int(round((v - best) * scale)) for b, v in row.items()}
+    return out
+
+
+def _solve(p: _Program, solver: str, time_limit_s: float) -> tuple[dict[str, int], str, float, float | None]:
+    # Shift by each layer's cheapest choice and divide by the gcd: same feasible set, smaller numbers.
+    base = sum(min(p.weight[l].values()) for l in p.layers)
+    w = {l: {b: c - min(p.weight[l].values()) for b, c in p.weight[l].items()} for l in p.layers}
+    g = _gcd(c for row in w.values() for c in row.values())
+    w = {l: {b: c // g for b, c in row.items()} for l, row in w.items()}
+    lo = -(-(p.lo - base) // g)  # ceil
+    hi = (p.hi - base) // g  # floor
+    t0 = time.perf_counter()
+    if solver == "cp-sat":
+        bits, status, det = _solve_cpsat(p, w, lo, hi, time_limit_s)
+    else:
+        bits, status = _solve_mip(p, w, lo, hi, solver, time_limit_s)
+        det = None
+    return bits, status, time.perf_counter() - t0, det
+
+
+def _solve_cpsat(p: _Program, w, lo: int, hi: int, time_limit_s: float):
+    from ortools.sat.python import cp_model
+
+    m = cp_model.CpModel()
+    x = {(l, b): m.NewBoolVar(f"x{i}_{b}") for i, l in enumerate(p.layers) for b in p.choices[l]}
+    for l in p.layers:
+        m.AddExactlyOne(x[l, b] for b in p.choices[l])
+    expr = sum(w[l][b] * x[l, b] for l in p.layers for b in p.choices[l] if w[l][b])
+    m.AddLinearConstraint(expr, lo, hi)
+    m.Maximize(sum(p.int_value[l][b] * x[l, b] for l in p.layers for b in p.choices[l] if p.int_value[l][b]))
+    s = cp_model.CpSolver()
+    # One worker, a fixed seed and a deterministic-time limit: same input -> same plan, even when
+    # the limit is reached. The wall-clock limit is only a guard against a stalled machine.
+    s.parameters.num_workers = 1
+    s.parameters.random_seed = 0
+    # The default single-worker search stalls on this knapsack (tens of seconds on SDXL sizes);
+    # level 2 adds the LP cuts that close it in well under a second.
+    s.parameters.linearization_level = 2
+    s.parameters.max_deterministic_time = float(time_limit_s)
+    s.parameters.max_time_in_seconds = 4.0 * float(time_limit_s) + 1.0
+    st = s.Solve(m)
+    name = s.StatusName(st)
+    if st == cp_model.INFEASIBLE:
+        return None, "INFEASIBLE", s.deterministic_time
+    if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        raise SolverError(f"CP-SAT returned {name} after {s.WallTime():.2f}s (time limit {time_limit_s}s): "
+                          f"no plan found; raise stage.time_limit_s or widen stage.tolerance")
+    bits = {}
+    for l in p.layers:
+        chosen = [b for b in p.choices[l] if s.BooleanValue(x[l, b])]
+        bits[l] = chosen[0] if len(chosen) == 1 else -1  # -1: caught by verification
+    return bits, name, s.deterministic_time
+
+
+def _solve_mip(p: _Program, w, lo: int, hi: int, solver: str, time_limit_s: float):
+    from ortools.linear_solver import pywraplp
+
+    lo_cur, hi_cur = lo, hi
+    # A MIP accepts a row violated within its (relative) feasibility tolerance; on big coefficients
+    # that can exceed the exact budget by a few units. Tighten by the excess and solve again.
+    for _ in range(4):
+        s = pywraplp.Solver.CreateSolver(solver.upper())
+        if s is None:
+            raise AllocationError(f"OR-Tools in this environment has no {solver.upper()} backend")
+        s.SetNumThreads(1)
+        s.SetTimeLimit(max(1, int(time_limit_s * 1000)))
+        x = {(l, b): s.BoolVar(f"x{i}_{b}") for i, l in enumerate(p.layers) for b in p.choices[l]}
+        for l in p.layers:
+            s.Add(sum(x[l, b] for b in p.choices[l]) == 1)
+        s.Add(sum(w[l][b] * x[l, b] for l in p.layers for b in p.choices[l]) <= hi_cur)
+        s.Add(sum(w[l][b] * x[l, b] for l in p.layers for b in p.choices[l]) >= lo_cur)
+        obj = s.Objective()
+        for l in p.layers:
+            best = max(p.value[l].values())
+            for b in p.choices[l]:
+                obj.SetCoefficient(x[l, b], p.value[l][b] - best)
+        obj.SetMaximization()
+        params = pywraplp.MPSolverParameters()
+        # pywraplp's default relative gap is 1e-4: ask for a proven optimum instead.
+        params.SetDoubleParam(params.RELATIVE_MIP_GAP, 0.0)
+        st = s.Solve(params)
+        if st == pywraplp.Solver.INFEASIBLE:
+            return None, "INFEASIBLE"
+        if st not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
+            raise SolverError(f"{solver.upper()} returned status {st} (time limit {time_limit_s}s): no plan found; "
+                              f"raise stage.time_limit_s or widen stage.tolerance")
+        bits = {}
+        for l in p.layers:
+            chosen = [b for b in p.choices[l] if x[l, b].solution_value() > 0.5]
+            bits[l] = chosen[0] if len(chosen) == 1 else -1
+        used = sum(w[l][bits[l]] for l in p.layers if bits[l] != -1)
+        if lo <= used <= hi or -1 in bits.values():
+            return bits, "OPTIMAL" if st == pywraplp.Solver.OPTIMAL else "FEASIBLE"
+        if used > hi:
+            hi_cur -= used - hi
+        else:
+            lo_cur += lo - used
+    return bits, "FEASIBLE"
+
+
+def _verify(p: _Program, bits: Mapping[str, int], what: str) -> None:
+    bad = [l for l in p.layers if bits.get(l) not in p.choices[l]]
+    if bad:
+        raise PlanVerificationError(f"{what}: solver plan has no single allowed bit-width for {bad[:5]}")
+    used = sum(p.weight[l][bits[l]] for l in p.layers)
+    if not p.lo <= used <= p.hi:
+        raise PlanVerificationError(f"{what}: solver plan uses {used}, outside the budget [{p.lo}, {p.hi}]")
+
+
+# ---------------------------------------------------------------------------- mean-bit program
+
+def solve_group(metric: Mapping[str, Mapping[int, float]], sizes: Mapping[str, int], bits: Sequence[int],
+                target: float, *, tolerance: float = 0.1, protected: Iterable[str] = (), solver: str = "cp-sat",
+                time_limit_s: float = 10.0, metric_cap: float = 100.0, objective_scale: float = 1e6,
+                eps: float = 1e-9, what: str = "group") -> Solution:
+    """Choose one bit-width per layer of one group, maximizing the summed metric.
+
+    Args:
+        metric: ``{layer: {bits: value}}``, higher is better (SSIM, SQNR dB). Values are clamped to
+            ``[-metric_cap, metric_cap]`` (lossless SQNR is +inf); NaN is an error. Entries for
+            protected layers and for bits outside ``bits`` are ignored.
+        sizes: ``{layer: size}`` — parameter count (weights) or input elements (activations). Its
+            keys, minus ``protected``, are the layers of the program; each needs a metric for every
+            allowed bit-width.
+        bits: the group's allowed bit-widths.
+        target: mean bits; the plan's size-weighted mean lies in ``[target - tolerance, target + eps]``.
+        protected: layers kept in full precision; they get :data:`PROTECTED_BITS` in the plan and
+            take no part in the mean.
+        solver: ``"cp-sat"`` (integer objective ``round((metric - layer best) * objective_scale)``,
+            one worker, deterministic time limit) or ``"scip"`` / ``"cbc"`` (float objective).
+        what: a label for messages, e.g. ``"content weights"``.
+
+    Raises:
+        InfeasibleBudgetError: target window outside ``[min bits, max bits]``, or no combination of
+            layer bit-widths lands inside it (sizes too coarse for the tolerance).
+        SensitivityError: a layer lacks a metric for an allowed bit-width.
+    """
+    solver = _check_solver(solver)
+    allowed = _check_bits(bits, what)
+    if tolerance < 0:
+        raise AllocationError(f"{what}: tolerance must be >= 0, got {tolerance}")
+    prot = set(protected)
+    layers = [l for l in sizes if l not in prot]
+    unknown = [l for l in metric if l not in sizes and l not in prot]
+    if unknown:
+        raise SensitivityError(f"{what}: sensitivities given for {len(unknown)} layer(s) with no size, e.g. "
+                               f"{unknown[:5]}; the census and the sensitivity tables disagree — rerun both stages")
+    prot_bits = {l: PROTECTED_BITS for l in sizes if l in prot}
+    if not layers:
+        return Solution(bits=prot_bits, status="OPTIMAL", objective=0.0, mean_bits={"overall": float("nan")},
+                        solve_time_s=0.0, solver=solver)
+    sz = _check_sizes(sizes, layers, what)
+    table = _table(metric, layers, allowed, metric_cap, what)
+    total = sum(sz.values())
+    lo_b, hi_b = allowed[0], allowed[-1]
+    if target + eps < lo_b or target - tolerance > hi_b:
+        raise InfeasibleBudgetError(
+            f"{what}: target {target:.4f} bits (window [{target - tolerance:.4f}, {target:.4f}]) is outside the "
+            f"reachable range [{lo_b}, {hi_b}] of size-weighted mean bits with bits {list(allowed)}; "
+            f"choose a target in that range (or a K that moves less budget to this group) or change the allowed bits")
+    # Exact integer bounds on sum(size * bits): the tiny eps absorbs float targets like 4.1.
+    hi = math.floor((target + eps) * total)
+    lo = max(0, math.ceil((target - tolerance - eps) * total))
+    prog = _Program(layers=layers, choices={l: allowed for l in layers},
+                    weight={l: {b: sz[l] * b for b in allowed} for l in layers}, lo=lo, hi=hi,
+                    value=table, int_value=_int_values(table, objective_scale))
+    plan, status, dt, det = _solve(prog, solver, time_limit_s)
+    if plan is None:
+        raise InfeasibleBudgetError(
+            f"{what}: no combination of bit-widths {list(allowed)} gives a size-weighted mean in "
+            f"[{target - tolerance:.4f}, {target:.4f}] (reachable range [{lo_b}, {hi_b}], but layer sizes are too "
+            f"coarse for this window); widen stage.tolerance or move the target")
+    _verify(prog, plan, what)
+    objective = sum(table[l][plan[l]] for l in layers)
+    return Solution(bits={**plan, **prot_bits}, status=status, objective=objective,
+                    mean_bits={"overall": _mean(plan, sz)}, solve_time_s=dt, solver=solver,
+                    deterministic_time=det)
+
+
+# ---------------------------------------------------------------------------- byte program
+
+def layer_bytes(params: int, bits: int, out_channels: int) -> int:
+    """Packed bytes of one layer's weights: ceil(params*bits/8) plus one fp16 scale per output
+    channel; at 16 bits or more the layer is stored as is (params*bits/8) with no scales."""
+    if bits >= 16:
+        return int(params) * bits // 8
+    return -(-int(params) * bits // 8) + 2 * int(out_channels)
+
+
+def plan_bytes(bits: Mapping[str, int | None], params: Mapping[str, int], out_channels: Mapping[str, int]) -> int:
+    """Packed bytes of a plan (``None`` bits count as 16: not quantized)."""
+    return sum(layer_bytes(params[l], PROTECTED_BITS if b is None else b, out_channels[l]) for l, b in bits.items())
+
+
+def normalized_tables(metric: Mapping[str, Mapping[str, Mapping[int, float]]], layers: Mapping[str, Sequence[str]],
+                      bits: Mapping[str, Sequence[int]], metric_cap: float = 100.0) -> dict[str, dict[str, dict[int, float]]]:
+    """Per group, ``(metric - min) / (max - min)`` over that group's whole table (its layers x its bits).
+
+    An affine map with a positive scale, so within a group it ranks plans exactly as the raw metric
+    does; it puts SSIM (~0.9-1) and SQNR (tens of dB) on one 0..1 scale so that both can share an
+    objective. A group whose table is constant maps to 0.
+    """
+    out = {}
+    for g, ls in layers.items():
+        t = _table(metric[g], list(ls), _check_bits(bits[g], g), metric_cap, g)
+        vals = [v for row in t.values() for v in row.values()]
+        mn, mx = (min(vals), max(vals)) if vals else (0.0, 0.0)
+        span = mx - mn
+        out[g] = {l: {b: ((v - mn) / span if span > 0 else 0.0) for b, v in row.items()} for l, row in t.items()}
+    return out
+
+
+def group_weights(K: float, counts: Mapping[str, int]) -> dict[str, float]:
+    """Objective weight per layer of each group: K / N_content and 1 / N_quality, so each group
+    contributes its *mean* normalised metric and K = 1 weighs the two groups equally."""
+    return {g: (K if g == "content" else 1.0) / n for g, n in counts.items() if n}
+
+
+def solve_bytes(metric: Mapping[str, Mapping[str, Mapping[int, float]]], groups: Mapping[str, str],
+                params: Mapping[str, int], out_channels: Mapping[str, int], budget_mib: float, *, K: float = 1.0,
+                bits: Mapping[str, Sequence[int]] | None = None, protected: Iterable[str] = (),
+                tolerance_frac: float = 0.01, solver: str = "cp-sat", time_limit_s: float = 10.0,
+                metric_cap: float = 100.0, objective_scale: float = 1e9) -> Solution:
+    """One program over both weight groups with a budget in MiB of packed weights plus scales.
+
+    Args:
+        metric: ``{"content": {layer: {bits: v}}, "quality": {...}}`` (SSIM, SQNR dB).
+        groups: ``{layer: "content" | "quality"}`` — the layers of the plan.
+        params, out_channels: per layer, for :func:`layer_bytes`.
+        budget_mib: the plan's packed size ``P`` (protected layers included at fp16) must satisfy
+            ``(1 - tolerance_frac) * budget <= P <= budget`` (in bytes, budget = MiB * 2**20).
+        K: content weight. Objective = sum over layers of ``w_g * n[l, b]`` with ``n`` from
+            :func:`normalized_tables` and ``w_g`` from :func:`group_weights` (K/N_c, 1/N_q); its
+            value lies in ``[0, K + 1]``.
+        bits: allowed bits per group (default content {2,4,8}, quality {4,8}).
+
+    ``Solution.mean_bits`` has ``content``, ``quality`` and ``overall`` (parameter-weighted),
+    ``objective_by_group`` the raw metric sum per group, ``bytes`` the packed size.
+    """
+    solver = _check_solver(solver)
+    if not (K > 0 and math.isfinite(K)):
+        raise AllocationError(f"K must be a positive finite number, got {K!r}")
+    if not 0 <= tolerance_frac < 1:
+        raise AllocationError(f"tolerance_frac must be in [0, 1), got {tolerance_frac}")
+    bits = dict(bits or {"content": (2, 4, 8), "quality": (4, 8)})
+    allowed = {g: _check_bits(bits[g], f"{g} bits") for g in GROUPS}
+    prot = set(protected)
+    bad_groups = sorted({g for g in groups.values() if g not in GROUPS})
+    if bad_groups:
+        raise AllocationError(f"unknown group(s) {bad_groups}; layers must be 'content' or 'quality'")
+    by_group = {g: [l for l, gg in groups.items() if gg == g and l not in prot] for g in GROUPS}
+    layers = by_group["content"] + by_group["quality"]
+    for l in list(groups):
+        if l not in params or l not in out_channels:
+            raise AllocationError(f"layer {l!r} has no parameter count or out_channels; rerun the census")
+    raw = {g: _table(metric.get(g, {}), by_group[g], allowed[g], metric_cap, f"{g} weights") for g in GROUPS}
+    norm = normalized_tables(metric, by_group, allowed, metric_cap)
+    wg = group_weights(K, {g: len(by_group[g]) for g in GROUPS})
+    value = {l: {b: wg[g] * norm[g][l][b] for b in allowed[g]} for g in GROUPS for l in by_group[g]}
+    weight = {l: {b: layer_bytes(params[l], b, out_channels[l]) for b in allowed[g]} for g in GROUPS
+              for l in by_group[g]}
+    fixed = sum(layer_bytes(params[l], PROTECTED_BITS, out_channels[l]) for l in groups if l in prot)
+    budget = budget_mib * MIB
+    hi = math.floor(budget) - fixed
+    lo = math.ceil((1.0 - tolerance_frac) * budget) - fixed
+    reach_lo = fixed + sum(min(r.values()) for r in weight.values())
+    reach_hi = fixed + sum(max(r.values()) for r in weight.values())
+    if budget < reach_lo or (1.0 - tolerance_frac) * budget > reach_hi:
+        raise InfeasibleBudgetError(
+            f"byte budget {budget_mib:.2f} MiB (window [{(1 - tolerance_frac) * budget_mib:.2f}, {budget_mib:.2f}] MiB) is "
+            f"outside the reachable packed size [{reach_lo / MIB:.2f}, {reach_hi / MIB:.2f}] MiB for content bits "
+            f"{list(allowed['content'])}, quality bits {list(allowed['quality'])} (scales included, "
+            f"{fixed / MIB:.2f} MiB of protected fp16 layers); choose stage.budget_mib in that range")
+    if not layers:
+        return Solution(bits={l: PROTECTED_BITS for l in groups}, status="OPTIMAL", objective=0.0,
+                        mean_bits={}, solve_time_s=0.0, solver=solver, bytes=fixed)
+    prog = _Program(layers=layers, choices={l: allowed[groups[l]] for l in layers}, weight=weight,
+                    lo=max(lo, 0), hi=hi, value=value, int_value=_int_values(value, objective_scale))
+    plan, status, dt, det = _solve(prog, solver, time_limit_s)
+    if plan is None:
+        raise InfeasibleBudgetError(
+            f"no combination of bit-widths lands in [{(1 - tolerance_frac) * budget_mib:.4f}, {budget_mib:.4f}] MiB "
+            f"(reachable [{reach_lo / MIB:.4f}, {reach_hi / MIB:.4f}] MiB, but layer sizes are too coarse for the "
+            f"window); widen the tolerance or move the budget")
+    _verify(prog, plan, "byte budget")
+    psz = {l: int(params[l]) for l in layers}
+    mean = {g: _mean({l: plan[l] for l in by_group[g]}, psz) for g in GROUPS if by_group[g]}
+    mean["overall"] = _mean(plan, psz)
+    full = {**plan, **{l: PROTECTED_BITS for l in groups if l in prot}}
+    return Solution(bits=full, status=status, objective=sum(value[l][plan[l]] for l in layers), mean_bits=mean,
+                    solve_time_s=dt, solver=solver, deterministic_time=det,
+                    bytes=fixed + sum(weight[l][plan[l]] for l in layers),
+                    objective_by_group={g: sum(raw[g][l][plan[l]] for l in by_group[g]) for g in GROUPS})
