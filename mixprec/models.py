@@ -124,7 +124,9 @@ def load_pipeline(spec: ModelSpec, device: str | torch.device = "cpu"):
     if not hasattr(pipe, "unet"):
         raise TypeError(f"model {spec.name!r} loaded as {type(pipe).__name__}, which has no UNet denoiser; "
                         f"mixprec needs a text-to-image diffusion pipeline with a UNet")
-    pipe = pipe.to(device=torch.device(device), dtype=spec.torch_dtype)
+    if pipe.unet.dtype != spec.torch_dtype:
+        pipe = pipe.to(dtype=spec.torch_dtype)
+    pipe = pipe.to(torch.device(device))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -127,6 +127,10 @@ class LayerQuantParams:
     act_params: dict[int, tuple[float, int]]
 
 
+_FORWARDED_ATTRS = frozenset({"in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride",
+                               "padding", "dilation", "groups", "padding_mode"})
+
+
 class QuantLayer(nn.Module):
     """A Linear/Conv2d whose weight and input-activation bits are switchable at run time.
 
@@ -157,6 +161,15 @@ class QuantLayer(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.inner.bias
+
+    def __getattr__(self, item: str):
+        # Shape attributes (in_features, kernel_size, ...) that callers read from the wrapped layer.
+        try:
+            return super().__getattr__(item)
+        except AttributeError:
+            if item in _FORWARDED_ATTRS:
+                return getattr(super().__getattr__("inner"), item)
+            raise
 
     @property
     def is_conv(self) -> bool:

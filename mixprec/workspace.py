@@ -22,6 +22,10 @@ from typing import Any
 import yaml
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class MissingArtifactError(FileNotFoundError):
     """An input artifact is missing: the message names the stage that produces it."""
 
@@ -76,6 +80,7 @@ class Workspace:
         fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
         os.close(fd)
         tmp_path = Path(tmp)
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         try:
             yield tmp_path
             os.replace(tmp_path, final)

@@ -1,0 +1,214 @@
+"""Metric-decoupled sensitivity: quantize one layer, regenerate, compare with full precision.
+
+Content-related layers are scored by SSIM between decoded images, quality-related layers by SQNR
+(dB) of the denoiser output over all sampler steps; both per prompt, higher is better.
+Full-precision references are computed once. The sweep appends one record per (layer, kind) to a
+JSON-lines file as soon as it is finished, so an interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mixprec.generation import Sampler
+from mixprec.metrics import sqnr_db_per_sample, ssim_torch
+from mixprec.quantizers import QuantLayer
+
+KINDS = ("w", "a")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One layer, one kind (weights or input activations), every candidate bit-width."""
+
+    layer: str
+    group: str  # content | quality
+    kind: str  # w | a
+    bits: tuple[int, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.layer}"
+
+
+@dataclass
+class Reference:
+    images: torch.Tensor | None  # decoded full-precision images (content metric)
+    denoiser: torch.Tensor | None  # full-precision denoiser outputs, all steps (quality metric)
+
+
+def make_tasks(layer_groups: Mapping[str, str], weight_bits: Sequence[int], act_bits: Sequence[int],
+               kinds: Sequence[str] = KINDS) -> list[Task]:
+    """Tasks in a fixed order: every layer's weights, then every layer's activations (module order)."""
+    tasks = []
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ValueError(f"sensitivity kinds are 'w' and 'a', got {kind!r}")
+        bits = tuple(sorted(int(b) for b in (weight_bits if kind == "w" else act_bits)))
+        tasks += [Task(name, group, kind, bits) for name, group in layer_groups.items()]
+    return tasks
+
+
+def shard_tasks(tasks: Sequence[Task], shard: int, num_shards: int) -> list[Task]:
+    """A disjoint, interleaved slice (content and quality layers spread evenly over shards)."""
+    if num_shards < 1 or not 0 <= shard < num_shards:
+        raise ValueError(f"shard must be in [0, num_shards), got shard={shard} num_shards={num_shards}")
+    return [t for i, t in enumerate(tasks) if i % num_shards == shard]
+
+
+def compute_reference(sampler: Sampler, prompts: Sequence[str], seeds: Sequence[int], need_images: bool,
+                      need_denoiser: bool) -> Reference:
+    out_img = sampler.generate(prompts, seeds, decode=True, keep_on_device=True) if need_images else None
+    out_den = sampler.generate(prompts, seeds, decode=False, capture_denoiser=True, keep_on_device=True) \
+        if need_denoiser else None
+    return Reference(images=out_img.images if out_img else None, denoiser=out_den.denoiser if out_den else None)
+
+
+def score(sampler: Sampler, group: str, ref: Reference, prompts: Sequence[str], seeds: Sequence[int],
+          sqnr_cap_db: float) -> list[float]:
+    """Per-prompt metric of the model as it is now set, against the full-precision reference."""
+    if group == "content":
+        images = sampler.generate(prompts, seeds, decode=True, keep_on_device=True).images
+        values = ssim_torch(ref.images.float(), images.float())
+    else:
+        den = sampler.generate(prompts, seeds, decode=False, capture_denoiser=True, keep_on_device=True).denoiser
+        values = sqnr_db_per_sample(ref.denoiser, den).clamp(max=sqnr_cap_db)
+    return [float(v) if math.isfinite(float(v)) else float(sqnr_cap_db) for v in values.cpu()]
+
+
+def evaluate_task(task: Task, layer: QuantLayer, sampler: Sampler, ref: Reference, prompts: Sequence[str],
+                  seeds: Sequence[int], sqnr_cap_db: float) -> dict[int, list[float]]:
+    values: dict[int, list[float]] = {}
+    try:
+        for b in task.bits:
+            layer.set_bits(w_bits=b if task.kind == "w" else None, a_bits=b if task.kind == "a" else None)
+            values[b] = score(sampler, task.group, ref, prompts, seeds, sqnr_cap_db)
+    finally:
+        layer.set_bits(None, None)
+        layer.drop_cache()
+    return values
+
+
+# --------------------------------------------------------------------------- records
+class RecordFile:
+    """Append-only JSON lines; a line cut short by a crash is dropped (and rewritten) on resume."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        records: dict[str, dict[str, Any]] = {}
+        if not self.path.exists():
+            return records
+        good_bytes = 0
+        with open(self.path, "rb") as f:
+            for raw in f:
+                if not raw.endswith(b"\n"):
+                    break
+                try:
+                    rec = json.loads(raw)
+                except json.JSONDecodeError:
+                    break
+                records[f"{rec['kind']}:{rec['layer']}"] = rec
+                good_bytes += len(raw)
+        if good_bytes != self.path.stat().st_size:
+            with open(self.path, "r+b") as f:
+                f.truncate(good_bytes)
+        return records
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(record, sort_keys=True) + "\n"
+        with open(self.path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def run_tasks(tasks: Sequence[Task], layers: Mapping[str, QuantLayer], sampler: Sampler, ref: Reference,
+              prompts: Sequence[str], seeds: Sequence[int], records: RecordFile, sqnr_cap_db: float = 100.0,
+              max_tasks: int | None = None, progress: bool = True,
+              on_record: Callable[[dict[str, Any]], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Evaluate the tasks that have no record yet; returns all records of these tasks found or made."""
+    done = records.load()
+    todo = [t for t in tasks if t.key not in done]
+    if max_tasks is not None:
+        todo = todo[: max(0, int(max_tasks))]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=sum(len(t.bits) for t in todo), desc="sensitivity", unit="eval", dynamic_ncols=True)
+    try:
+        for task in todo:
+            start = time.perf_counter()
+            values = evaluate_task(task, layers[task.layer], sampler, ref, prompts, seeds, sqnr_cap_db)
+            if sampler.device.type == "cuda":
+                torch.cuda.synchronize()
+            rec = {"layer": task.layer, "group": task.group, "kind": task.kind,
+                   "values": {str(b): v for b, v in values.items()},
+                   "seconds": round(time.perf_counter() - start, 4)}
+            records.append(rec)
+            done[task.key] = rec
+            if on_record:
+                on_record(rec)
+            if bar is not None:
+                bar.update(len(task.bits))
+                bar.set_postfix_str(f"{task.kind} {task.layer[-40:]}")
+    finally:
+        if bar is not None:
+            bar.close()
+    return {t.key: done[t.key] for t in tasks if t.key in done}
+
+
+def per_prompt_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for rec in records:
+        for b, vals in rec["values"].items():
+            for i, v in enumerate(vals):
+                rows.append({"kind": rec["kind"], "group": rec["group"], "layer": rec["layer"], "bits": int(b),
+                             "prompt": i, "value": repr(float(v))})
+    return rows
+
+
+def mean_table(records: Iterable[Mapping[str, Any]], kind: str, group: str) -> dict[str, dict[int, float]]:
+    """layer -> {bits: mean over prompts} for one kind and group, in record order."""
+    out: dict[str, dict[int, float]] = {}
+    for rec in records:
+        if rec["kind"] == kind and rec["group"] == group:
+            out[rec["layer"]] = {int(b): float(sum(v) / len(v)) for b, v in sorted(rec["values"].items(), key=lambda kv: int(kv[0]))}
+    return out
+
+
+def monotone_fraction(table: Mapping[str, Mapping[int, float]], tol: float = 0.0) -> float:
+    """Fraction of layers whose metric does not decrease as bits increase (within ``tol``)."""
+    if not table:
+        return float("nan")
+    ok = 0
+    for per_bit in table.values():
+        vals = [per_bit[b] for b in sorted(per_bit)]
+        ok += all(b >= a - tol for a, b in zip(vals, vals[1:]))
+    return ok / len(table)
+
+
+def choose_protected(act_tables: Mapping[str, Mapping[str, Mapping[int, float]]], counts: Mapping[str, int],
+                     always: Sequence[str], bits: int = 8) -> dict[str, str]:
+    """Layers kept in full precision for activations: the ``counts[group]`` lowest metrics at ``bits``.
+
+    Returns layer -> reason. ``always`` (first and last convolutions) are added whatever their score.
+    """
+    chosen: dict[str, str] = {name: "first/last convolution" for name in always}
+    for group, table in act_tables.items():
+        n = int(counts.get(group, 0))
+        ranked = sorted((per_bit[bits], name) for name, per_bit in table.items() if bits in per_bit and name not in chosen)
+        for value, name in ranked[:n]:
+            chosen[name] = f"{group}: lowest {'SSIM' if group == 'content' else 'SQNR'} at A{bits} ({value:.4g})"
+    return chosen
