@@ -1,0 +1,43 @@
+"""Bit allocation: sensitivities -> mixed-precision plans (pure library, no Hydra).
+
+Usable from a notebook::
+
+    from mixprec.search import bootstrap_metric, solve_mean_bits, write_plan, Plan
+    metric = {g: bootstrap_metric(per_prompt[g], seed=0, cap=100.0) for g in ("content", "quality")}
+    sol = solve_mean_bits(metric, sizes, groups, {"content": (2, 4, 8), "quality": (4, 8)}, target=4.0, K=2.0)
+"""
+
+from .bootstrap import bootstrap_metric, resample_indices
+from .pareto import pareto_front, plot_pareto, write_pareto_csv
+from .plan import Plan, atomic_write_text, natural_key, plan_dirname, plan_to_yaml, read_plan, write_plan
+from .program import (
+    GROUPS,
+    MIB,
+    PROTECTED_BITS,
+    SOLVERS,
+    AllocationError,
+    InfeasibleBudgetError,
+    PlanVerificationError,
+    SensitivityError,
+    Solution,
+    SolverError,
+    group_weights,
+    layer_bytes,
+    normalized_tables,
+    plan_bytes,
+    plan_objective,
+    reachable_mean,
+    solve_bytes,
+    solve_group,
+    solve_mean_bits,
+    split_target,
+)
+
+__all__ = [
+    "GROUPS", "MIB", "PROTECTED_BITS", "SOLVERS", "AllocationError", "InfeasibleBudgetError",
+    "PlanVerificationError", "SensitivityError", "Solution", "SolverError", "Plan", "atomic_write_text",
+    "bootstrap_metric", "group_weights", "layer_bytes", "natural_key", "normalized_tables", "pareto_front",
+    "plan_bytes", "plan_dirname", "plan_objective", "plan_to_yaml", "plot_pareto", "reachable_mean",
+    "read_plan", "resample_indices", "solve_bytes", "solve_group", "solve_mean_bits", "split_target",
+    "write_pareto_csv", "write_plan",
+]

@@ -27,6 +27,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
 
+from .plan import natural_key
+
 PROTECTED_BITS = 16
 SOLVERS = ("cp-sat", "scip", "cbc")
 GROUPS = ("content", "quality")
@@ -74,6 +76,8 @@ class Solution:
     deterministic_time: float | None = None
     bytes: int | None = None
     objective_by_group: dict[str, float] = field(default_factory=dict)
+    targets: dict[str, float] = field(default_factory=dict)
+    status_by_group: dict[str, str] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -384,7 +388,9 @@ def solve_group(metric: Mapping[str, Mapping[int, float]], sizes: Mapping[str, i
     if tolerance < 0:
         raise AllocationError(f"{what}: tolerance must be >= 0, got {tolerance}")
     prot = set(protected)
-    layers = [l for l in sizes if l not in prot]
+    # A canonical order: CP-SAT's search (and so its deterministic time, and which of several tied
+    # optima it returns) depends on variable order; the plan must depend only on the data.
+    layers = sorted((l for l in sizes if l not in prot), key=natural_key)
     unknown = [l for l in metric if l not in sizes and l not in prot]
     if unknown:
         raise SensitivityError(f"{what}: sensitivities given for {len(unknown)} layer(s) with no size, e.g. "
@@ -492,7 +498,8 @@ def solve_bytes(metric: Mapping[str, Mapping[str, Mapping[int, float]]], groups:
     bad_groups = sorted({g for g in groups.values() if g not in GROUPS})
     if bad_groups:
         raise AllocationError(f"unknown group(s) {bad_groups}; layers must be 'content' or 'quality'")
-    by_group = {g: [l for l, gg in groups.items() if gg == g and l not in prot] for g in GROUPS}
+    by_group = {g: sorted((l for l, gg in groups.items() if gg == g and l not in prot), key=natural_key)
+                for g in GROUPS}
     layers = by_group["content"] + by_group["quality"]
     for l in list(groups):
         if l not in params or l not in out_channels:
@@ -535,3 +542,71 @@ def solve_bytes(metric: Mapping[str, Mapping[str, Mapping[int, float]]], groups:
                     solve_time_s=dt, solver=solver, deterministic_time=det,
                     bytes=fixed + sum(weight[l][plan[l]] for l in layers),
                     objective_by_group={g: sum(raw[g][l][plan[l]] for l in by_group[g]) for g in GROUPS})
+
+
+# ---------------------------------------------------------------------------- both groups, mean bits
+
+def plan_objective(plan: Mapping[str, int], metric: Mapping[str, Mapping[str, Mapping[int, float]]],
+                   groups: Mapping[str, str], bits: Mapping[str, Sequence[int]], K: float = 1.0,
+                   protected: Iterable[str] = (), metric_cap: float = 100.0) -> float:
+    """The byte program's objective (normalised metric, K/N_c and 1/N_q weights) of any plan.
+
+    With K = 1 and one reference table (the seed-0 mean) this is the score that makes candidates
+    of different K, targets and seeds comparable on one Pareto axis.
+    """
+    prot = set(protected)
+    by_group = {g: sorted((l for l, gg in groups.items() if gg == g and l not in prot), key=natural_key)
+                for g in GROUPS}
+    norm = normalized_tables(metric, by_group, bits, metric_cap)
+    wg = group_weights(K, {g: len(v) for g, v in by_group.items()})
+    return sum(wg[g] * norm[g][l][int(plan[l])] for g in GROUPS for l in by_group[g])
+
+
+def solve_mean_bits(metric: Mapping[str, Mapping[str, Mapping[int, float]]], sizes: Mapping[str, int],
+                    groups: Mapping[str, str], bits: Mapping[str, Sequence[int]], target: float, K: float = 1.0, *,
+                    tolerance: float = 0.1, protected: Iterable[str] = (), solver: str = "cp-sat",
+                    time_limit_s: float = 10.0, metric_cap: float = 100.0, objective_scale: float = 1e6,
+                    kind: str = "weight") -> Solution:
+    """Both groups of one kind: :func:`split_target` then :func:`solve_group` per group.
+
+    ``sizes`` are parameter counts (weights) or input elements (activations); protected layers
+    are excluded from both the split and the budgets. The returned ``objective`` is
+    :func:`plan_objective` with this K (normalised, comparable to :func:`solve_bytes`);
+    ``objective_by_group`` holds each group's raw metric sum, which is what each program maximized.
+    ``status`` is FEASIBLE if either group stopped at its time limit, else OPTIMAL.
+    """
+    prot = set(protected)
+    unknown = sorted({g for g in groups.values() if g not in GROUPS})
+    if unknown:
+        raise AllocationError(f"unknown group(s) {unknown}; layers must be 'content' or 'quality'")
+    missing = [l for l in groups if l not in sizes]
+    if missing:
+        raise AllocationError(f"{len(missing)} layer(s) have no size, e.g. {missing[:5]}; rerun the census")
+    members = {g: [l for l, gg in groups.items() if gg == g] for g in GROUPS}
+    gsize = {g: sum(int(sizes[l]) for l in members[g] if l not in prot) for g in GROUPS}
+    tc, tq = split_target(target, K, gsize["content"], gsize["quality"], bits["content"], bits["quality"])
+    targets = {"content": tc, "quality": tq}
+    plan: dict[str, int] = {}
+    sols: dict[str, Solution] = {}
+    for g in GROUPS:
+        if not members[g]:
+            continue
+        if gsize[g] == 0:
+            plan.update({l: PROTECTED_BITS for l in members[g]})
+            continue
+        sols[g] = solve_group(metric.get(g, {}), {l: sizes[l] for l in members[g]}, bits[g], targets[g],
+                              tolerance=tolerance, protected=prot, solver=solver, time_limit_s=time_limit_s,
+                              metric_cap=metric_cap, objective_scale=objective_scale, what=f"{g} {kind}s")
+        plan.update(sols[g].bits)
+    solved = {l: b for l, b in plan.items() if l not in prot}
+    mean = {g: s.mean_bits["overall"] for g, s in sols.items()}
+    mean["overall"] = _mean(solved, {l: int(sizes[l]) for l in solved})
+    dets = [s.deterministic_time for s in sols.values()]
+    return Solution(
+        bits=plan, status="OPTIMAL" if all(s.status == "OPTIMAL" for s in sols.values()) else "FEASIBLE",
+        objective=plan_objective(plan, metric, groups, bits, K, prot, metric_cap), mean_bits=mean,
+        solve_time_s=sum(s.solve_time_s for s in sols.values()), solver=_check_solver(solver),
+        deterministic_time=None if None in dets else sum(dets),
+        objective_by_group={g: s.objective for g, s in sols.items()},
+        targets={g: t for g, t in targets.items() if g in sols},
+        status_by_group={g: s.status for g, s in sols.items()})

@@ -32,6 +32,13 @@ class CensusRow:
     params: int  # weight + bias elements
     act_elems: int  # input-activation elements per image
     out_channels: int
+    in_features: int = 0  # Linear in_features, or Conv2d in_channels * kh * kw
+    kernel: str = ""
+
+    @property
+    def block(self) -> str:
+        parts = self.name.split(".")
+        return f"{parts[0]}.{parts[1]}" if parts[0] in ("down_blocks", "up_blocks") else parts[0]
 
 
 def _group(name: str) -> str:
@@ -52,10 +59,11 @@ def sdxl_census(config_path: str | os.PathLike = REFERENCE_CONFIG, resolution: i
     rows: list[CensusRow] = []
 
     def lin(name: str, fin: int, fout: int, tokens: int, bias: bool = True) -> None:
-        rows.append(CensusRow(name, "Linear", _group(name), fin * fout + (fout if bias else 0), tokens * fin, fout))
+        rows.append(CensusRow(name, "Linear", _group(name), fin * fout + (fout if bias else 0), tokens * fin, fout, fin))
 
     def conv(name: str, cin: int, cout: int, k: int, side: int) -> None:
-        rows.append(CensusRow(name, "Conv2d", _group(name), cin * cout * k * k + cout, cin * side * side, cout))
+        rows.append(CensusRow(name, "Conv2d", _group(name), cin * cout * k * k + cout, cin * side * side, cout,
+                              cin * k * k, f"{k}x{k}"))
 
     def resnet(prefix: str, cin: int, cout: int, side: int) -> None:
         conv(f"{prefix}.conv1", cin, cout, 3, side)
@@ -171,11 +179,21 @@ def write_synthetic_workspace(root: str | os.PathLike, n_prompts: int = 8, seed:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     census = sdxl_census()
+    # first/last conv plus the most activation-heavy layers of each group, standing in for the
+    # sensitivity stage's choice (which uses 8-bit activation sensitivity)
+    protected = ["conv_in", "conv_out"]
+    for g in ("content", "quality"):
+        cands = sorted((r for r in census if r.group == g and r.name not in protected),
+                       key=lambda r: (-r.act_elems, r.name))
+        protected += [r.name for r in cands[: max(0, (n_protected - 2) // 2)]]
     with open(root / "layers.csv", "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(["name", "type", "group", "params", "act_elems", "out_channels", "excluded"])
+        # the census stage's columns (mixprec.models.CENSUS_COLUMNS), booleans as Python writes them
+        w.writerow(["name", "type", "group", "params", "out_channels", "in_features", "kernel", "act_elems", "block",
+                    "excluded", "protected"])
         for r in census:
-            w.writerow([r.name, r.type, r.group, r.params, r.act_elems, r.out_channels, "false"])
+            w.writerow([r.name, r.type, r.group, r.params, r.out_channels, r.in_features, r.kernel, r.act_elems,
+                        r.block, False, r.name in protected])
     bit_sets = {"weight": {"content": [2, 4, 8], "quality": [4, 8]},
                 "act": {"content": [4, 8], "quality": [4, 8]}}
     with open(root / "sensitivity_per_prompt.csv", "w", newline="") as f:
@@ -188,11 +206,5 @@ def write_synthetic_workspace(root: str | os.PathLike, n_prompts: int = 8, seed:
                     for b, vals in per_bits.items():
                         for p, v in enumerate(vals):
                             w.writerow([code, group, layer, b, p, repr(v)])
-    # first/last conv plus the most activation-heavy layer of each group, as protection would pick
-    protected = ["conv_in", "conv_out"]
-    for g in ("content", "quality"):
-        cands = sorted((r for r in census if r.group == g and r.name not in protected),
-                       key=lambda r: (-r.act_elems, r.name))
-        protected += [r.name for r in cands[: max(0, (n_protected - 2) // 2)]]
     (root / "protected_layers.yaml").write_text("".join(f"- {n}\n" for n in protected))
     return root

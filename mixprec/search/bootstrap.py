@@ -1,0 +1,57 @@
+"""Per-prompt sensitivities -> one table, optionally on a bootstrap resample of the prompts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from .program import SensitivityError
+
+
+def resample_indices(n_prompts: int, seed: int) -> np.ndarray:
+    """Prompt indices for ``seed``: all of them once for seed 0, else n draws with replacement."""
+    if n_prompts <= 0:
+        raise SensitivityError("no per-prompt sensitivities to average (0 prompts)")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if seed == 0:
+        return np.arange(n_prompts)
+    return np.random.default_rng(seed).integers(0, n_prompts, size=n_prompts)
+
+
+def bootstrap_metric(per_prompt: Mapping[str, Mapping[int, Sequence[float]]], seed: int,
+                     cap: float | None = None) -> dict[str, dict[int, float]]:
+    """Mean over prompts of every (layer, bits) sensitivity.
+
+    seed 0 is the plain mean over all prompts. seed > 0 draws one bootstrap resample of prompt
+    indices (``numpy.random.default_rng(seed)``, n draws with replacement) and averages every
+    layer and bit-width over *those same* prompts, so a seed is one plausible calibration set,
+    not independent noise per entry; different seeds give different tables and therefore
+    different, equally plausible plans. All lists must have the same length (prompt i of one
+    layer is prompt i of every other).
+
+    ``cap`` clamps each per-prompt value to ``[-cap, cap]`` before averaging, so that one
+    lossless prompt (SQNR = +inf) does not make the mean infinite.
+    """
+    lengths = {len(v) for row in per_prompt.values() for v in row.values()}
+    if len(lengths) > 1:
+        raise SensitivityError(f"per-prompt sensitivities have different prompt counts {sorted(lengths)}; "
+                               "every layer and bit-width must be measured on the same prompts")
+    if not lengths:
+        return {l: {} for l in per_prompt}
+    idx = resample_indices(lengths.pop(), seed)
+    out: dict[str, dict[int, float]] = {}
+    for layer, row in per_prompt.items():
+        out[layer] = {}
+        for b, vals in row.items():
+            a = np.asarray(vals, dtype=np.float64)[idx]
+            if np.isnan(a).any():
+                raise SensitivityError(f"sensitivity of layer {layer!r} at {b} bits has NaN for some prompt")
+            if cap is not None:
+                a = np.clip(a, -cap, cap)
+            if np.isposinf(a).any() and np.isneginf(a).any():
+                raise SensitivityError(f"sensitivity of layer {layer!r} at {b} bits is +inf for one prompt and -inf "
+                                       "for another; pass a cap")
+            out[layer][int(b)] = float(a.mean())
+    return out
