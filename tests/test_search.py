@@ -361,6 +361,12 @@ def test_pareto_front_matches_definition(tmp_path):
         dominated = any(q["size"] <= p["size"] and q["objective"] >= p["objective"]
                         and (q["size"] < p["size"] or q["objective"] > p["objective"]) for q in pts)
         assert p["pareto"] == (not dominated)
+    tol = pareto_front(pts, size_rtol=0.1)
+    for p in tol:
+        dominated = any(q["size"] <= p["size"] * 1.1 and q["objective"] >= p["objective"]
+                        and (q["size"] < p["size"] or q["objective"] > p["objective"]) for q in pts)
+        assert p["pareto"] == (not dominated)
+    assert sum(p["pareto"] for p in tol) >= 1
     csv_path = write_pareto_csv(tmp_path / "pareto.csv", marked, ["size", "objective", "K", "seed", "pareto"])
     assert csv_path.read_text().splitlines()[0] == "size,objective,K,seed,pareto"
     png = plot_pareto(tmp_path / "pareto.png", marked)

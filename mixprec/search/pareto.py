@@ -14,12 +14,17 @@ from .plan import atomic_write_text
 
 
 def pareto_front(points: Sequence[Mapping[str, Any]], size_key: str = "size",
-                 objective_key: str = "objective") -> list[dict[str, Any]]:
+                 objective_key: str = "objective", size_rtol: float = 0.0) -> list[dict[str, Any]]:
     """Copies of ``points`` with ``pareto: True`` on those no other point dominates.
 
     q dominates p when q is no larger and scores no lower, and is strictly better in one of the
     two. Identical points do not dominate each other, so duplicates are all on the front. Points
     with a missing or NaN size/objective are never on the front. O(n log n).
+
+    ``size_rtol`` > 0 treats sizes within that relative tolerance as equal (q may be up to
+    ``size_rtol * size(p)`` larger and still dominate p by scoring higher): mean-bit plans of one
+    target differ by a few parameters' worth of bits, which is no reason to keep a worse plan on the
+    front. The maximum-score point is never dominated, so the front is never empty. O(n^2) then.
     """
     out = [dict(p) for p in points]
     valid = []
@@ -29,6 +34,21 @@ def pareto_front(points: Sequence[Mapping[str, Any]], size_key: str = "size",
         if s is None or o is None or (isinstance(s, float) and math.isnan(s)) or (isinstance(o, float) and math.isnan(o)):
             continue
         valid.append((float(s), -float(o), i))
+    if size_rtol > 0:
+        import numpy as np
+
+        if not valid:
+            return out
+        sz = np.array([v[0] for v in valid])
+        ob = -np.array([v[1] for v in valid])
+        dominated = np.zeros(len(valid), dtype=bool)
+        for a in range(0, len(valid), 1024):  # rows = candidate p, columns = every q
+            S, O = sz[a:a + 1024, None], ob[a:a + 1024, None]
+            dom = (sz[None, :] <= S * (1 + size_rtol)) & (ob[None, :] >= O) & ((sz[None, :] < S) | (ob[None, :] > O))
+            dominated[a:a + 1024] = dom.any(1)
+        for (s, o, i), d in zip(valid, dominated):
+            out[i]["pareto"] = not bool(d)
+        return out
     valid.sort()
     best = -math.inf  # best objective among strictly smaller sizes
     j = 0
