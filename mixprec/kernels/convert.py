@@ -1,0 +1,290 @@
+"""Choosing a backend per layer, converting a calibrated model in place, and the dispatch report.
+
+Dispatch rules (:func:`choose_backend`), per QuantLayer with its plan bits (w, a):
+  - w = a = None                -> ``fp``: the original nn.Linear/Conv2d is put back;
+  - w = None, a set             -> ``reference``: no kernel multiplies quantized activations with
+                                   16-bit weights, fake-quant the activation (fused by compile);
+  - grouped/dilated/odd convs, or ``convs=False`` -> ``reference``;
+  - w = 8 (storage 8), a <= 8   -> ``w8a8`` option: ``int8`` (Triton, or torch._int_mm) or ``fp8``
+                                   (e4m3: torch._scaled_mm for Linear, Triton for convs); fp8 needs
+                                   a = 8, other a fall to int8;
+  - w in 2..8, a = None         -> ``wonly``: packed codes decoded in the Triton kernel, 16-bit math;
+  - w in 2..7, a <= 8           -> ``int8``: packed codes decoded to int8 for the int8 dot;
+  - a > 8 with w set            -> ``wonly`` on the weights, activation unquantized is not the plan:
+                                   ``reference`` instead;
+  - ``low_bit="reference"``      -> ``reference`` for every w < 8.
+At run time (KernelLayer.route) a layer on a kernel backend still takes the reference path without
+CUDA (or emulates the kernel on CPU when asked), and below ``min_m`` GEMM rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from mixprec.quantizers import QUANTIZABLE_TYPES, QuantLayer, quant_layers
+
+from .layers import KernelLayer, storage_bits_for
+
+
+@dataclass
+class BackendConfig:
+    """How a plan is executed (the ``quant.kernels`` options)."""
+
+    w8a8: str = "int8"            # "int8" | "fp8" | "reference"
+    int8_impl: str = "triton"     # "triton" | "torch" (torch._int_mm for Linear layers)
+    low_bit: str = "triton"       # packed 2/4-bit weights: "triton" | "reference"
+    convs: bool = True            # convolutions on the implicit-GEMM kernel
+    act_quant: str = "producer"   # "producer": plain torch ops before the GEMM (compile fuses them
+                                  # into the op that made x); "kernel": quantize inside the GEMM
+    fp8_weight: str = "tensor"    # fp8 weight scales: "tensor" (cuBLAS) | "channel" (row-wise)
+    fp8_fast_accum: bool = True
+    bos: str = "weight_only"      # cross-attn K/V BOS token: "weight_only" (quantized weight,
+                                  # 16-bit activation) | "exact" (keeps a 16-bit weight copy)
+    min_m: int = 1                # fewer GEMM rows than this run the reference path
+    cpu: str = "reference"        # without CUDA: "reference" | "emulate" (kernel arithmetic in torch)
+
+    def __post_init__(self) -> None:
+        checks = {"w8a8": ("int8", "fp8", "reference"), "int8_impl": ("triton", "torch"),
+                  "low_bit": ("triton", "reference"), "act_quant": ("producer", "kernel"),
+                  "fp8_weight": ("tensor", "channel"), "bos": ("weight_only", "exact"),
+                  "cpu": ("reference", "emulate")}
+        for key, allowed in checks.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"kernels.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any] | None) -> "BackendConfig":
+        cfg = dict(cfg or {})
+        known = set(cls.__dataclass_fields__)
+        unknown = set(cfg) - known
+        if unknown:
+            raise KeyError(f"unknown kernel options {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**cfg)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def layer_kwargs(self) -> dict:
+        return dict(cpu_path=self.cpu, min_m=self.min_m, int8_impl=self.int8_impl,
+                    act_quant=self.act_quant, fp8_fast_accum=self.fp8_fast_accum)
+
+
+def choose_backend(inner: nn.Module, w_bits: int | None, a_bits: int | None,
+                   cfg: BackendConfig) -> tuple[str, str]:
+    """(backend, reason) for one layer; reason is empty when a kernel takes the layer."""
+    if w_bits is None and a_bits is None:
+        return "fp", ""
+    if w_bits is None:
+        return "reference", "activation-only quantization (16-bit weights): fake-quant + dense GEMM"
+    if isinstance(inner, nn.Conv2d):
+        if inner.groups != 1 or any(d != 1 for d in inner.dilation):
+            return "reference", "grouped or dilated convolution"
+        if isinstance(inner.padding, str) or len(set(inner.padding)) != 1 or len(set(inner.stride)) != 1:
+            return "reference", "non-square padding/stride"
+        if inner.padding_mode != "zeros":
+            return "reference", f"padding_mode={inner.padding_mode}"
+        if not cfg.convs:
+            return "reference", "convolutions disabled (kernels.convs=false)"
+    if not 2 <= w_bits <= 8:
+        return "reference", f"{w_bits}-bit weights have no packed format"
+    if a_bits is not None and a_bits > 8:
+        return "reference", f"{a_bits}-bit activations have no integer kernel"
+    low = storage_bits_for(w_bits) < 8
+    if low and cfg.low_bit == "reference":
+        return "reference", "low-bit kernels disabled (kernels.low_bit=reference)"
+    if a_bits is None:
+        return "wonly", ""
+    if w_bits == 8:
+        if cfg.w8a8 == "reference":
+            return "reference", "W8A8 kernels disabled (kernels.w8a8=reference)"
+        if cfg.w8a8 == "fp8" and a_bits == 8:
+            return "fp8", ""
+    return "int8", ""
+
+
+# --------------------------------------------------------------------------- report
+@dataclass
+class LayerDispatch:
+    name: str
+    kind: str
+    shape: list[int]
+    w_bits: int | None
+    a_bits: int | None
+    backend: str
+    reason: str = ""
+    weight_bytes: int = 0
+    rows: int | None = None       # GEMM rows seen by a probe run
+    ran: str | None = None        # execution path taken in the probe run
+
+
+@dataclass
+class DispatchReport:
+    """Which backend each quantizable layer was given and, after :meth:`probe`, which path ran."""
+
+    layers: list[LayerDispatch] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def by_name(self) -> dict[str, LayerDispatch]:
+        return {d.name: d for d in self.layers}
+
+    def fallbacks(self) -> list[LayerDispatch]:
+        """Layers that ran (or would run) the reference path although they are quantized."""
+        out = []
+        for d in self.layers:
+            if d.backend == "fp":
+                continue
+            if d.backend == "reference" or d.ran in ("reference",):
+                out.append(d)
+        return out
+
+    def summary(self) -> dict:
+        return {
+            "layers": len(self.layers),
+            "backends": dict(Counter(d.backend for d in self.layers)),
+            "paths": dict(Counter(d.ran for d in self.layers if d.ran is not None)),
+            "fallback_layers": len(self.fallbacks()),
+            "fallback_reasons": dict(Counter(d.reason or f"route={d.ran}" for d in self.fallbacks())),
+            "quantized_weight_bytes": sum(d.weight_bytes for d in self.layers),
+        }
+
+    def to_dict(self) -> dict:
+        return {"summary": self.summary(), "config": self.config, "layers": [asdict(d) for d in self.layers]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def table(self) -> str:
+        rows = [f"{'layer':60s} {'w':>2s} {'a':>2s} {'backend':9s} {'ran':9s} reason"]
+        for d in self.layers:
+            rows.append(f"{d.name[:60]:60s} {d.w_bits or '-':>2} {d.a_bits or '-':>2} {d.backend:9s} "
+                        f"{d.ran or '?':9s} {d.reason}")
+        return "\n".join(rows)
+
+    @torch.no_grad()
+    def probe(self, model: nn.Module, *args, **kwargs) -> Any:
+        """Run ``model(*args, **kwargs)`` once (eager) and record each layer's rows and path."""
+        entries = self.by_name()
+        hooks = []
+
+        def hook_for(name: str, module: nn.Module):
+            def hook(mod, inputs):
+                x = inputs[0]
+                d = entries.get(name)
+                if d is None:
+                    return
+                if isinstance(mod, KernelLayer):
+                    d.rows = mod.gemm_rows(x)
+                    d.ran = mod.route(d.rows, x.is_cuda)
+                else:
+                    d.rows = x.numel() // x.shape[1] if isinstance(mod, nn.Conv2d) else x.numel() // x.shape[-1]
+                    d.ran = "dense"
+            return hook
+
+        for name, module in _named_layers(model).items():
+            hooks.append(module.register_forward_pre_hook(hook_for(name, module)))
+        try:
+            return model(*args, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+
+
+def _named_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Quantizable layers by original name, whatever state they are in."""
+    out: dict[str, nn.Module] = {}
+    skip: set[int] = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLayer):
+            out[mod.name] = mod
+            skip.add(id(mod.inner))
+        elif isinstance(mod, KernelLayer):
+            out[mod.name] = mod
+        elif isinstance(mod, QUANTIZABLE_TYPES) and id(mod) not in skip:
+            out[name] = mod
+    return out
+
+
+# --------------------------------------------------------------------------- conversion
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def convert_(model: nn.Module, config: BackendConfig | Mapping[str, Any] | None = None,
+             example_args: tuple | None = None, example_kwargs: Mapping[str, Any] | None = None,
+             ) -> DispatchReport:
+    """Replace every calibrated QuantLayer of ``model`` by a kernel module, in place.
+
+    The QuantLayers' plan (``w_bits``/``a_bits``) decides each backend. With ``example_args``
+    (and/or ``example_kwargs``) the converted model runs once and the report records the
+    execution path that each layer actually took for those inputs.
+    """
+    from mixprec.checkpoint import architecture_fingerprint  # avoid an import cycle
+
+    cfg = config if isinstance(config, BackendConfig) else BackendConfig.from_mapping(config)
+    arch = architecture_fingerprint(model)
+    layers = quant_layers(model)
+    if not layers:
+        raise ValueError("the model has no QuantLayer: wrap it with mixprec.quantizers.quantize_, "
+                         "calibrate it and set a plan before converting")
+    report = DispatchReport(config=cfg.to_dict())
+    plan: dict[str, list[int | None]] = {}
+    for name, layer in layers.items():
+        inner = layer.inner
+        shape = list(inner.weight.shape)
+        kind = "conv" if isinstance(inner, nn.Conv2d) else "linear"
+        plan[name] = [layer.w_bits, layer.a_bits]
+        backend, reason = choose_backend(inner, layer.w_bits, layer.a_bits, cfg)
+        if backend == "fp":
+            _replace(model, name, inner)
+            report.layers.append(LayerDispatch(name, kind, shape, None, None, "fp"))
+            continue
+        if layer.params is None:
+            raise RuntimeError(f"{name}: quantized in the plan but not calibrated")
+        new = KernelLayer.from_quant_layer(layer, backend, fp8_weight=cfg.fp8_weight, bos=cfg.bos,
+                                           **cfg.layer_kwargs())
+        layer.drop_cache()
+        _replace(model, name, new)
+        report.layers.append(LayerDispatch(name, kind, shape, layer.w_bits, layer.a_bits, backend, reason,
+                                           new.weight_bytes()))
+    model._mixprec_arch = arch
+    model._mixprec_plan = plan
+    model._mixprec_backend = cfg.to_dict()
+    if example_args is not None or example_kwargs is not None:
+        report.probe(model, *(example_args or ()), **dict(example_kwargs or {}))
+    return report
+
+
+def report_for(model: nn.Module) -> DispatchReport:
+    """A report for an already converted (or loaded) model, without running it."""
+    report = DispatchReport(config=dict(getattr(model, "_mixprec_backend", {}) or {}))
+    for name, mod in _named_layers(model).items():
+        if isinstance(mod, KernelLayer):
+            s = mod.spec
+            shape = [s.out_features, s.in_features, *s.kernel_size] if s.kind == "conv" else [s.out_features, s.in_features]
+            report.layers.append(LayerDispatch(name, s.kind, shape, s.w_bits, s.a_bits, s.backend, "",
+                                               mod.weight_bytes()))
+        else:
+            inner = mod.inner if isinstance(mod, QuantLayer) else mod
+            report.layers.append(LayerDispatch(name, "conv" if isinstance(inner, nn.Conv2d) else "linear",
+                                               list(inner.weight.shape), None, None, "fp"))
+    return report
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of everything the model stores for inference (parameters and saved buffers)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())

@@ -1,0 +1,417 @@
+"""The module that replaces a calibrated :class:`~mixprec.quantizers.QuantLayer` for real execution.
+
+A :class:`KernelLayer` holds only what inference needs: integer (packed) or fp8 weight codes, their
+scales, the bias, and the static activation parameters. Its ``forward`` picks one execution path
+from the input shape and device (a Python decision that torch.compile resolves while tracing, so
+there is no graph break):
+
+- ``triton``    Triton GEMM / implicit-GEMM conv (int8, weight-only 2/4/8-bit, fp8 convs);
+- ``scaled_mm`` torch._scaled_mm, fp8 e4m3 Linear layers;
+- ``int_mm``    torch._int_mm, int8 Linear layers (optional);
+- ``emulate``   the kernel arithmetic in torch (CPU, for tests);
+- ``reference`` fake quantization from the stored codes: identical to QuantLayer's forward.
+
+Everything the layer stores is described by a JSON-able :class:`LayerSpec`, so a checkpoint can
+rebuild the module with empty buffers and load the tensors into it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mixprec.quantizers import QuantLayer, dequantize_weight, fake_quant_act, quantize_weight, weight_qmax
+
+from . import packing
+from .triton_gemm import FP8_MAX, MMA_16, MMA_FP8, MMA_INT8, HAS_TRITON, qgemm, quant_act_fp8, quant_act_int
+
+BACKENDS = ("reference", "int8", "fp8", "wonly")
+
+
+@dataclass
+class LayerSpec:
+    """Everything needed to rebuild a quantized layer's module (all JSON-able)."""
+
+    name: str
+    kind: str                       # "linear" | "conv"
+    out_features: int
+    in_features: int                # Linear: K; conv: input channels
+    kernel_size: tuple[int, int] = (1, 1)
+    stride: int = 1
+    padding: int = 0
+    has_bias: bool = True
+    w_bits: int | None = None
+    a_bits: int | None = None
+    weight_format: str = "int"      # "int" (codes, packed) | "fp8" | "fp" (weights kept in 16 bit)
+    storage_bits: int = 8           # bits per stored code: 2, 4 or 8
+    act_scale: float | None = None  # int activations: asymmetric (scale, zero); fp8: symmetric scale
+    act_zero: int | None = None
+    fp8_weight: str = "tensor"      # "tensor" | "channel" weight scale granularity for fp8
+    skip_first_token: bool = False
+    bos: str = "weight_only"        # first (BOS) token of cross-attn K/V: "weight_only" | "exact"
+    backend: str = "reference"
+
+    @property
+    def k(self) -> int:
+        kh, kw = self.kernel_size
+        return self.in_features * kh * kw if self.kind == "conv" else self.in_features
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["kernel_size"] = list(self.kernel_size)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "LayerSpec":
+        d = dict(d)
+        d["kernel_size"] = tuple(d.get("kernel_size", (1, 1)))
+        return cls(**d)
+
+
+def storage_bits_for(w_bits: int) -> int:
+    if w_bits < 2 or w_bits > 8:
+        raise ValueError(f"weight bits must be in [2, 8] for integer storage, got {w_bits}")
+    return 2 if w_bits <= 2 else 4 if w_bits <= 4 else 8
+
+
+def _codes_layout(w: torch.Tensor) -> torch.Tensor:
+    """[N, K] view of a weight-shaped tensor, conv columns ordered (kh, kw, c)."""
+    if w.dim() == 4:
+        return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+    return w.reshape(w.shape[0], -1)
+
+
+class KernelLayer(nn.Module):
+    """A quantized Linear/Conv2d running on a real kernel, or on the reference path when it can't."""
+
+    def __init__(self, spec: LayerSpec, dtype: torch.dtype = torch.float16, device=None,
+                 cpu_path: str = "reference", min_m: int = 1, int8_impl: str = "triton",
+                 act_quant: str = "producer", fp8_fast_accum: bool = True):
+        super().__init__()
+        self.spec = spec
+        self.name = spec.name
+        self.cpu_path = cpu_path
+        self.min_m = min_m
+        self.int8_impl = int8_impl
+        self.act_quant = act_quant
+        self.fp8_fast_accum = fp8_fast_accum
+        self.compute_dtype = dtype
+        n, k = spec.out_features, spec.k
+        kw = dict(device=device)
+        if spec.weight_format == "fp":
+            shape = (n, spec.in_features, *spec.kernel_size) if spec.kind == "conv" else (n, k)
+            self.register_buffer("weight", torch.empty(shape, dtype=dtype, **kw))
+        elif spec.weight_format == "int":
+            cols = packing.packed_cols(k, spec.storage_bits)
+            code_dtype = torch.int8 if spec.storage_bits == 8 else torch.uint8
+            self.register_buffer("qweight", torch.empty((n, cols), dtype=code_dtype, **kw))
+            self.register_buffer("wscale", torch.empty(n, dtype=torch.float32, **kw))
+        elif spec.weight_format == "fp8":
+            self.register_buffer("qweight", torch.empty((n, k), dtype=torch.float8_e4m3fn, **kw))
+            self.register_buffer("wscale", torch.empty(n if spec.fp8_weight == "channel" else 1,
+                                                       dtype=torch.float32, **kw))
+        else:
+            raise ValueError(f"{spec.name}: unknown weight format {spec.weight_format!r}")
+        if spec.has_bias:
+            self.register_buffer("bias", torch.empty(n, dtype=dtype, **kw))
+        else:
+            self.bias = None
+        if spec.skip_first_token and spec.bos == "exact" and spec.weight_format != "fp":
+            self.register_buffer("bos_weight", torch.empty((n, k), dtype=dtype, **kw))
+        self._prepared = False
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_quant_layer(cls, layer: QuantLayer, backend: str, *, fp8_weight: str = "tensor",
+                         bos: str = "weight_only", **kwargs) -> "KernelLayer":
+        inner = layer.inner
+        w = inner.weight.detach()
+        is_conv = isinstance(inner, nn.Conv2d)
+        if is_conv:
+            for attr, val in (("stride", inner.stride), ("padding", inner.padding)):
+                if isinstance(val, str) or len(set(val)) != 1:
+                    raise ValueError(f"{layer.name}: only square {attr} is supported, got {val}")
+        spec = LayerSpec(
+            name=layer.name, kind="conv" if is_conv else "linear",
+            out_features=w.shape[0], in_features=w.shape[1],
+            kernel_size=tuple(w.shape[2:]) if is_conv else (1, 1),
+            stride=inner.stride[0] if is_conv else 1, padding=inner.padding[0] if is_conv else 0,
+            has_bias=inner.bias is not None, w_bits=layer.w_bits, a_bits=layer.a_bits,
+            skip_first_token=layer.skip_first_token, bos=bos, backend=backend, fp8_weight=fp8_weight,
+        )
+        params = layer.params
+        if layer.w_bits is None:
+            spec.weight_format = "fp"
+        elif backend == "fp8":
+            spec.weight_format = "fp8"
+        else:
+            spec.weight_format = "int"
+            spec.storage_bits = storage_bits_for(layer.w_bits)
+        if layer.a_bits is not None:
+            if backend == "fp8":
+                s, z = params.act_params[8] if 8 in params.act_params else params.act_params[layer.a_bits]
+                levels = 2 ** (8 if 8 in params.act_params else layer.a_bits) - 1
+                lo, hi = -z * s, (levels - z) * s
+                if params.act_range is not None:
+                    lo, hi = params.act_range
+                spec.act_scale = max(abs(lo), abs(hi), 1e-8) / FP8_MAX
+            else:
+                s, z = params.act_params[layer.a_bits]
+                spec.act_scale, spec.act_zero = float(s), int(z)
+        mod = cls(spec, dtype=w.dtype, device=w.device, **kwargs)
+        with torch.no_grad():
+            if spec.weight_format == "fp":
+                mod.weight.copy_(w)
+            elif spec.weight_format == "int":
+                scale = params.weight_scales[layer.w_bits].to(w.device, torch.float32)
+                q = quantize_weight(w, scale, layer.w_bits)
+                mod.qweight.copy_(packing.pack(_codes_layout(q), spec.storage_bits))
+                mod.wscale.copy_(scale)
+            else:
+                mod._fill_fp8(w, params.weight_scales[layer.w_bits].to(w.device, torch.float32))
+            if spec.has_bias:
+                mod.bias.copy_(inner.bias.detach())
+            if hasattr(mod, "bos_weight"):
+                mod.bos_weight.copy_(w.reshape(w.shape[0], -1))
+        mod.prepare()
+        return mod
+
+    def _fill_fp8(self, w: torch.Tensor, int8_scale: torch.Tensor) -> None:
+        # The calibrated 8-bit scale fixes the clipping range (amax = 127 * scale); fp8 spans it.
+        amax = int8_scale * weight_qmax(8)
+        if self.spec.fp8_weight == "tensor":
+            amax = amax.max().reshape(1)
+        scale = (amax / FP8_MAX).clamp_min(1e-12)
+        wf = _codes_layout(w).float()
+        codes = torch.clamp(wf / scale.reshape(-1, 1), -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        self.qweight.copy_(codes)
+        self.wscale.copy_(scale)
+
+    # ------------------------------------------------------------------ derived tensors
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """(Re)compute the epilogue vectors from the stored tensors (after building or loading)."""
+        spec = self.spec
+        dev = (self.weight if spec.weight_format == "fp" else self.qweight).device
+        n = spec.out_features
+        bias32 = self.bias.float() if self.bias is not None else torch.zeros(n, device=dev)
+        derived: dict[str, torch.Tensor] = {}
+        if spec.weight_format != "fp":
+            wscale_n = self.wscale.expand(n).contiguous() if self.wscale.numel() == 1 else self.wscale
+            # weight-only epilogue: 16-bit activations times decoded codes (also the BOS path)
+            derived["wo_row_scale"] = wscale_n.clone()
+            derived["wo_col_bias"] = bias32.clone()
+            if spec.a_bits is not None and spec.weight_format == "int":
+                levels = 2 ** spec.a_bits - 1
+                zp = spec.act_zero
+                off = 128 if spec.a_bits == 8 else zp
+                codes = self.decode_codes().to(torch.float64)
+                rowsum = codes.sum(dim=1)
+                row_scale = wscale_n.double() * spec.act_scale
+                derived["row_scale"] = row_scale.float()
+                derived["col_bias"] = (bias32.double() + row_scale * (off - zp) * rowsum).float()
+                derived["aq"] = torch.tensor([1.0 / spec.act_scale, zp, off], dtype=torch.float32, device=dev)
+                self.levels = levels
+            if spec.weight_format == "fp8" and spec.a_bits is not None:
+                derived["row_scale"] = (wscale_n.double() * spec.act_scale).float()
+                derived["col_bias"] = bias32.clone()
+                derived["aq"] = torch.tensor([1.0 / spec.act_scale, 0.0, 0.0], dtype=torch.float32, device=dev)
+                derived["scale_a"] = torch.tensor(spec.act_scale, dtype=torch.float32, device=dev)
+                derived["scale_b"] = (self.wscale.reshape(()) if self.wscale.numel() == 1
+                                      else self.wscale.reshape(1, -1)).float().contiguous()
+                self.levels = 0
+        for name, t in derived.items():
+            self.register_buffer(name, t, persistent=False)
+        self._prepared = True
+
+    def decode_codes(self) -> torch.Tensor:
+        """Integer (or fp8) codes as [N, K], conv columns in (kh, kw, c) order."""
+        return _decode(self.qweight, self.spec)
+
+    # ------------------------------------------------------------------ reference path
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight the reference path multiplies with, in the module's original layout."""
+        spec = self.spec
+        dtype = dtype or self.compute_dtype
+        if spec.weight_format == "fp":
+            return self.weight.to(dtype)
+        codes = self.decode_codes()
+        if spec.weight_format == "int":
+            w = dequantize_weight(codes, self.wscale, dtype)
+        else:
+            w = (codes.float() * self.wscale.reshape(-1, 1)).to(dtype)
+        if spec.kind == "conv":
+            kh, kw = spec.kernel_size
+            # contiguous: a channels-last weight could make the conv pick another algorithm
+            w = w.reshape(spec.out_features, kh, kw, spec.in_features).permute(0, 3, 1, 2).contiguous()
+        return w
+
+    def _fake_act(self, x: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        if spec.a_bits is None:
+            return x
+        if spec.weight_format == "fp8":
+            return (quant_act_fp8(x, 1.0 / spec.act_scale).float() * spec.act_scale).to(x.dtype)
+        return fake_quant_act(x, spec.act_scale, spec.act_zero, spec.a_bits)
+
+    def _dense(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        if spec.kind == "conv":
+            return F.conv2d(x, weight, self.bias, spec.stride, spec.padding)
+        return F.linear(x, weight, self.bias)
+
+    def _bos_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if hasattr(self, "bos_weight"):
+            return self.bos_weight.to(dtype)
+        return self.dequantized_weight(dtype)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake quantization from the stored codes: the same computation as QuantLayer.forward."""
+        split = self._splits(x)
+        rest = x[:, 1:] if split else x
+        w = self.dequantized_weight(x.dtype)
+        out = self._dense(self._fake_act(rest), w)
+        if split:
+            out = torch.cat([self._dense(x[:, :1], self._bos_weight(x.dtype)), out], dim=1)
+        return out
+
+    # ------------------------------------------------------------------ dispatch
+    def _splits(self, x: torch.Tensor) -> bool:
+        return self.spec.skip_first_token and x.dim() == 3 and x.shape[1] > 1
+
+    def route(self, m: int, is_cuda: bool) -> str:
+        """The execution path for ``m`` GEMM rows on this device (also what the report shows)."""
+        spec = self.spec
+        if spec.backend == "reference":
+            return "reference"
+        if not is_cuda:
+            return "emulate" if self.cpu_path == "emulate" else "reference"
+        if not HAS_TRITON and not (spec.backend in ("fp8", "int8") and spec.kind == "linear"):
+            return "reference"
+        if m < self.min_m:
+            return "reference"
+        k, n = spec.k, spec.out_features
+        if spec.kind == "linear" and spec.backend == "fp8" and spec.a_bits is not None:
+            if k % 16 == 0 and n % 16 == 0 and m >= 16:
+                return "scaled_mm"
+        if (spec.kind == "linear" and spec.backend == "int8" and self.int8_impl == "torch"
+                and spec.storage_bits == 8 and m > 16 and k % 8 == 0 and n % 8 == 0):
+            return "int_mm"
+        return "triton" if HAS_TRITON else "reference"
+
+    def gemm_rows(self, x: torch.Tensor) -> int:
+        if self.spec.kind == "conv":
+            from .triton_gemm import conv_out_hw
+            kh, kw = self.spec.kernel_size
+            oh, ow = conv_out_hw(x.shape[-2], x.shape[-1], kh, kw, self.spec.stride, self.spec.padding)
+            return (x.shape[0] if x.dim() == 4 else 1) * oh * ow
+        rows = x.numel() // x.shape[-1] if x.numel() else 0
+        if self._splits(x):
+            rows = rows // x.shape[1] * (x.shape[1] - 1)
+        return rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        path = self.route(self.gemm_rows(x), x.is_cuda)
+        if path == "reference":
+            return self.reference_forward(x)
+        if self._splits(x):
+            first = self._weight_only(x[:, :1], path)
+            return torch.cat([first, self._main(x[:, 1:], path)], dim=1)
+        return self._main(x, path)
+
+    # ------------------------------------------------------------------ kernel paths
+    def _mma(self) -> int:
+        spec = self.spec
+        if spec.a_bits is None or spec.weight_format == "fp":
+            return MMA_16
+        return MMA_FP8 if spec.weight_format == "fp8" else MMA_INT8
+
+    def _conv_args(self) -> list[int]:
+        s = self.spec
+        return [s.kernel_size[0], s.kernel_size[1], s.stride, s.padding] if s.kind == "conv" else []
+
+    def _main(self, x: torch.Tensor, path: str) -> torch.Tensor:
+        spec = self.spec
+        if spec.weight_format == "fp":  # activation-only quantization: fake-quant + dense
+            return self._dense(self._fake_act(x), self.weight)
+        mma = self._mma()
+        if mma == MMA_16:
+            return self._weight_only(x, path)
+        if path == "scaled_mm":
+            return self._scaled_mm(x)
+        if path == "int_mm":
+            return self._int_mm(x)
+        in_kernel = self.act_quant == "kernel"
+        a = x
+        if not in_kernel:
+            if mma == MMA_INT8:
+                off = 128 if spec.a_bits == 8 else spec.act_zero
+                a = quant_act_int(x, spec.act_scale, spec.act_zero, off, self.levels)
+            else:
+                a = quant_act_fp8(x, 1.0 / spec.act_scale)
+        return self._run(a, mma, in_kernel, self.row_scale, self.col_bias, x.dtype)
+
+    def _weight_only(self, x: torch.Tensor, path: str) -> torch.Tensor:
+        if self.spec.weight_format == "fp":
+            return self._dense(x, self.weight)
+        if hasattr(self, "bos_weight") and self._splits_bos_shape(x):
+            return F.linear(x, self.bos_weight, self.bias)
+        return self._run(x, MMA_16, False, self.wo_row_scale, self.wo_col_bias, x.dtype)
+
+    def _splits_bos_shape(self, x: torch.Tensor) -> bool:
+        return self.spec.skip_first_token and x.dim() == 3 and x.shape[1] == 1
+
+    def _run(self, a: torch.Tensor, mma: int, qa: bool, row_scale: torch.Tensor, col_bias: torch.Tensor,
+             out_dtype: torch.dtype) -> torch.Tensor:
+        spec = self.spec
+        aq = getattr(self, "aq", None) if mma != MMA_16 else None
+        levels = self.levels if mma == MMA_INT8 else 0
+        bits = spec.storage_bits if spec.weight_format == "int" else 8
+        if spec.kind == "conv":
+            return qgemm(a, self.qweight, row_scale, col_bias, aq, spec.k, bits, mma, qa, levels,
+                         out_dtype, self._conv_args())
+        lead = a.shape[:-1]
+        out = qgemm(a.reshape(-1, spec.k), self.qweight, row_scale, col_bias, aq, spec.k, bits, mma, qa,
+                    levels, out_dtype, [])
+        return out.reshape(*lead, spec.out_features)
+
+    def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        lead = x.shape[:-1]
+        xq = quant_act_fp8(x.reshape(-1, spec.k), 1.0 / spec.act_scale)
+        scale_a = self.scale_a
+        if self.scale_b.dim() == 2:  # row-wise weight scales need row-wise activation scales
+            scale_a = scale_a.reshape(1, 1).expand(xq.shape[0], 1).contiguous()
+        bias = self.bias if self.bias is not None and x.dtype == torch.bfloat16 else None
+        out = torch._scaled_mm(xq, self.qweight.t(), scale_a=scale_a, scale_b=self.scale_b, bias=bias,
+                               out_dtype=x.dtype, use_fast_accum=self.fp8_fast_accum)
+        if self.bias is not None and bias is None:
+            out = out + self.bias
+        return out.reshape(*lead, spec.out_features)
+
+    def _int_mm(self, x: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        lead = x.shape[:-1]
+        off = 128 if spec.a_bits == 8 else spec.act_zero
+        xq = quant_act_int(x.reshape(-1, spec.k), spec.act_scale, spec.act_zero, off, self.levels)
+        acc = torch._int_mm(xq, self.qweight.t())
+        out = (acc.float() * self.row_scale + self.col_bias).to(x.dtype)
+        return out.reshape(*lead, spec.out_features)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"name={s.name}, kind={s.kind}, w_bits={s.w_bits}, a_bits={s.a_bits}, backend={s.backend}, "
+                f"format={s.weight_format}/{s.storage_bits}")
+
+
+def _decode(qweight: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    if spec.weight_format == "fp8":
+        return qweight
+    return packing.unpack(qweight, spec.storage_bits, spec.k)

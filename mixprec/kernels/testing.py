@@ -1,0 +1,97 @@
+"""Helpers shared by the kernel tests and the device benchmarks: small UNets, random inputs,
+calibration on random data, plans, SQNR."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from mixprec.quantizers import QuantLayer, quantize_
+
+SDXL_CONFIG = Path(__file__).resolve().parents[1] / "reference" / "sdxl_unet_config.json"
+
+# SDXL's block structure (text_time conditioning, cross-attn K/V from a 2048-wide context) at toy
+# width: every layer kind SDXL has (Linear, 1x1/3x3/stride-2 convs, GEGLU, BOS-skipping K/V).
+TINY_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=[32, 64], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], cross_attention_dim=48, attention_head_dim=[4, 8],
+    norm_num_groups=8, transformer_layers_per_block=1, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+)
+
+
+def build_unet(config: Mapping[str, Any] | str = "tiny", device="cpu", dtype=torch.float32, seed: int = 0) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    if config == "tiny":
+        config = TINY_UNET
+    elif config == "sdxl":
+        config = json.loads(SDXL_CONFIG.read_text())
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(dict(config))
+    return unet.to(dtype).eval().requires_grad_(False)
+
+
+def unet_inputs(unet: nn.Module, batch: int = 1, latent: int | None = None, text_len: int = 77,
+                seed: int = 0, device=None, dtype=None) -> dict[str, Any]:
+    """Random (not zero) inputs of the right shapes; timestep 999 as in SDXL-Turbo."""
+    cfg = unet.config
+    p = next(unet.parameters())
+    device = device or p.device
+    dtype = dtype or p.dtype
+    latent = latent or cfg.sample_size
+    g = torch.Generator("cpu").manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    kwargs: dict[str, Any] = {
+        "sample": rnd(batch, cfg.in_channels, latent, latent),
+        "timestep": torch.tensor(999, device=device),
+        "encoder_hidden_states": rnd(batch, text_len, cfg.cross_attention_dim),
+    }
+    if cfg.addition_embed_type == "text_time":
+        text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": rnd(batch, text_dim),
+            "time_ids": torch.tensor([[latent * 8, latent * 8, 0, 0, latent * 8, latent * 8]] * batch,
+                                     device=device, dtype=dtype),
+        }
+    return kwargs
+
+
+def calibrate_random(model: nn.Module, run: Callable[[], None], weight_bits=(2, 4, 8), act_bits=(4, 8),
+                     skip_bos: bool = True) -> dict[str, QuantLayer]:
+    """Wrap ``model`` with QuantLayers and calibrate them while ``run()`` drives it."""
+    from mixprec.calibration import calibrate_layers
+
+    layers = quantize_(model, skip_bos=skip_bos)
+    calibrate_layers(layers, run, weight_bits, act_bits)
+    return layers
+
+
+def uniform_plan(layers: Mapping[str, QuantLayer], w_bits: int | None, a_bits: int | None,
+                 keep_fp: Callable[[str], bool] | None = None) -> tuple[dict, dict]:
+    wp, ap = {}, {}
+    for name in layers:
+        if keep_fp is not None and keep_fp(name):
+            continue
+        wp[name], ap[name] = w_bits, a_bits
+    return wp, ap
+
+
+def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.double(), out.double()
+    noise = (ref - out).pow(2).sum().item()
+    sig = ref.pow(2).sum().item()
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(sig / noise)

@@ -1,0 +1,335 @@
+"""One Triton GEMM for every quantized layer shape: Linear and implicit-GEMM Conv2d.
+
+What the kernel multiplies (``mma``):
+  0 - 16-bit activations x weights decoded to 16 bit (weight-only 2/4/8-bit, fp32 accumulate);
+  1 - int8 activations x int8 weights (W8A8 and W4A8/W2A8, int32 accumulate);
+  2 - fp8 e4m3 activations x fp8 e4m3 weights (fp32 accumulate).
+For ``mma`` 1 and 2 the activations either arrive already quantized (the producer did it, which is
+where torch.compile fuses it) or arrive in 16 bit and are quantized inside the kernel (``qa``),
+with the same static per-tensor scale and zero point.
+
+Epilogue: ``out[m, n] = acc[m, n] * row_scale[n] + col_bias[n]``. For int8 activations stored as
+``q - off`` (off = 128 at 8 bits, so uint8 codes fit int8; off = zero point below 8 bits), the
+zero-point correction ``(off - zp) * sum_k Wq[n, k]`` is folded into ``col_bias`` by the caller.
+
+Convolutions are an implicit GEMM: row m = (image, output pixel), column k = (kh, kw, c), read
+straight from the input through its strides (NCHW or channels-last, no im2col buffer). Spatial
+padding reads the quantized zero (``zp - off``), so the folded correction stays exact at borders.
+
+Without CUDA (or without Triton) the op runs :func:`emulate`, the same arithmetic in float64.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .packing import planes, unpack
+
+try:  # Triton is optional: CPU machines run the emulation
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the machine
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+FP8_MAX = 448.0
+MMA_16, MMA_INT8, MMA_FP8 = 0, 1, 2
+
+
+# --------------------------------------------------------------------------- the kernel
+if HAS_TRITON:
+
+    @triton.jit
+    def _qgemm_kernel(
+        a_ptr, w_ptr, out_ptr, rs_ptr, cb_ptr, aq_ptr,
+        M, N, K, KP,
+        s_am, s_ak, s_wn, s_om, s_on,
+        C, IN_H, IN_W, OH, OW, KSZ_W, STRIDE, PAD,
+        s_ab, s_ac, s_ah, s_aw, s_ob, s_osp,
+        MMA: tl.constexpr, QA: tl.constexpr, LEVELS: tl.constexpr, W_BITS: tl.constexpr,
+        CONV: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        P: tl.constexpr = 8 // W_BITS
+        FIELD: tl.constexpr = (1 << W_BITS) - 1
+        W_OFF: tl.constexpr = 1 << (W_BITS - 1)
+        # a byte whose every field decodes to 0: masked weight loads must add nothing
+        W_ZERO: tl.constexpr = 0 if P == 1 else (0x88 if P == 2 else 0xAA)
+
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        group_rows = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_rows
+        pid_n = (pid % per_group) // group_rows
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+
+        if CONV:
+            sp = offs_m % (OH * OW)
+            img = offs_m // (OH * OW)
+            ih0 = (sp // OW) * STRIDE - PAD
+            iw0 = (sp % OW) * STRIDE - PAD
+            a_row = img * s_ab + ih0 * s_ah + iw0 * s_aw
+        else:
+            a_row = offs_m * s_am
+
+        if MMA == 1:
+            inv_s = tl.load(aq_ptr)
+            zp = tl.load(aq_ptr + 1)
+            off = tl.load(aq_ptr + 2)
+            a_pad = (zp - off).to(tl.int8)
+        if MMA == 2:
+            inv_s = tl.load(aq_ptr)
+
+        if MMA == 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+        for kp0 in range(0, KP, BLOCK_K):
+            kp = kp0 + offs_k
+            kp_ok = kp < KP
+            wt = tl.load(w_ptr + offs_n[None, :] * s_wn + kp[:, None],
+                         mask=kp_ok[:, None] & n_ok[None, :], other=W_ZERO)
+            for p in tl.static_range(P):
+                k = p * KP + kp
+                k_ok = kp_ok & (k < K)
+                if CONV:
+                    c = k % C
+                    r = k // C
+                    kh = r // KSZ_W
+                    kw = r % KSZ_W
+                    ih = ih0[:, None] + kh[None, :]
+                    iw = iw0[:, None] + kw[None, :]
+                    a_mask = (m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < IN_H)
+                              & (iw >= 0) & (iw < IN_W))
+                    a_ptrs = a_ptr + a_row[:, None] + (kh * s_ah + kw * s_aw + c * s_ac)[None, :]
+                else:
+                    a_mask = m_ok[:, None] & k_ok[None, :]
+                    a_ptrs = a_ptr + a_row[:, None] + k[None, :] * s_ak
+                if QA:
+                    a = tl.load(a_ptrs, mask=a_mask, other=0.0).to(tl.float32)
+                    if MMA == 1:
+                        v = tl.minimum(tl.maximum(a * inv_s, -2048.0), 2048.0)
+                        # round half to even, as torch.round: exact for |v| < 2^22
+                        v = (v + 12582912.0) - 12582912.0
+                        v = tl.minimum(tl.maximum(v + zp, 0.0), LEVELS)
+                        a = (v - off).to(tl.int8)
+                    else:
+                        a = tl.minimum(tl.maximum(a * inv_s, -448.0), 448.0).to(tl.float8e4nv)
+                else:
+                    if MMA == 1:
+                        a = tl.load(a_ptrs, mask=a_mask, other=a_pad)
+                    else:
+                        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+                if P == 1:
+                    wv = wt
+                else:
+                    wv = ((wt >> (p * W_BITS)) & FIELD).to(tl.int8) - W_OFF
+                if MMA == 0:
+                    wv = wv.to(a.dtype)
+                    acc = tl.dot(a, wv, acc)
+                elif MMA == 1:
+                    acc = tl.dot(a, wv, acc, out_dtype=tl.int32)
+                else:
+                    acc = tl.dot(a, wv, acc)
+
+        rs = tl.load(rs_ptr + offs_n, mask=n_ok, other=0.0)
+        y = acc.to(tl.float32) * rs[None, :]
+        if HAS_BIAS:
+            y += tl.load(cb_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        if CONV:
+            o_ptrs = out_ptr + (img * s_ob + sp * s_osp)[:, None] + offs_n[None, :] * s_on
+        else:
+            o_ptrs = out_ptr + offs_m[:, None] * s_om + offs_n[None, :] * s_on
+        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# --------------------------------------------------------------------------- launch
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# Set by benchmarks to try other tiles; None = the heuristic below.
+TILE_OVERRIDE: TileConfig | None = None
+
+
+def pick_tiles(m: int, n: int, kp: int, mma: int, w_bits: int, sms: int = 132) -> TileConfig:
+    """Tile sizes from the problem shape: enough tiles to fill the SMs, wide K steps for 8-bit data.
+
+    SDXL at 512 px, batch 1 feeds M = 256 / 1024 / 4096 rows: 128x128 tiles would give fewer
+    tiles than SMs on most layers, so M and N tiles shrink until the grid covers the SMs.
+    """
+    if TILE_OVERRIDE is not None:
+        return TILE_OVERRIDE
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    bn = 128
+
+    def tiles(bm_: int, bn_: int) -> int:
+        return -(-m // bm_) * -(-n // bn_)
+
+    if bm == 128 and tiles(bm, bn) < sms:
+        bm = 64
+    if tiles(bm, bn) < sms:
+        bn = 64
+    p = 8 // w_bits
+    eight_bit = mma in (MMA_INT8, MMA_FP8)
+    bk = (128 if eight_bit else 64) // p
+    bk = max(bk, 32 if eight_bit else 16)
+    warps = 8 if bm * bn >= 128 * 128 else 4
+    stages = 4 if eight_bit and p == 1 else 3
+    return TileConfig(bm, bn, bk, 8, warps, stages)
+
+
+def conv_out_hw(h: int, w: int, kh: int, kw: int, stride: int, pad: int) -> tuple[int, int]:
+    return (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kw) // stride + 1
+
+
+def launch(a: torch.Tensor, w: torch.Tensor, row_scale: torch.Tensor, col_bias: torch.Tensor | None,
+           aq: torch.Tensor | None, k: int, w_bits: int, mma: int, qa: bool, levels: int,
+           out_dtype: torch.dtype, conv: list[int], tiles: TileConfig | None = None) -> torch.Tensor:
+    """Run the Triton kernel. ``a`` is [M, K] (Linear) or [B, C, H, W] with any strides (Conv2d)."""
+    if not HAS_TRITON:
+        raise RuntimeError("Triton is not installed")
+    n, kp = w.shape
+    if conv:
+        kh, kw, stride, pad = conv
+        bsz, c, h, wd = a.shape
+        oh, ow = conv_out_hw(h, wd, kh, kw, stride, pad)
+        m = bsz * oh * ow
+        out = torch.empty((bsz, n, oh, ow), device=a.device, dtype=out_dtype)
+        geo = (c, h, wd, oh, ow, kw, stride, pad)
+        a_strides = (0, 0)
+        conv_strides = (a.stride(0), a.stride(1), a.stride(2), a.stride(3), out.stride(0), out.stride(3))
+        o_strides = (0, out.stride(1))
+    else:
+        m = a.shape[0]
+        out = torch.empty((m, n), device=a.device, dtype=out_dtype)
+        geo = (1, 1, 1, 1, 1, 1, 1, 0)
+        a_strides = (a.stride(0), a.stride(1))
+        conv_strides = (0, 0, 0, 0, 0, 0)
+        o_strides = (out.stride(0), out.stride(1))
+    if m == 0:
+        return out
+    if tiles is None:
+        sms = _sm_count(a.device.index or 0) if a.is_cuda else 132
+        tiles = pick_tiles(m, n, kp, mma, w_bits, sms)
+    grid = (triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n),)
+    dummy = row_scale
+    _qgemm_kernel[grid](
+        a, w, out, row_scale, col_bias if col_bias is not None else dummy, aq if aq is not None else dummy,
+        m, n, k, kp,
+        a_strides[0], a_strides[1], w.stride(0), o_strides[0], o_strides[1],
+        *geo, *conv_strides,
+        MMA=mma, QA=qa, LEVELS=levels, W_BITS=w_bits, CONV=bool(conv), HAS_BIAS=col_bias is not None,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------- emulation (CPU)
+def quant_act_int(x: torch.Tensor, scale: float | torch.Tensor, zero: float | torch.Tensor,
+                  off: float | torch.Tensor, levels: int, inverse: bool = False) -> torch.Tensor:
+    """Static asymmetric activation quantization to int8 codes ``q - off`` (plain ops: fusable).
+
+    Divides by ``scale`` in float32 like the reference; ``inverse=True`` multiplies by it instead
+    (what the in-kernel quantization does, so the emulation can match it).
+    """
+    v = x.float() * scale if inverse else x.float() / scale
+    q = torch.clamp(torch.round(v) + zero, 0, levels)
+    return (q - off).to(torch.int8)
+
+
+def quant_act_fp8(x: torch.Tensor, inv_scale: float | torch.Tensor) -> torch.Tensor:
+    return torch.clamp(x.float() * inv_scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def decode_weight(w: torch.Tensor, w_bits: int, k: int) -> torch.Tensor:
+    """[N, K] int8 (or fp8) weight codes in (kh, kw, c) column order."""
+    if w.dtype == torch.float8_e4m3fn:
+        return w[:, :k]
+    return unpack(w, w_bits, k) if planes(w_bits) > 1 else w[:, :k]
+
+
+def emulate(a: torch.Tensor, w: torch.Tensor, row_scale: torch.Tensor, col_bias: torch.Tensor | None,
+            aq: torch.Tensor | None, k: int, w_bits: int, mma: int, qa: bool, levels: int,
+            out_dtype: torch.dtype, conv: list[int]) -> torch.Tensor:
+    """The kernel's arithmetic with torch ops, in float64 (exact for the integer paths)."""
+    wq = decode_weight(w, w_bits, k).double()
+    pad_value = 0.0
+    if mma == MMA_INT8:
+        inv_s, zp, off = (float(v) for v in aq.tolist())
+        if qa:
+            a = quant_act_int(a, inv_s, zp, off, levels, inverse=True)
+        pad_value = zp - off
+    elif mma == MMA_FP8 and qa:
+        a = quant_act_fp8(a, float(aq[0]))
+    a = a.double()
+    if conv:
+        kh, kw, stride, pad = conv
+        n = wq.shape[0]
+        c = a.shape[1]
+        if pad:
+            a = F.pad(a, (pad, pad, pad, pad), value=pad_value)
+        cols = F.unfold(a, (kh, kw), stride=stride)  # [B, C*kh*kw, L], column order (c, kh, kw)
+        wmat = wq.view(n, kh, kw, c).permute(0, 3, 1, 2).reshape(n, -1)
+        acc = torch.einsum("bkl,nk->bnl", cols, wmat)
+        y = acc * row_scale.double()[None, :, None]
+        if col_bias is not None:
+            y = y + col_bias.double()[None, :, None]
+        oh, ow = conv_out_hw(a.shape[2] - 2 * pad, a.shape[3] - 2 * pad, kh, kw, stride, pad)
+        return y.reshape(a.shape[0], n, oh, ow).to(out_dtype)
+    y = (a @ wq.t()) * row_scale.double()
+    if col_bias is not None:
+        y = y + col_bias.double()
+    return y.to(out_dtype)
+
+
+# --------------------------------------------------------------------------- the op
+@torch.library.custom_op("mixprec::qgemm", mutates_args=())
+def qgemm(a: torch.Tensor, w: torch.Tensor, row_scale: torch.Tensor, col_bias: torch.Tensor | None,
+          aq: torch.Tensor | None, k: int, w_bits: int, mma: int, qa: bool, levels: int,
+          out_dtype: torch.dtype, conv: list[int]) -> torch.Tensor:
+    """Quantized GEMM / implicit-GEMM conv; an opaque op to torch.compile (no graph break)."""
+    if a.is_cuda and HAS_TRITON:
+        return launch(a, w, row_scale, col_bias, aq, k, w_bits, mma, qa, levels, out_dtype, conv)
+    if INTERPRET and HAS_TRITON:
+        return launch(a, w, row_scale, col_bias, aq, k, w_bits, mma, qa, levels, out_dtype, conv)
+    return emulate(a, w, row_scale, col_bias, aq, k, w_bits, mma, qa, levels, out_dtype, conv)
+
+
+@qgemm.register_fake
+def _(a, w, row_scale, col_bias, aq, k, w_bits, mma, qa, levels, out_dtype, conv):
+    n = w.shape[0]
+    if conv:
+        kh, kw, stride, pad = conv
+        oh, ow = conv_out_hw(a.shape[2], a.shape[3], kh, kw, stride, pad)
+        return a.new_empty((a.shape[0], n, oh, ow), dtype=out_dtype)
+    return a.new_empty((a.shape[0], n), dtype=out_dtype)
