@@ -72,7 +72,7 @@ class ParetoCallback(Callback):
             except Exception as exc:
                 log.warning("pareto: no fingerprints for %s (%s); collecting every plan there", root, exc)
             ws = Workspace(root, fingerprints=fps)
-            summary = write_pareto(ws.root, fps)
+            summary = write_pareto(ws.root, fps, float(OmegaConf.select(job_cfg, "stage.pareto_size_rtol", default=1e-3)))
             ws.write_json("allocate_sweep.json", {
                 "sweep_dir": str(self._sweep_dir) if self._sweep_dir else None,
                 "wall_time_s": round(wall, 3) if wall is not None else None,

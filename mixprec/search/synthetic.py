@@ -46,9 +46,9 @@ def _group(name: str) -> str:
     return "content" if any(p in CONTENT_PATTERNS for p in parts) else "quality"
 
 
-def sdxl_census(config_path: str | os.PathLike = REFERENCE_CONFIG, resolution: int = 1024,
+def sdxl_census(config_path: str | os.PathLike = REFERENCE_CONFIG, resolution: int = 512,
                 text_tokens: int = 77) -> list[CensusRow]:
-    """Every Linear/Conv2d of SDXL's UNet, in module order, with sizes for one image."""
+    """Every Linear/Conv2d of SDXL's UNet, in module order, with sizes for one image (SDXL-Turbo's 512 px)."""
     cfg = json.loads(Path(config_path).read_text())
     ch = list(cfg["block_out_channels"])
     depth = list(cfg["transformer_layers_per_block"])

@@ -345,7 +345,7 @@ def run(cfg: DictConfig, ws) -> dict:
         if len(results) == 1:
             track.summary({k: v for k, v in results[0].items() if isinstance(v, (int, float))})
         if len(combos) > 1 or bool(s.pareto):
-            summary = write_pareto(ws.root, ws.fingerprints)
+            summary = write_pareto(ws.root, ws.fingerprints, float(s.pareto_size_rtol))
             headline["pareto"] = {k: summary[k] for k in ("candidates", "pareto", "csv", "png")}
             log_pareto(track, summary, ws.root)
     return headline
