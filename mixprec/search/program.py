@@ -375,7 +375,11 @@ def solve_group(metric: Mapping[str, Mapping[int, float]], sizes: Mapping[str, i
         protected: layers kept in full precision; they get :data:`PROTECTED_BITS` in the plan and
             take no part in the mean.
         solver: ``"cp-sat"`` (integer objective ``round((metric - layer best) * objective_scale)``,
-            one worker, deterministic time limit) or ``"scip"`` / ``"cbc"`` (float objective).
+            one worker, fixed seed, ``time_limit_s`` as a *deterministic*-time limit, so even a
+            time-limited FEASIBLE answer is reproducible; a wall-clock guard of 4x + 1 s only
+            catches a stalled machine) or ``"scip"`` / ``"cbc"`` (float objective, one thread,
+            relative gap 0, wall-clock limit). Layers are ordered canonically before modelling,
+            so the plan does not depend on the caller's dict order.
         what: a label for messages, e.g. ``"content weights"``.
 
     Raises:
