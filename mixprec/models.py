@@ -45,6 +45,8 @@ class ModelSpec:
     guidance_scale: float = 0.0
     content_patterns: list[str] = field(default_factory=lambda: ["attn2", "ff"])
     exclude_patterns: list[str] = field(default_factory=list)
+    # A deterministic content checker for caption adherence ("tiny_shapes" for the built-in model).
+    checker: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":

@@ -47,6 +47,7 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     headline = module.run(cfg, ws) or {}
     wall = time.perf_counter() - start
-    ws.record_stage(name, to_dict(cfg), wall, headline)
+    # The pipeline runs one stage module under several entries (allocate_weight, allocate_act).
+    ws.record_stage(str(cfg.stage.get("record", name)), to_dict(cfg), wall, headline)
     log.info("stage %s finished in %.1f s; workspace %s", name, wall, ws.root)
     return headline

@@ -38,6 +38,7 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
     done, stale = {}, False
     for name in names:
         sub_cfg = with_stage(cfg, cfg.stage[name])
+        sub_cfg.stage.record = name
         if not stale and not _forced(cfg.stage.force, name) and up_to_date(ws, name, to_dict(sub_cfg.stage)):
             log.info("pipeline: %s is up to date, skipped (stage.force=true reruns it)", name)
             done[name] = "skipped"

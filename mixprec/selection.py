@@ -1,0 +1,111 @@
+"""Scoring generated images against full precision, and ranking candidate plans.
+
+The published selection used one image and uint8 arithmetic; here every score is computed in
+float over several prompts. ``mse`` (lower is better) is the default ranking; ``ssim`` and, for
+models with a content checker, ``adherence`` (higher is better, ties broken by MSE) are
+selectable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mixprec.metrics import ssim_torch
+
+METRICS = ("mse", "ssim", "adherence")
+CHECKERS = ("tiny_shapes",)
+
+
+def adherence(images: torch.Tensor, captions: Sequence[str], checker: str | None) -> dict[str, Any] | None:
+    """Caption adherence rates (all, and per attribute) when the model has a content checker."""
+    if checker is None:
+        return None
+    if checker != "tiny_shapes":
+        raise ValueError(f"unknown content checker {checker!r}; known: {CHECKERS}")
+    from mixprec.tiny.adherence import check_batch
+
+    result = check_batch(images.float().cpu(), list(captions))
+    return {k: v for k, v in result.items() if k != "per_image"} | {
+        "per_image": [bool(r["all"]) for r in result["per_image"]]}
+
+
+def image_scores(reference: torch.Tensor, images: torch.Tensor, captions: Sequence[str] | None = None,
+                 checker: str | None = None) -> dict[str, Any]:
+    """Per-image and mean MSE, PSNR and SSIM against the reference (float), plus adherence."""
+    ref, img = reference.double(), images.double()
+    per_mse = (ref - img).pow(2).flatten(1).mean(1)
+    per_ssim = ssim_torch(ref, img)
+    per_psnr = torch.where(per_mse > 0, 10 * torch.log10(1.0 / per_mse), torch.full_like(per_mse, float("inf")))
+    out: dict[str, Any] = {
+        "mse": float(per_mse.mean()), "ssim": float(per_ssim.mean()), "psnr_db": float(per_psnr.mean()),
+        "per_image": {"mse": per_mse.tolist(), "ssim": per_ssim.tolist(), "psnr_db": per_psnr.tolist()},
+    }
+    adh = adherence(images, captions, checker) if captions is not None else None
+    if adh is not None:
+        out["adherence"] = adh["all"]
+        out["adherence_detail"] = {k: adh[k] for k in ("shape_colour", "background", "shape")}
+        out["per_image"]["adherence"] = adh["per_image"]
+    return out
+
+
+def sort_key(scores: Mapping[str, Any], metric: str) -> tuple:
+    """Smaller sorts first (best)."""
+    if metric == "mse":
+        return (scores["mse"],)
+    if metric == "ssim":
+        return (-scores["ssim"], scores["mse"])
+    if metric == "adherence":
+        if "adherence" not in scores:
+            raise ValueError("selection by adherence needs a model with a content checker (model.checker)")
+        return (-scores["adherence"], scores["mse"])
+    raise ValueError(f"unknown selection metric {metric!r}; known: {METRICS}")
+
+
+def bits_digest(bits: Mapping[str, Any]) -> str:
+    """Identity of a plan's bit assignment (candidates from different seeds/K are often identical)."""
+    return hashlib.sha256(json.dumps(dict(sorted(bits.items())), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Candidate:
+    path: str
+    header: dict[str, Any]
+    bits: dict[str, Any]
+    scores: dict[str, Any] = field(default_factory=dict)
+    duplicate_of: str | None = None
+
+    @property
+    def digest(self) -> str:
+        return bits_digest(self.bits)
+
+
+def rank(candidates: Sequence[Candidate], metric: str) -> list[Candidate]:
+    """Best first; ties (e.g. identical plans) broken by path, so the ranking is deterministic."""
+    return sorted(candidates, key=lambda c: sort_key(c.scores, metric) + (c.path,))
+
+
+def slug(text: str, limit: int = 60) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit]
+
+
+def image_grid(images: torch.Tensor, columns: int = 8):
+    """One PIL image of a batch, ``columns`` per row."""
+    from PIL import Image
+
+    from mixprec.generation import to_pil
+
+    tiles = to_pil(images)
+    w, h = tiles[0].size
+    cols = min(columns, len(tiles))
+    rows = (len(tiles) + cols - 1) // cols
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, tile in enumerate(tiles):
+        grid.paste(tile, ((i % cols) * w, (i // cols) * h))
+    return grid
