@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import Clock, capture, env_info, time_graph, write_json  # noqa: E402
 from mixprec.kernels import BackendConfig, convert_, weight_bytes  # noqa: E402
-from mixprec.kernels.testing import build_unet, calibrate_random, sqnr_db, unet_inputs  # noqa: E402
+from mixprec.kernels.testing import build_unet, calibrate_random, cast_floating_, sqnr_db, unet_inputs  # noqa: E402
 from mixprec.quantizers import quant_layers, set_plan  # noqa: E402
 
 MIB = 2 ** 20
@@ -98,7 +98,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--budget", type=float, default=480.0)
-    ap.add_argument("--sqnr", action="store_true", help="compare each variant with its fake-quant reference")
+    ap.add_argument("--sqnr", action="store_true",
+                    help="compare each variant with its fake-quant reference (run in float32 and in --dtype)")
+    ap.add_argument("--memory-format", default="channels_last", help="channels_last | contiguous (all variants)")
     ap.add_argument("--model", default="sdxl", help="sdxl | tiny (smoke test; runs on CPU without timing)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -123,7 +125,15 @@ def main() -> None:
     with torch.no_grad():
         set_plan(layers, {}, {})
         fp_out = unet(**x0).sample.float()
-    print(f"calibrated {len(names)} layers in {result['calibration_s']:.1f}s", flush=True)
+        if args.sqnr:
+            # floor: the unquantized model in --dtype against float32
+            u32 = cast_floating_(copy.deepcopy(unet), torch.float32)
+            x32 = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in x0.items()}
+            x32["added_cond_kwargs"] = {k: v.float() for k, v in x0["added_cond_kwargs"].items()}
+            result["fp_dtype_vs_fp32_db"] = sqnr_db(u32(**x32).sample.float(), fp_out)
+            del u32
+    print(f"calibrated {len(names)} layers in {result['calibration_s']:.1f}s; "
+          f"{args.dtype} vs fp32 unquantized: {result.get('fp_dtype_vs_fp32_db', float('nan')):.1f} dB", flush=True)
     write_json(args.out, result)
 
     for variant in args.variants.split(","):
@@ -142,8 +152,22 @@ def main() -> None:
             model = copy.deepcopy(unet)
             mlayers = quant_layers(model)
             set_plan(mlayers, wb, ab)
-            with torch.no_grad():
-                ref = model(**x0).sample.float() if (args.sqnr and (wb or ab)) else None
+            ref = ref32 = None
+            if args.sqnr and (wb or ab):
+                with torch.no_grad():
+                    ref = model(**x0).sample.float()
+                    # the fake-quant reference itself rounds x / scale in 16 bit; in float32 it is
+                    # the exact function the kernels implement
+                    m32 = cast_floating_(copy.deepcopy(model), torch.float32)
+                    for layer in quant_layers(m32).values():
+                        layer.drop_cache()
+                    ref32 = m32(**{k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v)
+                                   for k, v in x0.items()} | {"added_cond_kwargs": {
+                                       k: v.float() for k, v in x0["added_cond_kwargs"].items()}}).sample.float()
+                    del m32
+                for layer in mlayers.values():
+                    layer.drop_cache()
+                torch.cuda.empty_cache() if cuda else None
             t = time.time()
             report = convert_(model, BackendConfig.from_mapping(opts), example_kwargs=x0)
             rec["convert_s"] = time.time() - t
@@ -152,10 +176,14 @@ def main() -> None:
             with torch.no_grad():
                 out = model(**x0).sample.float()
             if ref is not None:
-                rec["sqnr_vs_reference_db"] = sqnr_db(ref, out)
-                rec["sqnr_reference_vs_fp_db"] = sqnr_db(fp_out, ref)
+                rec["sqnr_vs_reference_db"] = sqnr_db(ref32, out)
+                rec["sqnr_vs_reference_16bit_db"] = sqnr_db(ref, out)
+                rec["sqnr_reference_vs_fp_db"] = sqnr_db(fp_out, ref32)
+                rec["sqnr_reference16_vs_reference32_db"] = sqnr_db(ref32, ref)
             rec["sqnr_vs_fp_db"] = sqnr_db(fp_out, out)
-            del ref, out
+            del ref, ref32, out
+            if args.memory_format == "channels_last":
+                model = model.to(memory_format=torch.channels_last)
             rec["memory"] = peak_forward(model, x0) if cuda else {"weight_mib": weight_bytes(model) / MIB}
             fn_model = model
             if args.compile != "none":
@@ -169,6 +197,8 @@ def main() -> None:
                     rec["timing"][f"{res}x{batch}"] = {"skipped": "time budget"}
                     continue
                 xin = unet_inputs(unet, batch, res // 8, seed=11)
+                if args.memory_format == "channels_last":
+                    xin["sample"] = xin["sample"].contiguous(memory_format=torch.channels_last)
                 t = time.time()
 
                 def call():

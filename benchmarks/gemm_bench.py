@@ -58,14 +58,17 @@ def check_kernels() -> list[dict]:
             cases.append(("linear", bits, mma, qa, (300, 200, 520)))
             cases.append(("conv", bits, mma, qa, (2, 64, 13, 11, 3, 1, 1)))
             cases.append(("conv", bits, mma, qa, (1, 32, 16, 16, 3, 2, 1)))
+            cases.append(("conv_cl", bits, mma, qa, (2, 64, 13, 11, 3, 1, 1)))
     for qa in (False, True):
         cases.append(("linear", 8, 2, qa, (300, 200, 512)))
         cases.append(("conv", 8, 2, qa, (2, 64, 13, 11, 3, 1, 1)))
+        cases.append(("conv_cl", 8, 2, qa, (2, 64, 13, 11, 3, 1, 1)))
     cases.append(("linear", 4, 0, False, (1, 256, 512)))
     cases.append(("linear", 8, 1, True, (4, 256, 512)))
     for kind, bits, mma, qa, shp in cases:
         try:
             qmax = 2 ** (bits - 1) - 1
+            groups = 1
             if kind == "linear":
                 m, n, k = shp
                 a = torch.randn(m, k, device=dev) + 0.2
@@ -73,7 +76,10 @@ def check_kernels() -> list[dict]:
             else:
                 b, c, h, w, ks, st, pd = shp
                 n, k = 96, c * ks * ks
+                groups = ks * ks
                 a = (torch.randn(b, c, h, w, device=dev) + 0.2)
+                if kind == "conv_cl":
+                    a = a.contiguous(memory_format=torch.channels_last)
                 conv = [ks, ks, st, pd]
             rs = torch.rand(n, device=dev) * 0.01 + 0.001
             cb = torch.randn(n, device=dev)
@@ -82,7 +88,7 @@ def check_kernels() -> list[dict]:
                 wt = wcodes
             else:
                 q = torch.randint(-qmax, qmax + 1, (n, k), device=dev, dtype=torch.int8)
-                wt = pack(q, bits)
+                wt = pack(q, bits, groups)
             s, zp = 0.02, 121
             aq = torch.tensor([1 / s, zp, 128.0], device=dev)
             if mma == 1 and not qa:
@@ -131,8 +137,9 @@ def bench_shape(kind, m, n, k, ks, copies: int, variants: list[str], tiles=None)
         kk = k
     else:
         side = m
-        x = torch.randn(1, k, side, side, device=dev, dtype=dt)
+        x = torch.randn(1, k, side, side, device=dev, dtype=dt).contiguous(memory_format=torch.channels_last)
         kk = k * ks * ks
+    groups = ks * ks
     ws = [torch.randn(n, kk, device=dev, dtype=dt) * 0.02 for _ in range(copies)]
     rs = torch.rand(n, device=dev) * 0.01
     cb = torch.randn(n, device=dev)
@@ -153,10 +160,10 @@ def bench_shape(kind, m, n, k, ks, copies: int, variants: list[str], tiles=None)
             run("bf16", lambda: [F.linear(x, w) for w in ws])
         else:
             w4d = [w.view(n, ks, ks, k).permute(0, 3, 1, 2).contiguous() for w in ws]
-            run("bf16", lambda: [F.conv2d(x, w, padding=ks // 2) for w in w4d])
-            xcl = x.contiguous(memory_format=torch.channels_last)
+            xnchw = x.contiguous()
+            run("bf16_nchw", lambda: [F.conv2d(xnchw, w, padding=ks // 2) for w in w4d])
             w4cl = [w.contiguous(memory_format=torch.channels_last) for w in w4d]
-            run("bf16_cl", lambda: [F.conv2d(xcl, w, padding=ks // 2) for w in w4cl])
+            run("bf16", lambda: [F.conv2d(x, w, padding=ks // 2) for w in w4cl])
             del w4d, w4cl
     codes8 = [pack(torch.randint(-127, 128, (n, kk), device=dev, dtype=torch.int8), 8) for _ in range(copies)]
     if "int8" in variants:
@@ -178,14 +185,14 @@ def bench_shape(kind, m, n, k, ks, copies: int, variants: list[str], tiles=None)
         run("fp8_triton", lambda: [tg.launch(x8, w, rs, cb, aq, kk, 8, 2, False, 0, dt, conv, tiles) for w in f8])
         del f8
     if "w4a16" in variants or "w4a8" in variants:
-        c4 = [pack(torch.randint(-7, 8, (n, kk), device=dev, dtype=torch.int8), 4) for _ in range(copies)]
+        c4 = [pack(torch.randint(-7, 8, (n, kk), device=dev, dtype=torch.int8), 4, groups) for _ in range(copies)]
         if "w4a16" in variants:
             run("w4a16", lambda: [tg.launch(x, w, rs, cb, None, kk, 4, 0, False, 0, dt, conv, tiles) for w in c4])
         if "w4a8" in variants:
             run("w4a8", lambda: [tg.launch(xq, w, rs, cb, aq, kk, 4, 1, False, 255, dt, conv, tiles) for w in c4])
         del c4
     if "w2a16" in variants:
-        c2 = [pack(torch.randint(-1, 2, (n, kk), device=dev, dtype=torch.int8), 2) for _ in range(copies)]
+        c2 = [pack(torch.randint(-1, 2, (n, kk), device=dev, dtype=torch.int8), 2, groups) for _ in range(copies)]
         run("w2a16", lambda: [tg.launch(x, w, rs, cb, None, kk, 2, 0, False, 0, dt, conv, tiles) for w in c2])
         del c2
     return res
@@ -218,7 +225,7 @@ def main() -> None:
             traceback.print_exc()
             continue
         row = {"kind": kind, "m": m, "n": n, "k": k, "ksize": ks, "count": count, "us": r,
-               "tiles": str(tg.pick_tiles(m if kind == "linear" else m * m, n, k * ks * ks, 1, 8))}
+               "tiles": str(tg.pick_tiles(m if kind == "linear" else m * m, n, k, 1, 8))}
         result["shapes"].append(row)
         for name, us in r.items():
             if isinstance(us, float):

@@ -55,6 +55,11 @@ class LayerSpec:
     backend: str = "reference"
 
     @property
+    def groups(self) -> int:
+        """Weight columns are packed per conv tap (kh, kw): one group for Linear."""
+        return self.kernel_size[0] * self.kernel_size[1] if self.kind == "conv" else 1
+
+    @property
     def k(self) -> int:
         kh, kw = self.kernel_size
         return self.in_features * kh * kw if self.kind == "conv" else self.in_features
@@ -105,7 +110,7 @@ class KernelLayer(nn.Module):
             shape = (n, spec.in_features, *spec.kernel_size) if spec.kind == "conv" else (n, k)
             self.register_buffer("weight", torch.empty(shape, dtype=dtype, **kw))
         elif spec.weight_format == "int":
-            cols = packing.packed_cols(k, spec.storage_bits)
+            cols = packing.packed_cols(k, spec.storage_bits, spec.groups)
             code_dtype = torch.int8 if spec.storage_bits == 8 else torch.uint8
             self.register_buffer("qweight", torch.empty((n, cols), dtype=code_dtype, **kw))
             self.register_buffer("wscale", torch.empty(n, dtype=torch.float32, **kw))
@@ -168,7 +173,7 @@ class KernelLayer(nn.Module):
             elif spec.weight_format == "int":
                 scale = params.weight_scales[layer.w_bits].to(w.device, torch.float32)
                 q = quantize_weight(w, scale, layer.w_bits)
-                mod.qweight.copy_(packing.pack(_codes_layout(q), spec.storage_bits))
+                mod.qweight.copy_(packing.pack(_codes_layout(q), spec.storage_bits, spec.groups))
                 mod.wscale.copy_(scale)
             else:
                 mod._fill_fp8(w, params.weight_scales[layer.w_bits].to(w.device, torch.float32))
@@ -371,6 +376,9 @@ class KernelLayer(nn.Module):
         levels = self.levels if mma == MMA_INT8 else 0
         bits = spec.storage_bits if spec.weight_format == "int" else 8
         if spec.kind == "conv":
+            # channels-last keeps each tap's C input channels contiguous: the K-major tiles that
+            # 8-bit tensor-core MMAs need (a no-op when the producer already wrote channels-last)
+            a = a.contiguous(memory_format=torch.channels_last)
             return qgemm(a, self.qweight, row_scale, col_bias, aq, spec.k, bits, mma, qa, levels,
                          out_dtype, self._conv_args())
         lead = a.shape[:-1]
@@ -414,4 +422,4 @@ class KernelLayer(nn.Module):
 def _decode(qweight: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
     if spec.weight_format == "fp8":
         return qweight
-    return packing.unpack(qweight, spec.storage_bits, spec.k)
+    return packing.unpack(qweight, spec.storage_bits, spec.k, spec.groups)

@@ -2,9 +2,12 @@
 
 Layout ("planes"): a weight row of K signed integers is split into P = 8 // bits planes of Kp
 columns each (Kp = K / P rounded up to a multiple of ``ALIGN``). Byte ``j`` of a row holds, in its
-bit field ``p``, the value of column ``p * Kp + j``. A GEMM kernel then loads one [BLOCK_K, BLOCK_N]
+bit field ``p``, the value of column ``p * Kp + j``. A GEMM kernel then loads one [BLOCK_N, BLOCK_K]
 tile of bytes and gets P weight tiles out of it with shifts, each of which multiplies a contiguous
 slice of the activation columns: no interleaving or gathers inside the kernel.
+
+With ``groups`` > 1 (convolutions: one group per kernel tap (kh, kw), each of C input channels)
+every group of K / groups columns is packed on its own, so a kernel tile never straddles two taps.
 
 Values are stored with an offset (q + 2^(bits-1)) so that a field is always a non-negative number
 and decoding is ``((byte >> (p * bits)) & mask) - offset``. 8-bit weights are stored as plain int8
@@ -24,19 +27,21 @@ def planes(bits: int) -> int:
     return 8 // bits
 
 
-def packed_cols(k: int, bits: int) -> int:
-    """Bytes per row for ``k`` values at ``bits``."""
+def packed_cols(k: int, bits: int, groups: int = 1) -> int:
+    """Bytes per row for ``k`` values at ``bits`` (``groups`` packed separately)."""
     p = planes(bits)
     if p == 1:
         return k
+    if groups > 1:
+        return groups * packed_cols(k // groups, bits)
     kp = -(-k // p)
     return -(-kp // ALIGN) * ALIGN
 
 
-def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+def pack(q: torch.Tensor, bits: int, groups: int = 1) -> torch.Tensor:
     """Pack integer weights ``q`` ([N, K], values in [-(2^(b-1)-1), 2^(b-1)-1]) into bytes.
 
-    Returns int8 [N, K] for 8 bits and uint8 [N, packed_cols(K, bits)] otherwise.
+    Returns int8 [N, K] for 8 bits and uint8 [N, groups * packed_cols(K / groups, bits)] otherwise.
     """
     if q.dim() != 2:
         raise ValueError(f"pack expects a 2-D [out, in] tensor, got shape {tuple(q.shape)}")
@@ -46,6 +51,12 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"values out of range for {bits}-bit weights: [{int(q.min())}, {int(q.max())}]")
     if p == 1:
         return q.to(torch.int8).contiguous()
+    if groups > 1:
+        n, k = q.shape
+        if k % groups:
+            raise ValueError(f"{k} columns do not split into {groups} groups")
+        parts = [pack(g, bits) for g in q.view(n, groups, k // groups).unbind(1)]
+        return torch.cat(parts, dim=1)
     n, k = q.shape
     kp = packed_cols(k, bits)
     offset = 2 ** (bits - 1)
@@ -59,11 +70,15 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     return out.to(torch.uint8)
 
 
-def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+def unpack(packed: torch.Tensor, bits: int, k: int, groups: int = 1) -> torch.Tensor:
     """Inverse of :func:`pack`: int8 [N, K]. Plain tensor ops, so it also traces under torch.compile."""
     p = planes(bits)
     if p == 1:
         return packed[:, :k]
+    if groups > 1:
+        n = packed.shape[0]
+        parts = packed.view(n, groups, -1).unbind(1)
+        return torch.cat([unpack(g, bits, k // groups) for g in parts], dim=1)
     offset = 2 ** (bits - 1)
     mask = 2 ** bits - 1
     wide = packed.to(torch.int16)

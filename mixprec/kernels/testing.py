@@ -88,6 +88,20 @@ def uniform_plan(layers: Mapping[str, QuantLayer], w_bits: int | None, a_bits: i
     return wp, ap
 
 
+@torch.no_grad()
+def cast_floating_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast floating parameters/buffers in place without ``Module._apply`` (QuantLayer overrides
+    ``_apply`` with its own method, so ``model.float()`` fails on a wrapped model)."""
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None and p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for name, b in list(mod._buffers.items()):
+            if b is not None and b.is_floating_point():
+                mod._buffers[name] = b.to(dtype)
+    return model
+
+
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     ref, out = ref.double(), out.double()
     noise = (ref - out).pow(2).sum().item()

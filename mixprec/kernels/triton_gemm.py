@@ -50,19 +50,21 @@ if HAS_TRITON:
     @triton.jit
     def _qgemm_kernel(
         a_ptr, w_ptr, out_ptr, rs_ptr, cb_ptr, aq_ptr,
-        M, N, K, KP,
-        s_am, s_ak, s_wn, s_om, s_on,
-        C, IN_H, IN_W, OH, OW, KSZ_W, STRIDE, PAD,
-        s_ab, s_ac, s_ah, s_aw, s_ob, s_osp,
+        M, N, C, CP, R,
+        s_am, s_ac, s_wn, s_om, s_on,
+        IN_H, IN_W, OH, OW, KSZ_W, STRIDE, PAD,
+        s_ab, s_ah, s_aw, s_ob, s_osp,
         MMA: tl.constexpr, QA: tl.constexpr, LEVELS: tl.constexpr, W_BITS: tl.constexpr,
-        CONV: tl.constexpr, HAS_BIAS: tl.constexpr,
+        CONV: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
+        # K is walked as R groups (conv taps; 1 for Linear) of C columns, packed per group into CP
+        # bytes; each K step loads one [BLOCK_N, BLOCK_K] byte tile = P weight tiles.
         P: tl.constexpr = 8 // W_BITS
         FIELD: tl.constexpr = (1 << W_BITS) - 1
         W_OFF: tl.constexpr = 1 << (W_BITS - 1)
         # a byte whose every field decodes to 0: masked weight loads must add nothing
-        W_ZERO: tl.constexpr = 0 if P == 1 else (0x88 if P == 2 else 0xAA)
+        W_ZERO: tl.constexpr = 0x88 if P == 2 else 0xAA
 
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
@@ -101,27 +103,36 @@ if HAS_TRITON:
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-        for kp0 in range(0, KP, BLOCK_K):
-            kp = kp0 + offs_k
-            kp_ok = kp < KP
-            wt = tl.load(w_ptr + offs_n[None, :] * s_wn + kp[:, None],
-                         mask=kp_ok[:, None] & n_ok[None, :], other=W_ZERO)
+        w_rows = w_ptr + offs_n[:, None] * s_wn
+        n_cb = tl.cdiv(CP, BLOCK_K)
+        for it in range(0, R * n_cb):
+            r = it // n_cb
+            cp = (it % n_cb) * BLOCK_K + offs_k
+            if CONV:
+                kh = r // KSZ_W
+                kw = r % KSZ_W
+                ih = ih0 + kh
+                iw = iw0 + kw
+                row_ok = m_ok & (ih >= 0) & (ih < IN_H) & (iw >= 0) & (iw < IN_W)
+                a_base = a_row + kh * s_ah + kw * s_aw
+            else:
+                row_ok = m_ok
+                a_base = a_row
+            if MASK_K:
+                w_mask = n_ok[:, None] & (cp < CP)[None, :]
+            else:
+                w_mask = n_ok[:, None]
+            if P == 1:
+                wt = tl.load(w_rows + (r * CP + cp)[None, :], mask=w_mask, other=0.0)
+            else:
+                wt = tl.load(w_rows + (r * CP + cp)[None, :], mask=w_mask, other=W_ZERO)
             for p in tl.static_range(P):
-                k = p * KP + kp
-                k_ok = kp_ok & (k < K)
-                if CONV:
-                    c = k % C
-                    r = k // C
-                    kh = r // KSZ_W
-                    kw = r % KSZ_W
-                    ih = ih0[:, None] + kh[None, :]
-                    iw = iw0[:, None] + kw[None, :]
-                    a_mask = (m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < IN_H)
-                              & (iw >= 0) & (iw < IN_W))
-                    a_ptrs = a_ptr + a_row[:, None] + (kh * s_ah + kw * s_aw + c * s_ac)[None, :]
+                c = p * CP + cp
+                a_ptrs = a_ptr + a_base[:, None] + c[None, :] * s_ac
+                if MASK_K:
+                    a_mask = row_ok[:, None] & ((c < C) & (cp < CP))[None, :]
                 else:
-                    a_mask = m_ok[:, None] & k_ok[None, :]
-                    a_ptrs = a_ptr + a_row[:, None] + k[None, :] * s_ak
+                    a_mask = row_ok[:, None]
                 if QA:
                     a = tl.load(a_ptrs, mask=a_mask, other=0.0).to(tl.float32)
                     if MMA == 1:
@@ -143,11 +154,11 @@ if HAS_TRITON:
                     wv = ((wt >> (p * W_BITS)) & FIELD).to(tl.int8) - W_OFF
                 if MMA == 0:
                     wv = wv.to(a.dtype)
-                    acc = tl.dot(a, wv, acc)
+                    acc = tl.dot(a, tl.trans(wv), acc)
                 elif MMA == 1:
-                    acc = tl.dot(a, wv, acc, out_dtype=tl.int32)
+                    acc = tl.dot(a, tl.trans(wv), acc, out_dtype=tl.int32)
                 else:
-                    acc = tl.dot(a, wv, acc)
+                    acc = tl.dot(a, tl.trans(wv), acc)
 
         rs = tl.load(rs_ptr + offs_n, mask=n_ok, other=0.0)
         y = acc.to(tl.float32) * rs[None, :]
@@ -180,11 +191,12 @@ def _sm_count(index: int) -> int:
 TILE_OVERRIDE: TileConfig | None = None
 
 
-def pick_tiles(m: int, n: int, kp: int, mma: int, w_bits: int, sms: int = 132) -> TileConfig:
+def pick_tiles(m: int, n: int, cp: int, mma: int, w_bits: int, sms: int = 132) -> TileConfig:
     """Tile sizes from the problem shape: enough tiles to fill the SMs, wide K steps for 8-bit data.
 
     SDXL at 512 px, batch 1 feeds M = 256 / 1024 / 4096 rows: 128x128 tiles would give fewer
-    tiles than SMs on most layers, so M and N tiles shrink until the grid covers the SMs.
+    tiles than SMs on most layers, so M and N tiles shrink until the grid covers the SMs. The K
+    step divides the packed group width when it can, so the K loop needs no masks.
     """
     if TILE_OVERRIDE is not None:
         return TILE_OVERRIDE
@@ -200,8 +212,9 @@ def pick_tiles(m: int, n: int, kp: int, mma: int, w_bits: int, sms: int = 132) -
         bn = 64
     p = 8 // w_bits
     eight_bit = mma in (MMA_INT8, MMA_FP8)
-    bk = (128 if eight_bit else 64) // p
-    bk = max(bk, 32 if eight_bit else 16)
+    unit = 32 if eight_bit else 16
+    target = max((128 if eight_bit else 64) // p, unit)
+    bk = next((b for b in (target, target // 2, target // 4) if b >= unit and cp % b == 0), target)
     warps = 8 if bm * bn >= 128 * 128 else 4
     stages = 4 if eight_bit and p == 1 else 3
     return TileConfig(bm, bn, bk, 8, warps, stages)
@@ -214,42 +227,44 @@ def conv_out_hw(h: int, w: int, kh: int, kw: int, stride: int, pad: int) -> tupl
 def launch(a: torch.Tensor, w: torch.Tensor, row_scale: torch.Tensor, col_bias: torch.Tensor | None,
            aq: torch.Tensor | None, k: int, w_bits: int, mma: int, qa: bool, levels: int,
            out_dtype: torch.dtype, conv: list[int], tiles: TileConfig | None = None) -> torch.Tensor:
-    """Run the Triton kernel. ``a`` is [M, K] (Linear) or [B, C, H, W] with any strides (Conv2d)."""
+    """Run the Triton kernel. ``a`` is [M, K] (Linear) or [B, C, H, W] with any strides (Conv2d);
+    a conv output takes the input's memory format (channels-last in, channels-last out)."""
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed")
-    n, kp = w.shape
+    n = w.shape[0]
     if conv:
         kh, kw, stride, pad = conv
         bsz, c, h, wd = a.shape
         oh, ow = conv_out_hw(h, wd, kh, kw, stride, pad)
         m = bsz * oh * ow
-        out = torch.empty((bsz, n, oh, ow), device=a.device, dtype=out_dtype)
-        geo = (c, h, wd, oh, ow, kw, stride, pad)
-        a_strides = (0, 0)
-        conv_strides = (a.stride(0), a.stride(1), a.stride(2), a.stride(3), out.stride(0), out.stride(3))
-        o_strides = (0, out.stride(1))
+        groups = kh * kw
+        cl = a.dim() == 4 and a.stride(1) == 1 and c > 1
+        out = torch.empty((bsz, n, oh, ow), device=a.device, dtype=out_dtype,
+                          memory_format=torch.channels_last if cl else torch.contiguous_format)
+        geo = (h, wd, oh, ow, kw, stride, pad, a.stride(0), a.stride(2), a.stride(3), out.stride(0), out.stride(3))
+        rows = (0, a.stride(1), w.stride(0), 0, out.stride(1))
     else:
-        m = a.shape[0]
+        m, c = a.shape
+        groups = 1
         out = torch.empty((m, n), device=a.device, dtype=out_dtype)
-        geo = (1, 1, 1, 1, 1, 1, 1, 0)
-        a_strides = (a.stride(0), a.stride(1))
-        conv_strides = (0, 0, 0, 0, 0, 0)
-        o_strides = (out.stride(0), out.stride(1))
+        geo = (1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0)
+        rows = (a.stride(0), a.stride(1), w.stride(0), out.stride(0), out.stride(1))
     if m == 0:
         return out
+    cp = w.shape[1] // groups
+    p = 8 // w_bits
     if tiles is None:
         sms = _sm_count(a.device.index or 0) if a.is_cuda else 132
-        tiles = pick_tiles(m, n, kp, mma, w_bits, sms)
+        tiles = pick_tiles(m, n, cp, mma, w_bits, sms)
+    mask_k = not (cp % tiles.block_k == 0 and c == p * cp)
     grid = (triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n),)
     dummy = row_scale
     _qgemm_kernel[grid](
         a, w, out, row_scale, col_bias if col_bias is not None else dummy, aq if aq is not None else dummy,
-        m, n, k, kp,
-        a_strides[0], a_strides[1], w.stride(0), o_strides[0], o_strides[1],
-        *geo, *conv_strides,
+        m, n, c, cp, groups, *rows, *geo,
         MMA=mma, QA=qa, LEVELS=levels, W_BITS=w_bits, CONV=bool(conv), HAS_BIAS=col_bias is not None,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        MASK_K=mask_k, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        GROUP_M=tiles.group_m, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out
 
@@ -271,18 +286,18 @@ def quant_act_fp8(x: torch.Tensor, inv_scale: float | torch.Tensor) -> torch.Ten
     return torch.clamp(x.float() * inv_scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
-def decode_weight(w: torch.Tensor, w_bits: int, k: int) -> torch.Tensor:
+def decode_weight(w: torch.Tensor, w_bits: int, k: int, groups: int = 1) -> torch.Tensor:
     """[N, K] int8 (or fp8) weight codes in (kh, kw, c) column order."""
     if w.dtype == torch.float8_e4m3fn:
         return w[:, :k]
-    return unpack(w, w_bits, k) if planes(w_bits) > 1 else w[:, :k]
+    return unpack(w, w_bits, k, groups) if planes(w_bits) > 1 else w[:, :k]
 
 
 def emulate(a: torch.Tensor, w: torch.Tensor, row_scale: torch.Tensor, col_bias: torch.Tensor | None,
             aq: torch.Tensor | None, k: int, w_bits: int, mma: int, qa: bool, levels: int,
             out_dtype: torch.dtype, conv: list[int]) -> torch.Tensor:
     """The kernel's arithmetic with torch ops, in float64 (exact for the integer paths)."""
-    wq = decode_weight(w, w_bits, k).double()
+    wq = decode_weight(w, w_bits, k, conv[0] * conv[1] if conv else 1).double()
     pad_value = 0.0
     if mma == MMA_INT8:
         inv_s, zp, off = (float(v) for v in aq.tolist())
