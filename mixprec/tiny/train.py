@@ -1,0 +1,411 @@
+"""Training of the built-in tiny text-to-image model (library code: no Hydra, no W&B here).
+
+Two phases, one seed:
+1. the VAE (reconstruction + a small KL term) on generator images;
+2. the UNet and both text encoders on the frozen VAE's latents, with the v-prediction diffusion
+   loss; the conditioning goes through the SDXL pipeline's own `encode_prompt` and
+   `_get_add_time_ids`, so training sees exactly what sampling will feed the UNet.
+
+Every random draw of step k is a pure function of (seed, phase, k) -- the data set is rendered
+from the seed, the batch indices, noise and timesteps come from per-step generators. A checkpoint
+therefore needs only weights, optimizer and EMA state and the step number, and a resumed run
+retraces an uninterrupted one exactly (on the same device).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+from tqdm.auto import tqdm
+
+from . import shapes
+from .adherence import check_batch
+from .build import TINY_ARCH, build_pipeline, generate, merge_arch
+
+LogFn = Callable[[dict, int], None]
+LogImagesFn = Callable[[str, list, list], None]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    arch: dict = field(default_factory=lambda: merge_arch(TINY_ARCH, None))
+    dataset_size: int = 16384
+    vae_steps: int = 1500
+    vae_batch_size: int = 32
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-4
+    unet_steps: int = 4000
+    unet_batch_size: int = 64
+    unet_lr: float = 1e-3
+    text_lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    # Min-SNR-gamma weighting (0 disables): stops the easy low-noise steps dominating the loss.
+    min_snr_gamma: float = 5.0
+    num_inference_steps: int = 8
+    # Monitoring only: how often to log losses / sample grids and held-out adherence.
+    log_every: int = 50
+    sample_every: int = 1000
+    eval_prompts: int = 32
+    checkpoint_every: int = 500
+
+    def fingerprint(self) -> str:
+        """Hash of what determines the weights (not of logging cadence)."""
+        skip = {"log_every", "sample_every", "eval_prompts", "checkpoint_every"}
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys: {sorted(unknown)}")
+        d = dict(d)
+        if "arch" in d:
+            d["arch"] = merge_arch(TINY_ARCH, d["arch"])
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _step_seed(seed: int, phase: str, step: int) -> int:
+    h = hashlib.sha256(f"{seed}/{phase}/{step}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+
+
+def _to_model_range(x_uint8: torch.Tensor) -> torch.Tensor:
+    return x_uint8.float().div(127.5).sub(1.0)
+
+
+class _EMA:
+    def __init__(self, modules: dict[str, torch.nn.Module], decay: float):
+        self.decay = decay
+        self.shadow = {f"{n}.{k}": v.detach().clone().float()
+                       for n, m in modules.items() for k, v in m.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, modules: dict[str, torch.nn.Module], step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for n, m in modules.items():
+            for k, v in m.state_dict().items():
+                s = self.shadow[f"{n}.{k}"]
+                if v.dtype.is_floating_point:
+                    s.lerp_(v.float(), 1 - d)
+                else:
+                    s.copy_(v)
+
+    def copy_to(self, modules: dict[str, torch.nn.Module]) -> None:
+        for n, m in modules.items():
+            m.load_state_dict({k: self.shadow[f"{n}.{k}"].to(v.dtype) for k, v in m.state_dict().items()})
+
+
+def _noise_scheduler(arch: dict) -> DDPMScheduler:
+    s = {k: v for k, v in arch["scheduler"].items() if k not in ("class", "timestep_spacing")}
+    return DDPMScheduler(**s)
+
+
+def evaluate_adherence(pipe: StableDiffusionXLPipeline, prompts: list[tuple[str, int]], num_inference_steps: int,
+                       batch_size: int = 32) -> dict[str, Any]:
+    """Adherence rates of the pipeline's images for (caption, seed) pairs, plus the images."""
+    caps = [c for c, _ in prompts]
+    imgs = generate(pipe, caps, [s for _, s in prompts], num_inference_steps=num_inference_steps,
+                    batch_size=batch_size)
+    res = check_batch(imgs, caps)
+    res["images"] = imgs
+    res["captions"] = caps
+    return res
+
+
+# ---------------------------------------------------------------------------------------- training
+def train_tiny(
+    out_dir: str | os.PathLike,
+    cfg: TrainConfig | None = None,
+    *,
+    work_dir: str | os.PathLike | None = None,
+    device: str | torch.device = "auto",
+    resume: bool = True,
+    stop_after: int | None = None,
+    log_fn: LogFn | None = None,
+    log_images_fn: LogImagesFn | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the tiny model and save it as a diffusers folder at out_dir.
+
+    work_dir holds the resumable checkpoint (default: out_dir + ".work"). stop_after stops after
+    that many global steps (VAE steps + UNet steps) with a checkpoint written, as an interruption
+    would. Returns a summary dict (losses, held-out adherence, timings, 'finished').
+    """
+    cfg = cfg or TrainConfig()
+    dev = resolve_device(device)
+    out_dir = Path(out_dir)
+    work = Path(work_dir) if work_dir is not None else out_dir.with_name(out_dir.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt_path = work / CHECKPOINT_NAME
+    if dev.type == "cuda":
+        # Same seed, same device, same weights: no nondeterministic kernels.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    log = log_fn or (lambda metrics, step: None)
+    t_start = time.time()
+
+    pipe = build_pipeline(cfg.arch, seed=cfg.seed)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(dev)
+    vae, unet, te, te2 = pipe.vae, pipe.unet, pipe.text_encoder, pipe.text_encoder_2
+
+    vae_opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=cfg.weight_decay)
+    dm_modules = {"unet": unet, "text_encoder": te, "text_encoder_2": te2}
+    opt = torch.optim.AdamW(
+        [{"params": list(unet.parameters()), "lr": cfg.unet_lr},
+         {"params": list(te.parameters()) + list(te2.parameters()), "lr": cfg.text_lr}],
+        weight_decay=cfg.weight_decay,
+    )
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    ema: _EMA | None = None
+
+    phase, step = "vae", 0
+    fp = cfg.fingerprint()
+    if resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ck.get("fingerprint") != fp:
+            raise ValueError(
+                f"checkpoint {ckpt_path} was written for another training config "
+                f"({ck.get('fingerprint')} != {fp}); delete it or set resume=false"
+            )
+        phase, step = ck["phase"], int(ck["step"])
+        vae.load_state_dict(ck["vae"])
+        vae_opt.load_state_dict(ck["vae_opt"])
+        if phase in ("unet", "done"):
+            vae.register_to_config(scaling_factor=float(ck["scaling_factor"]))
+            for n, m in dm_modules.items():
+                m.load_state_dict(ck[n])
+            opt.load_state_dict(ck["opt"])
+            ema = _EMA(dm_modules, cfg.ema_decay)
+            ema.shadow = {k: v.to(dev) for k, v in ck["ema"].items()}
+
+    def save_checkpoint(phase_: str, step_: int) -> None:
+        ck = {"fingerprint": fp, "phase": phase_, "step": step_,
+              "vae": vae.state_dict(), "vae_opt": vae_opt.state_dict()}
+        if phase_ in ("unet", "done"):
+            ck.update({n: m.state_dict() for n, m in dm_modules.items()})
+            ck["opt"] = opt.state_dict()
+            ck["ema"] = ema.shadow
+            ck["scaling_factor"] = float(vae.config.scaling_factor)
+        _atomic_torch_save(ck, ckpt_path)
+
+    images_u8, captions = shapes.make_dataset(cfg.dataset_size, seed=cfg.seed, split="train")
+    n_data = images_u8.shape[0]
+    total_steps = cfg.vae_steps + cfg.unet_steps
+    global_step = step if phase == "vae" else cfg.vae_steps + step
+    bar = tqdm(total=total_steps, initial=global_step, disable=not progress, desc="train_tiny", dynamic_ncols=True)
+    summary: dict[str, Any] = {"device": str(dev), "fingerprint": fp, "finished": False}
+
+    def should_stop() -> bool:
+        return stop_after is not None and global_step >= stop_after
+
+    # ------------------------------------------------------------------ phase 1: VAE
+    if phase == "vae":
+        vae.train()
+        t0 = time.time()
+        while step < cfg.vae_steps:
+            rng = np.random.default_rng(_step_seed(cfg.seed, "vae", step))
+            idx = torch.from_numpy(rng.integers(0, n_data, cfg.vae_batch_size))
+            x = _to_model_range(images_u8[idx]).to(dev)
+            gen = torch.Generator().manual_seed(_step_seed(cfg.seed, "vae-noise", step))
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(dev)
+            recon = vae.decode(z).sample
+            rec_loss = F.mse_loss(recon, x)
+            kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
+            loss = rec_loss + cfg.kl_weight * kl
+            for g in vae_opt.param_groups:
+                g["lr"] = cfg.vae_lr * _lr_factor(step, cfg.vae_steps, cfg.warmup_steps)
+            vae_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+            vae_opt.step()
+            step += 1
+            global_step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.vae_steps:
+                m = {"vae/loss": loss.item(), "vae/recon_mse": rec_loss.item(), "vae/kl": kl.item(),
+                     "vae/lr": vae_opt.param_groups[0]["lr"], "vae/steps_per_s": step / max(1e-9, time.time() - t0)}
+                bar.set_postfix(phase="vae", loss=f"{loss.item():.4f}")
+                log(m, global_step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.vae_steps or should_stop():
+                save_checkpoint("vae", step)
+            if should_stop():
+                bar.close()
+                return summary
+        phase, step = "unet", 0
+        summary["vae_time_s"] = time.time() - t0
+
+    # ------------------------------------------------------------------ latents
+    vae.eval()
+    vae.requires_grad_(False)
+    latents = []
+    with torch.no_grad():
+        for i in range(0, n_data, 256):
+            latents.append(vae.encode(_to_model_range(images_u8[i:i + 256]).to(dev)).latent_dist.mean)
+    latents = torch.cat(latents)
+    if ema is None:
+        # Unit-variance latents, as SD's scaling_factor arranges; fixed once, then stored.
+        vae.register_to_config(scaling_factor=float(1.0 / latents.std().item()))
+        ema = _EMA(dm_modules, cfg.ema_decay)
+    latents = latents * vae.config.scaling_factor
+    with torch.no_grad():
+        recon = vae.decode(latents[:256] / vae.config.scaling_factor).sample
+        vae_check = check_batch(((recon + 1) / 2).clamp(0, 1).cpu(), captions[:256])
+    summary["vae_recon_adherence"] = vae_check["all"]
+    log({"vae/recon_adherence": vae_check["all"], "vae/scaling_factor": float(vae.config.scaling_factor)},
+        cfg.vae_steps)
+
+    # ------------------------------------------------------------------ phase 2: UNet + text encoders
+    noise_sched = _noise_scheduler(cfg.arch)
+    alphas = noise_sched.alphas_cumprod.to(dev)
+    size = cfg.arch["image_size"]
+    add_time_ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), dtype=torch.float32,
+                                          text_encoder_projection_dim=te2.config.projection_dim).to(dev)
+    eval_set = shapes.eval_prompts(cfg.eval_prompts, split="heldout", seed=0)
+
+    def sample_and_log(tag_step: int) -> dict:
+        live = {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in dm_modules.items()}
+        ema.copy_to(dm_modules)
+        for m in dm_modules.values():
+            m.eval()
+        res = evaluate_adherence(pipe, eval_set, cfg.num_inference_steps)
+        for n, m in dm_modules.items():
+            m.load_state_dict(live[n])
+            m.train()
+        metrics = {f"eval/heldout_{k}": res[k] for k in ("all", "shape_colour", "background", "shape")}
+        log(metrics, tag_step)
+        if log_images_fn is not None:
+            log_images_fn("samples/heldout", res["images"][:16], res["captions"][:16])
+        return metrics
+
+    if phase == "unet":
+        for m in dm_modules.values():
+            m.train()
+        t0 = time.time()
+        start = step
+        while step < cfg.unet_steps:
+            rng = np.random.default_rng(_step_seed(cfg.seed, "unet", step))
+            idx = rng.integers(0, n_data, cfg.unet_batch_size)
+            x0 = latents[torch.from_numpy(idx).to(dev)]
+            caps = [captions[i] for i in idx]
+            gen = torch.Generator().manual_seed(_step_seed(cfg.seed, "unet-noise", step))
+            noise = torch.randn(x0.shape, generator=gen).to(dev)
+            t = torch.randint(0, noise_sched.config.num_train_timesteps, (x0.shape[0],), generator=gen).to(dev)
+            xt = noise_sched.add_noise(x0, noise, t)
+            target = noise_sched.get_velocity(x0, noise, t)
+            prompt_embeds, _, pooled, _ = pipe.encode_prompt(caps, device=dev, num_images_per_prompt=1,
+                                                             do_classifier_free_guidance=False)
+            cond = {"text_embeds": pooled, "time_ids": add_time_ids.expand(x0.shape[0], -1)}
+            pred = unet(xt, t, encoder_hidden_states=prompt_embeds, added_cond_kwargs=cond).sample
+            per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+            if cfg.min_snr_gamma > 0:
+                a = alphas[t]
+                snr = a / (1 - a).clamp_min(1e-8)
+                # For v-prediction the min-SNR weight is min(snr, gamma) / (snr + 1).
+                per_sample = per_sample * snr.clamp(max=cfg.min_snr_gamma) / (snr + 1)
+            loss = per_sample.mean()
+            f = _lr_factor(step, cfg.unet_steps, cfg.warmup_steps)
+            for g, base in zip(opt.param_groups, base_lrs):
+                g["lr"] = base * f
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for m in dm_modules.values() for p in m.parameters()], cfg.grad_clip)
+            opt.step()
+            ema.update(dm_modules, step)
+            step += 1
+            global_step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.unet_steps:
+                m = {"unet/loss": loss.item(), "unet/grad_norm": float(grad_norm), "unet/lr": opt.param_groups[0]["lr"],
+                     "unet/steps_per_s": (step - start) / max(1e-9, time.time() - t0)}
+                bar.set_postfix(phase="unet", loss=f"{loss.item():.4f}")
+                log(m, global_step)
+                summary["final_loss"] = loss.item()
+            if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.unet_steps:
+                sample_and_log(global_step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.unet_steps or should_stop():
+                save_checkpoint("unet", step)
+            if should_stop() and step < cfg.unet_steps:
+                bar.close()
+                return summary
+        summary["unet_time_s"] = time.time() - t0
+    bar.close()
+
+    # ------------------------------------------------------------------ final: EMA weights, save
+    ema.copy_to(dm_modules)
+    for m in dm_modules.values():
+        m.eval()
+    final = sample_and_log(global_step) if cfg.eval_prompts else {}
+    summary.update(final)
+    save_pipeline(pipe, out_dir)
+    save_checkpoint("done", cfg.unet_steps)
+    summary["finished"] = True
+    summary["total_time_s"] = time.time() - t_start
+    return summary
+
+
+def save_pipeline(pipe: StableDiffusionXLPipeline, out_dir: str | os.PathLike) -> Path:
+    """pipe.save_pretrained into a sibling temp folder, then swap it in: a reader never sees a
+    half-written model folder."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    for p in (tmp, old):
+        if p.exists():
+            shutil.rmtree(p)
+    pipe.to("cpu").save_pretrained(tmp, safe_serialization=True)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old.exists():
+        shutil.rmtree(old)
+    return out_dir
