@@ -389,7 +389,8 @@ class KernelLayer(nn.Module):
     def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         lead = x.shape[:-1]
-        xq = quant_act_fp8(x.reshape(-1, spec.k), 1.0 / spec.act_scale)
+        # cuBLASLt takes only row-major A: a strided view (channels-last input) must be copied
+        xq = quant_act_fp8(x.reshape(-1, spec.k), 1.0 / spec.act_scale).contiguous()
         scale_a = self.scale_a
         if self.scale_b.dim() == 2:  # row-wise weight scales need row-wise activation scales
             scale_a = scale_a.reshape(1, 1).expand(xq.shape[0], 1).contiguous()
@@ -404,7 +405,7 @@ class KernelLayer(nn.Module):
         spec = self.spec
         lead = x.shape[:-1]
         off = 128 if spec.a_bits == 8 else spec.act_zero
-        xq = quant_act_int(x.reshape(-1, spec.k), spec.act_scale, spec.act_zero, off, self.levels)
+        xq = quant_act_int(x.reshape(-1, spec.k), spec.act_scale, spec.act_zero, off, self.levels).contiguous()
         acc = torch._int_mm(xq, self.qweight.t())
         out = (acc.float() * self.row_scale + self.col_bias).to(x.dtype)
         return out.reshape(*lead, spec.out_features)
