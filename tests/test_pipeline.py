@@ -1,0 +1,87 @@
+"""The whole pipeline on tiny_random: artifacts, skipping, deterministic selection, clear errors."""
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+from mixprec.runner import run_stage
+from mixprec.workspace import FingerprintMismatchError, MissingArtifactError
+
+PROMPTS = ["model=tiny_random", "prompts.calibration.n=3", "prompts.sensitivity.n=3", "prompts.selection.n=4",
+           "prompts.inference.n=4"]
+SMALL = [*PROMPTS, "stage.sensitivity.progress=false", "stage.select.progress=false",
+         "stage.allocate_weight.target=[4,5]", "stage.allocate_weight.seed=[0,1]",
+         "stage.allocate_act.target=[7]", "stage.allocate_act.seed=[0,1]"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    from tests.conftest import compose
+    out = tmp_path_factory.mktemp("pipe")
+    head = run_stage(compose([f"paths.outputs={out}", "tracking=disabled", "device=cpu", *SMALL]))
+    return out, head
+
+
+def test_pipeline_leaves_final_plans_images_and_metrics(pipeline_run):
+    out, head = pipeline_run
+    ws = out / "tiny_random"
+    assert set(head["stages"].values()) == {"ran"}
+    weight = yaml.safe_load((ws / "final_weight_mp.yaml").read_text())
+    act = yaml.safe_load((ws / "final_act_mp.yaml").read_text())
+    assert weight["header"]["kind"] == "weight" and weight["header"]["target"] == 4.0
+    assert weight["header"]["achieved_mean_bits"]["overall"] <= 4.0 + 1e-9
+    assert set(weight["bits"].values()) <= {2, 4, 8}
+    protected = yaml.safe_load((ws / "protected_layers.yaml").read_text())
+    assert all(act["bits"][name] == 16 for name in protected)
+    images = sorted((ws / "generated_images").glob("*.png"))
+    assert len(images) == 4 and "_seed" in images[0].name
+    from PIL import Image
+    assert Image.open(images[0]).text["prompt"].startswith("a ")
+    infer = json.loads((ws / "infer.json").read_text())["headline"]
+    assert 10 < infer["psnr_db"] < 80 and 0 < infer["ssim"] <= 1
+    assert infer["weights"]["compression"] > 2.5  # ~4-bit weights with fp16 scales against fp16
+    applied = infer["applied_bits"]
+    assert all(applied[n]["w"] == b for n, b in weight["bits"].items())
+    assert all(applied[n]["a"] is None for n in protected)
+    rows = (ws / "select_candidates.csv").read_text().splitlines()
+    assert rows[0].startswith("kind,rank,path") and len(rows) == 1 + 4 + 4  # K 1,2 x seeds 0,1, for weight and act
+
+
+def test_rerun_skips_up_to_date_stages_and_selection_is_deterministic(pipeline_run, tmp_path):
+    from tests.conftest import compose
+    out, _ = pipeline_run
+    ws = out / "tiny_random"
+    before = {n: (ws / n).read_bytes() for n in ("final_weight_mp.yaml", "final_act_mp.yaml")}
+    head = run_stage(compose([f"paths.outputs={out}", "tracking=disabled", "device=cpu", *SMALL]))
+    assert set(head["stages"].values()) == {"skipped"}
+    head = run_stage(compose([f"paths.outputs={out}", "tracking=disabled", "device=cpu", *SMALL,
+                              "stage.force=[select]"]))
+    assert head["stages"]["select"] == "ran" and head["stages"]["infer"] == "ran"
+    assert head["stages"]["sensitivity"] == "skipped"
+    assert {n: (ws / n).read_bytes() for n in before} == before
+
+
+def test_missing_candidates_and_foreign_plans_fail_clearly(pipeline_run, tmp_path):
+    from tests.conftest import compose
+    out, _ = pipeline_run
+    ws = tmp_path / "tiny_random"
+    shutil.copytree(out / "tiny_random", ws, ignore=shutil.ignore_patterns("plans", "final_*"))
+    cfg = compose([f"paths.outputs={tmp_path}", "tracking=disabled", "device=cpu", *PROMPTS,
+                   "stage=select", "stage.progress=false"])
+    with pytest.raises(MissingArtifactError, match=r"no candidate weight plans .*stage=allocate"):
+        run_stage(cfg)
+    shutil.copytree(out / "tiny_random" / "plans", ws / "plans")
+    with pytest.raises(MissingArtifactError, match=r"no candidate weight plans for target 3 .*\[4.0, 5.0\]"):
+        run_stage(compose([f"paths.outputs={tmp_path}", "tracking=disabled", "device=cpu", *PROMPTS,
+                           "stage=select", "stage.weight_target=3"]))
+    infer = compose([f"paths.outputs={tmp_path}", "tracking=disabled", "device=cpu", *PROMPTS,
+                     "stage=infer"])
+    with pytest.raises(MissingArtifactError, match=r"final_weight_mp.yaml .*stage=select"):
+        run_stage(infer)
+    plan = yaml.safe_load((out / "tiny_random" / "final_weight_mp.yaml").read_text())
+    plan["header"]["model_fingerprint"] = "0000000000000000"
+    (ws / "final_weight_mp.yaml").write_text(yaml.safe_dump(plan))
+    with pytest.raises(FingerprintMismatchError, match="another model"):
+        run_stage(infer)
