@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--budget", type=float, default=480.0)
+    ap.add_argument("--min-left", type=float, default=60.0, help="start a variant only with this many seconds left")
     ap.add_argument("--sqnr", action="store_true",
                     help="compare each variant with its fake-quant reference (run in float32 and in --dtype)")
     ap.add_argument("--memory-format", default="channels_last", help="channels_last | contiguous (all variants)")
@@ -146,7 +147,7 @@ def main() -> None:
     write_json(args.out, result)
 
     for variant in args.variants.split(","):
-        if clock.left() < 60:
+        if clock.left() < args.min_left:
             result["variants"][variant] = {"skipped": "time budget"}
             print("skip", variant, "(time budget)", flush=True)
             continue

@@ -220,6 +220,14 @@ def pick_tiles(m: int, n: int, cp: int, mma: int, w_bits: int, sms: int = 132) -
     return TileConfig(bm, bn, bk, 8, warps, stages)
 
 
+def conv_output(a: torch.Tensor, n: int, oh: int, ow: int, dtype: torch.dtype) -> torch.Tensor:
+    """The conv output buffer: channels-last when the input is (the fake op must agree with this,
+    or compiled code downstream would read the wrong strides)."""
+    cl = a.stride(1) == 1 and a.shape[1] > 1
+    return torch.empty((a.shape[0], n, oh, ow), device=a.device, dtype=dtype,
+                       memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
 def conv_out_hw(h: int, w: int, kh: int, kw: int, stride: int, pad: int) -> tuple[int, int]:
     return (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kw) // stride + 1
 
@@ -238,9 +246,7 @@ def launch(a: torch.Tensor, w: torch.Tensor, row_scale: torch.Tensor, col_bias: 
         oh, ow = conv_out_hw(h, wd, kh, kw, stride, pad)
         m = bsz * oh * ow
         groups = kh * kw
-        cl = a.dim() == 4 and a.stride(1) == 1 and c > 1
-        out = torch.empty((bsz, n, oh, ow), device=a.device, dtype=out_dtype,
-                          memory_format=torch.channels_last if cl else torch.contiguous_format)
+        out = conv_output(a, n, oh, ow, out_dtype)
         geo = (h, wd, oh, ow, kw, stride, pad, a.stride(0), a.stride(2), a.stride(3), out.stride(0), out.stride(3))
         rows = (0, a.stride(1), w.stride(0), 0, out.stride(1))
     else:
@@ -297,6 +303,7 @@ def emulate(a: torch.Tensor, w: torch.Tensor, row_scale: torch.Tensor, col_bias:
             aq: torch.Tensor | None, k: int, w_bits: int, mma: int, qa: bool, levels: int,
             out_dtype: torch.dtype, conv: list[int]) -> torch.Tensor:
     """The kernel's arithmetic with torch ops, in float64 (exact for the integer paths)."""
+    a_in = a
     wq = decode_weight(w, w_bits, k, conv[0] * conv[1] if conv else 1).double()
     pad_value = 0.0
     if mma == MMA_INT8:
@@ -320,7 +327,8 @@ def emulate(a: torch.Tensor, w: torch.Tensor, row_scale: torch.Tensor, col_bias:
         if col_bias is not None:
             y = y + col_bias.double()[None, :, None]
         oh, ow = conv_out_hw(a.shape[2] - 2 * pad, a.shape[3] - 2 * pad, kh, kw, stride, pad)
-        return y.reshape(a.shape[0], n, oh, ow).to(out_dtype)
+        out = conv_output(a_in, n, oh, ow, out_dtype)
+        return out.copy_(y.reshape(a.shape[0], n, oh, ow))
     y = (a @ wq.t()) * row_scale.double()
     if col_bias is not None:
         y = y + col_bias.double()
@@ -346,5 +354,5 @@ def _(a, w, row_scale, col_bias, aq, k, w_bits, mma, qa, levels, out_dtype, conv
     if conv:
         kh, kw, stride, pad = conv
         oh, ow = conv_out_hw(a.shape[2], a.shape[3], kh, kw, stride, pad)
-        return a.new_empty((a.shape[0], n, oh, ow), dtype=out_dtype)
+        return conv_output(a, n, oh, ow, out_dtype)
     return a.new_empty((a.shape[0], n), dtype=out_dtype)
