@@ -60,6 +60,26 @@ def calibrate_layers(layers: Mapping[str, QuantLayer], run_calibration: Callable
     return params
 
 
+def extend_params(layers: Mapping[str, QuantLayer], weight_bits: Sequence[int], act_bits: Sequence[int],
+                  weight_clip: str = "minmax") -> None:
+    """Add parameters for bit-widths the calibration did not include.
+
+    Weight scales depend only on the weights and activation parameters only on the calibrated
+    range, so any bit-width can be added without running the calibration prompts again.
+    """
+    for layer in layers.values():
+        layer._require_params()
+        p = layer.params
+        for b in weight_bits:
+            if b not in p.weight_scales:
+                p.weight_scales[b] = weight_scales(layer.inner.weight, b, clip=weight_clip).cpu()
+        for b in act_bits:
+            if b not in p.act_params:
+                if p.act_range is None:
+                    raise ValueError(f"{layer.name}: no calibrated activation range to derive {b}-bit parameters from")
+                p.act_params[b] = act_qparams(p.act_range[0], p.act_range[1], b)
+
+
 def attach_params(layers: Mapping[str, QuantLayer], params: Mapping[str, LayerQuantParams]) -> None:
     missing = sorted(set(layers) - set(params))
     if missing:

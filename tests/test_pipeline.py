@@ -85,3 +85,26 @@ def test_missing_candidates_and_foreign_plans_fail_clearly(pipeline_run, tmp_pat
     (ws / "final_weight_mp.yaml").write_text(yaml.safe_dump(plan))
     with pytest.raises(FingerprintMismatchError, match="another model"):
         run_stage(infer)
+
+
+def test_evaluate_ablation_table(pipeline_run):
+    from tests.conftest import compose
+    out, _ = pipeline_run
+    head = run_stage(compose([f"paths.outputs={out}", "tracking=disabled", "device=cpu", *PROMPTS, "stage=evaluate",
+                              "prompts.evaluation.n=3", "stage.seed_offsets=[0,7]", "stage.K=[1]",
+                              "stage.progress=false",
+                              "stage.points=[{name: W3A8, weight_target: 3, act: 8},"
+                              "{name: W4A8, weight_target: 4, act: 8},{name: W8A5, weight: 8, act_target: 5}]"]))
+    rows = {(r["point"], r["method"]): r for r in head["rows"]}
+    assert set(rows) == {(p, m) for p in ("W3A8", "W4A8", "W8A5") for m in ("uniform", "sqnr_only", "decoupled")}
+    # tiny_random's quality layers hold most parameters and never go below 4 bits: W3 is out of reach.
+    assert "reachable range" in rows[("W3A8", "decoupled")]["infeasible"]
+    assert rows[("W3A8", "uniform")]["weight_mean_bits"] == 3.0
+    assert rows[("W4A8", "uniform")]["weight_mean_bits"] == 4.0
+    assert 3.75 <= rows[("W4A8", "decoupled")]["weight_mean_bits"] <= 4.0
+    assert rows[("W8A5", "decoupled")]["act_mean_bits"] <= 5.0
+    for r in head["rows"]:
+        if "scores" in r:
+            assert len(r["scores"]["ssim"]["values"]) == 2 and 0 < r["scores"]["ssim"]["mean"] <= 1
+    table = (out / "tiny_random" / "evaluate.md").read_text()
+    assert "| W4A8 | decoupled | " in table and "infeasible" in table
