@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mixprec.stages.common import to_dict, workspace
+from mixprec.stages.common import to_dict, tracker, workspace
 
 log = logging.getLogger("mixprec")
 
@@ -45,7 +45,13 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     module = stage_module(name)
     ws = workspace(cfg)
     start = time.perf_counter()
-    headline = module.run(cfg, ws) or {}
+    if name == "pipeline":  # its sub-stages are runs of their own
+        headline = module.run(cfg, ws) or {}
+    else:
+        # One W&B run per stage, marked failed (and finished) when the stage raises.
+        with tracker(cfg, ws, str(cfg.stage.get("record", name))) as track:
+            headline = module.run(cfg, ws) or {}
+            track.summary({k: v for k, v in headline.items() if isinstance(v, (int, float, str))})
     wall = time.perf_counter() - start
     # The pipeline runs one stage module under several entries (allocate_weight, allocate_act).
     ws.record_stage(str(cfg.stage.get("record", name)), to_dict(cfg), wall, headline)

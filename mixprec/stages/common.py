@@ -63,16 +63,27 @@ def workspace(cfg: DictConfig) -> Workspace:
     return Workspace(cfg.paths.workspace, fingerprints=fingerprints(cfg))
 
 
+_ACTIVE: list[Tracker] = []
+
+
 @contextlib.contextmanager
 def tracker(cfg: DictConfig, ws: Workspace, job_type: str, extra_config: Mapping[str, Any] | None = None) -> Iterator[Tracker]:
+    """The stage's W&B run. The runner opens one per stage; a stage asking again gets that one."""
+    if _ACTIVE:
+        yield _ACTIVE[-1]
+        return
     t = cfg.tracking
     run = start_run(
         t.mode, project=t.project, entity=t.entity, group=t.group or ws.root.name, job_type=job_type,
         config={**to_dict(cfg), **(extra_config or {})}, directory=t.dir,
         tags=[str(cfg.model.name)],
     )
-    with run:
-        yield run
+    _ACTIVE.append(run)
+    try:
+        with run:
+            yield run
+    finally:
+        _ACTIVE.remove(run)
 
 
 @dataclass

@@ -1,0 +1,58 @@
+"""Model loading: the Python API without Hydra, offline behaviour and clear errors."""
+
+import pytest
+import torch
+
+from mixprec.calibration import calibrate_layers
+from mixprec.generation import Sampler
+from mixprec.models import ModelSpec, build_random_unet, census, load_pipeline
+from mixprec.quantizers import quantize_, set_plan
+
+
+def test_api_without_hydra_load_calibrate_plan_generate():
+    spec = ModelSpec.from_dict({"name": "tiny_random", "source": "tiny_random",
+                                "arch": {"image_size": 32, "unet": {"block_out_channels": [8, 16],
+                                         "attention_head_dim": [2, 2], "norm_num_groups": 4}}})
+    pipe = load_pipeline(spec)
+    layers = quantize_(pipe.unet)
+    sampler = Sampler(pipe, resolution=32, num_inference_steps=2)
+    prompts, seeds = ["a red circle on a blue background", "a green square on a white background"], [0, 1]
+    calibrate_layers(layers, lambda: sampler.generate(prompts, seeds, decode=False), weight_bits=[2, 4, 8], act_bits=[8])
+    fp = sampler.generate(prompts, seeds).images
+    assert torch.equal(fp, sampler.generate(prompts, seeds).images)  # same prompt and seed, same image
+    set_plan(layers, weight_bits={n: 8 for n in layers}, act_bits={n: 8 for n in layers})
+    q8 = sampler.generate(prompts, seeds).images
+    set_plan(layers, weight_bits={n: 2 for n in layers})
+    q2 = sampler.generate(prompts, seeds).images
+    err8, err2 = (q8 - fp).pow(2).mean(), (q2 - fp).pow(2).mean()
+    assert 0 < err8 < err2
+    assert fp.shape == (2, 3, 32, 32) and 0 <= float(fp.min()) and float(fp.max()) <= 1
+
+
+def test_sd_turbo_architecture_census():
+    unet = build_random_unet("sd", device="meta")
+    rows = census(unet, ["attn2", "ff"])
+    assert sum(r.group == "content" for r in rows) == 16 * 6  # 16 transformer blocks in SD 2.1
+    assert sum(p.numel() for p in unet.parameters()) == 865_910_724
+
+
+def test_hub_model_offline_gives_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    spec = ModelSpec.from_dict({"name": "sdxl_turbo", "source": "diffusers", "hub_id": "stabilityai/sdxl-turbo"})
+    with pytest.raises(RuntimeError, match=r"HF_HUB_OFFLINE is set.*model.path=<folder>"):
+        load_pipeline(spec)
+
+
+def test_folder_that_is_not_a_pipeline_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    spec = ModelSpec.from_dict({"name": "mine", "source": "diffusers", "path": str(tmp_path)})
+    with pytest.raises(FileNotFoundError, match="not a diffusers pipeline folder"):
+        load_pipeline(spec)
+
+
+def test_unknown_model_options_are_refused():
+    with pytest.raises(ValueError, match="unknown model option"):
+        ModelSpec.from_dict({"name": "x", "source": "tiny_random", "resolutoin": 64})
+    with pytest.raises(ValueError, match="model.source must be one of"):
+        ModelSpec.from_dict({"name": "x", "source": "somewhere"})
