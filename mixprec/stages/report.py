@@ -1,0 +1,102 @@
+"""stage=report: ``report.html`` in the workspace, and the same views in W&B.
+
+Reads whatever the workspace has (see :mod:`mixprec.report`); each section appears when its
+artifacts exist. With ``stage.images=true`` and a calibrated workspace with final plans, it first
+generates the comparison images (full precision, each final plan, uniform precision at the same
+budget) for the first ``stage.max_prompts`` of ``prompts.<stage.prompt_set>``, cached under
+``report/images/``. ``stage.compare=[ws1,ws2,...]`` writes one page comparing those workspaces'
+Pareto fronts and finals instead (``stage.compare_output`` in ``paths.workspace``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from mixprec.report import build_compare, build_report, load_workspace
+from mixprec.report import images as rimages
+from mixprec.report.data import WorkspaceData
+from mixprec.report.wandb_views import log_compare, log_report
+from mixprec.stages.common import QUANT_PARAMS, load_calibrated, prompt_set, to_dict, tracker
+from mixprec.workspace import FingerprintMismatchError, Workspace
+
+log = logging.getLogger("mixprec")
+
+
+def comparison_images(cfg: DictConfig, ws: Workspace, data: WorkspaceData) -> tuple[dict | None, str | None]:
+    """(manifest, None), or (None, why there are none) when the workspace cannot make them."""
+    from mixprec.stages.select import check_plan_fingerprints
+
+    s = cfg.stage
+    if "weight" not in data.finals:
+        return None, "no comparison images: final_weight_mp.yaml is missing (run stage=select)"
+    if not ws.exists(QUANT_PARAMS):
+        return None, f"no comparison images: {QUANT_PARAMS} is missing (run stage=calibrate)"
+    pairs = prompt_set(cfg, str(s.prompt_set))[: int(s.max_prompts)]
+    vs = rimages.variants(data.finals)
+    key = rimages.cache_key(vs, pairs, ws.fingerprints)
+    cached = rimages.read_manifest(ws.root)
+    if cached and cached.get("key") == key and all(ws.exists(f) for v in cached["variants"] for f in v["files"]):
+        log.info("report: comparison images up to date (%s)", rimages.MANIFEST)
+        by_key = {v.key: v for v in vs}
+        for entry in cached["variants"]:  # sizes come from the census, not from the images: always current
+            entry.update(rimages.describe(by_key[entry["key"]], data.layers))
+        return cached, None
+    try:
+        for f in data.finals.values():
+            check_plan_fingerprints(ws, f.header, f.path)
+        bundle = load_calibrated(cfg, ws, batch_size=int(s.batch_size))
+    except FingerprintMismatchError as exc:
+        # the rest of the report is still worth having; the page says why the images are missing
+        log.warning("report: no comparison images: %s", exc)
+        return None, f"no comparison images: {exc}"
+    return rimages.generate(bundle, ws, vs, pairs, data.layers, key), None
+
+
+def _compare(cfg: DictConfig, ws: Workspace, roots: list[str]) -> dict[str, Any]:
+    s = cfg.stage
+    out = ws.path(str(s.compare_output))
+    result = build_compare([Path(r) for r in roots], out)
+    from mixprec.report.html import compare_names
+
+    names = compare_names(result.data)
+    with tracker(cfg, ws, "report", {"compare": [str(d.root) for d in result.data]}) as track:
+        summary = log_compare(track, names, result.data, result.figures, result.path)
+    log.info("report: compared %d workspaces -> %s (%.1f s)", len(roots), result.path, result.seconds)
+    return {"compare": [str(d.root) for d in result.data], "report": str(result.path), "sections": result.sections,
+            "build_s": round(result.seconds, 3), "bytes": result.bytes,
+            "summary": {k: v for k, v in summary.items() if isinstance(v, (int, float))}}
+
+
+def run(cfg: DictConfig, ws: Workspace) -> dict:
+    s = cfg.stage
+    roots = [str(r) for r in (to_dict(s.get("compare")) or [])]
+    if roots:
+        return _compare(cfg, ws, roots)
+    data = load_workspace(ws.root)
+    manifest, note, images_s = None, None, 0.0
+    if s.images:
+        start = time.perf_counter()
+        manifest, note = comparison_images(cfg, ws, data)
+        images_s = time.perf_counter() - start
+    else:
+        note = "comparison images off (stage.images=false)"
+    result = build_report(ws.root, str(s.output), manifest, int(s.thumb_max_side), note, data=data)
+    with tracker(cfg, ws, "report") as track:
+        summary = log_report(track, data, result.figures, manifest, result.path)
+    log.info("report: %s (%d sections, %.1f MiB) built in %.1f s%s", result.path, len(result.sections),
+             result.bytes / 2 ** 20, result.seconds, f", images {images_s:.1f} s" if manifest else f"; {note}")
+    headline: dict[str, Any] = {"report": str(result.path), "sections": result.sections,
+                                "build_s": round(result.seconds, 3), "images_s": round(images_s, 3),
+                                "bytes": result.bytes, "layers": len(data.quantizable),
+                                "candidates": len(data.candidates)}
+    if manifest:
+        headline["images"] = {v["key"]: v.get("scores") for v in manifest["variants"]}
+    if note:
+        headline["images_note"] = note
+    headline["summary"] = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+    return headline
