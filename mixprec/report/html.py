@@ -176,7 +176,7 @@ def _mib(nbytes: float) -> float:
 
 # ------------------------------------------------------------------ sections of a workspace report
 
-def run_section(d: WorkspaceData) -> str | None:
+def run_section(d: WorkspaceData, note: str | None = None) -> str | None:
     if not d.stages:
         return None
     cfg = d.config() or {}
@@ -221,6 +221,8 @@ def run_section(d: WorkspaceData) -> str | None:
     inner = (kv_table(facts) + "<h3>Stages and fingerprints</h3>" + badge +
              table(["stage", "model fingerprint", "quant fingerprint", "wall time (s)", "headline"], rows,
                    [False, False, False, True, False], row_class=lambda i: "warn" if i in warn else ""))
+    if note:
+        inner += f'<p class="note">{esc(note)}</p>'
     if cfg:
         inner += details("resolved configuration (YAML)",
                          f"<pre>{esc(yaml.safe_dump(cfg, sort_keys=False, width=110))}</pre>")
@@ -498,7 +500,7 @@ def benchmark_section(d: WorkspaceData) -> str | None:
 def render_report(d: WorkspaceData, figs: Mapping[str, bytes | None], manifest: Mapping[str, Any] | None = None,
                   max_side: int = 256, images_note: str | None = None) -> tuple[str, list[str]]:
     """The page and the ids of the sections it has (``figs``: :func:`mixprec.report.plots.report_figures`)."""
-    builders = [("run", lambda: run_section(d)), ("census", lambda: census_section(d, figs)),
+    builders = [("run", lambda: run_section(d, images_note)), ("census", lambda: census_section(d, figs)),
                 ("sensitivity", lambda: sensitivity_section(d, figs)),
                 ("candidates", lambda: candidates_section(d, figs, max_side)),
                 ("allocation", lambda: allocation_section(d, figs)),

@@ -321,9 +321,10 @@ def compare_pareto_chart(families: Sequence[tuple[str, Sequence[Mapping[str, Any
             col = colors(i % 10)
             ax.scatter([c["mib"] for c in pts], [c["score"] for c in pts], color=col, s=16, alpha=0.35, lw=0)
             front = sorted((c for c in pts if c.get("pareto")), key=lambda c: (c["mib"], -c["score"]))
-            if front:
-                ax.step([c["mib"] for c in front], [c["score"] for c in front], where="post", color=col, lw=1.6,
-                        marker="o", ms=4, label=f"{name} ({len(pts)} cand., {len(front)} front)")
+            if front:  # fronts often coincide: dashes and markers keep the one drawn first visible
+                ax.step([c["mib"] for c in front], [c["score"] for c in front], where="post", color=col,
+                        lw=2.2 - 0.4 * (i % 3), ls=("-", "--", ":", "-.")[i % 4], marker=MARKERS[i % len(MARKERS)],
+                        ms=5, mfc="none", label=f"{name} ({len(pts)} cand., {len(front)} front)")
             for c in pts:
                 if c.get("path") == chosen.get(kind):
                     ax.scatter(c["mib"], c["score"], marker="*", s=300, color=col, edgecolors="black", lw=0.8,

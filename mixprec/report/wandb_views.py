@@ -267,14 +267,23 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
             for item in rec.run.config.update:
                 out["config"][item.key] = json.loads(item.value_json)
         elif which == "history":
+            # media and tables arrive one field per item: nested_key = [logged key, field]
+            step: dict[str, Any] = {}
             for item in rec.history.item:
-                key = item.key or "/".join(item.nested_key)
-                if key.startswith("_"):
+                path = [item.key] if item.key else list(item.nested_key)
+                if path[0].startswith("_"):
                     continue
                 try:
                     value = json.loads(item.value_json)
                 except json.JSONDecodeError:
                     value = item.value_json
+                if len(path) == 1:
+                    step[path[0]] = value
+                else:
+                    obj = step.setdefault("/".join(path[:-1]), {})
+                    if isinstance(obj, dict):
+                        obj[path[-1]] = value
+            for key, value in step.items():
                 out["history"].setdefault(key, []).append(value)
         elif which == "summary":
             for item in rec.summary.update:
@@ -285,7 +294,8 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
             out["artifacts"].append({"name": rec.artifact.name, "type": rec.artifact.type,
                                      "files": [e.path for e in rec.artifact.manifest.contents]})
     media = run_dir / "files" / "media"
-    out["tables"] = sorted(str(p.relative_to(run_dir / "files")) for p in media.glob("table/*.table.json"))
+    # logged keys with "/" become sub-folders
+    out["tables"] = sorted(str(p.relative_to(run_dir / "files")) for p in media.glob("table/**/*.table.json"))
     out["images"] = sorted(str(p.relative_to(run_dir / "files")) for p in media.glob("images/**/*.png"))
     return out
 
