@@ -164,32 +164,24 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
         for point in points:
             label = point["name"]
             for method in METHODS:
-                if point.get("weight_target") is not None:
-                    act_plan = uniform_plan(names, int(point["act"]), protected)
-                    if method == "uniform":
-                        cands = [(uniform_plan(names, round(point["weight_target"])), act_plan)]
-                        if round(point["weight_target"]) != point["weight_target"]:
-                            raise ValueError(f"evaluate point {label}: no uniform plan for {point['weight_target']} bits")
-                    else:
-                        table = per_prompt["weight"] if method == "decoupled" else single_metric["weight"]
-                        try:
-                            cands = [(wp, act_plan) for wp in allocate("weight", point["weight_target"], table)]
-                        except InfeasibleBudgetError as exc:
-                            rows.append({"point": label, "method": method, "infeasible": str(exc)})
-                            log.warning("evaluate %s %s: %s", label, method, exc)
-                            continue
+                # The mixed kind is allocated; the other kind is uniform at the point's fixed width.
+                mixed = "weight" if point.get("weight_target") is not None else "act"
+                target = point["weight_target"] if mixed == "weight" else point["act_target"]
+                fixed = (uniform_plan(names, int(point["act"]), protected) if mixed == "weight"
+                         else uniform_plan(names, int(point["weight"])))
+                if method == "uniform":
+                    if round(target) != target:
+                        raise ValueError(f"evaluate point {label}: no uniform plan for {target} bits")
+                    plans = [uniform_plan(names, round(target), protected if mixed == "act" else ())]
                 else:
-                    weight_plan = uniform_plan(names, int(point["weight"]))
-                    if method == "uniform":
-                        cands = [(weight_plan, uniform_plan(names, round(point["act_target"]), protected))]
-                    else:
-                        table = per_prompt["act"] if method == "decoupled" else single_metric["act"]
-                        try:
-                            cands = [(weight_plan, ap) for ap in allocate("act", point["act_target"], table)]
-                        except InfeasibleBudgetError as exc:
-                            rows.append({"point": label, "method": method, "infeasible": str(exc)})
-                            log.warning("evaluate %s %s: %s", label, method, exc)
-                            continue
+                    table = per_prompt[mixed] if method == "decoupled" else single_metric[mixed]
+                    try:
+                        plans = allocate(mixed, target, table)
+                    except InfeasibleBudgetError as exc:
+                        rows.append({"point": label, "method": method, "infeasible": str(exc)})
+                        log.warning("evaluate %s %s: %s", label, method, exc)
+                        continue
+                cands = [(p, fixed) if mixed == "weight" else (fixed, p) for p in plans]
                 wp, ap = choose(cands)
                 set_plan(bundle.layers, wp, ap)
                 per_seed = [image_scores(ref, bundle.sampler.generate(eval_prompts, seeds).images, eval_prompts,
