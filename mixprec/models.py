@@ -120,7 +120,8 @@ def load_pipeline(spec: ModelSpec, device: str | torch.device = "cpu"):
         pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=spec.torch_dtype, local_files_only=True)
         _check_tokenizers(pipe, folder)
     elif spec.weights == "random":
-        pipe = build_random_pipeline(spec.family, seed=spec.seed)
+        # Initialising ~3.5 G parameters is single-threaded on CPU (about a minute): build where it will run.
+        pipe = build_random_pipeline(spec.family, seed=spec.seed, device=device)
     else:
         pipe = _load_diffusers(spec)
     if not hasattr(pipe, "unet"):

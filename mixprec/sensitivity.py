@@ -104,9 +104,13 @@ class RecordFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.lines = 0  # complete lines seen by the last load (more than its keys: duplicated records)
 
-    def load(self) -> dict[str, dict[str, Any]]:
+    def load(self, repair: bool = True) -> dict[str, dict[str, Any]]:
+        """Records by key. ``repair=False`` only reads: another process (a shard still running) may be
+        appending, and cutting its half-written line would lose that record."""
         records: dict[str, dict[str, Any]] = {}
+        self.lines = 0
         if not self.path.exists():
             return records
         good_bytes = 0
@@ -120,7 +124,8 @@ class RecordFile:
                     break
                 records[f"{rec['kind']}:{rec['layer']}"] = rec
                 good_bytes += len(raw)
-        if good_bytes != self.path.stat().st_size:
+                self.lines += 1
+        if repair and good_bytes != self.path.stat().st_size:
             with open(self.path, "r+b") as f:
                 f.truncate(good_bytes)
         return records

@@ -12,7 +12,10 @@ Hydra saved under the sweep folder say which workspaces to look in.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -87,3 +90,233 @@ class ParetoCallback(Callback):
                     log_pareto(track, summary, ws.root)
                     if wall is not None:
                         track.summary({"sweep_wall_time_s": wall})
+
+
+# --------------------------------------------------------------------------- scale-out
+def _job_configs(sweep_dir: Path | None) -> list[DictConfig]:
+    """The task config of every job of a sweep, as Hydra saved it (works for every launcher)."""
+    out = []
+    if sweep_dir is not None and sweep_dir.exists():
+        for p in sorted(sweep_dir.glob("*/.hydra/config.yaml"), key=lambda p: (len(p.parts[-3]), p.parts[-3])):
+            try:
+                out.append(OmegaConf.load(p))
+            except Exception as exc:  # one unreadable job config must not hide the others
+                log.warning("cannot read %s (%s)", p, exc)
+    return out
+
+
+def _host_gpus() -> list[str]:
+    """GPUs the launching process may use: its CUDA_VISIBLE_DEVICES, else every GPU nvidia-smi lists."""
+    import subprocess
+
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip()]
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU "))]
+
+
+class LocalJobsCallback(Callback):
+    """Gives each job of a ``submitit_local`` multirun its own GPU(s) and its share of CPU threads.
+
+    submitit's local executor sets the same CUDA_VISIBLE_DEVICES (the first ``gpus_per_node``
+    GPUs) for every job, so n shards would all run on GPU 0. This callback records the host's GPUs
+    when the multirun starts and, as each job starts (in the job's own process, before anything
+    touches CUDA), narrows the job to slot ``hydra.job.num % (GPUs // gpus_per_node)``; more jobs
+    than slots share GPUs round-robin. With ``hydra.launcher.cpus_per_task`` set, the job's
+    intra-op threads are capped to it: jobs that run at once on a CPU otherwise each start one
+    thread per core and slow each other down many times over. Jobs of other launchers are left
+    alone (SLURM assigns GPUs and CPUs itself).
+    """
+
+    def __init__(self, gpus: list[int | str] | None = None) -> None:
+        self.gpus = [str(g) for g in gpus] if gpus is not None else None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.gpus is None:
+            self.gpus = _host_gpus()
+        log.info("local GPUs for the sweep's jobs: %s", ",".join(self.gpus) or "none")
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if os.environ.get("SUBMITIT_EXECUTOR") != "local":
+            return
+        cpus = int(OmegaConf.select(config, "hydra.launcher.cpus_per_task", default=0) or 0)
+        if cpus > 0:
+            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                os.environ[var] = str(cpus)
+            if "torch" in sys.modules:
+                sys.modules["torch"].set_num_threads(cpus)
+        per_job = int(OmegaConf.select(config, "hydra.launcher.gpus_per_node", default=0) or 0)
+        if per_job <= 0 or not self.gpus:
+            return
+        slots = len(self.gpus) // per_job
+        if slots == 0:
+            log.warning("%d GPU(s) per job asked for, %d on this host: leaving CUDA_VISIBLE_DEVICES=%s", per_job,
+                        len(self.gpus), os.environ.get("CUDA_VISIBLE_DEVICES"))
+            return
+        slot = int(config.hydra.job.num) % slots
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus[slot * per_job:(slot + 1) * per_job])
+        log.info("job %s runs on GPU(s) %s", config.hydra.job.num, os.environ["CUDA_VISIBLE_DEVICES"])
+
+
+def shard_status(root: str | os.PathLike, num_shards: int) -> list[dict[str, Any]]:
+    """What the records of each shard of an n-shard sensitivity sweep say, without loading the model.
+
+    ``state`` is ``not run``, ``other settings`` (its header differs from shard 0's), ``incomplete``
+    or ``complete``. The stage's own merge makes the full check (every record belongs to its shard).
+    """
+    from mixprec.sensitivity import RecordFile
+    from mixprec.stages.sensitivity import RECORD_DIR
+
+    root = Path(root)
+    out, first = [], None
+    for i in range(num_shards):
+        header = root / RECORD_DIR / f"shard{i}of{num_shards}.json"
+        row: dict[str, Any] = {"shard": i, "state": "not run", "done": 0, "expected": None}
+        if header.exists():
+            identity = json.loads(header.read_text()).get("identity", {})
+            first = identity if first is None else first
+            records = RecordFile(root / RECORD_DIR / f"shard{i}of{num_shards}.jsonl")
+            row["done"] = len(records.load(repair=False))
+            row["expected"] = len(range(i, int(identity.get("num_tasks", 0)), num_shards))
+            row["duplicates"] = records.lines - row["done"]
+            if identity != first:
+                row["state"] = "other settings"
+            else:
+                row["state"] = "complete" if row["done"] >= row["expected"] and not row["duplicates"] else "incomplete"
+        out.append(row)
+    return out
+
+
+def _record_path(root: Path, job_cfg: DictConfig) -> Path:
+    """Where the runner wrote this job's ``<stage>.json`` (the sweeps give each shard its own)."""
+    record = OmegaConf.select(job_cfg, "stage.record", default=None) or "sensitivity"
+    return root / f"{record}.json"
+
+
+class SensitivityMergeCallback(Callback):
+    """Once every shard job of a sensitivity multirun has finished: check, merge, record the sweep.
+
+    The last shard to finish merges in its own job (the model is loaded there already). This
+    callback, in the launching process, reads the shard files (no model) and writes
+    ``sensitivity.json`` (the merging shard's record with the sweep's wall time) and
+    ``sensitivity_sweep.json`` (the state of every shard). A sweep that ended complete but unmerged
+    (the merging job died) is merged here when ``merge_in_launcher`` (this loads the model in the
+    launching process: off for SLURM, whose login nodes should not); otherwise, and for missing,
+    incomplete or mismatched shards, the log names the commands that finish the sweep.
+    """
+
+    def __init__(self, merge_in_launcher: bool = True) -> None:
+        self.merge_in_launcher = merge_in_launcher
+        self._start: float | None = None
+        self._sweep_dir: Path | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._start = time.perf_counter()
+        self._sweep_dir = Path(str(config.hydra.sweep.dir))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from mixprec.workspace import Workspace
+
+        wall = time.perf_counter() - self._start if self._start is not None else None
+        sweep_dir = self._sweep_dir or Path(str(config.hydra.sweep.dir))
+        groups: dict[tuple[str, int], list[DictConfig]] = {}
+        for job in _job_configs(sweep_dir):
+            if OmegaConf.select(job, "stage.name") != "sensitivity":
+                continue
+            root = str(Path(str(OmegaConf.select(job, "paths.workspace"))).resolve())
+            groups.setdefault((root, int(job.stage.num_shards)), []).append(job)
+        if not groups:
+            log.warning("sensitivity sweep: no sensitivity jobs found under %s", sweep_dir)
+        for (root, n), jobs in groups.items():
+            self._finish(Path(root), n, jobs, config, kwargs.get("config_name"), wall, Workspace)
+
+    def _finish(self, root: Path, n: int, jobs: list[DictConfig], config: DictConfig, config_name: str | None,
+                wall: float | None, Workspace) -> None:
+        from collections import Counter
+
+        status = shard_status(root, n)
+        launched = Counter(int(j.stage.shard) for j in jobs)
+        twice = sorted(i for i, c in launched.items() if c > 1)
+        runs = []
+        for job in jobs:
+            p = _record_path(root, job)
+            if p.exists():
+                rec = json.loads(p.read_text())
+                if rec.get("headline", {}).get("merged") and rec["headline"].get("num_shards") == n:
+                    runs.append((p.stat().st_mtime, str(p), rec))
+        complete = all(r["state"] == "complete" for r in status)
+        todo = [r["shard"] for r in status if r["state"] != "complete"]
+        commands = []
+        if todo:
+            rerun = "restart" if any(r["state"] in ("other settings",) or r.get("duplicates") for r in status) else ""
+            commands.append(self._command(config, config_name, todo, n, rerun))
+        merged_by = None
+        if complete and runs:
+            _, path, rec = max(runs)
+            merged_by = path
+            headline = dict(rec["headline"])
+            headline["sweep"] = {"sweep_dir": str(self._sweep_dir), "wall_time_s": wall, "merged_by": path}
+            ws = Workspace(root, fingerprints=rec.get("fingerprints"))
+            ws.record_stage("sensitivity", rec.get("config", {}), wall if wall is not None else rec["wall_time_s"],
+                            headline)
+        elif complete and self.merge_in_launcher:
+            merged_by = "launcher"
+            self._merge_here(jobs[0])
+        elif complete:
+            commands.append(self._command(config, config_name, None, n, "merge_only"))
+        summary = {"sweep_dir": str(self._sweep_dir), "wall_time_s": round(wall, 3) if wall is not None else None,
+                   "num_shards": n, "merged": merged_by is not None, "merged_by": merged_by, "shards": status,
+                   "launched_more_than_once": twice, "to_finish": commands}
+        Workspace(root).write_json("sensitivity_sweep.json", summary)
+        if twice:
+            log.error("sensitivity sweep: shard(s) %s were launched more than once in this sweep; a second run of "
+                      "a shard waits for nothing and fails on the shard lock", twice)
+        if merged_by is not None:
+            log.info("sensitivity sweep: %d shards merged into %s%s", n, root,
+                     f" (sweep took {wall:.1f} s)" if wall is not None else "")
+        else:
+            detail = "; ".join(f"shard {r['shard']}: {r['state']}"
+                               + (f" ({r['done']}/{r['expected']} tasks)" if r["expected"] is not None else "")
+                               for r in status if r["state"] != "complete") or "all complete, not merged"
+            log.error("sensitivity sweep in %s is not merged: %s. To finish it: %s", root, detail,
+                      " ; then ".join(commands))
+
+    @staticmethod
+    def _command(config: DictConfig, config_name: str | None, shards: list[int] | None, n: int, how: str) -> str:
+        """The command line that finishes this sweep: the same overrides, the given shards only."""
+        keep = [o for o in OmegaConf.select(config, "hydra.overrides.task", default=[]) or []
+                if not str(o).split("=", 1)[0].lstrip("+~") in ("stage.shard", "stage.num_shards", "stage.restart",
+                                                                "stage.merge_only")]
+        import shlex
+
+        cd = ""
+        sources = OmegaConf.select(config, "hydra.runtime.config_sources", default=[]) or []
+        for provider in ("command-line", "main"):
+            found = [src.path for src in sources if src.provider == provider and src.schema == "file"]
+            if found:
+                cd = f"-cd {shlex.quote(os.path.relpath(found[0]))} "
+                break
+        if how == "merge_only":
+            # One process, no launcher: the merge loads the model once and needs no GPU time to speak of.
+            args = [o for o in keep if not o.startswith("hydra")] + [f"stage.num_shards={n}", "stage.merge_only=true"]
+            return "python run.py stage=sensitivity " + " ".join(shlex.quote(a) for a in args)
+        head = f"python run.py {cd}-cn {config_name} " if config_name else "python run.py -m stage=sensitivity "
+        args = keep + [f"stage.num_shards={n}", "stage.shard=" + ",".join(str(i) for i in shards)]
+        if how == "restart":
+            args.append("stage.restart=true")
+        return head + " ".join(shlex.quote(a) for a in args)
+
+    @staticmethod
+    def _merge_here(job_cfg: DictConfig) -> None:
+        from mixprec.runner import run_stage
+
+        cfg = OmegaConf.create(OmegaConf.to_container(job_cfg, resolve=False))
+        OmegaConf.set_struct(cfg, False)
+        cfg.stage.merge_only = True
+        cfg.stage.shard = 0
+        cfg.stage.record = "sensitivity"
+        run_stage(cfg)

@@ -8,14 +8,16 @@ sweep is complete (immediately, for one shard) they are merged into
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
 from mixprec import sensitivity as sens
-from mixprec.models import layer_group
+from mixprec.models import _matches, layer_group
 from mixprec.stages.common import load_calibrated, prompt_set, to_dict, tracker
 from mixprec.workspace import Workspace, fingerprint
 
@@ -37,6 +39,28 @@ def _shard_paths(i: int, n: int) -> tuple[str, str]:
 
 class ShardError(ValueError):
     pass
+
+
+@contextlib.contextmanager
+def _flock(path: Path, wait: bool, busy: str) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (flock; NFS v4 maps it to a POSIX lock).
+
+    Shard jobs of a sweep may run at once: the per-shard lock keeps a shard launched twice from
+    appending to one records file from two processes, and the merge lock keeps two shards that
+    finish together from writing the merged outputs at the same time.
+    """
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise ShardError(busy) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _identity(ws: Workspace, pairs, tasks: Sequence[sens.Task], num_shards: int, cap: float) -> dict[str, Any]:
@@ -72,10 +96,14 @@ def merge(ws: Workspace, tasks: Sequence[sens.Task], identity: Mapping[str, Any]
             problems.append(f"shard {i} was run with other settings (prompts, bits, layers or model differ); "
                             f"rerun it with stage.shard={i} stage.num_shards={n} stage.restart=true")
             continue
-        found = sens.RecordFile(ws.path(records)).load()
+        record_file = sens.RecordFile(ws.path(records))
+        found = record_file.load(repair=False)
         expected = sens.shard_tasks(tasks, i, n)
         missing = [t.key for t in expected if t.key not in found]
         stray = set(found) - {t.key for t in expected}
+        if record_file.lines > len(found):
+            problems.append(f"shard {i} holds {record_file.lines - len(found)} duplicated records (was it run twice "
+                            f"at once?); rerun it with stage.shard={i} stage.num_shards={n} stage.restart=true")
         if stray:
             problems.append(f"shard {i} holds {len(stray)} records that belong to no task of shard {i}/{n}")
         if missing:
@@ -148,32 +176,47 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
     q = bundle.quant
     pairs = prompt_set(cfg, "sensitivity")
     prompts, seeds = [p for p, _ in pairs], [sd for _, sd in pairs]
-    groups = {name: layer_group(name, bundle.spec.content_patterns) for name in bundle.layers}
+    all_groups = {name: layer_group(name, bundle.spec.content_patterns) for name in bundle.layers}
+    # stage.layers: a fixed slice of the layers (patterns as in model.exclude_patterns), e.g. to measure speed.
+    only = list(s.get("layers") or [])
+    groups = {name: g for name, g in all_groups.items() if not only or _matches(name, only)}
+    if not groups:
+        raise ValueError(f"stage.layers={only} matches none of the {len(all_groups)} quantizable layers")
     wbits = list(s.weight_bits) if s.get("weight_bits") else list(q["weight_bits"])
     abits = list(s.act_bits) if s.get("act_bits") else list(q["act_bits"])
     tasks = sens.make_tasks(groups, wbits, abits, kinds=list(s.kinds))
+    all_tasks = sens.make_tasks(all_groups, wbits, abits, kinds=list(s.kinds))
     cap = float(s.sqnr_cap_db)
     identity = _identity(ws, pairs, tasks, n, cap)
     mine = sens.shard_tasks(tasks, i, n)
 
     merged = None
-    with tracker(cfg, ws, "sensitivity", {"shard": i, "num_shards": n}) as track:
+    merging = contextlib.ExitStack()
+    with tracker(cfg, ws, "sensitivity", {"shard": i, "num_shards": n}) as track, merging:
         if not s.merge_only:
-            _check_header(ws, i, identity, bool(s.restart))
-            records_file = sens.RecordFile(ws.path(_shard_paths(i, n)[1]))
-            pending = [t for t in mine if t.key not in records_file.load()]
-            if pending and (s.max_tasks is None or int(s.max_tasks) > 0):
-                need_img = any(t.group == "content" for t in pending)
-                need_den = any(t.group == "quality" for t in pending)
-                ref = sens.compute_reference(bundle.sampler, prompts, seeds, need_img, need_den)
-                sens.run_tasks(mine, bundle.layers, bundle.sampler, ref, prompts, seeds, records_file, cap,
-                               max_tasks=s.max_tasks, progress=bool(s.progress))
+            busy = (f"shard {i} of {n} is being run by another process in {ws.root} (lock "
+                    f"{RECORD_DIR}/shard{i}of{n}.lock); a shard runs once at a time")
+            with _flock(ws.path(f"{RECORD_DIR}/shard{i}of{n}.lock"), wait=False, busy=busy):
+                _check_header(ws, i, identity, bool(s.restart))
+                records_file = sens.RecordFile(ws.path(_shard_paths(i, n)[1]))
+                pending = [t for t in mine if t.key not in records_file.load()]
+                if pending and (s.max_tasks is None or int(s.max_tasks) > 0):
+                    need_img = any(t.group == "content" for t in pending)
+                    need_den = any(t.group == "quality" for t in pending)
+                    ref = sens.compute_reference(bundle.sampler, prompts, seeds, need_img, need_den)
+                    sens.run_tasks(mine, bundle.layers, bundle.sampler, ref, prompts, seeds, records_file, cap,
+                                   max_tasks=s.max_tasks, progress=bool(s.progress))
         merged = merge(ws, tasks, identity, strict=bool(s.merge_only))
+        if merged is not None:
+            # Shards that finish together both see a complete sweep: the second waits here, then rewrites the
+            # same bytes (atomic renames); the lock is held until the stage ends.
+            merging.enter_context(_flock(ws.path(f"{RECORD_DIR}/merge.lock"), wait=True, busy=""))
         headline: dict[str, Any] = {"shard": i, "num_shards": n, "tasks": len(tasks), "shard_tasks": len(mine),
                                     "prompts": len(pairs), "merged": merged is not None}
-        shard_records = sens.RecordFile(ws.path(_shard_paths(i, n)[1])).load()
+        shard_records = sens.RecordFile(ws.path(_shard_paths(i, n)[1])).load(repair=False)
         headline["shard_tasks_done"] = sum(t.key in shard_records for t in mine)
-        headline.update(_timing(shard_records.values(), tasks))
+        # Merged: the whole sweep's timing (every shard); the projection counts every layer, also with stage.layers.
+        headline.update(_timing(merged if merged is not None else shard_records.values(), all_tasks))
         if merged is None:
             return headline
         is_conv = {name: layer.is_conv for name, layer in bundle.layers.items()}
