@@ -48,6 +48,10 @@ def plan_for(variant: str, names: list[str]) -> tuple[dict, dict, dict]:
         # convolutions stay 16-bit: only the Linear layers of the transformer blocks go fp8
         lin = [n for n in names if not is_conv(n)]
         return {n: 8 for n in lin}, {n: 8 for n in lin}, {"w8a8": "fp8"}
+    if variant == "w8a8_fp8_ff":
+        # only the feed-forward GEMMs (the largest, whose inputs come from fusable LayerNorm/GEGLU)
+        ff = [n for n in names if is_ff(n)]
+        return {n: 8 for n in ff}, {n: 8 for n in ff}, {"w8a8": "fp8"}
     if variant.startswith("w8a8"):
         impl = variant.split("_", 1)[1] if "_" in variant else "int8"
         opts = {"w8a8": "fp8" if impl.startswith("fp8") else "int8"}
@@ -96,6 +100,32 @@ def peak_forward(model, kwargs) -> dict:
             "peak_inference_mib": (wb + peak - before) / MIB}
 
 
+@torch.no_grad()
+def checkpoint_roundtrip(model, x0, args, dtype) -> dict:
+    """Save the converted model, load it into a UNet built on the meta device, compare outputs."""
+    from mixprec.checkpoint import load_quantized, save_quantized
+
+    path = Path(args.checkpoint_dir) / f"{args.checkpoint}.safetensors"
+    before = model(**x0).sample
+    t = time.time()
+    info = save_quantized(model, path)
+    info["save_s"] = time.time() - t
+    fresh = build_unet(args.model, device="meta", dtype=dtype)
+    t = time.time()
+    report = load_quantized(fresh, path, device=before.device)
+    info["load_s"] = time.time() - t
+    if args.memory_format == "channels_last":
+        fresh = fresh.to(memory_format=torch.channels_last)
+    after = fresh(**x0).sample
+    info["max_abs_diff"] = (before.float() - after.float()).abs().max().item()
+    info["identical"] = bool(torch.equal(before, after))
+    info["weight_bytes_model"] = weight_bytes(model)
+    info["weight_bytes_loaded"] = weight_bytes(fresh)
+    info["loaded_backends"] = report.summary()["backends"]
+    path.unlink()
+    return info
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", default="bf16,w8a8_int8,w8a8_fp8,w4a16")
@@ -110,6 +140,8 @@ def main() -> None:
     ap.add_argument("--sqnr", action="store_true",
                     help="compare each variant with its fake-quant reference (run in float32 and in --dtype)")
     ap.add_argument("--memory-format", default="channels_last", help="channels_last | contiguous (all variants)")
+    ap.add_argument("--checkpoint", default=None, help="variant to save, reload into a fresh UNet and compare")
+    ap.add_argument("--checkpoint-dir", default="/tmp/mixprec_ckpt")
     ap.add_argument("--model", default="sdxl", help="sdxl | tiny (smoke test; runs on CPU without timing)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -117,6 +149,11 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     result = {"env": env_info(), "args": vars(args), "variants": {}}
     print(result["env"], flush=True)
+    if args.sqnr:
+        # the float32 reference must be exact float32: TF32 convs (cuDNN's default) alone flip
+        # activation codes downstream
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     torch._dynamo.config.cache_size_limit = 64
     torch._dynamo.config.automatic_dynamic_shapes = False
 
@@ -233,6 +270,9 @@ def main() -> None:
             print(f"{variant:14s} sqnr ref {rec.get('sqnr_vs_reference_db', float('nan')):.1f} dB, "
                   f"fp {rec['sqnr_vs_fp_db']:.1f} dB; weights {rec['memory']['weight_mib']:.0f} MiB, "
                   f"peak {rec['memory'].get('peak_inference_mib', 0):.0f} MiB; {rec['dispatch']['paths']}", flush=True)
+            if variant == args.checkpoint:
+                rec["checkpoint"] = checkpoint_roundtrip(model, x0, args, dtype)
+                print("checkpoint", rec["checkpoint"], flush=True)
             del fn_model, model
         except Exception as exc:
             traceback.print_exc()

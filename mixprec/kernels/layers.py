@@ -104,6 +104,13 @@ class KernelLayer(nn.Module):
         self.act_quant = act_quant
         self.fp8_fast_accum = fp8_fast_accum
         self.compute_dtype = dtype
+        # the attributes of the module it replaces that callers read (diffusers reads in_features)
+        if spec.kind == "conv":
+            self.in_channels, self.out_channels = spec.in_features, spec.out_features
+            self.kernel_size = tuple(spec.kernel_size)
+            self.stride, self.padding = (spec.stride,) * 2, (spec.padding,) * 2
+        else:
+            self.in_features, self.out_features = spec.in_features, spec.out_features
         n, k = spec.out_features, spec.k
         kw = dict(device=device)
         if spec.weight_format == "fp":

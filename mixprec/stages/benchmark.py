@@ -1,0 +1,266 @@
+"""stage=benchmark: real-kernel latency, memory and accuracy of plans against 16-bit, in one process.
+
+For the 16-bit denoiser and for every plan in ``stage.plans`` (built from the same calibrated
+layers and run on real kernels through :func:`mixprec.kernels.convert_`, all compiled the same
+way): denoiser latency at every resolution x batch size (CUDA-graph replays timed with CUDA
+events after warm-up: median, p10/p90, std, back-to-back mean), peak inference memory, weight bytes,
+SQNR of the denoiser output against 16-bit and against the plan's fake-quant reference, the
+dispatch report (which backend each layer ran on), and the end-to-end pipeline time. The runner
+writes the returned dict to ``benchmark.json``; per-layer dispatch goes to
+``benchmark_dispatch.json``. Without CUDA the same code runs (reference/emulated kernels, wall-clock
+timing) so the stage can be tested anywhere; its numbers then mean nothing for speed.
+
+Plans: ``final`` (final_weight_mp.yaml and, when present, final_act_mp.yaml of the workspace),
+``uniform:wXaY`` (e.g. ``uniform:w8a8``, ``uniform:w4a16``; ``a16`` = activations unquantized),
+``ff:wXaY`` (only the transformer feed-forward layers), or a path to a plan YAML file.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from mixprec.kernels import BackendConfig, convert_, weight_bytes
+from mixprec.kernels.testing import sqnr_db
+from mixprec.kernels.timing import capture, env_info, summarize, time_graph
+from mixprec.quantizers import QuantLayer, quant_layers, set_plan
+from mixprec.stages.common import load_calibrated, load_model, prompt_set, to_dict, tracker
+from mixprec.workspace import Workspace
+
+log = logging.getLogger("mixprec")
+
+MIB = 2 ** 20
+DISPATCH_FILE = "benchmark_dispatch.json"
+_SPEC = re.compile(r"^(uniform|ff):w(\d+)a(\d+)$")
+
+
+def resolve_plan(name: str, layers: dict[str, QuantLayer], ws: Workspace) -> tuple[dict, dict]:
+    """(weight bits, act bits) by layer for a plan name (see the module doc)."""
+    m = _SPEC.match(name.strip().lower())
+    if m:
+        scope, w, a = m.group(1), int(m.group(2)), int(m.group(3))
+        chosen = [n for n in layers if scope == "uniform" or ".ff." in f".{n}."]
+        wb = {n: (None if w >= 16 else w) for n in chosen}
+        ab = {n: (None if a >= 16 else a) for n in chosen}
+        return wb, ab
+    from mixprec import search
+    from mixprec.stages.select import FINAL
+
+    if name == "final":
+        wplan = search.read_plan(ws.require(FINAL["weight"], "select"))
+        act_path = ws.path(FINAL["act"])
+        aplan = search.read_plan(act_path) if act_path.exists() else None
+        return dict(wplan.bits), dict(aplan.bits) if aplan else {}
+    path = Path(name)
+    if not path.exists():
+        raise ValueError(f"benchmark plan {name!r}: use 'final', 'uniform:wXaY', 'ff:wXaY' or a plan file path")
+    plan = search.read_plan(path)
+    bits = dict(plan.bits)
+    return (bits, {}) if plan.header.get("kind", "weight") == "weight" else ({}, bits)
+
+
+def _unet_inputs(unet, batch: int, latent: int, device, dtype, seed: int) -> dict[str, Any]:
+    from mixprec.kernels.testing import unet_inputs
+
+    return unet_inputs(unet, batch, latent, seed=seed, device=device, dtype=dtype)
+
+
+def _time_cpu(fn, iters: int, warmup: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return summarize(times)
+
+
+@torch.no_grad()
+def _peak(model, kwargs, cuda: bool) -> dict:
+    wb = weight_bytes(model)
+    out = {"weight_mib": wb / MIB}
+    if not cuda:
+        return out
+    torch.cuda.synchronize()
+    gc.collect()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    model(**kwargs)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    out.update(activation_peak_mib=(peak - before) / MIB, peak_inference_mib=(wb + peak - before) / MIB)
+    return out
+
+
+def _compile(model, mode: str):
+    if mode in (None, "none", ""):
+        return model
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
+
+
+def _measure(name: str, model, s, shapes, unet_cfg_model, device, dtype, cuda: bool) -> dict:
+    fn_model = _compile(model, str(s.compile))
+    timing = {}
+    for res, batch in shapes:
+        xin = _unet_inputs(unet_cfg_model, batch, res // 8, device, dtype, seed=11)
+        if s.memory_format == "channels_last":
+            xin["sample"] = xin["sample"].contiguous(memory_format=torch.channels_last)
+
+        def call():
+            with torch.no_grad():
+                return fn_model(**xin, return_dict=False)[0]
+
+        t = time.perf_counter()
+        if cuda:
+            g = capture(call)
+            warm = time.perf_counter() - t
+            tm = time_graph(g, int(s.iters), int(s.warmup))
+            del g
+        else:
+            tm = _time_cpu(call, int(s.iters), int(s.warmup))
+            warm = time.perf_counter() - t
+        tm["warmup_compile_s"] = warm
+        tm["memory"] = _peak(model, xin, cuda)
+        timing[f"{res}x{batch}"] = tm
+        log.info("benchmark %s %dx%d: median %.2f ms (p10 %.2f, p90 %.2f)", name, res, batch,
+                 tm["median_ms"], tm["p10_ms"], tm["p90_ms"])
+    return timing
+
+
+def _end_to_end(bundle, unet, cfg: DictConfig, batch: int, repeats: int) -> dict | None:
+    """Pipeline time (prompt encoding, all denoiser steps, VAE decode) with ``unet`` in place."""
+    pairs = prompt_set(cfg, "inference") if "inference" in cfg.prompts else prompt_set(cfg, "calibration")
+    pairs = (pairs * batch)[:batch]
+    prompts, seeds = [p for p, _ in pairs], [sd for _, sd in pairs]
+    pipe = bundle.pipe
+    original = pipe.unet
+    pipe.unet = unet
+    try:
+        sampler = type(bundle.sampler)(pipe, bundle.spec.resolution, bundle.spec.num_inference_steps,
+                                       bundle.spec.guidance_scale, batch_size=batch)
+        sampler.encode(prompts)  # cached: the timing covers the sampler, not tokenizer warm-up
+        times = []
+        for i in range(repeats + 1):
+            if bundle.device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            sampler.generate(prompts, seeds)
+            if bundle.device.type == "cuda":
+                torch.cuda.synchronize()
+            if i:  # the first run warms up
+                times.append(time.perf_counter() - t)
+        return {"median_s": statistics.median(times), "runs": times, "batch": batch,
+                "resolution": bundle.spec.resolution, "steps": bundle.spec.num_inference_steps}
+    finally:
+        pipe.unet = original
+
+
+def run(cfg: DictConfig, ws: Workspace) -> dict:
+    s = cfg.stage
+    if s.calibration == "workspace":
+        bundle = load_calibrated(cfg, ws)
+    elif s.calibration == "random":
+        bundle = load_model(cfg)
+    else:
+        raise ValueError(f"stage.calibration must be 'workspace' or 'random', got {s.calibration!r}")
+    unet = bundle.unet
+    device = bundle.device
+    cuda = device.type == "cuda"
+    dtype = getattr(torch, str(s.dtype)) if s.dtype else next(unet.parameters()).dtype
+    if next(unet.parameters()).dtype != dtype:
+        from mixprec.kernels.testing import cast_floating_
+
+        # every component, so the end-to-end pipeline stays in one dtype (not pipe.to(): the
+        # wrapped denoiser must not go through Module._apply)
+        for comp in bundle.pipe.components.values():
+            if isinstance(comp, torch.nn.Module):
+                cast_floating_(comp, dtype)
+    layers = bundle.layers
+    res_list = [int(r) for r in (s.resolutions or [bundle.spec.resolution])]
+    shapes = [(r, int(b)) for r in res_list for b in s.batch_sizes]
+    latent0 = res_list[0] // 8
+    if s.calibration == "random":
+        from mixprec.calibration import calibrate_layers
+
+        calib = [_unet_inputs(unet, 1, latent0, device, dtype, seed=100 + i) for i in range(2)]
+        q = bundle.quant
+        calibrate_layers(layers, lambda: [unet(**c) for c in calib], q["weight_bits"], q["act_bits"],
+                         momentum=float(q["act_momentum"]), weight_clip=str(q["weight_clip"]))
+    kernel_opts = {**to_dict(cfg.quant).get("kernels", {}), **(to_dict(s.kernels) or {})}
+    backend = BackendConfig.from_mapping(kernel_opts)
+    x0 = _unet_inputs(unet, 1, latent0, device, dtype, seed=7)
+    set_plan(layers)
+    with torch.no_grad():
+        fp_out = unet(**x0).sample.float()
+
+    result: dict[str, Any] = {"env": env_info(), "device": str(device), "dtype": str(dtype),
+                              "compile": str(s.compile), "memory_format": str(s.memory_format),
+                              "shapes": [f"{r}x{b}" for r, b in shapes], "kernels": backend.to_dict(),
+                              "plans": {}}
+    dispatch_detail: dict[str, Any] = {}
+    names = ["bf16" if dtype == torch.bfloat16 else "fp16" if dtype == torch.float16 else str(dtype)]
+    names += list(s.plans)
+    with tracker(cfg, ws, "benchmark") as track:
+        for name in names:
+            rec: dict[str, Any] = {}
+            result["plans"][name] = rec
+            full = name == names[0]
+            wb, ab = ({}, {}) if full else resolve_plan(name, layers, ws)
+            for layer in layers.values():
+                layer.drop_cache()
+            model = copy.deepcopy(unet)
+            mlayers = quant_layers(model)
+            set_plan(mlayers, wb, ab)
+            rec["quantized_layers"] = sum(1 for n in mlayers if wb.get(n) or ab.get(n))
+            ref = None
+            if not full:
+                with torch.no_grad():
+                    ref = model(**x0).sample.float()
+                for layer in mlayers.values():
+                    layer.drop_cache()
+            report = convert_(model, backend, example_kwargs=x0)
+            rec["dispatch"] = report.summary()
+            dispatch_detail[name] = report.to_dict()
+            if s.memory_format == "channels_last":
+                model = model.to(memory_format=torch.channels_last)
+            with torch.no_grad():
+                out = model(**x0).sample.float()
+            rec["sqnr_vs_16bit_db"] = sqnr_db(fp_out, out)
+            if ref is not None:
+                rec["sqnr_vs_fake_quant_db"] = sqnr_db(ref, out)
+            rec["weight_mib"] = weight_bytes(model) / MIB
+            rec["timing"] = _measure(name, model, s, shapes, unet, device, dtype, cuda)
+            if s.end_to_end:
+                rec["end_to_end"] = _end_to_end(bundle, model, cfg, int(s.batch_sizes[0]), int(s.end_to_end_repeats))
+            if s.save_checkpoint and name == s.save_checkpoint:
+                from mixprec.checkpoint import save_quantized
+                rec["checkpoint"] = save_quantized(model, ws.path("quantized_unet.safetensors"),
+                                                   extra={"plan": name})
+            track.log({f"benchmark/{name}/{k}/median_ms": v["median_ms"] for k, v in rec["timing"].items()})
+            del model, out, ref
+            torch._dynamo.reset()
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+        base = result["plans"][names[0]]["timing"]
+        for name in names[1:]:
+            rec = result["plans"][name]
+            rec["speedup"] = {k: base[k]["median_ms"] / v["median_ms"] for k, v in rec["timing"].items()}
+            rec["weight_ratio_vs_16bit"] = result["plans"][names[0]]["weight_mib"] / rec["weight_mib"]
+    ws.write_json(DISPATCH_FILE, dispatch_detail)
+    for name, rec in result["plans"].items():
+        log.info("benchmark %-16s weights %8.1f MiB  %s  sqnr(16-bit) %.1f dB", name, rec["weight_mib"],
+                 "  ".join(f"{k}: {v['median_ms']:.2f} ms" for k, v in rec["timing"].items()), rec["sqnr_vs_16bit_db"])
+    return result
