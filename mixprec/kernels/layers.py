@@ -258,7 +258,10 @@ class KernelLayer(nn.Module):
         if spec.kind == "conv":
             kh, kw = spec.kernel_size
             # contiguous: a channels-last weight could make the conv pick another algorithm
-            w = w.reshape(spec.out_features, kh, kw, spec.in_features).permute(0, 3, 1, 2).contiguous()
+            # (clone, not .contiguous(): a 1x1 weight already counts as contiguous and would keep
+            # the permuted strides of its size-1 dims)
+            w = w.reshape(spec.out_features, kh, kw, spec.in_features).permute(0, 3, 1, 2)
+            w = w.clone(memory_format=torch.contiguous_format)
         return w
 
     def _fake_act(self, x: torch.Tensor) -> torch.Tensor:

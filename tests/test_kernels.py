@@ -1,0 +1,315 @@
+"""Real-kernel layers on CPU: packing, the reference path, the kernel arithmetic (emulated), dispatch,
+conversion of a small UNet and torch.compile without graph breaks. GPU checks are marked ``gpu``."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mixprec.kernels import BackendConfig, KernelLayer, choose_backend, convert_, pack, unpack
+from mixprec.kernels import triton_gemm as tg
+from mixprec.kernels.testing import calibrate_random, sqnr_db, uniform_plan, unet_inputs, build_unet
+from mixprec.quantizers import (LayerQuantParams, QuantLayer, act_qparams, dequantize_weight, fake_quant_weight,
+                                quant_layers, quantize_weight, set_plan, weight_scales)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def calibrated(module: nn.Module, x: torch.Tensor, name: str = "layer", skip_first_token: bool = False) -> QuantLayer:
+    layer = QuantLayer(name, module, skip_first_token=skip_first_token)
+    xr = x[:, 1:] if skip_first_token else x
+    lo, hi = float(xr.min()), float(xr.max())
+    layer.params = LayerQuantParams({b: weight_scales(module.weight, b) for b in (2, 3, 4, 8)}, (lo, hi),
+                                    {b: act_qparams(lo, hi, b) for b in (4, 8)})
+    return layer
+
+
+# --------------------------------------------------------------------------- packing
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("shape,groups", [((7, 13), 1), ((16, 64), 1), ((5, 36), 9), ((3, 1), 1)])
+def test_pack_unpack_is_exact(bits, shape, groups):
+    qmax = 2 ** (bits - 1) - 1
+    q = torch.randint(-qmax, qmax + 1, shape, dtype=torch.int8)
+    packed = pack(q, bits, groups)
+    assert packed.dtype == (torch.int8 if bits == 8 else torch.uint8)
+    if bits < 8:
+        per_group = -(-(shape[1] // groups) // (8 // bits))
+        assert packed.shape[1] == groups * (-(-per_group // 16) * 16)
+        assert packed.shape[1] % 16 == 0 or groups > 1
+    assert torch.equal(unpack(packed, bits, shape[1], groups), q)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_unpacked_weights_equal_the_fake_quant_weights_exactly(bits):
+    w = torch.randn(24, 40)
+    scale = weight_scales(w, bits)
+    q = quantize_weight(w, scale, bits)
+    restored = dequantize_weight(unpack(pack(q, bits), bits, 40), scale, w.dtype)
+    assert torch.equal(restored, fake_quant_weight(w, scale, bits))
+
+
+def test_pack_rejects_out_of_range_codes():
+    with pytest.raises(ValueError, match="out of range"):
+        pack(torch.full((2, 4), 2, dtype=torch.int8), 2)
+
+
+# --------------------------------------------------------------------------- layers
+LAYERS = [
+    (lambda: nn.Linear(64, 48), (3, 10, 64)),
+    (lambda: nn.Conv2d(16, 24, 3, padding=1), (2, 16, 8, 8)),
+    (lambda: nn.Conv2d(16, 24, 3, stride=2, padding=1), (2, 16, 9, 9)),
+    (lambda: nn.Conv2d(16, 8, 1), (1, 16, 5, 5)),
+]
+BITS = [(8, 8), (4, 4), (2, 8), (4, None), (8, None), (3, 8), (None, 8)]
+
+
+@pytest.mark.parametrize("make,shape", LAYERS)
+@pytest.mark.parametrize("w_bits,a_bits", BITS)
+def test_reference_path_equals_quant_layer_and_emulation_matches(make, shape, w_bits, a_bits):
+    torch.manual_seed(0)
+    mod = make()
+    x = torch.randn(*shape) + 0.3
+    layer = calibrated(mod, x)
+    layer.set_bits(w_bits, a_bits)
+    ref = layer(x)
+    backend, _ = choose_backend(mod, w_bits, a_bits, BackendConfig())
+    out = KernelLayer.from_quant_layer(layer, backend)(x)
+    assert torch.equal(out, ref)
+    emulated = KernelLayer.from_quant_layer(layer, backend, cpu_path="emulate")
+    assert emulated.route(10, False) == ("emulate" if backend != "reference" else "reference")
+    assert sqnr_db(ref, emulated(x)) > 100
+
+
+def test_cross_attention_bos_modes():
+    torch.manual_seed(0)
+    mod = nn.Linear(32, 16)
+    x = torch.randn(2, 7, 32)
+    x[:, 0] *= 30  # the BOS outlier that is kept out of the range
+    layer = calibrated(mod, x, "down.attn2.to_k", skip_first_token=True)
+    layer.set_bits(8, 8)
+    ref = layer(x)
+    exact = KernelLayer.from_quant_layer(layer, "int8", bos="exact")
+    assert torch.equal(exact(x)[:, 1:], ref[:, 1:])
+    assert torch.allclose(exact(x)[:, :1], ref[:, :1], rtol=1e-6, atol=1e-5)  # same fp weight, other GEMM call
+    assert hasattr(exact, "bos_weight")
+    light = KernelLayer.from_quant_layer(layer, "int8", bos="weight_only", cpu_path="emulate")
+    assert not hasattr(light, "bos_weight")
+    out = light(x)
+    # only the BOS row differs: quantized weight, 16-bit activation
+    assert sqnr_db(ref[:, 1:], out[:, 1:]) > 100
+    assert sqnr_db(ref[:, :1], out[:, :1]) > 30
+    assert light.weight_bytes() < exact.weight_bytes()
+
+
+def test_fp8_layer_on_cpu():
+    torch.manual_seed(0)
+    mod = nn.Linear(64, 32)
+    x = torch.randn(4, 64)
+    layer = calibrated(mod, x)
+    layer.set_bits(8, 8)
+    fp = mod(x)
+    for gran in ("tensor", "channel"):
+        kl = KernelLayer.from_quant_layer(layer, "fp8", fp8_weight=gran)
+        assert kl.qweight.dtype == torch.float8_e4m3fn
+        assert sqnr_db(fp, kl(x)) > 20
+        em = KernelLayer.from_quant_layer(layer, "fp8", fp8_weight=gran, cpu_path="emulate")
+        assert sqnr_db(kl(x), em(x)) > 60
+
+
+def test_dispatch_rules():
+    cfg = BackendConfig()
+    lin, conv = nn.Linear(8, 8), nn.Conv2d(8, 8, 3, padding=1)
+    assert choose_backend(lin, None, None, cfg)[0] == "fp"
+    assert choose_backend(lin, None, 8, cfg)[0] == "reference"
+    assert choose_backend(lin, 8, 8, cfg)[0] == "int8"
+    assert choose_backend(lin, 8, 8, BackendConfig(w8a8="fp8"))[0] == "fp8"
+    assert choose_backend(lin, 8, 4, BackendConfig(w8a8="fp8"))[0] == "int8"
+    assert choose_backend(lin, 4, None, cfg)[0] == "wonly"
+    assert choose_backend(lin, 2, 8, cfg)[0] == "int8"
+    assert choose_backend(lin, 4, None, BackendConfig(low_bit="reference"))[0] == "reference"
+    assert choose_backend(conv, 8, 8, cfg)[0] == "int8"
+    assert choose_backend(conv, 8, 8, BackendConfig(convs=False))[0] == "reference"
+    assert choose_backend(nn.Conv2d(8, 8, 3, groups=2), 8, 8, cfg)[0] == "reference"
+    with pytest.raises(ValueError):
+        BackendConfig(w8a8="int4")
+    with pytest.raises(KeyError):
+        BackendConfig.from_mapping({"nope": 1})
+
+
+def test_route_without_cuda_and_below_min_rows():
+    mod = nn.Linear(16, 16)
+    layer = calibrated(mod, torch.randn(4, 16))
+    layer.set_bits(8, 8)
+    kl = KernelLayer.from_quant_layer(layer, "int8", min_m=32)
+    assert kl.route(64, False) == "reference"
+    if tg.HAS_TRITON:
+        assert kl.route(8, True) == "reference"
+        assert kl.route(64, True) == "triton"
+
+
+# --------------------------------------------------------------------------- a small UNet
+@pytest.fixture(scope="module")
+def tiny():
+    unet = build_unet("tiny")
+    calib = [unet_inputs(unet, 2, seed=s) for s in range(2)]
+    layers = calibrate_random(unet, lambda: [unet(**c) for c in calib])
+    return unet, layers, unet_inputs(unet, 2, seed=5)
+
+
+def mixed_plan(names):
+    wp = {n: [8, 4, 2, None][i % 4] for i, n in enumerate(names)}
+    ap = {n: [8, None, 4, 8, None][i % 5] for i, n in enumerate(names)}
+    return wp, ap
+
+
+def test_convert_tiny_unet_matches_reference_and_reports_every_layer(tiny):
+    unet, layers, x = tiny
+    model = copy.deepcopy(unet)
+    wp, ap = mixed_plan(list(layers))
+    set_plan(quant_layers(model), wp, ap)
+    with torch.no_grad():
+        ref = model(**x).sample
+    report = convert_(model, BackendConfig(bos="exact"), example_kwargs=x)
+    assert len(report) == len(layers)
+    assert not quant_layers(model)
+    with torch.no_grad():
+        out = model(**x).sample
+    assert sqnr_db(ref, out) > 90
+    s = report.summary()
+    assert s["paths"].get("reference", 0) + s["paths"].get("dense", 0) == len(layers)
+    assert s["backends"]["reference"] == sum(1 for n in layers if wp[n] is None and ap[n] is not None)
+    assert {d.backend for d in report if wp[d.name] is None and ap[d.name] is None} == {"fp"}
+    for d in report.fallbacks():
+        assert d.reason or d.ran == "reference"
+    assert "triton" not in s["paths"]
+    data = report.to_dict()
+    assert data["summary"]["layers"] == len(layers) and len(data["layers"]) == len(layers)
+
+
+def test_emulated_kernels_follow_the_reference(tiny):
+    unet, layers, x = tiny
+    model = copy.deepcopy(unet)
+    wp, ap = uniform_plan(layers, 4, None)
+    set_plan(quant_layers(model), wp, ap)
+    with torch.no_grad():
+        ref = model(**x).sample
+    report = convert_(model, BackendConfig(cpu="emulate"), example_kwargs=x)
+    assert report.summary()["paths"] == {"emulate": len(layers)}
+    with torch.no_grad():
+        assert sqnr_db(ref, model(**x).sample) > 60
+
+
+def test_converted_unet_compiles_without_graph_breaks(tiny):
+    unet, layers, x = tiny
+    model = copy.deepcopy(unet)
+    wp, ap = mixed_plan(list(layers))
+    set_plan(quant_layers(model), wp, ap)
+    convert_(model, BackendConfig(cpu="emulate"))
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(model)(**x)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.allclose(compiled(**x).sample, model(**x).sample, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_qgemm_fake_op_matches_real_layout():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    a = torch.randn(2, 16, 5, 5).contiguous(memory_format=torch.channels_last)
+    w = pack(torch.randint(-7, 8, (8, 144), dtype=torch.int8), 4, 9)
+    rs = torch.rand(8)
+    real = tg.qgemm(a, w, rs, None, None, 144, 4, 0, False, 0, torch.float32, [3, 3, 1, 1])
+    with FakeTensorMode() as mode:
+        fake = tg.qgemm(mode.from_tensor(a), mode.from_tensor(w), mode.from_tensor(rs), None, None, 144, 4, 0,
+                        False, 0, torch.float32, [3, 3, 1, 1])
+    assert fake.shape == real.shape and fake.stride() == real.stride()
+
+
+# --------------------------------------------------------------------------- Triton
+INTERP_SCRIPT = r"""
+import os, torch
+from mixprec.kernels import triton_gemm as tg
+from mixprec.kernels.packing import pack
+assert tg.HAS_TRITON and tg.INTERPRET
+torch.manual_seed(0)
+def check(m, n, k, bits, mma, qa, conv=None, cl=False):
+    qmax = 2 ** (bits - 1) - 1
+    groups = 1
+    if conv:
+        kh, kw, st, pd, B, C, H, W = conv
+        k, groups = C * kh * kw, kh * kw
+        a = torch.randn(B, C, H, W)
+        if cl:
+            a = a.contiguous(memory_format=torch.channels_last)
+    else:
+        a = torch.randn(m, k)
+    w = pack(torch.randint(-qmax, qmax + 1, (n, k), dtype=torch.int8), bits, groups)
+    rs, cb = torch.rand(n) + 0.5, torch.randn(n)
+    aq = torch.tensor([1 / 0.03, 117.0, 128.0])
+    a_in = tg.quant_act_int(a, 0.03, 117, 128, 255) if (mma == 1 and not qa) else a
+    cargs = list(conv[:4]) if conv else []
+    ref = tg.emulate(a_in, w, rs, cb, aq, k, bits, mma, qa, 255, torch.float32, cargs)
+    tiles = tg.TileConfig(16, 32, 32 if mma else 16, 2, 4, 2)
+    out = tg.launch(a_in, w, rs, cb, aq, k, bits, mma, qa, 255, torch.float32, cargs, tiles=tiles)
+    err = ((out - ref).norm() / ref.norm()).item()
+    assert err < 1e-5, (m, n, k, bits, mma, qa, conv, err)
+for bits in (8, 4, 2):
+    check(40, 50, 100, bits, 1, False)
+    check(40, 50, 128, bits, 1, True)
+    check(33, 20, 72, bits, 0, False)
+    check(0, 24, 0, bits, 1, False, conv=(3, 3, 1, 1, 2, 8, 5, 6))
+    check(0, 24, 0, bits, 1, True, conv=(3, 3, 2, 1, 1, 8, 7, 7), cl=True)
+    check(0, 24, 0, bits, 0, False, conv=(1, 1, 1, 0, 2, 16, 4, 4))
+print("ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_triton_kernel_in_the_interpreter():
+    """The Triton kernel itself (not the emulation), run by Triton's CPU interpreter."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-c", INTERP_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits,mma,qa", [(8, 1, False), (8, 1, True), (4, 1, False), (2, 0, False), (4, 0, False),
+                                         (8, 2, False), (8, 2, True)])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_triton_kernel_on_gpu_matches_emulation(bits, mma, qa, kind):
+    torch.manual_seed(1)
+    dev = "cuda"
+    qmax = 2 ** (bits - 1) - 1
+    if kind == "linear":
+        a, n, k, conv, groups = torch.randn(300, 520, device=dev), 96, 520, [], 1
+    else:
+        a = torch.randn(2, 64, 13, 11, device=dev).contiguous(memory_format=torch.channels_last)
+        n, k, conv, groups = 96, 64 * 9, [3, 3, 1, 1], 9
+    if mma == 2:
+        w = (torch.randn(n, k, device=dev) * 60).to(torch.float8_e4m3fn)
+    else:
+        w = pack(torch.randint(-qmax, qmax + 1, (n, k), device=dev, dtype=torch.int8), bits, groups)
+    rs, cb = torch.rand(n, device=dev) * 0.01, torch.randn(n, device=dev)
+    aq = torch.tensor([50.0, 121.0, 128.0], device=dev)
+    if mma == 1 and not qa:
+        a_in = tg.quant_act_int(a, 0.02, 121, 128, 255)
+    elif mma == 2 and not qa:
+        a_in = tg.quant_act_fp8(a, 50.0)
+    else:
+        a_in = a.bfloat16()
+    ref = tg.emulate(a_in.cpu(), w.cpu(), rs.cpu(), cb.cpu(), aq.cpu(), k, bits, mma, qa, 255, torch.float32, conv)
+    out = tg.qgemm(a_in, w, rs, cb, aq, k, bits, mma, qa, 255, torch.float32, conv).cpu()
+    tol = 1e-6 if mma == 1 else 2e-3
+    assert ((out - ref).norm() / ref.norm()).item() < tol
