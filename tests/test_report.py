@@ -137,6 +137,16 @@ def test_sections_appear_only_with_their_artifacts(tiny, tmp_path):
     assert r.sections == ["run", "census", "sensitivity", "ablation", "benchmark"]
     html = r.path.read_text()
     assert "0.93 ± 0.01" in html and "decoupled" in html and ">7.5<" in html and ">mixed<" in html
+    # without the report's own comparison images, the infer stage's images (full precision vs final plans)
+    shutil.copytree(ws / "generated_images", part / "generated_images")
+    shutil.copy(ws / "infer.json", part / "infer.json")
+    r = build_report(part, images_note="comparison images off")
+    assert "images" in r.sections
+    images = r.path.read_text().split('<section id="images"')[1].split("</section>")[0]
+    n = len(list((ws / "generated_images").glob("*.png")))
+    assert images.count('alt="full precision"') == images.count('alt="final plans"') == n
+    psnr = json.loads((ws / "infer.json").read_text())["headline"]["per_image"]["psnr_db"][0]
+    assert f"PSNR {psnr:.3g} dB" in images and "comparison images off" in r.path.read_text()
 
 
 def test_compare_mode_puts_two_workspaces_on_one_page(tiny, tmp_path):

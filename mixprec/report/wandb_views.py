@@ -291,8 +291,9 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
                 if not key.startswith("_"):
                     out["summary"][key] = json.loads(item.value_json)
         elif which == "artifact":
+            # local_path: where the file waits for `wandb sync` (the staging area, for files wandb copied)
             out["artifacts"].append({"name": rec.artifact.name, "type": rec.artifact.type,
-                                     "files": [e.path for e in rec.artifact.manifest.contents]})
+                                     "files": {e.path: e.local_path for e in rec.artifact.manifest.contents}})
     media = run_dir / "files" / "media"
     # logged keys with "/" become sub-folders
     out["tables"] = sorted(str(p.relative_to(run_dir / "files")) for p in media.glob("table/**/*.table.json"))
