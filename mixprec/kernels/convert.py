@@ -276,7 +276,13 @@ def report_for(model: nn.Module) -> DispatchReport:
         if isinstance(mod, KernelLayer):
             s = mod.spec
             shape = [s.out_features, s.in_features, *s.kernel_size] if s.kind == "conv" else [s.out_features, s.in_features]
-            report.layers.append(LayerDispatch(name, s.kind, shape, s.w_bits, s.a_bits, s.backend, "",
+            reason = ""
+            if s.backend == "reference":
+                cfg = BackendConfig.from_mapping(report.config) if report.config else BackendConfig()
+                probe = nn.Conv2d(s.in_features, s.out_features, s.kernel_size, s.stride, s.padding, device="meta") \
+                    if s.kind == "conv" else nn.Linear(s.in_features, s.out_features, device="meta")
+                reason = choose_backend(probe, s.w_bits, s.a_bits, cfg)[1] or "reference backend"
+            report.layers.append(LayerDispatch(name, s.kind, shape, s.w_bits, s.a_bits, s.backend, reason,
                                                mod.weight_bytes()))
         else:
             inner = mod.inner if isinstance(mod, QuantLayer) else mod
