@@ -55,10 +55,10 @@ class TrainConfig:
     # Start with a sharp posterior (std = exp(logvar/2)): with the default std of ~1 the decoder sees
     # mostly noise and learns nothing for hundreds of steps.
     vae_logvar_init: float = -6.0
-    unet_steps: int = 6000
+    unet_steps: int = 4000
     unet_batch_size: int = 64
-    unet_lr: float = 1e-3
-    text_lr: float = 1e-3
+    unet_lr: float = 2e-3
+    text_lr: float = 2e-3
     warmup_steps: int = 100
     weight_decay: float = 0.0
     grad_clip: float = 1.0
