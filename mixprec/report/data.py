@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -348,7 +347,3 @@ def allocation_by_block(layers: Sequence[Layer], bits: Mapping[str, int], size_a
         tot = sum(q.values())
         r["mean_bits"] = sum(b * s for b, s in q.items()) / tot if tot else None
     return list(rows.values())
-
-
-def finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)

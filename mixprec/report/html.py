@@ -19,11 +19,8 @@ from typing import Any
 
 import yaml
 
-from .data import (FULL_PRECISION_BITS, WorkspaceData, allocation_by_block, census_by_block, finite, mean_bits,
-                   roles_of_block)
+from .data import FULL_PRECISION_BITS, WorkspaceData, allocation_by_block, census_by_block, roles_of_block
 
-# Where an image of this many pixels per side or more is embedded as a JPEG thumbnail; smaller ones
-# (the tiny model's 32 px) stay lossless PNG and are scaled up by CSS.
 CSS = """
 :root { --fg:#1d2330; --muted:#5b6474; --line:#dde1e8; --bg:#f4f6f9; --card:#fff; --accent:#3559c7; }
 * { box-sizing: border-box; }

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -27,6 +28,11 @@ from typing import Any
 from .data import FULL_PRECISION_BITS, WorkspaceData, allocation_by_block, census_by_block
 
 MAX_TABLE_ROWS = 2000
+
+
+def _clean(v: Any) -> Any:
+    """Non-finite floats (the SQNR of a lossless layer, the PSNR of identical images) become None: JSON has no inf."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def _pil(data: bytes):
@@ -70,10 +76,10 @@ def log_report(track, d: WorkspaceData, figures: Mapping[str, bytes | None], man
         bits = sorted({b for v in t.values() for b in v})
         names = sorted(t, key=lambda n: depth.get(n, len(depth)))
         track.log_table(f"sensitivity/{k}_{g}", ["layer", "block", "depth"] + [f"{k}{b}" for b in bits],
-                        [[n, block.get(n), depth.get(n)] + [t[n].get(b) for b in bits] for n in names])
+                        [[n, block.get(n), depth.get(n)] + [_clean(t[n].get(b)) for b in bits] for n in names])
         if track.enabled:
             xs = [[depth.get(n, -1) for n in names if b in t[n]] for b in bits]
-            ys = [[min(t[n][b], 1e4) for n in names if b in t[n]] for b in bits]
+            ys = [[min(t[n][b], 1e4) if not math.isnan(t[n][b]) else None for n in names if b in t[n]] for b in bits]
             track.log({f"sensitivity/{k}_{g}_by_depth": wandb.plot.line_series(
                 xs=xs, ys=ys, keys=[f"{'W' if k == 'w' else 'A'}{b}" for b in bits],
                 title=f"{'weight' if k == 'w' else 'activation'} sensitivity, {g} layers", xname="depth")})
@@ -138,13 +144,13 @@ def log_report(track, d: WorkspaceData, figures: Mapping[str, bytes | None], man
         rows = []
         for i, (prompt, seed) in enumerate(pairs):
             rows.append([prompt, seed] + [loaded[v["key"]][i] for v in vs] +
-                        [((v.get("per_image") or {}).get("psnr_db") or [None] * len(pairs))[i] for v in vs[1:]])
+                        [_clean(((v.get("per_image") or {}).get("psnr_db") or [None] * len(pairs))[i]) for v in vs[1:]])
         track.log_table("images/by_prompt", cols, rows)
         vrows = []
         for v in vs:
             s = v.get("scores") or {}
             vrows.append([v["label"], v["kind"], v["description"], v.get("weight_mean_bits"), v.get("act_mean_bits"),
-                          v.get("weight_mib"), s.get("psnr_db"), s.get("ssim"), s.get("adherence"),
+                          v.get("weight_mib"), _clean(s.get("psnr_db")), s.get("ssim"), s.get("adherence"),
                           _strip(loaded[v["key"]])])
             for k, val in s.items():
                 if isinstance(val, (int, float)):
@@ -171,6 +177,7 @@ def log_report(track, d: WorkspaceData, figures: Mapping[str, bytes | None], man
             track.log_images(f"charts/{name}", [_pil(png)], [name])
     if report_path.exists():
         track.log_artifact("report", "report", [report_path])
+    summary = {k: _clean(v) for k, v in summary.items()}
     track.summary({k: v for k, v in summary.items() if v is not None})
     return summary
 
