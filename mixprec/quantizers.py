@@ -208,7 +208,7 @@ class QuantLayer(nn.Module):
     def drop_cache(self) -> None:
         self._cached_bits, self._cached_weight = None, None
 
-    def _apply(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _linear_or_conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.is_conv:
             c = self.inner
             return F.conv2d(x, weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
@@ -219,14 +219,14 @@ class QuantLayer(nn.Module):
         if self.observer is not None:
             self.observer.update(x[:, 1:] if split else x)
         if self.w_bits is None and self.a_bits is None:
-            return self._apply(x, self.inner.weight)
+            return self._linear_or_conv(x, self.inner.weight)
         rest = x[:, 1:] if split else x
         if self.a_bits is not None:
             scale, zero = self.params.act_params[self.a_bits]
             rest = fake_quant_act(rest, scale, zero, self.a_bits)
-        out = self._apply(rest, self.quantized_weight())
+        out = self._linear_or_conv(rest, self.quantized_weight())
         if split:
-            out = torch.cat([self._apply(x[:, :1], self.inner.weight), out], dim=1)
+            out = torch.cat([self._linear_or_conv(x[:, :1], self.inner.weight), out], dim=1)
         return out
 
 

@@ -101,3 +101,12 @@ def test_set_plan_refuses_unknown_layers():
     assert (layers["0"].w_bits, layers["0"].a_bits) == (None, None)
     with pytest.raises(KeyError, match="another model"):
         set_plan(layers, {"down_blocks.9.x": 4})
+
+
+def test_wrapped_model_still_casts_and_moves():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(3, 3, 1))
+    quantize_(model)
+    model.to(torch.float64)
+    assert model[0].weight.dtype == torch.float64 and model[1].inner.bias.dtype == torch.float64
+    model.float()
+    assert model[0](torch.randn(2, 4)).dtype == torch.float32
