@@ -39,7 +39,8 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
     for name in names:
         sub_cfg = with_stage(cfg, cfg.stage[name])
         sub_cfg.stage.record = name
-        if not stale and not _forced(cfg.stage.force, name) and up_to_date(ws, name, to_dict(sub_cfg.stage)):
+        always = name in set(cfg.stage.get("always_run") or [])
+        if not stale and not always and not _forced(cfg.stage.force, name) and up_to_date(ws, name, to_dict(sub_cfg.stage)):
             log.info("pipeline: %s is up to date, skipped (stage.force=true reruns it)", name)
             done[name] = "skipped"
             continue
