@@ -1,4 +1,8 @@
-"""Hydra callbacks for sweeps: what happens once every job of a multirun has finished.
+"""Hydra callbacks for sweeps: what happens as each job starts and once every job has finished.
+
+:class:`LocalJobsCallback` gives each job of a ``submitit_local`` multirun its own GPU(s) and
+thread count; :class:`SensitivityMergeCallback` checks a sharded sensitivity sweep, records it and
+names what is left to run (``sweeps/sensitivity_*.yaml``, docs/scale_out.md).
 
 :class:`ParetoCallback` (wired in ``sweeps/allocate.yaml``) collects every candidate plan header
 of the workspace(s) the jobs wrote to, marks the Pareto front per kind (size: MiB; objective: the
@@ -288,9 +292,11 @@ class SensitivityMergeCallback(Callback):
     @staticmethod
     def _command(config: DictConfig, config_name: str | None, shards: list[int] | None, n: int, how: str) -> str:
         """The command line that finishes this sweep: the same overrides, the given shards only."""
-        keep = [o for o in OmegaConf.select(config, "hydra.overrides.task", default=[]) or []
-                if not str(o).split("=", 1)[0].lstrip("+~") in ("stage.shard", "stage.num_shards", "stage.restart",
-                                                                "stage.merge_only")]
+        drop = ("stage.shard", "stage.num_shards", "stage.restart", "stage.merge_only", "hydra.sweep.dir",
+                "hydra.run.dir", "hydra.mode")
+        given = [*(OmegaConf.select(config, "hydra.overrides.hydra", default=[]) or []),
+                 *(OmegaConf.select(config, "hydra.overrides.task", default=[]) or [])]
+        keep = [str(o) for o in given if str(o).split("=", 1)[0].lstrip("+~") not in drop]
         import shlex
 
         cd = ""
