@@ -173,6 +173,9 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
     if not 0 <= i < n:
         raise ShardError(f"stage.shard must be in [0, stage.num_shards), got shard={i} num_shards={n}")
     bundle = load_calibrated(cfg, ws, batch_size=int(s.batch_size))
+    nhwc = s.decoder_channels_last
+    bundle.sampler.optimize_decoder(channels_last=bundle.device.type == "cuda" if nhwc == "auto" else bool(nhwc),
+                                    compile=bool(s.compile_decoder))
     q = bundle.quant
     pairs = prompt_set(cfg, "sensitivity")
     prompts, seeds = [p for p, _ in pairs], [sd for _, sd in pairs]
