@@ -241,7 +241,12 @@ def load_pipeline(path: str | os.PathLike | None = None, device: str | torch.dev
     # Checked before the pipeline loads them: an empty tokenizer folder would load silently.
     load_tokenizer(folder / "tokenizer")
     load_tokenizer(folder / "tokenizer_2")
-    pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+    except TypeError:  # diffusers before `dtype` replaced `torch_dtype`
+        pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+    if pipe.unet.dtype != dtype:  # an older diffusers may ignore the keyword it does not know
+        pipe = pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

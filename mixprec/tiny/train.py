@@ -14,6 +14,7 @@ retraces an uninterrupted one exactly (on the same device).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -190,14 +191,37 @@ def train_tiny(
     work = Path(work_dir) if work_dir is not None else out_dir.with_name(out_dir.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     ckpt_path = work / CHECKPOINT_NAME
-    if dev.type == "cuda":
-        # Same seed, same device, same weights: no nondeterministic kernels.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    with _deterministic(dev):
+        return _train(out_dir, cfg, dev, work, ckpt_path, resume, stop_after, log_fn, log_images_fn, progress)
+
+
+@contextlib.contextmanager
+def _deterministic(dev: torch.device) -> Iterator[None]:
+    """Same seed, same device, same weights: no nondeterministic CUDA kernels while training; the
+    caller's global torch settings are restored afterwards."""
+    if dev.type != "cuda":
+        yield
+        return
+    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) = saved[:4]
+        torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
+
+
+def _train(out_dir: Path, cfg: TrainConfig, dev: torch.device, work: Path, ckpt_path: Path, resume: bool,
+           stop_after: int | None, log_fn: LogFn | None, log_images_fn: LogImagesFn | None,
+           progress: bool) -> dict[str, Any]:
     log = log_fn or (lambda metrics, step: None)
     t_start = time.time()
 
@@ -447,11 +471,11 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig.from_dict(json.loads(args.config))
-    log_fn = None
-    if args.log:
-        def log_fn(metrics: dict, step: int) -> None:
-            with open(args.log, "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
+    def append_jsonl(metrics: dict, step: int) -> None:
+        with open(args.log, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    log_fn = append_jsonl if args.log else None
     summary = train_tiny(args.out, cfg, device=args.device, resume=not args.no_resume, stop_after=args.stop_after,
                          log_fn=log_fn, progress=not args.quiet)
     summary["config"] = dataclasses.asdict(cfg)
