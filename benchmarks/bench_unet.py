@@ -85,19 +85,10 @@ def mean_bits(wb: dict, layers) -> float:
     return sum(layers[n].inner.weight.numel() * (wb.get(n) or 16) for n in layers) / tot
 
 
-@torch.no_grad()
 def peak_forward(model, kwargs) -> dict:
-    torch.cuda.synchronize()
-    gc.collect()
-    torch.cuda.empty_cache()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    model(**kwargs)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    wb = weight_bytes(model)
-    return {"weight_mib": wb / MIB, "activation_peak_mib": (peak - before) / MIB,
-            "peak_inference_mib": (wb + peak - before) / MIB}
+    from mixprec.stages.benchmark import _peak
+
+    return _peak(model, kwargs, cuda=True)
 
 
 @torch.no_grad()

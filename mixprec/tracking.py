@@ -96,7 +96,7 @@ def start_run(mode: str, *, project: str, group: str | None, job_type: str, name
 
     if directory is not None:
         Path(directory).mkdir(parents=True, exist_ok=True)
-        # wandb keeps table media in WANDB_DATA_DIR (default ~/.local/share/wandb) and offline runs
+        # wandb keeps table media in WANDB_DATA_DIR (by default a folder in the home directory) and offline runs
         # point there by absolute path: keep it beside the runs so the folder syncs from anywhere.
         os.environ.setdefault("WANDB_DATA_DIR", str(Path(directory).resolve() / "data"))
     run = wandb.init(

@@ -3,7 +3,6 @@ the page rendered by a real headless browser (skipped where no Chromium is insta
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import shutil
@@ -15,19 +14,6 @@ import yaml
 
 from mixprec.report import build_compare, build_report, load_workspace
 from mixprec.runner import run_stage
-
-
-@contextlib.contextmanager
-def one_thread():
-    """torch on one thread while the model runs: on the shared 2-core machine, two OpenMP threads competing with
-    other processes spin-wait, and the tiny pipeline takes 4-5x longer (15 s vs 55-75 s measured)."""
-    import torch
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
 
 
 PROMPTS = ["model=tiny_random", "prompts.calibration.n=3", "prompts.sensitivity.n=3", "prompts.selection.n=4",
@@ -47,8 +33,7 @@ def _base(out) -> list[str]:
 def tiny(tmp_path_factory):
     from tests.conftest import compose
     out = tmp_path_factory.mktemp("report")
-    with one_thread():
-        head = run_stage(compose([*_base(out), *SMALL]))
+    head = run_stage(compose([*_base(out), *SMALL]))
     return out, out / "tiny_random", head
 
 
@@ -121,8 +106,7 @@ def test_images_are_reused_until_a_plan_changes(tiny, tmp_path):
     name = next(n for n, b in plan["bits"].items() if b == 4)
     plan["bits"][name] = 8
     (copy / "final_weight_mp.yaml").write_text(yaml.safe_dump(plan, sort_keys=False))
-    with one_thread():
-        run_stage(compose([*_base(tmp_path), *PROMPTS, "stage=report"]))
+    run_stage(compose([*_base(tmp_path), *PROMPTS, "stage=report"]))
     m = json.loads((copy / "report" / "images.json").read_text())
     assert m["key"] != json.loads(manifest)["key"]
     assert {x["key"]: x for x in m["variants"]}["mixed_w"]["weight_mean_bits"] > \

@@ -10,7 +10,7 @@ two sweeps (two groups) side by side.
 
 Offline runs: wandb 0.31 keeps a run's tables twice, as ``files/media/table/*.table.json`` in the
 run folder (cells with images appear as placeholders there) and as a run-table artifact staged
-under ``$WANDB_DATA_DIR`` (default ``~/.local/share/wandb``), which ``wandb sync`` uploads with the
+under ``$WANDB_DATA_DIR`` (mixprec.tracking points it under ``tracking.dir``), which ``wandb sync`` uploads with the
 run; the standalone images are under ``files/media/images``. :func:`read_offline_run` decodes the
 ``.wandb`` file with wandb's own protobuf schema.
 """
