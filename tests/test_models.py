@@ -56,3 +56,21 @@ def test_unknown_model_options_are_refused():
         ModelSpec.from_dict({"name": "x", "source": "tiny_random", "resolutoin": 64})
     with pytest.raises(ValueError, match="model.source must be one of"):
         ModelSpec.from_dict({"name": "x", "source": "somewhere"})
+
+
+def test_a_failing_stage_still_finishes_its_wandb_run_as_failed(make_cfg, monkeypatch, tmp_path):
+    from mixprec.report.wandb_views import read_offline_run
+    from mixprec.runner import run_stage
+    from mixprec.workspace import MissingArtifactError
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    monkeypatch.setenv("WANDB__DISABLE_STATS", "true")
+    cfg = make_cfg("model=tiny_random", "stage=sensitivity", "tracking=offline", "tracking.group=failing")
+    with pytest.raises(MissingArtifactError):
+        run_stage(cfg)
+    runs = [read_offline_run(d) for d in (tmp_path / "wandb" / "wandb").glob("offline-run-*")]
+    assert len(runs) == 1
+    assert runs[0]["job_type"] == "sensitivity" and runs[0]["group"] == "failing"
+    assert runs[0]["exit_code"] == 1

@@ -297,6 +297,8 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
                 key = item.key or "/".join(item.nested_key)
                 if not key.startswith("_"):
                     out["summary"][key] = json.loads(item.value_json)
+        elif which == "exit":
+            out["exit_code"] = rec.exit.exit_code
         elif which == "artifact":
             # local_path: where the file waits for `wandb sync` (the staging area, for files wandb copied)
             out["artifacts"].append({"name": rec.artifact.name, "type": rec.artifact.type,
