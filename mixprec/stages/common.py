@@ -121,7 +121,7 @@ def load_model(cfg: DictConfig, batch_size: int | None = None) -> ModelBundle:
     excl = spec.exclude_patterns
     layers = quantize_(pipe.unet, (lambda n, m: not _matches(n, excl)) if excl else None, skip_bos=bool(q["skip_bos"]))
     sampler = Sampler(pipe, spec.resolution, spec.num_inference_steps, spec.guidance_scale,
-                      batch_size=batch_size or int(cfg.get("batch_size", 8) or 8))
+                      batch_size=batch_size or 8)
     return ModelBundle(spec, pipe, layers, sampler, device, q)
 
 
