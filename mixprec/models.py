@@ -111,9 +111,12 @@ def load_pipeline(spec: ModelSpec, device: str | torch.device = "cpu"):
     from diffusers import DiffusionPipeline
 
     if spec.source == "tiny_random":
-        from mixprec.tiny.build import build_pipeline
+        if spec.family == "sd":
+            pipe = build_tiny_sd_pipeline(spec.arch, seed=spec.seed)
+        else:
+            from mixprec.tiny.build import build_pipeline
 
-        pipe = build_pipeline(spec.arch, seed=spec.seed)
+            pipe = build_pipeline(spec.arch, seed=spec.seed)
     elif spec.source == "builtin":
         folder = spec.resolved_path()
         _check_pipeline_folder(folder, spec.name)
@@ -200,6 +203,45 @@ def build_random_pipeline(family: str, seed: int = 0, device: str | torch.device
     if te2 is not None:
         return StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
                                          unet=unet, scheduler=scheduler)
+    return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def build_tiny_sd_pipeline(arch: dict[str, Any] | None = None, seed: int = 0):
+    """An SD 2.1 / SD-Turbo-structured StableDiffusionPipeline at toy scale with random weights (tests).
+
+    Same block types as SD 2.1 (cross-attention in every level but the last, linear projections,
+    one text encoder whose last hidden state conditions the UNet, no added conditioning).
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from mixprec.tiny.tokenizer import build_tokenizer
+
+    a = {"image_size": 32, "channels": [8, 16], "text_hidden": 16, "heads": 2, **(arch or {})}
+    tok = build_tokenizer()
+    levels = len(a["channels"])
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        te = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=a["text_hidden"], intermediate_size=2 * a["text_hidden"],
+            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=tok.model_max_length,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+        unet = UNet2DConditionModel(
+            sample_size=a["image_size"] // 2, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=tuple(a["channels"]),
+            down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+            attention_head_dim=a["heads"], norm_num_groups=4, cross_attention_dim=a["text_hidden"],
+            use_linear_projection=True)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                            layers_per_block=1, norm_num_groups=4, sample_size=a["image_size"])
+    finally:
+        torch.random.set_rng_state(state)
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       timestep_spacing="trailing")
     return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 

@@ -74,3 +74,21 @@ def test_a_failing_stage_still_finishes_its_wandb_run_as_failed(make_cfg, monkey
     assert len(runs) == 1
     assert runs[0]["job_type"] == "sensitivity" and runs[0]["group"] == "failing"
     assert runs[0]["exit_code"] == 1
+
+
+def test_sd_turbo_structure_runs_the_whole_pipeline(make_cfg, tmp_path):
+    import json
+
+    from mixprec.runner import run_stage
+
+    head = run_stage(make_cfg("model=tiny_sd_random", "prompts.calibration.n=2", "prompts.sensitivity.n=2",
+                              "prompts.selection.n=2", "prompts.inference.n=2", "stage.sensitivity.progress=false",
+                              "stage.select.progress=false", "stage.allocate_weight.target=[4,5]",
+                              "stage.allocate_weight.seed=[0]", "stage.allocate_act.seed=[0]", "stage.report.images=false"))
+    assert set(head["stages"].values()) == {"ran"}
+    ws = tmp_path / "tiny_sd_random"
+    census = (ws / "layers.csv").read_text().splitlines()
+    assert any(",content," in row and ".attn2.to_k," in row for row in census)
+    assert not any(row.startswith("add_embedding") for row in census)  # no SDXL added conditioning
+    infer = json.loads((ws / "infer.json").read_text())["headline"]
+    assert infer["images"] == 2 and infer["weights"]["compression"] > 2.5
