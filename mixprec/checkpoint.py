@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from mixprec.quantizers import QUANTIZABLE_TYPES, QuantLayer
-from mixprec.workspace import fingerprint
+from mixprec.workspace import atomic_path, fingerprint
 
 FORMAT = "mixprec-quantized-denoiser"
 VERSION = 1
@@ -112,15 +111,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, extra: Mapping[str
     }
     meta = {"format": FORMAT, "mixprec": json.dumps(info, default=str)}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
     data_bytes = sum(t.numel() * t.element_size() for t in state.values())
     file_bytes = path.stat().st_size
     return {"path": str(path), "file_bytes": file_bytes, "weight_bytes": data_bytes,

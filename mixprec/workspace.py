@@ -53,6 +53,29 @@ def _to_builtin(obj: Any) -> Any:
     return obj
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed to ``path``, on error removed."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
 class Workspace:
     """A folder of artifacts with atomic writes and fingerprint checks."""
 
@@ -72,21 +95,9 @@ class Workspace:
         return self.path(name).exists()
 
     # ------------------------------------------------------------------ writing
-    @contextlib.contextmanager
-    def atomic_path(self, name: str | os.PathLike) -> Iterator[Path]:
-        """Yield a temporary path; on success it is renamed to ``name``, on error removed."""
-        final = self.path(name)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-        os.close(fd)
-        tmp_path = Path(tmp)
-        os.chmod(tmp_path, 0o666 & ~_UMASK)
-        try:
-            yield tmp_path
-            os.replace(tmp_path, final)
-        finally:
-            if tmp_path.exists():
-                tmp_path.unlink()
+    def atomic_path(self, name: str | os.PathLike):
+        """Context manager: a temporary path renamed to ``name`` on success, removed on error."""
+        return atomic_path(self.path(name))
 
     def write_bytes(self, name: str | os.PathLike, data: bytes) -> Path:
         with self.atomic_path(name) as tmp:

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from mixprec.runner import run_stage
 from mixprec.stages.sensitivity import PER_PROMPT_CSV, PROTECTED_YAML, ShardError, table_name
@@ -27,15 +26,7 @@ SLICE = "stage.layers=[up_blocks.0.attentions.0,conv_in]"
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def calibrated(tmp_path_factory, one_thread):
+def calibrated(tmp_path_factory):
     from tests.conftest import compose
     out = tmp_path_factory.mktemp("scale_cal")
     run_stage(compose([f"paths.outputs={out}", "tracking=disabled", "device=cpu", "model=tiny_random",

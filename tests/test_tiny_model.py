@@ -18,18 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 STEPS = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # These models are tiny: one thread is as fast as two, and it does not spin-wait when the
-    # two cores are shared with other work (which made the file 10x slower in a measurement).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def shipped(_one_thread):
+def shipped():
     return load_pipeline()
 
 

@@ -9,9 +9,10 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+
+from mixprec.workspace import atomic_write_text
 
 
 def env_info() -> dict:
@@ -106,8 +107,4 @@ class Clock:
 def write_json(path: str | os.PathLike | None, obj) -> None:
     if not path:
         return
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, p)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))

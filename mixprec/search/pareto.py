@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .plan import atomic_write_text
+from mixprec.workspace import atomic_path, atomic_write_text
 
 
 def pareto_front(points: Sequence[Mapping[str, Any]], size_key: str = "size",
@@ -122,9 +122,7 @@ def plot_pareto(path: str | os.PathLike, points: Sequence[Mapping[str, Any]], si
     ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, format="png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path

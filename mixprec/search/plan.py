@@ -27,13 +27,14 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from mixprec.workspace import atomic_write_text
 
 
 @dataclass
@@ -66,20 +67,6 @@ def plan_to_yaml(plan: Plan) -> str:
     bits = {l: (None if b is None else int(b)) for l, b in sorted(plan.bits.items(), key=lambda kv: natural_key(kv[0]))}
     return yaml.safe_dump({"header": _plain(plan.header), "bits": bits}, sort_keys=False, width=120,
                           default_flow_style=False)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def write_plan(path: str | os.PathLike, plan: Plan) -> Path:

@@ -33,6 +33,7 @@ from omegaconf import DictConfig
 
 from mixprec import search
 from mixprec.search import MIB, PROTECTED_BITS, InfeasibleBudgetError, Plan
+from mixprec.workspace import atomic_path
 
 log = logging.getLogger("mixprec")
 
@@ -272,10 +273,9 @@ def _plot(path: Path, rows: list[dict[str, Any]]) -> Path:
         ax.imshow(mpimg.imread(p))
         ax.axis("off")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, format="png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     for p in parts:
         p.unlink(missing_ok=True)
     return path

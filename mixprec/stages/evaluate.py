@@ -27,7 +27,7 @@ from mixprec.calibration import extend_params
 from mixprec.models import layer_group
 from mixprec.quantizers import set_plan
 from mixprec.search import InfeasibleBudgetError
-from mixprec.selection import image_scores, sort_key
+from mixprec.selection import adherence, image_scores, sort_key
 from mixprec.stages import allocate as alloc
 from mixprec.stages.common import LAYERS_CSV, ModelBundle, load_calibrated, prompt_set, to_dict, tracker
 from mixprec.stages.sensitivity import PER_PROMPT_CSV, PROTECTED_YAML
@@ -132,8 +132,8 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
 
         sel_ref = bundle.sampler.generate(sel_prompts, sel_seeds).images
         refs = [bundle.sampler.generate(eval_prompts, seeds).images for seeds in seed_sets]
-        fp_adh = [image_scores(r, r, eval_prompts, bundle.spec.checker).get("adherence") for r in refs]
-        fp_adherence = statistics.fmean(fp_adh) if fp_adh[0] is not None else None
+        fp_checks = [adherence(r, eval_prompts, bundle.spec.checker) for r in refs]
+        fp_adherence = statistics.fmean(c["all"] for c in fp_checks) if fp_checks[0] else None
 
         def allocate(kind: str, target: float, table) -> list[dict[str, int]]:
             plans = []

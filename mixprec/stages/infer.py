@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from mixprec import search
 from mixprec.generation import to_pil
 from mixprec.quantizers import set_plan
-from mixprec.selection import image_scores, slug
+from mixprec.selection import adherence, image_scores, slug
 from mixprec.stages.common import load_calibrated, prompt_set, tracker
 from mixprec.stages.select import FINAL, check_plan_fingerprints
 from mixprec.workspace import Workspace
@@ -88,7 +88,8 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
         if s.save_full_precision:
             save_images(ws, f"{IMAGES_DIR}/full_precision", fp_images, pairs)
         scores = image_scores(fp_images, q_images, prompts, bundle.spec.checker)
-        fp_adh = image_scores(fp_images, fp_images, prompts, bundle.spec.checker).get("adherence")
+        fp_check = adherence(fp_images, prompts, bundle.spec.checker)
+        fp_adh = fp_check["all"] if fp_check else None
         applied = {n: {"w": l.w_bits, "a": l.a_bits} for n, l in bundle.layers.items()}
         headline = {
             "images": len(pairs),

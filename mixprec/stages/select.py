@@ -10,7 +10,6 @@ and K at low targets) are generated once. Every candidate's images are kept as a
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from tqdm.auto import tqdm
 
+from mixprec.workspace import atomic_path
+
 from . import shapes
 from .adherence import check_batch
 from .build import TINY_ARCH, build_pipeline, generate, merge_arch
@@ -104,9 +106,8 @@ def _step_seed(seed: int, phase: str, step: int) -> int:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
