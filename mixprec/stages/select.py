@@ -16,8 +16,8 @@ from omegaconf import DictConfig
 
 from mixprec import search
 from mixprec.quantizers import set_plan
-from mixprec.selection import Candidate, image_grid, image_scores, rank, slug
-from mixprec.stages.common import ModelBundle, load_calibrated, prompt_set, tracker
+from mixprec.selection import METRICS, Candidate, image_grid, image_scores, rank, slug
+from mixprec.stages.common import ModelBundle, load_calibrated, model_spec, prompt_set, tracker
 from mixprec.workspace import FingerprintMismatchError, MissingArtifactError, Workspace
 
 log = logging.getLogger("mixprec")
@@ -120,15 +120,18 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
     s = cfg.stage
     metric = str(s.metric)
     kinds = list(s.kinds)
-    bundle = load_calibrated(cfg, ws, batch_size=int(s.batch_size))
-    checker = bundle.spec.checker
-    if metric == "adherence" and checker is None:
-        raise ValueError(f"stage.metric=adherence needs a model with a content checker; {bundle.spec.name} has none "
+    spec = model_spec(cfg)
+    checker = spec.checker
+    if metric not in METRICS:
+        raise ValueError(f"unknown selection metric {metric!r}; stage.metric is one of {', '.join(METRICS)}")
+    if metric == "adherence" and checker is None:  # before loading anything
+        raise ValueError(f"stage.metric=adherence needs a model with a content checker; {spec.name} has none "
                          f"(use stage.metric=mse or ssim)")
     pairs = prompt_set(cfg, "selection")
     prompts, seeds = [p for p, _ in pairs], [sd for _, sd in pairs]
     targets = {"weight": s.weight_target, "act": s.act_target}
     candidates = {k: load_candidates(ws, k, targets[k]) for k in kinds}  # fail early, before generating anything
+    bundle = load_calibrated(cfg, ws, batch_size=int(s.batch_size))
     reference = bundle.sampler.generate(prompts, seeds).images
     with ws.atomic_path("select/full_precision.png") as tmp:
         image_grid(reference).save(tmp, format="PNG")
