@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also time the compiled decoder")
+    ap.add_argument("--only", default="", help="comma-separated variant labels")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
@@ -65,14 +66,22 @@ def main() -> None:
             times.append(time.perf_counter() - t)
         return statistics.median(times), values
 
-    # cudnn.benchmark picks the fastest convolution algorithm per shape (the decoder's shapes never change).
-    variants = [("as_is", False, False, False), ("channels_last", True, False, False),
-                ("channels_last_cudnn_benchmark", True, False, True)]
+    # (label, decoder NHWC, compiled decoder, cudnn.benchmark, UNet NHWC); cudnn.benchmark picks the
+    # fastest convolution algorithm per shape (the shapes never change during a sweep).
+    variants = [("as_is", False, False, False, False), ("channels_last", True, False, False, False),
+                ("cudnn_benchmark", False, False, True, False)]
     if args.compile:
-        variants.append(("channels_last_compiled", True, True, True))
-    for label, nhwc, comp, bench in variants:
+        variants += [("compiled", False, True, True, False), ("channels_last_compiled", True, True, True, False),
+                     ("compiled_unet_channels_last", False, True, True, True)]
+    if args.only:
+        variants = [v for v in variants if v[0] in args.only.split(",")]
+    for label, nhwc, comp, bench, unet_nhwc in variants:
         torch.backends.cudnn.benchmark = bench
-        sampler.optimize_decoder(channels_last=nhwc, compile=comp)
+        vae = bundle.pipe.vae
+        vae.to(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+        if comp and not hasattr(vae.decoder, "_orig_mod"):
+            sampler.optimize_decoder(channels_last=nhwc, compile=True)
+        bundle.pipe.unet.to(memory_format=torch.channels_last if unet_nhwc else torch.contiguous_format)
         t0 = time.perf_counter()
         ref = sens.compute_reference(sampler, prompts, seeds, True, True)
         sync()
