@@ -23,8 +23,12 @@ import csv
 import json
 import os
 import shutil
+import hashlib
 import subprocess
 import sys
+import tarfile
+
+import torch
 import time
 from pathlib import Path
 
@@ -32,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = [f"sensitivity_{k}_{g}.yaml" for k in ("w", "a") for g in ("content", "quality")] + [
     "sensitivity_per_prompt.csv", "protected_layers.yaml"]
 PROMPTS = ["~prompts.sensitivity", "+prompts.sensitivity={file:sweeps/prompts/sdxl32.txt,seed:1000}"]
-SDXL = ["model=sdxl_turbo", "model.weights=random", "model.dtype=float16", "prompts=coco", *PROMPTS,
+SDXL = ["model=sdxl_turbo", "model.weights=random", "model.dtype=bfloat16", "prompts=coco", *PROMPTS,
         "tracking=disabled"]
 TINY = ["model=tiny_random", "device=cpu", "prompts.sensitivity.n=2", "tracking=disabled"]
 
@@ -104,7 +108,15 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny_random on CPU (a rehearsal of the device run)")
     ap.add_argument("--skip-profile", action="store_true")
     ap.add_argument("--reps", type=int, default=2, help="timed repetitions of each profiled part")
+    ap.add_argument("--sec", default="", help="seconds per content,quality evaluation that size the slice "
+                                              "when the profile is skipped, e.g. 0.39,0.17")
+    ap.add_argument("--phase", choices=("both", "single", "sharded"), default="both",
+                    help="run both halves in one process, or in two calls (a device call has a time limit): "
+                         "'single' leaves single.tar.gz in --out; 'sharded' takes it back with --handoff")
+    ap.add_argument("--handoff", default="", help="single.tar.gz of an earlier --phase single")
     args = ap.parse_args()
+    if args.phase == "sharded":
+        return sharded_phase(args)
 
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,6 +166,8 @@ def main() -> None:
             summary["profile"] = {k: p[k] for k in ("load_model_and_calibration_s", "reference_s", "seconds_per_eval",
                                                     "projected_full_sweep_s", "projected_full_sweep_s_bf16_vae",
                                                     "content_eval_breakdown_s", "peak_gpu_mem_gib", "layers")}
+    if sec is None and args.sec:
+        sec = dict(zip(("content", "quality"), map(float, args.sec.split(","))))
     if sec is None:
         sec = {"content": 1.0, "quality": 0.3}  # only sizes the slice when the profile is missing
     layers, est, groups = choose_slice(ws1 / "layers.csv", sec, args.work_s, args.prefix)
@@ -162,11 +176,86 @@ def main() -> None:
                         "estimated_single_gpu_eval_s": est}
     done()
 
-    one = run("sensitivity_1gpu", [py, "run.py", *sens, f"paths.workspace={ws1}", slice_arg], 400, gpu0)
+    one = run("sensitivity_1gpu", [py, "run.py", *sens, f"paths.workspace={ws1}", slice_arg], 560, gpu0)
     summary["single_gpu"] = one
+    summary["slice_arg"] = slice_arg
+    summary["quant_params_sha256"] = sha256(ws1 / "quant_params.safetensors")
     done()
     if one["rc"] != 0:
         return done(error="single-GPU sensitivity failed (log.txt)")
+    if args.phase == "single":
+        # what the sharded half compares against, small enough to come back from a device call
+        with tarfile.open(out / "single.tar.gz", "w:gz") as tar:
+            for p in sorted(ws1.rglob("*")):
+                if p.is_file() and p.name != "quant_params.safetensors" and not p.name.endswith(".png"):
+                    tar.add(p, arcname=str(p.relative_to(ws1)))
+            tar.add(out / "summary.json", arcname="bench_summary.json")
+        return
+    sharded(args, summary, run, base, sens, ws1, ws2, work, out, one, slice_arg, done)
+
+
+def sha256(path: Path) -> str:
+    """Digest of a safetensors file's content: its header's metadata order varies between processes."""
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(str(path), framework="pt") as f:
+        h.update(json.dumps(f.metadata(), sort_keys=True).encode())
+        for key in sorted(f.keys()):
+            h.update(key.encode())
+            h.update(f.get_tensor(key).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def sharded_phase(args) -> None:
+    """The sharded half in a fresh process: the single-GPU results come from --handoff; the
+    calibration is recomputed (or reused from --work) and must hash equal to the single run's."""
+    out, work = Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    run = Runner(work, out / "log.txt")
+    base = TINY if args.tiny else SDXL
+    py = sys.executable
+    ws1, ws2 = work / "ws_1gpu", work / f"ws_{args.shards}gpu"
+    prev = None
+    if args.handoff:
+        shutil.rmtree(ws1, ignore_errors=True)
+        ws1.mkdir(parents=True)
+        with tarfile.open(args.handoff) as tar:
+            tar.extractall(ws1, filter="data")
+        prev = json.loads((ws1 / "bench_summary.json").read_text())
+    elif (out / "summary.json").exists():
+        prev = json.loads((out / "summary.json").read_text())
+    if prev is None or "slice_arg" not in prev:
+        raise SystemExit("--phase sharded needs the summary of a --phase single run (--handoff single.tar.gz)")
+    summary = dict(prev)
+    t0 = time.perf_counter()
+
+    def done(**kw):
+        summary.update(kw)
+        summary["sharded_phase_total_s"] = time.perf_counter() - t0
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    gpu0 = {"OMP_NUM_THREADS": "1"} if args.tiny else {"CUDA_VISIBLE_DEVICES": "0"}
+    shutil.rmtree(ws2, ignore_errors=True)
+    cal_ws = work / "ws_calibration"
+    if not (cal_ws / "quant_params.safetensors").exists():
+        cal = run("calibrate_again", [py, "run.py", "stage=calibrate", f"paths.workspace={cal_ws}", *base], 300, gpu0)
+        if cal["rc"] != 0:
+            return done(error="calibrate failed (log.txt)")
+    ws2.mkdir(parents=True)
+    for name in ("quant_params.safetensors", "layers.csv", "calibrate.json"):
+        shutil.copy(cal_ws / name, ws2 / name)
+    same_calibration = sha256(ws2 / "quant_params.safetensors") == prev["quant_params_sha256"]
+    summary["calibration_identical_to_single_run"] = same_calibration
+    if not same_calibration:
+        return done(error="the recomputed calibration differs from the single-GPU run's: not comparable")
+    sens = ["stage=sensitivity", f"stage.batch_size={args.batch_size}", "stage.progress=false", *base]
+    one = prev["single_gpu"]
+    sharded(args, summary, run, base, sens, ws1, ws2, work, out, one, prev["slice_arg"], done)
+
+
+def sharded(args, summary, run, base, sens, ws1, ws2, work, out, one, slice_arg, done) -> None:
+    py = sys.executable
 
     smi_log = out / "gpu_use.csv"
     sampler = None

@@ -173,9 +173,12 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
     if not 0 <= i < n:
         raise ShardError(f"stage.shard must be in [0, stage.num_shards), got shard={i} num_shards={n}")
     bundle = load_calibrated(cfg, ws, batch_size=int(s.batch_size))
-    nhwc = s.decoder_channels_last
-    bundle.sampler.optimize_decoder(channels_last=bundle.device.type == "cuda" if nhwc == "auto" else bool(nhwc),
-                                    compile=bool(s.compile_decoder))
+    cuda = bundle.device.type == "cuda"
+    compile_decoder = cuda if s.compile_decoder == "auto" else bool(s.compile_decoder)
+    # NHWC pays only once compiled (bf16 on an H100: 0.39 s compiled NHWC, 0.42 s compiled NCHW,
+    # 0.56 s eager NCHW, 0.79 s eager NHWC per 32-image content evaluation).
+    nhwc = cuda and compile_decoder if s.decoder_channels_last == "auto" else bool(s.decoder_channels_last)
+    bundle.sampler.optimize_decoder(channels_last=nhwc, compile=compile_decoder)
     q = bundle.quant
     pairs = prompt_set(cfg, "sensitivity")
     prompts, seeds = [p for p, _ in pairs], [sd for _, sd in pairs]
