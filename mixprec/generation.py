@@ -109,17 +109,18 @@ class Sampler:
         images, denoiser, finals = [], [], []
         captured: list[torch.Tensor] = []
 
-        denoiser = self.denoiser
-        noise_channels = denoiser.config.in_channels
-        learned_sigma = denoiser.config.out_channels == 2 * noise_channels
+        model = self.denoiser
+        noise_channels = model.config.in_channels
+        learned_sigma = model.config.out_channels == 2 * noise_channels
 
         def hook(_m, _args, out):
             out = (out[0] if isinstance(out, tuple) else out.sample).detach()
             captured.append(out[:, :noise_channels] if learned_sigma else out)
 
-        handle = denoiser.register_forward_hook(hook) if capture_denoiser else None
-        # PixArt's defaults would clean captions (needs bs4/ftfy) and snap the size to its aspect-ratio bins.
-        extra = ({"clean_caption": False, "use_resolution_binning": False,
+        handle = model.register_forward_hook(hook) if capture_denoiser else None
+        # PixArt's defaults would clean captions (needs bs4/ftfy), snap the size to its aspect-ratio
+        # bins, and refuse the cached negative embeddings next to its default negative prompt "".
+        extra = ({"negative_prompt": None, "clean_caption": False, "use_resolution_binning": False,
                   "max_sequence_length": self.max_sequence_length} if self.is_pixart else {})
         try:
             for i in range(0, len(prompts), self.batch_size):
