@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import Clock, capture, env_info, time_graph, write_json  # noqa: E402
 from mixprec.kernels import BackendConfig, convert_, weight_bytes  # noqa: E402
-from mixprec.kernels.testing import build_unet, calibrate_random, cast_floating_, sqnr_db, unet_inputs  # noqa: E402
+from mixprec.kernels.testing import build_unet, calibrate_random, cast_floating_, sqnr_db, denoiser_inputs  # noqa: E402
 from mixprec.quantizers import quant_layers, set_plan  # noqa: E402
 
 MIB = 2 ** 20
@@ -152,14 +152,14 @@ def main() -> None:
     unet = build_unet(args.model, device="cuda" if cuda else "cpu", dtype=dtype)
     shapes = [(int(r), int(b)) for r in args.res.split(",") for b in args.batch.split(",")]
     r0 = shapes[0][0] // 8
-    calib = [unet_inputs(unet, 1, r0, seed=100 + i) for i in range(2)]
+    calib = [denoiser_inputs(unet, 1, r0, seed=100 + i) for i in range(2)]
     t = time.time()
     layers = calibrate_random(unet, lambda: [unet(**c) for c in calib], weight_bits=(2, 4, 8), act_bits=(4, 8))
     result["calibration_s"] = time.time() - t
     names = list(layers)
     CONV_NAMES.update(n for n, layer in layers.items() if isinstance(layer.inner, torch.nn.Conv2d))
     result["layers"] = len(names)
-    x0 = unet_inputs(unet, 1, r0, seed=7)
+    x0 = denoiser_inputs(unet, 1, r0, seed=7)
     with torch.no_grad():
         set_plan(layers, {}, {})
         fp_out = unet(**x0).sample.float()
@@ -239,7 +239,7 @@ def main() -> None:
                 if clock.left() < 30:
                     rec["timing"][f"{res}x{batch}"] = {"skipped": "time budget"}
                     continue
-                xin = unet_inputs(unet, batch, res // 8, seed=11)
+                xin = denoiser_inputs(unet, batch, res // 8, seed=11)
                 if args.memory_format == "channels_last":
                     xin["sample"] = xin["sample"].contiguous(memory_format=torch.channels_last)
                 t = time.time()

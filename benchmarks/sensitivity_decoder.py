@@ -46,7 +46,7 @@ def main() -> None:
     groups = {n: layer_group(n, bundle.spec.content_patterns) for n in layers}
     lc, lq = pick_layers(layers, groups)
     out = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
-           "dtype": str(bundle.pipe.unet.dtype), "prompts": len(prompts), "batch_size": sampler.batch_size,
+           "dtype": str(bundle.denoiser.dtype), "prompts": len(prompts), "batch_size": sampler.batch_size,
            "content_layer": lc, "quality_layer": lq, "variants": {}}
 
     def time_eval(name, group, ref):

@@ -90,7 +90,7 @@ def main() -> None:
     pairs = prompt_set(cfg, "sensitivity")
     prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
     out.update(prompts=len(prompts), batch_size=sampler.batch_size, resolution=sampler.resolution, steps=sampler.steps,
-               dtype=str(pipe.unet.dtype), vae_force_upcast=bool(getattr(pipe.vae.config, "force_upcast", False)))
+               dtype=str(bundle.denoiser.dtype), vae_force_upcast=bool(getattr(pipe.vae.config, "force_upcast", False)))
     groups = {n: layer_group(n, bundle.spec.content_patterns) for n in layers}
     counts = {g: sum(1 for v in groups.values() if v == g) for g in ("content", "quality")}
     out["layers"] = counts
@@ -129,12 +129,12 @@ def main() -> None:
     def grab(_m, a, kw):
         captured.setdefault("call", (a, kw))
 
-    h = pipe.unet.register_forward_pre_hook(grab, with_kwargs=True)
+    h = bundle.denoiser.register_forward_pre_hook(grab, with_kwargs=True)
     latents = sampler.generate(prompts, seeds, decode=False, keep_on_device=True).latents
     h.remove()
     ua, ukw = captured["call"]
     with torch.no_grad():
-        r["unet_forward"] = timed(lambda: pipe.unet(*ua, **ukw), args.reps)
+        r["unet_forward"] = timed(lambda: bundle.denoiser(*ua, **ukw), args.reps)
     vae, sf = pipe.vae, pipe.vae.config.scaling_factor
 
     vae_dtype = vae.dtype

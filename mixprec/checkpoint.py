@@ -72,7 +72,7 @@ def architecture_fingerprint(model: nn.Module) -> str:
 
 def _describe(info: Mapping[str, Any]) -> str:
     cfg = info.get("config") or {}
-    keys = ("block_out_channels", "cross_attention_dim", "transformer_layers_per_block", "sample_size")
+    keys = ("block_out_channels", "num_layers", "cross_attention_dim", "transformer_layers_per_block", "sample_size")
     parts = [f"{k}={cfg[k]}" for k in keys if k in cfg]
     return f"{info.get('model_class', '?')}({', '.join(parts)}; {info.get('n_quantizable', '?')} quantizable layers)"
 

@@ -3,6 +3,11 @@
 Prompts are encoded once and cached; initial latents come from one CPU generator per seed, so an
 image depends only on (prompt, seed), not on batch composition or device. The denoiser's outputs
 at every sampler step can be captured (quality metric: SQNR of the denoiser output).
+
+The denoiser is a UNet (SD, SDXL) or a diffusion transformer (PixArt), called through the same
+pipeline ``__call__``. PixArt predicts a learned variance next to the noise (twice the latent
+channels); its pipeline drops the variance after the call, so the captured output keeps only the
+noise channels the sampler uses.
 """
 
 from __future__ import annotations
@@ -12,11 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
+from mixprec.models import PIXART_MAX_SEQUENCE_LENGTH, denoiser_of
+
 
 @dataclass
 class GenerationOutput:
     images: torch.Tensor | None  # [N, 3, H, W] in [0, 1], float32
-    denoiser: torch.Tensor | None  # [N, steps, C, h, w]: the denoiser output at each sampler step
+    denoiser: torch.Tensor | None  # [N, steps, C, h, w]: the denoiser output (noise channels) at each sampler step
     latents: torch.Tensor | None  # [N, C, h, w]: final latents
 
 
@@ -31,6 +38,8 @@ class Sampler:
         self.guidance_scale = guidance_scale
         self.batch_size = max(1, int(batch_size))
         self.is_xl = hasattr(pipe, "text_encoder_2")
+        self.max_sequence_length = PIXART_MAX_SEQUENCE_LENGTH.get(type(pipe).__name__)
+        self.is_pixart = self.max_sequence_length is not None
         self._cache: dict[str, dict[str, torch.Tensor]] = {}
 
     def optimize_decoder(self, channels_last: bool = True, compile: bool = False) -> None:
@@ -46,18 +55,29 @@ class Sampler:
             vae.decoder = torch.compile(vae.decoder, dynamic=False)
 
     @property
+    def denoiser(self):
+        return denoiser_of(self.pipe)
+
+    @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        return self.denoiser.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.pipe.unet.dtype
+        return self.denoiser.dtype
 
     def _encode_one(self, prompt: str) -> dict[str, torch.Tensor]:
         if prompt not in self._cache:
             with torch.no_grad():
                 cfg = self.guidance_scale > 1.0
-                if self.is_xl:
+                if self.is_pixart:
+                    pe, pam, npe, npam = self.pipe.encode_prompt(
+                        prompt, do_classifier_free_guidance=cfg, num_images_per_prompt=1, device=self.device,
+                        clean_caption=False, max_sequence_length=self.max_sequence_length)
+                    enc = {"prompt_embeds": pe, "prompt_attention_mask": pam}
+                    if cfg:
+                        enc.update(negative_prompt_embeds=npe, negative_prompt_attention_mask=npam)
+                elif self.is_xl:
                     pe, npe, ppe, nppe = self.pipe.encode_prompt(prompt, device=self.device, num_images_per_prompt=1,
                                                                  do_classifier_free_guidance=cfg)
                     enc = {"prompt_embeds": pe, "pooled_prompt_embeds": ppe}
@@ -76,9 +96,8 @@ class Sampler:
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def initial_latents(self, seeds: Sequence[int]) -> torch.Tensor:
-        unet = self.pipe.unet
         size = self.resolution // self.pipe.vae_scale_factor
-        shape = (unet.config.in_channels, size, size)
+        shape = (self.denoiser.config.in_channels, size, size)
         noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
         return torch.stack(noise).to(self.device, self.dtype)
 
@@ -90,10 +109,19 @@ class Sampler:
         images, denoiser, finals = [], [], []
         captured: list[torch.Tensor] = []
 
-        def hook(_m, _args, out):
-            captured.append((out[0] if isinstance(out, tuple) else out.sample).detach())
+        model = self.denoiser
+        noise_channels = model.config.in_channels
+        learned_sigma = model.config.out_channels == 2 * noise_channels
 
-        handle = self.pipe.unet.register_forward_hook(hook) if capture_denoiser else None
+        def hook(_m, _args, out):
+            out = (out[0] if isinstance(out, tuple) else out.sample).detach()
+            captured.append(out[:, :noise_channels] if learned_sigma else out)
+
+        handle = model.register_forward_hook(hook) if capture_denoiser else None
+        # PixArt's defaults would clean captions (needs bs4/ftfy), snap the size to its aspect-ratio
+        # bins, and refuse the cached negative embeddings next to its default negative prompt "".
+        extra = ({"negative_prompt": None, "clean_caption": False, "use_resolution_binning": False,
+                  "max_sequence_length": self.max_sequence_length} if self.is_pixart else {})
         try:
             for i in range(0, len(prompts), self.batch_size):
                 p, s = list(prompts[i:i + self.batch_size]), list(seeds[i:i + self.batch_size])
@@ -101,7 +129,7 @@ class Sampler:
                 out = self.pipe(
                     **self.encode(p), latents=self.initial_latents(s), num_inference_steps=self.steps,
                     guidance_scale=self.guidance_scale, height=self.resolution, width=self.resolution,
-                    output_type="pt" if decode else "latent", return_dict=True,
+                    output_type="pt" if decode else "latent", return_dict=True, **extra,
                 )
                 move = (lambda t: t) if keep_on_device else (lambda t: t.float().cpu())
                 if decode:

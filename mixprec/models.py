@@ -2,7 +2,8 @@
 
 A model is described by a :class:`ModelSpec` (the ``model`` config group). Sources:
 - ``builtin``: the project's trained tiny model shipped in ``mixprec/assets/tiny`` (or ``path``);
-- ``tiny_random``: an SDXL-architecture pipeline with a small config and random weights (tests);
+- ``tiny_random``: a pipeline of the ``family``'s architecture (SDXL, SD 2.1 or PixArt) with a small
+  config and random weights (tests);
 - ``diffusers``: a hub id or a local folder through ``DiffusionPipeline.from_pretrained``; with
   ``weights: random`` the full-size architecture is built from configs shipped in
   ``mixprec/reference`` instead (speed and memory work where no checkpoint can be downloaded).
@@ -104,6 +105,60 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+# --------------------------------------------------------------------------- denoiser
+DENOISER_ATTRIBUTES = ("unet", "transformer")
+
+
+def denoiser_of(pipe) -> nn.Module:
+    """The pipeline's denoiser: ``pipe.unet`` (SD, SDXL) or ``pipe.transformer`` (PixArt)."""
+    attr = _denoiser_attribute(pipe)
+    return getattr(pipe, attr)
+
+
+def replace_denoiser(pipe, module: nn.Module) -> nn.Module:
+    """Put ``module`` in the denoiser's place (``pipe.unet`` or ``pipe.transformer``); returns the one it replaced."""
+    attr = _denoiser_attribute(pipe)
+    previous = getattr(pipe, attr)
+    setattr(pipe, attr, module)
+    return previous
+
+
+def _denoiser_attribute(pipe) -> str:
+    for attr in DENOISER_ATTRIBUTES:
+        if getattr(pipe, attr, None) is not None:
+            return attr
+    raise TypeError(f"{type(pipe).__name__} has no denoiser (neither 'unet' nor 'transformer'); mixprec needs a "
+                    f"text-to-image diffusion pipeline with a UNet or a diffusion transformer")
+
+
+def is_transformer(denoiser: nn.Module) -> bool:
+    """A patch-based diffusion transformer (PixArt): latents go in as ``hidden_states``, not ``sample``."""
+    return "hidden_states" in _forward_parameters(denoiser) and "sample" not in _forward_parameters(denoiser)
+
+
+def latent_input_name(denoiser: nn.Module) -> str:
+    return "hidden_states" if is_transformer(denoiser) else "sample"
+
+
+def _forward_parameters(denoiser: nn.Module) -> tuple[str, ...]:
+    import inspect
+
+    return tuple(inspect.signature(type(denoiser).forward).parameters)
+
+
+def text_starts_with_bos(pipe) -> bool:
+    """Whether prompts are encoded with a leading BOS token (CLIP: yes; T5: no).
+
+    Cross-attention K/V keep that token in full precision (``quant.skip_bos``) because CLIP's BOS
+    state is a huge, prompt-independent outlier; without a BOS the first token is an ordinary word.
+    """
+    tok = getattr(pipe, "tokenizer", None)
+    if tok is None or tok.bos_token_id is None:
+        return False
+    ids = tok("a", add_special_tokens=True).input_ids
+    return bool(ids) and ids[0] == tok.bos_token_id
+
+
 # --------------------------------------------------------------------------- loading
 def load_pipeline(spec: ModelSpec, device: str | torch.device = "cpu"):
     """Build or load the pipeline described by ``spec`` and move it to ``device``."""
@@ -112,6 +167,8 @@ def load_pipeline(spec: ModelSpec, device: str | torch.device = "cpu"):
     if spec.source == "tiny_random":
         if spec.family == "sd":
             pipe = build_tiny_sd_pipeline(spec.arch, seed=spec.seed)
+        elif spec.family == "pixart":
+            pipe = build_tiny_pixart_pipeline(spec.arch, seed=spec.seed)
         else:
             from mixprec.tiny.build import build_pipeline
 
@@ -122,14 +179,16 @@ def load_pipeline(spec: ModelSpec, device: str | torch.device = "cpu"):
         pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=spec.torch_dtype, local_files_only=True)
         _check_tokenizers(pipe, folder)
     elif spec.weights == "random":
-        # Initialising ~3.5 G parameters is single-threaded on CPU (about a minute): build where it will run.
+        # Initialising billions of parameters is single-threaded on CPU (minutes for PixArt's T5-XXL):
+        # build where it will run.
         pipe = build_random_pipeline(spec.family, seed=spec.seed, device=device)
     else:
         pipe = _load_diffusers(spec)
-    if not hasattr(pipe, "unet"):
-        raise TypeError(f"model {spec.name!r} loaded as {type(pipe).__name__}, which has no UNet denoiser; "
-                        f"mixprec needs a text-to-image diffusion pipeline with a UNet")
-    if pipe.unet.dtype != spec.torch_dtype:
+    try:
+        denoiser = denoiser_of(pipe)
+    except TypeError as exc:
+        raise TypeError(f"model {spec.name!r}: {exc}") from None
+    if denoiser.dtype != spec.torch_dtype:
         pipe = pipe.to(dtype=spec.torch_dtype)
     pipe = pipe.to(torch.device(device))
     pipe.set_progress_bar_config(disable=True)
@@ -181,16 +240,18 @@ def build_random_pipeline(family: str, seed: int = 0, device: str | torch.device
     """The full-size architecture of ``family`` with random weights, from configs shipped in the package.
 
     Random weights are meaningless for image quality but exact for layer census, speed and memory.
-    The tokenizer is the tiny model's (real CLIP vocabularies cannot be shipped); prompts of its
-    vocabulary work, and the text encoders keep the full-size architecture.
+    The tokenizer is the tiny model's (real CLIP and T5 vocabularies cannot be shipped); prompts of
+    its vocabulary work, and the text encoders keep the full-size architecture.
     """
+    cfg = _family_configs(family)
+    if "transformer" in cfg:
+        return _build_random_pixart_pipeline(cfg, seed, device)
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, \
         UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from mixprec.tiny.tokenizer import build_tokenizer
 
-    cfg = _family_configs(family)
     torch.manual_seed(seed)
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(cfg["unet"])
@@ -204,6 +265,23 @@ def build_random_pipeline(family: str, seed: int = 0, device: str | torch.device
                                          unet=unet, scheduler=scheduler)
     return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def _build_random_pixart_pipeline(cfg: dict[str, Any], seed: int, device: str | torch.device):
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from mixprec.tiny.tokenizer import build_tokenizer
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        transformer = PixArtTransformer2DModel.from_config(cfg["transformer"])
+        vae = AutoencoderKL.from_config(cfg["vae"])
+        text_encoder = T5EncoderModel(T5Config(**cfg["text_encoder"]))
+    tok = build_tokenizer(model_max_length=cfg.get("max_sequence_length", 120))
+    scheduler = DPMSolverMultistepScheduler.from_config(cfg["scheduler"])
+    return PixArtAlphaPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                               scheduler=scheduler)
 
 
 def build_tiny_sd_pipeline(arch: dict[str, Any] | None = None, seed: int = 0):
@@ -245,6 +323,45 @@ def build_tiny_sd_pipeline(arch: dict[str, Any] | None = None, seed: int = 0):
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
+def build_tiny_pixart_pipeline(arch: dict[str, Any] | None = None, seed: int = 0):
+    """A PixArt-alpha-structured PixArtAlphaPipeline at toy scale with random weights (tests).
+
+    Same module types and names as PixArt-alpha: patch-embedding conv, ``adaln_single`` timestep
+    modulation, ``caption_projection`` of T5 states, transformer blocks with self-attention
+    (``attn1``), cross-attention (``attn2``) and a GELU feed-forward (``ff``), learned-sigma output
+    (twice the latent channels), a T5 encoder and DPM-Solver++.
+    """
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from mixprec.tiny.tokenizer import build_tokenizer
+
+    a = {"image_size": 64, "layers": 2, "heads": 2, "head_dim": 8, "text_hidden": 16, "text_layers": 2, **(arch or {})}
+    if a["image_size"] % 16:
+        raise ValueError(f"tiny PixArt image_size must be a multiple of 16 (VAE factor 8 x patch 2), got {a['image_size']}")
+    tok = build_tokenizer()
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        text_encoder = T5EncoderModel(T5Config(
+            vocab_size=len(tok), d_model=a["text_hidden"], d_ff=2 * a["text_hidden"], d_kv=a["text_hidden"] // 2,
+            num_layers=a["text_layers"], num_heads=2, feed_forward_proj="gated-gelu",
+            relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+        transformer = PixArtTransformer2DModel(
+            num_attention_heads=a["heads"], attention_head_dim=a["head_dim"], in_channels=4, out_channels=8,
+            num_layers=a["layers"], cross_attention_dim=a["heads"] * a["head_dim"],
+            sample_size=a["image_size"] // 8, patch_size=2, caption_channels=a["text_hidden"],
+            use_additional_conditions=False)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            layers_per_block=1, norm_num_groups=4, sample_size=a["image_size"])
+    finally:
+        torch.random.set_rng_state(state)
+    return PixArtAlphaPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                               scheduler=DPMSolverMultistepScheduler())
+
+
 def _family_configs(family: str) -> dict[str, dict[str, Any]]:
     path = REFERENCE_DIR / f"{family}_configs.json"
     if not path.exists():
@@ -256,12 +373,20 @@ def _family_configs(family: str) -> dict[str, dict[str, Any]]:
     return configs
 
 
-def build_random_unet(family: str, device: str | torch.device = "meta") -> nn.Module:
-    """Only the denoiser of ``family``; on the meta device it costs no memory (census)."""
-    from diffusers import UNet2DConditionModel
+def build_random_denoiser(family: str, device: str | torch.device = "meta") -> nn.Module:
+    """Only the denoiser of ``family`` (UNet or transformer); on the meta device it costs no memory (census)."""
+    from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
 
+    cfg = _family_configs(family)
     with torch.device(device):
-        return UNet2DConditionModel.from_config(_family_configs(family)["unet"])
+        if "transformer" in cfg:
+            return PixArtTransformer2DModel.from_config(cfg["transformer"])
+        return UNet2DConditionModel.from_config(cfg["unet"])
+
+
+def family_text_length(family: str) -> int:
+    """Tokens of the text encoder's output the denoiser attends to (CLIP: 77; PixArt-alpha's T5: 120)."""
+    return int(_family_configs(family).get("max_sequence_length", 77))
 
 
 # --------------------------------------------------------------------------- census
@@ -275,7 +400,7 @@ class LayerInfo:
     in_features: int
     kernel: str  # "1x1", "3x3" or "" for Linear
     act_elems: int  # input-activation elements per image (0 when not measured)
-    block: str  # coarse position in the network: down_blocks.1, mid_block, up_blocks.0, conv_in, ...
+    block: str  # coarse position: down_blocks.1, mid_block, up_blocks.0, conv_in, transformer_blocks.3, ...
     excluded: bool = False
     protected: bool = False
 
@@ -305,7 +430,7 @@ def layer_group(name: str, content_patterns: Sequence[str]) -> str:
 
 def block_of(name: str) -> str:
     parts = name.split(".")
-    if parts[0] in ("down_blocks", "up_blocks") and len(parts) > 1:
+    if parts[0] in ("down_blocks", "up_blocks", "transformer_blocks") and len(parts) > 1:
         return f"{parts[0]}.{parts[1]}"
     return parts[0]
 
@@ -337,37 +462,63 @@ def census(denoiser: nn.Module, content_patterns: Sequence[str], exclude_pattern
     return rows
 
 
-def unet_example_inputs(unet: nn.Module, batch: int, latent_size: int, text_len: int = 77,
-                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """Inputs of the right shapes for one denoiser call (SD and SDXL conditioning)."""
-    cfg = unet.config
+def denoiser_example_inputs(denoiser: nn.Module, batch: int, latent_size: int, text_len: int = 77,
+                            device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                            generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Keyword inputs of the right shapes for one denoiser call, as its pipeline passes them.
+
+    UNets get SD or SDXL conditioning; PixArt transformers get a per-sample timestep, the
+    resolution / aspect-ratio micro-conditions when the model uses them (1024 px models), and an
+    all-ones text mask (the pipeline always passes one, and a mask can change which attention
+    kernel runs). Zeros, or standard normal values drawn from ``generator`` (timestep 999 either way).
+    """
+    cfg = denoiser.config
+
+    def values(*shape):
+        if generator is None:
+            return torch.zeros(*shape, device=device, dtype=dtype)
+        return torch.randn(*shape, generator=generator).to(device, dtype)
+
+    pixels = latent_size * 8
+    text_dim = cfg.caption_channels if is_transformer(denoiser) else cfg.cross_attention_dim
     kwargs: dict[str, Any] = {
-        "sample": torch.zeros(batch, cfg.in_channels, latent_size, latent_size, device=device, dtype=dtype),
-        "timestep": torch.tensor(999, device=device),
-        "encoder_hidden_states": torch.zeros(batch, text_len, cfg.cross_attention_dim, device=device, dtype=dtype),
+        latent_input_name(denoiser): values(batch, cfg.in_channels, latent_size, latent_size),
+        "encoder_hidden_states": values(batch, text_len, text_dim),
     }
+    if is_transformer(denoiser):
+        kwargs["timestep"] = torch.full((batch,), 999, device=device, dtype=torch.long)
+        kwargs["encoder_attention_mask"] = torch.ones(batch, text_len, device=device, dtype=torch.long)
+        if getattr(denoiser, "use_additional_conditions", False):
+            kwargs["added_cond_kwargs"] = {
+                "resolution": torch.tensor([[pixels, pixels]] * batch, device=device, dtype=dtype),
+                "aspect_ratio": torch.ones(batch, 1, device=device, dtype=dtype),
+            }
+        else:
+            kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+        return kwargs
+    kwargs["timestep"] = torch.tensor(999, device=device)
     if cfg.addition_embed_type == "text_time":
         n_time = 6
-        text_dim = cfg.projection_class_embeddings_input_dim - n_time * cfg.addition_time_embed_dim
+        pooled_dim = cfg.projection_class_embeddings_input_dim - n_time * cfg.addition_time_embed_dim
         kwargs["added_cond_kwargs"] = {
-            "text_embeds": torch.zeros(batch, text_dim, device=device, dtype=dtype),
-            "time_ids": torch.zeros(batch, n_time, device=device, dtype=dtype),
+            "text_embeds": values(batch, pooled_dim),
+            "time_ids": torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]] * batch, device=device, dtype=dtype),
         }
     return kwargs
 
 
-def measure_act_elems(unet: nn.Module, latent_size: int, text_len: int = 77) -> dict[str, int]:
+def measure_act_elems(denoiser: nn.Module, latent_size: int, text_len: int = 77) -> dict[str, int]:
     """Input-activation elements per image of every Linear/Conv2d, from one forward of batch 1.
 
     Works on the meta device (shapes only), so full-size models cost no memory or time.
     """
     from mixprec.quantizers import QuantLayer
 
-    device = next(unet.parameters()).device
-    dtype = next(unet.parameters()).dtype
+    device = next(denoiser.parameters()).device
+    dtype = next(denoiser.parameters()).dtype
     sizes: dict[str, int] = {}
     hooks = []
-    for name, module in unet.named_modules():
+    for name, module in denoiser.named_modules():
         if isinstance(module, QuantLayer):
             key, target = module.name, module
         elif isinstance(module, (nn.Linear, nn.Conv2d)) and not name.endswith(".inner"):
@@ -380,7 +531,7 @@ def measure_act_elems(unet: nn.Module, latent_size: int, text_len: int = 77) -> 
         hooks.append(target.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
-            unet(**unet_example_inputs(unet, 1, latent_size, text_len, device=device, dtype=dtype))
+            denoiser(**denoiser_example_inputs(denoiser, 1, latent_size, text_len, device=device, dtype=dtype))
     finally:
         for h in hooks:
             h.remove()
@@ -391,6 +542,13 @@ def latent_size(pipe, resolution: int) -> int:
     return resolution // pipe.vae_scale_factor
 
 
+# PixArt pipelines pad prompts to a fixed length that is a pipeline argument, not a tokenizer property.
+PIXART_MAX_SEQUENCE_LENGTH = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
+
+
 def text_length(pipe) -> int:
+    """Text tokens the denoiser's cross-attention sees per prompt."""
+    if type(pipe).__name__ in PIXART_MAX_SEQUENCE_LENGTH:
+        return PIXART_MAX_SEQUENCE_LENGTH[type(pipe).__name__]
     tok = getattr(pipe, "tokenizer", None)
     return int(tok.model_max_length) if tok is not None else 77

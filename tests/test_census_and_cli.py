@@ -5,13 +5,13 @@ import time
 import pytest
 
 from tests.conftest import ROOT
-from mixprec.models import census, build_random_unet, measure_act_elems, layer_group
+from mixprec.models import census, build_random_denoiser, measure_act_elems, layer_group
 from mixprec.runner import run_stage
 
 
 def test_sdxl_census_matches_the_published_numbers():
     start = time.perf_counter()
-    unet = build_random_unet("sdxl", device="meta")
+    unet = build_random_denoiser("sdxl", device="meta")
     rows = census(unet, ["attn2", "ff"], act_elems=measure_act_elems(unet, 64, 77))
     assert len(rows) == 794
     assert sum(r.type == "Linear" for r in rows) == 743

@@ -11,16 +11,16 @@ import torch
 
 from mixprec.checkpoint import CheckpointMismatchError, load_quantized, read_info, save_quantized
 from mixprec.kernels import BackendConfig, KernelLayer, convert_, weight_bytes
-from mixprec.kernels.testing import TINY_UNET, build_unet, calibrate_random, unet_inputs
+from mixprec.kernels.testing import TINY_UNET, build_unet, calibrate_random, denoiser_inputs
 from mixprec.quantizers import quant_layers, set_plan
 
 
 @pytest.fixture(scope="module")
 def calibrated_unet():
     unet = build_unet("tiny")
-    calib = [unet_inputs(unet, 2, seed=s) for s in range(2)]
+    calib = [denoiser_inputs(unet, 2, seed=s) for s in range(2)]
     calibrate_random(unet, lambda: [unet(**c) for c in calib])
-    return unet, unet_inputs(unet, 2, seed=9)
+    return unet, denoiser_inputs(unet, 2, seed=9)
 
 
 def converted(unet, w8a8="int8"):

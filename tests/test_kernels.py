@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from mixprec.kernels import BackendConfig, KernelLayer, choose_backend, convert_, pack, unpack
 from mixprec.kernels import triton_gemm as tg
-from mixprec.kernels.testing import calibrate_random, sqnr_db, uniform_plan, unet_inputs, build_unet
+from mixprec.kernels.testing import calibrate_random, sqnr_db, uniform_plan, denoiser_inputs, build_unet
 from mixprec.quantizers import (LayerQuantParams, QuantLayer, act_qparams, dequantize_weight, fake_quant_weight,
                                 quant_layers, quantize_weight, set_plan, weight_scales)
 
@@ -159,9 +159,9 @@ def test_route_without_cuda_and_below_min_rows():
 @pytest.fixture(scope="module")
 def tiny():
     unet = build_unet("tiny")
-    calib = [unet_inputs(unet, 2, seed=s) for s in range(2)]
+    calib = [denoiser_inputs(unet, 2, seed=s) for s in range(2)]
     layers = calibrate_random(unet, lambda: [unet(**c) for c in calib])
-    return unet, layers, unet_inputs(unet, 2, seed=5)
+    return unet, layers, denoiser_inputs(unet, 2, seed=5)
 
 
 def mixed_plan(names):

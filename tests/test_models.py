@@ -5,7 +5,7 @@ import torch
 
 from mixprec.calibration import calibrate_layers
 from mixprec.generation import Sampler
-from mixprec.models import ModelSpec, build_random_unet, census, load_pipeline
+from mixprec.models import ModelSpec, build_random_denoiser, census, load_pipeline
 from mixprec.quantizers import quantize_, set_plan
 
 
@@ -30,7 +30,7 @@ def test_api_without_hydra_load_calibrate_plan_generate():
 
 
 def test_sd_turbo_architecture_census():
-    unet = build_random_unet("sd", device="meta")
+    unet = build_random_denoiser("sd", device="meta")
     rows = census(unet, ["attn2", "ff"])
     assert sum(r.group == "content" for r in rows) == 16 * 6  # 16 transformer blocks in SD 2.1
     assert sum(p.numel() for p in unet.parameters()) == 865_910_724

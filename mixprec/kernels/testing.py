@@ -1,5 +1,5 @@
-"""Helpers shared by the kernel tests and the device benchmarks: small UNets, random inputs,
-calibration on random data, plans, SQNR."""
+"""Helpers shared by the kernel tests and the device benchmarks: small UNets, random denoiser
+inputs, calibration on random data, plans, SQNR."""
 
 from __future__ import annotations
 
@@ -40,32 +40,20 @@ def build_unet(config: Mapping[str, Any] | str = "tiny", device="cpu", dtype=tor
     return unet.to(dtype).eval().requires_grad_(False)
 
 
-def unet_inputs(unet: nn.Module, batch: int = 1, latent: int | None = None, text_len: int = 77,
-                seed: int = 0, device=None, dtype=None) -> dict[str, Any]:
-    """Random (not zero) inputs of the right shapes; timestep 999 as in SDXL-Turbo."""
-    cfg = unet.config
-    p = next(unet.parameters())
-    device = device or p.device
-    dtype = dtype or p.dtype
-    latent = latent or cfg.sample_size
-    g = torch.Generator("cpu").manual_seed(seed)
+def denoiser_inputs(denoiser: nn.Module, batch: int = 1, latent: int | None = None, text_len: int | None = None,
+                    seed: int = 0, device=None, dtype=None) -> dict[str, Any]:
+    """Random (not zero) inputs of the right shapes for a UNet or a PixArt transformer; timestep 999.
 
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(device, dtype)
+    ``text_len`` defaults to what the model's pipeline passes: 77 CLIP tokens, or PixArt-alpha's 120.
+    """
+    from mixprec.models import PIXART_MAX_SEQUENCE_LENGTH, denoiser_example_inputs, is_transformer
 
-    kwargs: dict[str, Any] = {
-        "sample": rnd(batch, cfg.in_channels, latent, latent),
-        "timestep": torch.tensor(999, device=device),
-        "encoder_hidden_states": rnd(batch, text_len, cfg.cross_attention_dim),
-    }
-    if cfg.addition_embed_type == "text_time":
-        text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        kwargs["added_cond_kwargs"] = {
-            "text_embeds": rnd(batch, text_dim),
-            "time_ids": torch.tensor([[latent * 8, latent * 8, 0, 0, latent * 8, latent * 8]] * batch,
-                                     device=device, dtype=dtype),
-        }
-    return kwargs
+    p = next(denoiser.parameters())
+    if text_len is None:
+        text_len = PIXART_MAX_SEQUENCE_LENGTH["PixArtAlphaPipeline"] if is_transformer(denoiser) else 77
+    return denoiser_example_inputs(denoiser, batch, latent or denoiser.config.sample_size, text_len,
+                                   device=device or p.device, dtype=dtype or p.dtype,
+                                   generator=torch.Generator("cpu").manual_seed(seed))
 
 
 def calibrate_random(model: nn.Module, run: Callable[[], None], weight_bits=(2, 4, 8), act_bits=(4, 8),

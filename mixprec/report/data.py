@@ -47,13 +47,15 @@ def _num(v: Any) -> float | None:
 
 
 def flow_phase(block: str) -> int:
-    """Where a block sits in a UNet's data flow: stem, down path, middle, up path, head.
+    """Where a block sits in a denoiser's data flow: stem, down path, middle, up path, head.
 
-    diffusers registers ``mid_block`` after ``up_blocks``; sorting by this phase first puts the
-    layers in the order an activation passes through them, which is what "depth" should mean.
+    diffusers registers ``mid_block`` after ``up_blocks`` (and PixArt registers ``proj_out`` before
+    its timestep and caption embeddings); sorting by this phase first puts the layers in the order
+    an activation passes through them, which is what "depth" should mean.
     """
     head = block.split(".")[0]
-    return {"down_blocks": 1, "mid_block": 2, "up_blocks": 3, "conv_norm_out": 4, "conv_out": 4}.get(head, 0)
+    return {"down_blocks": 1, "mid_block": 2, "transformer_blocks": 2, "up_blocks": 3, "conv_norm_out": 4,
+            "conv_out": 4, "proj_out": 4}.get(head, 0)
 
 
 @dataclass

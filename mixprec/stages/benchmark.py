@@ -30,8 +30,9 @@ import torch
 from omegaconf import DictConfig
 
 from mixprec.kernels import BackendConfig, convert_, weight_bytes
-from mixprec.kernels.testing import sqnr_db
+from mixprec.kernels.testing import denoiser_inputs, sqnr_db
 from mixprec.kernels.timing import capture, env_info, summarize, time_graph
+from mixprec.models import latent_input_name, replace_denoiser, text_length
 from mixprec.quantizers import QuantLayer, quant_layers, set_plan
 from mixprec.stages.common import load_calibrated, load_model, prompt_set, to_dict, tracker
 from mixprec.workspace import Workspace
@@ -66,12 +67,6 @@ def resolve_plan(name: str, layers: dict[str, QuantLayer], ws: Workspace) -> tup
     plan = search.read_plan(path)
     bits = dict(plan.bits)
     return (bits, {}) if plan.header.get("kind", "weight") == "weight" else ({}, bits)
-
-
-def _unet_inputs(unet, batch: int, latent: int, device, dtype, seed: int) -> dict[str, Any]:
-    from mixprec.kernels.testing import unet_inputs
-
-    return unet_inputs(unet, batch, latent, seed=seed, device=device, dtype=dtype)
 
 
 def _time_cpu(fn, iters: int, warmup: int) -> dict:
@@ -110,13 +105,14 @@ def _compile(model, mode: str):
     return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
 
 
-def _measure(name: str, model, s, shapes, unet_cfg_model, device, dtype, cuda: bool) -> dict:
+def _measure(name: str, model, s, shapes, reference_denoiser, text_len: int, device, dtype, cuda: bool) -> dict:
     fn_model = _compile(model, str(s.compile))
+    latent_key = latent_input_name(reference_denoiser)
     timing = {}
     for res, batch in shapes:
-        xin = _unet_inputs(unet_cfg_model, batch, res // 8, device, dtype, seed=11)
+        xin = denoiser_inputs(reference_denoiser, batch, res // 8, text_len, seed=11, device=device, dtype=dtype)
         if s.memory_format == "channels_last":
-            xin["sample"] = xin["sample"].contiguous(memory_format=torch.channels_last)
+            xin[latent_key] = xin[latent_key].contiguous(memory_format=torch.channels_last)
 
         def call():
             with torch.no_grad():
@@ -139,14 +135,13 @@ def _measure(name: str, model, s, shapes, unet_cfg_model, device, dtype, cuda: b
     return timing
 
 
-def _end_to_end(bundle, unet, cfg: DictConfig, batch: int, repeats: int) -> dict | None:
-    """Pipeline time (prompt encoding, all denoiser steps, VAE decode) with ``unet`` in place."""
+def _end_to_end(bundle, denoiser, cfg: DictConfig, batch: int, repeats: int) -> dict | None:
+    """Pipeline time (prompt encoding, all denoiser steps, VAE decode) with ``denoiser`` in place."""
     pairs = prompt_set(cfg, "inference") if "inference" in cfg.prompts else prompt_set(cfg, "calibration")
     pairs = (pairs * batch)[:batch]
     prompts, seeds = [p for p, _ in pairs], [sd for _, sd in pairs]
     pipe = bundle.pipe
-    original = pipe.unet
-    pipe.unet = unet
+    original = replace_denoiser(pipe, denoiser)
     try:
         sampler = type(bundle.sampler)(pipe, bundle.spec.resolution, bundle.spec.num_inference_steps,
                                        bundle.spec.guidance_scale, batch_size=batch)
@@ -164,7 +159,7 @@ def _end_to_end(bundle, unet, cfg: DictConfig, batch: int, repeats: int) -> dict
         return {"median_s": statistics.median(times), "runs": times, "batch": batch,
                 "resolution": bundle.spec.resolution, "steps": bundle.spec.num_inference_steps}
     finally:
-        pipe.unet = original
+        replace_denoiser(pipe, original)
 
 
 def run(cfg: DictConfig, ws: Workspace) -> dict:
@@ -175,11 +170,12 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
         bundle = load_model(cfg)
     else:
         raise ValueError(f"stage.calibration must be 'workspace' or 'random', got {s.calibration!r}")
-    unet = bundle.unet
+    denoiser = bundle.denoiser
+    text_len = text_length(bundle.pipe)
     device = bundle.device
     cuda = device.type == "cuda"
-    dtype = getattr(torch, str(s.dtype)) if s.dtype else next(unet.parameters()).dtype
-    if next(unet.parameters()).dtype != dtype:
+    dtype = getattr(torch, str(s.dtype)) if s.dtype else next(denoiser.parameters()).dtype
+    if next(denoiser.parameters()).dtype != dtype:
         from mixprec.kernels.testing import cast_floating_
 
         # every component, so the end-to-end pipeline stays in one dtype (not pipe.to(): the
@@ -194,16 +190,17 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
     if s.calibration == "random":
         from mixprec.calibration import calibrate_layers
 
-        calib = [_unet_inputs(unet, 1, latent0, device, dtype, seed=100 + i) for i in range(2)]
+        calib = [denoiser_inputs(denoiser, 1, latent0, text_len, seed=100 + i, device=device, dtype=dtype)
+                 for i in range(2)]
         q = bundle.quant
-        calibrate_layers(layers, lambda: [unet(**c) for c in calib], q["weight_bits"], q["act_bits"],
+        calibrate_layers(layers, lambda: [denoiser(**c) for c in calib], q["weight_bits"], q["act_bits"],
                          momentum=float(q["act_momentum"]), weight_clip=str(q["weight_clip"]))
     kernel_opts = {**to_dict(cfg.quant).get("kernels", {}), **(to_dict(s.kernels) or {})}
     backend = BackendConfig.from_mapping(kernel_opts)
-    x0 = _unet_inputs(unet, 1, latent0, device, dtype, seed=7)
+    x0 = denoiser_inputs(denoiser, 1, latent0, text_len, seed=7, device=device, dtype=dtype)
     set_plan(layers)
     with torch.no_grad():
-        fp_out = unet(**x0).sample.float()
+        fp_out = denoiser(**x0).sample.float()
 
     result: dict[str, Any] = {"env": env_info(), "device": str(device), "dtype": str(dtype),
                               "compile": str(s.compile), "memory_format": str(s.memory_format),
@@ -220,7 +217,7 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
             wb, ab = ({}, {}) if full else resolve_plan(name, layers, ws)
             for layer in layers.values():
                 layer.drop_cache()
-            model = copy.deepcopy(unet)
+            model = copy.deepcopy(denoiser)
             mlayers = quant_layers(model)
             set_plan(mlayers, wb, ab)
             rec["quantized_layers"] = sum(1 for n in mlayers if wb.get(n) or ab.get(n))
@@ -241,7 +238,7 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
             if ref is not None:
                 rec["sqnr_vs_fake_quant_db"] = sqnr_db(ref, out)
             rec["weight_mib"] = weight_bytes(model) / MIB
-            rec["timing"] = _measure(name, model, s, shapes, unet, device, dtype, cuda)
+            rec["timing"] = _measure(name, model, s, shapes, denoiser, text_len, device, dtype, cuda)
             if s.end_to_end:
                 rec["end_to_end"] = _end_to_end(bundle, model, cfg, int(s.batch_sizes[0]), int(s.end_to_end_repeats))
             if s.save_checkpoint and name == s.save_checkpoint:

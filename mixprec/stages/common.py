@@ -16,8 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from mixprec import calibration
 from mixprec.generation import Sampler
-from mixprec.models import ModelSpec, _matches, census, latent_size, load_pipeline, measure_act_elems, \
-    resolve_device, text_length
+from mixprec.models import ModelSpec, _matches, census, denoiser_of, latent_size, load_pipeline, measure_act_elems, \
+    resolve_device, text_length, text_starts_with_bos
 from mixprec.prompts import resolve_prompt_set
 from mixprec.quantizers import QuantLayer, quantize_
 from mixprec.tracking import Tracker, start_run
@@ -99,13 +99,13 @@ class ModelBundle:
     calib_meta: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def unet(self):
-        return self.pipe.unet
+    def denoiser(self):
+        return denoiser_of(self.pipe)
 
     def census(self, protected: set[str] | None = None) -> list:
-        unet = self.unet
-        acts = measure_act_elems(unet, latent_size(self.pipe, self.spec.resolution), text_length(self.pipe))
-        rows = census(unet, self.spec.content_patterns, self.spec.exclude_patterns, acts)
+        denoiser = self.denoiser
+        acts = measure_act_elems(denoiser, latent_size(self.pipe, self.spec.resolution), text_length(self.pipe))
+        rows = census(denoiser, self.spec.content_patterns, self.spec.exclude_patterns, acts)
         for r in rows:
             r.excluded = r.name not in self.layers
             r.protected = bool(protected and r.name in protected)
@@ -119,7 +119,9 @@ def load_model(cfg: DictConfig, batch_size: int | None = None) -> ModelBundle:
     pipe = load_pipeline(spec, device=device)
     torch.manual_seed(int(cfg.seed))
     excl = spec.exclude_patterns
-    layers = quantize_(pipe.unet, (lambda n, m: not _matches(n, excl)) if excl else None, skip_bos=bool(q["skip_bos"]))
+    # A T5 prompt has no BOS token, so there is no outlier token to keep out of the K/V ranges.
+    skip_bos = bool(q["skip_bos"]) and text_starts_with_bos(pipe)
+    layers = quantize_(denoiser_of(pipe), (lambda n, m: not _matches(n, excl)) if excl else None, skip_bos=skip_bos)
     sampler = Sampler(pipe, spec.resolution, spec.num_inference_steps, spec.guidance_scale,
                       batch_size=batch_size or 8)
     return ModelBundle(spec, pipe, layers, sampler, device, q)

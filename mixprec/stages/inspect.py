@@ -11,7 +11,8 @@ from collections import Counter, defaultdict
 
 from omegaconf import DictConfig
 
-from mixprec.models import CENSUS_COLUMNS, LayerInfo, build_random_unet, census, measure_act_elems
+from mixprec.models import CENSUS_COLUMNS, LayerInfo, build_random_denoiser, census, family_text_length, \
+    measure_act_elems
 from mixprec.stages.common import LAYERS_CSV, load_model, model_spec
 from mixprec.workspace import Workspace
 
@@ -41,9 +42,9 @@ def format_table(rows: list[LayerInfo]) -> str:
         c[r.type] += 1
         c[r.group] += 1
         c["params"] += r.params
-    lines = [f"{'block':<16}{'layers':>7}{'Linear':>8}{'Conv2d':>8}{'content':>9}{'quality':>9}{'params (M)':>12}"]
+    lines = [f"{'block':<22}{'layers':>7}{'Linear':>8}{'Conv2d':>8}{'content':>9}{'quality':>9}{'params (M)':>12}"]
     for block, c in by_block.items():
-        lines.append(f"{block:<16}{c['layers']:>7}{c['Linear']:>8}{c['Conv2d']:>8}{c['content']:>9}{c['quality']:>9}"
+        lines.append(f"{block:<22}{c['layers']:>7}{c['Linear']:>8}{c['Conv2d']:>8}{c['content']:>9}{c['quality']:>9}"
                      f"{c['params'] / 1e6:>12.2f}")
     return "\n".join(lines)
 
@@ -51,15 +52,15 @@ def format_table(rows: list[LayerInfo]) -> str:
 def run(cfg: DictConfig, ws: Workspace) -> dict:
     spec = model_spec(cfg)
     if spec.source == "diffusers" and spec.weights == "random":
-        unet = build_random_unet(spec.family, device="meta")
+        denoiser = build_random_denoiser(spec.family, device="meta")
         size = spec.resolution // 8
-        acts = measure_act_elems(unet, size, 77)
-        rows = census(unet, spec.content_patterns, spec.exclude_patterns, acts)
-        total = sum(p.numel() for p in unet.parameters())
+        acts = measure_act_elems(denoiser, size, family_text_length(spec.family))
+        rows = census(denoiser, spec.content_patterns, spec.exclude_patterns, acts)
+        total = sum(p.numel() for p in denoiser.parameters())
     else:
         bundle = load_model(cfg)
         rows = bundle.census()
-        total = sum(p.numel() for p in bundle.unet.parameters())
+        total = sum(p.numel() for p in bundle.denoiser.parameters())
     ws.write_csv(LAYERS_CSV, [r.as_row() for r in rows], CENSUS_COLUMNS)
     summary = summarize(rows, total)
     print(format_table(rows))
