@@ -65,6 +65,9 @@ def unet_inputs(unet: nn.Module, batch: int = 1, latent: int | None = None, text
             "time_ids": torch.tensor([[latent * 8, latent * 8, 0, 0, latent * 8, latent * 8]] * batch,
                                      device=device, dtype=dtype),
         }
+    if getattr(cfg, "time_cond_proj_dim", None):
+        # LCM's guidance embedding: without it the denoiser skips its cond_proj layer.
+        kwargs["timestep_cond"] = rnd(batch, cfg.time_cond_proj_dim)
     return kwargs
 
 
