@@ -35,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from mixprec import sensitivity as sens
-    from mixprec.models import layer_group
+    from mixprec.models import denoiser_of, layer_group
     from mixprec.stages.common import load_calibrated, prompt_set, workspace
 
     cfg = compose(args.overrides)
@@ -81,7 +81,7 @@ def main() -> None:
         vae.to(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
         if comp and not hasattr(vae.decoder, "_orig_mod"):
             sampler.optimize_decoder(channels_last=nhwc, compile=True)
-        bundle.pipe.unet.to(memory_format=torch.channels_last if unet_nhwc else torch.contiguous_format)
+        denoiser_of(bundle.pipe).to(memory_format=torch.channels_last if unet_nhwc else torch.contiguous_format)
         t0 = time.perf_counter()
         ref = sens.compute_reference(sampler, prompts, seeds, True, True)
         sync()

@@ -17,21 +17,31 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mixprec.quantizers import LayerQuantParams, QuantLayer, RangeObserver, act_qparams, weight_scales
+from mixprec.quantizers import LayerQuantParams, QuantLayer, RangeObserver, StepRangeObserver, act_qparams, \
+    weight_scales
 
 FORMAT_VERSION = "1"
 
 
 def calibrate_layers(layers: Mapping[str, QuantLayer], run_calibration: Callable[[], None],
                      weight_bits: Sequence[int], act_bits: Sequence[int], momentum: float = 0.95,
-                     weight_clip: str = "minmax", progress: bool = False) -> dict[str, LayerQuantParams]:
+                     weight_clip: str = "minmax", progress: bool = False,
+                     step_groups=None) -> dict[str, LayerQuantParams]:
     """Observe input ranges while ``run_calibration()`` drives the model, then compute all parameters.
 
-    Layers are left in full precision and get their ``params`` attached.
+    Layers are left in full precision and get their ``params`` attached. With ``step_groups`` (a
+    :class:`~mixprec.timestep_groups.StepGroups` installed on the denoiser of these layers) every
+    layer also gets one range per step group, observed only at the steps of that group; the range
+    over all steps is computed exactly as without it.
     """
+    if step_groups is not None:
+        strays = [n for n, layer in layers.items() if layer.step_groups is not step_groups]
+        if strays:
+            raise ValueError(f"{len(strays)} layers (e.g. {strays[:3]}) do not follow the given step groups: "
+                             f"call step_groups.install(denoiser, layers.values()) before calibrating")
     for layer in layers.values():
         layer.w_bits = layer.a_bits = None
-        layer.observer = RangeObserver(momentum)
+        layer.observer = RangeObserver(momentum) if step_groups is None else StepRangeObserver(step_groups, momentum)
     try:
         with torch.no_grad():
             run_calibration()
@@ -43,6 +53,12 @@ def calibrate_layers(layers: Mapping[str, QuantLayer], run_calibration: Callable
     if unseen:
         raise RuntimeError(f"{len(unseen)} layers saw no input during calibration (e.g. {unseen[:3]}); "
                            f"they are not reached by this pipeline: add them to model.exclude_patterns")
+    if step_groups is not None:
+        starved = sorted({g for o in observers.values() for g, go in enumerate(o.groups) if go.lo is None})
+        if starved:
+            raise RuntimeError(f"step groups {starved} of {step_groups.num_groups} saw no denoiser call during "
+                               f"calibration: the calibration must run the sampler's timesteps "
+                               f"{step_groups.timesteps} (is the StepGroups installed on the denoiser?)")
     params: dict[str, LayerQuantParams] = {}
     items = layers.items()
     if progress:
@@ -55,6 +71,10 @@ def calibrate_layers(layers: Mapping[str, QuantLayer], run_calibration: Callable
             act_range=(obs.lo, obs.hi),
             act_params={b: act_qparams(obs.lo, obs.hi, b) for b in act_bits},
         )
+        if step_groups is not None:
+            params[name].step_ranges = [(g.lo, g.hi) for g in obs.groups]
+            params[name].step_params = {b: [act_qparams(lo, hi, b) for lo, hi in params[name].step_ranges]
+                                        for b in act_bits}
         layer.params = params[name]
         layer.drop_cache()
     return params
@@ -78,14 +98,27 @@ def extend_params(layers: Mapping[str, QuantLayer], weight_bits: Sequence[int], 
                 if p.act_range is None:
                     raise ValueError(f"{layer.name}: no calibrated activation range to derive {b}-bit parameters from")
                 p.act_params[b] = act_qparams(p.act_range[0], p.act_range[1], b)
+            if p.step_ranges is not None and b not in p.step_params:
+                p.step_params[b] = [act_qparams(lo, hi, b) for lo, hi in p.step_ranges]
 
 
-def attach_params(layers: Mapping[str, QuantLayer], params: Mapping[str, LayerQuantParams]) -> None:
+def attach_params(layers: Mapping[str, QuantLayer], params: Mapping[str, LayerQuantParams],
+                  step_groups=None) -> None:
+    """Attach calibrated parameters; those with timestep groups need the ``step_groups`` they were
+    calibrated with (:func:`step_groups_from_meta`), installed on the denoiser."""
     missing = sorted(set(layers) - set(params))
     if missing:
         raise KeyError(f"the calibration file has no parameters for {len(missing)} layers of this model "
                        f"(e.g. {missing[:3]}); it was made for another model: rerun stage=calibrate")
+    counts = {params[n].num_step_groups for n in layers}
+    want = step_groups.num_groups if step_groups is not None else 1
+    if counts != {want}:
+        raise ValueError(f"the calibration has {sorted(counts)} timestep group(s) per layer but "
+                         f"{want} were given; pass the StepGroups recorded with it (step_groups_from_meta)")
     for name, layer in layers.items():
+        if step_groups is not None and layer.step_groups is not step_groups:
+            raise ValueError(f"{name} does not follow the given step groups: call "
+                             f"step_groups.install(denoiser, layers.values()) first")
         layer.params = params[name]
         layer.drop_cache()
 
@@ -101,6 +134,19 @@ def save_params(path: str | os.PathLike, params: Mapping[str, LayerQuantParams],
         for b, (scale, zero) in p.act_params.items():
             tensors[f"{name}/a{b}/scale"] = torch.tensor([scale], dtype=torch.float64)
             tensors[f"{name}/a{b}/zero"] = torch.tensor([zero], dtype=torch.int64)
+        if p.step_ranges is not None:
+            tensors[f"{name}/act/step_ranges"] = torch.tensor(p.step_ranges, dtype=torch.float64)
+            for b, qp in p.step_params.items():
+                tensors[f"{name}/a{b}/step_scale"] = torch.tensor([sc for sc, _ in qp], dtype=torch.float64)
+                tensors[f"{name}/a{b}/step_zero"] = torch.tensor([z for _, z in qp], dtype=torch.int64)
+    groups = {p.num_step_groups for p in params.values()}
+    if len(groups) > 1:
+        raise ValueError(f"layers have different numbers of timestep groups {sorted(groups)}; one calibration "
+                         f"has one number")
+    declared = int(metadata.get("act_timestep_groups", 1))
+    if groups and groups != {declared}:
+        raise ValueError(f"the parameters have {groups.pop()} timestep group(s) but the metadata declares "
+                         f"act_timestep_groups={declared}")
     meta = {"format": "mixprec.quant_params", "version": FORMAT_VERSION,
             "layers": json.dumps(list(params)), **{k: json.dumps(v) for k, v in metadata.items()}}
     save_file(tensors, str(path), metadata=meta)
@@ -122,7 +168,43 @@ def load_params(path: str | os.PathLike) -> tuple[dict[str, LayerQuantParams], d
                 aparams[int(b)] = (float(f.get_tensor(f"{name}/a{b}/scale")[0]), int(f.get_tensor(f"{name}/a{b}/zero")[0]))
             rng = f.get_tensor(f"{name}/act/range") if f"{name}/act/range" in keys else None
             params[name] = LayerQuantParams(wscales, (float(rng[0]), float(rng[1])) if rng is not None else None, aparams)
+            if int(meta.get("act_timestep_groups", 1)) > 1:
+                if f"{name}/act/step_ranges" not in keys:
+                    raise ValueError(f"{path} declares {meta['act_timestep_groups']} timestep groups but has no "
+                                     f"per-group ranges for {name}; the file is damaged: rerun stage=calibrate")
+                step = f.get_tensor(f"{name}/act/step_ranges").tolist()
+                params[name].step_ranges = [(float(lo), float(hi)) for lo, hi in step]
+                params[name].step_params = {
+                    int(b): [(float(sc), int(z)) for sc, z in zip(f.get_tensor(f"{name}/a{b}/step_scale").tolist(),
+                                                                  f.get_tensor(f"{name}/a{b}/step_zero").tolist())]
+                    for b in meta["act_bits"]}
     return params, meta
+
+
+def timestep_groups_of(meta: Mapping[str, Any]) -> int:
+    """How many timestep groups a calibration file's activation ranges have (1 for files written
+    before the option existed)."""
+    return int(meta.get("act_timestep_groups", 1))
+
+
+def step_groups_from_meta(meta: Mapping[str, Any]):
+    """The :class:`~mixprec.timestep_groups.StepGroups` a calibration was made with (None for G = 1)."""
+    from mixprec.timestep_groups import StepGroups
+
+    if timestep_groups_of(meta) == 1:
+        return None
+    return StepGroups.from_json(meta["step_groups"])
+
+
+def check_timestep_groups(meta: Mapping[str, Any], wanted: int, path: Path) -> None:
+    """Refuse to use a calibration made with another number of timestep groups than this run asks for."""
+    have = timestep_groups_of(meta)
+    if have != int(wanted):
+        raise ValueError(
+            f"{path} holds activation ranges for {have} timestep group(s) but this run asks for "
+            f"quant.act_timestep_groups={wanted}; ranges of one grouping cannot be used for another. Rerun "
+            f"`python run.py stage=calibrate quant.act_timestep_groups={wanted}`, or run with "
+            f"quant.act_timestep_groups={have}.")
 
 
 def check_bits_available(meta: Mapping[str, Any], weight_bits: Sequence[int], act_bits: Sequence[int], path: Path) -> None:

@@ -86,6 +86,15 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, extra: Mapping[str
     kernels = [m for m in model.modules() if isinstance(m, KernelLayer)]
     if not kernels and not getattr(model, "_mixprec_plan", None):
         raise ValueError("the model is not converted: run mixprec.kernels.convert_ before saving")
+    unconverted = [m for m in model.modules() if isinstance(m, QuantLayer) and (m.w_bits is not None or m.a_bits is not None)]
+    if unconverted:
+        grouped = [m.name for m in unconverted if m.params is not None and m.params.step_params is not None]
+        why = (f"{len(grouped)} of them quantize activations with timestep-grouped ranges "
+               f"({unconverted[0].params.num_step_groups} groups), which a checkpoint cannot hold: it stores one "
+               f"static activation scale per layer. Save a plan without activation quantization, or calibrate "
+               f"with quant.act_timestep_groups=1" if grouped else "run mixprec.kernels.convert_ before saving")
+        raise ValueError(f"{len(unconverted)} quantized layers (e.g. {unconverted[0].name}) are not kernel modules; "
+                         + why)
     state: dict[str, torch.Tensor] = {}
     seen: dict[tuple[int, int], str] = {}
     for key, t in model.state_dict().items():

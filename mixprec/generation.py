@@ -1,8 +1,10 @@
 """Deterministic generation through the pipeline's standard ``__call__``.
 
 Prompts are encoded once and cached; initial latents come from one CPU generator per seed, so an
-image depends only on (prompt, seed), not on batch composition or device. The denoiser's outputs
-at every sampler step can be captured (quality metric: SQNR of the denoiser output).
+image depends only on (prompt, seed), not on batch composition or device; samplers that add noise
+between steps (LCM) draw it from the same per-seed generator. The denoiser's outputs at every
+sampler step can be captured (quality metric: SQNR of the denoiser output); with classifier-free
+guidance the captured output is the guided prediction the scheduler steps with.
 
 The denoiser is a UNet (SD, SDXL) or a diffusion transformer (PixArt), called through the same
 pipeline ``__call__``. PixArt predicts a learned variance next to the noise (twice the latent
@@ -23,7 +25,7 @@ from mixprec.models import PIXART_MAX_SEQUENCE_LENGTH, denoiser_of
 @dataclass
 class GenerationOutput:
     images: torch.Tensor | None  # [N, 3, H, W] in [0, 1], float32
-    denoiser: torch.Tensor | None  # [N, steps, C, h, w]: the denoiser output (noise channels) at each sampler step
+    denoiser: torch.Tensor | None  # [N, steps, C, h, w]: the (guided) denoiser output (noise channels) at each step
     latents: torch.Tensor | None  # [N, C, h, w]: final latents
 
 
@@ -41,6 +43,20 @@ class Sampler:
         self.max_sequence_length = PIXART_MAX_SEQUENCE_LENGTH.get(type(pipe).__name__)
         self.is_pixart = self.max_sequence_length is not None
         self._cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    @property
+    def classifier_free_guidance(self) -> bool:
+        """Whether the pipeline doubles the batch for guidance: as diffusers decides it, so guidance-
+        distilled denoisers (LCM: ``time_cond_proj_dim``) take the scale as an embedding instead."""
+        return self.guidance_scale > 1.0 and getattr(self.denoiser.config, "time_cond_proj_dim", None) is None
+
+    def timesteps(self) -> list[float]:
+        """The scheduler's timesteps for this sampler's step count, in sampling order."""
+        import copy
+
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        scheduler.set_timesteps(self.steps, device="cpu")
+        return [float(t) for t in scheduler.timesteps]
 
     def optimize_decoder(self, channels_last: bool = True, compile: bool = False) -> None:
         """Speed up the VAE decode, which dominates a content-layer evaluation on large models.
@@ -69,7 +85,7 @@ class Sampler:
     def _encode_one(self, prompt: str) -> dict[str, torch.Tensor]:
         if prompt not in self._cache:
             with torch.no_grad():
-                cfg = self.guidance_scale > 1.0
+                cfg = self.classifier_free_guidance
                 if self.is_pixart:
                     pe, pam, npe, npam = self.pipe.encode_prompt(
                         prompt, do_classifier_free_guidance=cfg, num_images_per_prompt=1, device=self.device,
@@ -95,10 +111,13 @@ class Sampler:
         parts = [self._encode_one(p) for p in prompts]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
-    def initial_latents(self, seeds: Sequence[int]) -> torch.Tensor:
+    def initial_latents(self, seeds: Sequence[int], generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        """Initial noise, one CPU generator per seed (``generators``: those generators, which go on to
+        draw the sampler's per-step noise)."""
         size = self.resolution // self.pipe.vae_scale_factor
         shape = (self.denoiser.config.in_channels, size, size)
-        noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+        generators = generators or [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        noise = [torch.randn(shape, generator=g) for g in generators]
         return torch.stack(noise).to(self.device, self.dtype)
 
     @torch.no_grad()
@@ -117,6 +136,15 @@ class Sampler:
             out = (out[0] if isinstance(out, tuple) else out.sample).detach()
             captured.append(out[:, :noise_channels] if learned_sigma else out)
 
+        cfg, g = self.classifier_free_guidance, self.guidance_scale
+
+        def guided(c: torch.Tensor) -> torch.Tensor:
+            # The batch is [uncond; cond]: combine as the pipeline does before the scheduler step.
+            if not cfg:
+                return c
+            uncond, cond = c.chunk(2)
+            return uncond + g * (cond - uncond)
+
         handle = model.register_forward_hook(hook) if capture_denoiser else None
         # PixArt's defaults would clean captions (needs bs4/ftfy), snap the size to its aspect-ratio
         # bins, and refuse the cached negative embeddings next to its default negative prompt "".
@@ -126,8 +154,10 @@ class Sampler:
             for i in range(0, len(prompts), self.batch_size):
                 p, s = list(prompts[i:i + self.batch_size]), list(seeds[i:i + self.batch_size])
                 captured.clear()
+                generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in s]
                 out = self.pipe(
-                    **self.encode(p), latents=self.initial_latents(s), num_inference_steps=self.steps,
+                    **self.encode(p), latents=self.initial_latents(s, generators), generator=generators,
+                    num_inference_steps=self.steps,
                     guidance_scale=self.guidance_scale, height=self.resolution, width=self.resolution,
                     output_type="pt" if decode else "latent", return_dict=True, **extra,
                 )
@@ -137,8 +167,7 @@ class Sampler:
                 else:
                     finals.append(move(out.images))
                 if capture_denoiser:
-                    # With classifier-free guidance the denoiser sees [uncond; cond]: keep the conditional half.
-                    steps = [c[-len(p):] for c in captured]
+                    steps = [guided(c) for c in captured]
                     denoiser.append(move(torch.stack(steps, dim=1)))
         finally:
             if handle is not None:

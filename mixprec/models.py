@@ -2,8 +2,9 @@
 
 A model is described by a :class:`ModelSpec` (the ``model`` config group). Sources:
 - ``builtin``: the project's trained tiny model shipped in ``mixprec/assets/tiny`` (or ``path``);
-- ``tiny_random``: a pipeline of the ``family``'s architecture (SDXL, SD 2.1 or PixArt) with a small
-  config and random weights (tests);
+- ``tiny_random``: a pipeline of the ``family``'s structure with a small config and random
+  weights (tests): SDXL (``sdxl``), SD 2.1 / SD-Turbo (``sd``), SD 1.5 / LCM (``sd15``) or
+  PixArt-alpha (``pixart``);
 - ``diffusers``: a hub id or a local folder through ``DiffusionPipeline.from_pretrained``; with
   ``weights: random`` the full-size architecture is built from configs shipped in
   ``mixprec/reference`` instead (speed and memory work where no checkpoint can be downloaded).
@@ -47,6 +48,10 @@ class ModelSpec:
     exclude_patterns: list[str] = field(default_factory=list)
     # A deterministic content checker for caption adherence ("tiny_shapes" for the built-in model).
     checker: str | None = None
+    # Scheduler overrides applied after the pipeline is built or loaded: ``class`` swaps the
+    # scheduler class (a diffusers scheduler name), every other key overrides its config, e.g.
+    # {class: EulerDiscreteScheduler, timestep_spacing: leading}. Empty: the pipeline's own.
+    scheduler: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
@@ -67,6 +72,10 @@ class ModelSpec:
             raise ValueError(f"model {self.name!r} needs model.path (a local folder) or model.hub_id")
         if self.dtype not in _DTYPES:
             raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.num_inference_steps < 1:
+            raise ValueError(f"model.num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if self.scheduler:
+            scheduler_overrides(self.scheduler)  # raises on an unknown class or option
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -165,8 +174,8 @@ def load_pipeline(spec: ModelSpec, device: str | torch.device = "cpu"):
     from diffusers import DiffusionPipeline
 
     if spec.source == "tiny_random":
-        if spec.family == "sd":
-            pipe = build_tiny_sd_pipeline(spec.arch, seed=spec.seed)
+        if spec.family in TINY_SD_FAMILIES:
+            pipe = build_tiny_sd_pipeline(spec.arch, seed=spec.seed, family=spec.family)
         elif spec.family == "pixart":
             pipe = build_tiny_pixart_pipeline(spec.arch, seed=spec.seed)
         else:
@@ -188,6 +197,8 @@ def load_pipeline(spec: ModelSpec, device: str | torch.device = "cpu"):
         denoiser = denoiser_of(pipe)
     except TypeError as exc:
         raise TypeError(f"model {spec.name!r}: {exc}") from None
+    if spec.scheduler:
+        pipe.scheduler = configured_scheduler(pipe.scheduler, spec.scheduler)
     if denoiser.dtype != spec.torch_dtype:
         pipe = pipe.to(dtype=spec.torch_dtype)
     pipe = pipe.to(torch.device(device))
@@ -236,6 +247,51 @@ def _check_tokenizers(pipe, folder: Path) -> None:
                              f"'a red circle' -> {ids}); the folder is incomplete")
 
 
+def scheduler_class(name: str):
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    cls = getattr(diffusers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        known = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") or n.endswith("SchedulerMultistep"))
+        raise ValueError(f"model.scheduler.class={name!r} is not a diffusers scheduler; known: {', '.join(known)}")
+    return cls
+
+
+def _check_scheduler_options(cls: type, options: dict[str, Any]) -> None:
+    import inspect
+
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:  # from_config would drop them silently
+        raise ValueError(f"model.scheduler options {unknown} are not options of {cls.__name__}; "
+                         f"it takes {sorted(accepted)}")
+
+
+def scheduler_overrides(overrides: dict[str, Any]) -> tuple[type | None, dict[str, Any]]:
+    """(class or None, config overrides) of a ``model.scheduler`` mapping, checked against the class."""
+    rest = dict(overrides)
+    name = rest.pop("class", None)
+    cls = scheduler_class(name) if name is not None else None
+    if cls is not None:
+        _check_scheduler_options(cls, rest)
+    return cls, rest
+
+
+def configured_scheduler(current, overrides: dict[str, Any]):
+    """``current`` with ``overrides`` (see ModelSpec.scheduler) applied; a new scheduler object."""
+    cls, rest = scheduler_overrides(overrides)
+    cls = cls or type(current)
+    _check_scheduler_options(cls, rest)
+    return cls.from_config({**dict(current.config), **rest})
+
+
+def make_scheduler(config: dict[str, Any]):
+    """A scheduler from a shipped config (``_class_name`` picks the class)."""
+    config = dict(config)
+    return scheduler_class(config.pop("_class_name", "EulerDiscreteScheduler")).from_config(config)
+
+
 def build_random_pipeline(family: str, seed: int = 0, device: str | torch.device = "cpu"):
     """The full-size architecture of ``family`` with random weights, from configs shipped in the package.
 
@@ -246,8 +302,7 @@ def build_random_pipeline(family: str, seed: int = 0, device: str | torch.device
     cfg = _family_configs(family)
     if "transformer" in cfg:
         return _build_random_pixart_pipeline(cfg, seed, device)
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, \
-        UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from mixprec.tiny.tokenizer import build_tokenizer
@@ -259,7 +314,7 @@ def build_random_pipeline(family: str, seed: int = 0, device: str | torch.device
         te = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
         te2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"])) if "text_encoder_2" in cfg else None
     tok = build_tokenizer(model_max_length=77)
-    scheduler = EulerDiscreteScheduler.from_config(cfg["scheduler"])
+    scheduler = make_scheduler(cfg["scheduler"])
     if te2 is not None:
         return StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
                                          unet=unet, scheduler=scheduler)
@@ -284,18 +339,40 @@ def _build_random_pixart_pipeline(cfg: dict[str, Any], seed: int, device: str | 
                                scheduler=scheduler)
 
 
-def build_tiny_sd_pipeline(arch: dict[str, Any] | None = None, seed: int = 0):
-    """An SD 2.1 / SD-Turbo-structured StableDiffusionPipeline at toy scale with random weights (tests).
+# Tiny StableDiffusionPipeline structures: SD 2.1 / SD-Turbo (linear projections, 2 heads) and
+# SD 1.5 (1x1-conv projections in the transformer blocks, as LCM-distilled SD 1.5 has).
+TINY_SD_FAMILIES: dict[str, dict[str, Any]] = {
+    "sd": {"use_linear_projection": True},
+    "sd15": {"use_linear_projection": False},
+}
+TINY_SD_ARCH: dict[str, Any] = {
+    "image_size": 32, "channels": [8, 16], "text_hidden": 16, "heads": 2,
+    # A guidance-embedding input (LCM) of this width; null: none.
+    "time_cond_proj_dim": None,
+}
 
-    Same block types as SD 2.1 (cross-attention in every level but the last, linear projections,
-    one text encoder whose last hidden state conditions the UNet, no added conditioning).
+
+def build_tiny_sd_pipeline(arch: dict[str, Any] | None = None, seed: int = 0, family: str = "sd"):
+    """A StableDiffusionPipeline of ``family``'s structure at toy scale with random weights (tests).
+
+    Same block types as SD (cross-attention in every level but the last, one text encoder whose
+    last hidden state conditions the UNet, no added conditioning). ``sd``: SD 2.1 / SD-Turbo
+    (linear projections); ``sd15``: SD 1.5 (1x1-conv projections); ``arch.time_cond_proj_dim``
+    adds LCM's guidance embedding. The scheduler is Euler (trailing); ``model.scheduler`` swaps it.
     """
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from mixprec.tiny.tokenizer import build_tokenizer
 
-    a = {"image_size": 32, "channels": [8, 16], "text_hidden": 16, "heads": 2, **(arch or {})}
+    if family not in TINY_SD_FAMILIES:
+        raise ValueError(f"no tiny StableDiffusionPipeline structure for family {family!r}; known: "
+                         f"{sorted(TINY_SD_FAMILIES)}")
+    unknown = set(arch or {}) - set(TINY_SD_ARCH) - set(TINY_SD_FAMILIES[family])
+    if unknown:
+        raise ValueError(f"unknown model.arch option(s) {sorted(unknown)} for a tiny {family} model; "
+                         f"known: {sorted(set(TINY_SD_ARCH) | set(TINY_SD_FAMILIES[family]))}")
+    a = {**TINY_SD_ARCH, **TINY_SD_FAMILIES[family], **(arch or {})}
     tok = build_tokenizer()
     levels = len(a["channels"])
     state = torch.random.get_rng_state()
@@ -311,7 +388,7 @@ def build_tiny_sd_pipeline(arch: dict[str, Any] | None = None, seed: int = 0):
             down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
             attention_head_dim=a["heads"], norm_num_groups=4, cross_attention_dim=a["text_hidden"],
-            use_linear_projection=True)
+            use_linear_projection=bool(a["use_linear_projection"]), time_cond_proj_dim=a["time_cond_proj_dim"])
         vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                             layers_per_block=1, norm_num_groups=4, sample_size=a["image_size"])
@@ -504,6 +581,9 @@ def denoiser_example_inputs(denoiser: nn.Module, batch: int, latent_size: int, t
             "text_embeds": values(batch, pooled_dim),
             "time_ids": torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]] * batch, device=device, dtype=dtype),
         }
+    if getattr(cfg, "time_cond_proj_dim", None):
+        # LCM's guidance embedding: without it the denoiser skips its cond_proj layer.
+        kwargs["timestep_cond"] = values(batch, cfg.time_cond_proj_dim)
     return kwargs
 
 

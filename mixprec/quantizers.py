@@ -117,6 +117,31 @@ class RangeObserver:
         self.batches += 1
 
 
+class StepRangeObserver:
+    """A range over all steps (exactly :class:`RangeObserver`) plus one per step group.
+
+    Each call updates the overall range and the range of the group the shared
+    :class:`~mixprec.timestep_groups.StepGroups` says the denoiser is in.
+    """
+
+    def __init__(self, step_groups, momentum: float = 0.95):
+        self.step_groups = step_groups
+        self.overall = RangeObserver(momentum)
+        self.groups = [RangeObserver(momentum) for _ in range(step_groups.num_groups)]
+
+    @property
+    def lo(self) -> float | None:
+        return self.overall.lo
+
+    @property
+    def hi(self) -> float | None:
+        return self.overall.hi
+
+    def update(self, x: torch.Tensor) -> None:
+        self.overall.update(x)
+        self.groups[self.step_groups.current].update(x)
+
+
 # --------------------------------------------------------------------------- the layer
 @dataclass
 class LayerQuantParams:
@@ -125,6 +150,14 @@ class LayerQuantParams:
     weight_scales: dict[int, torch.Tensor]
     act_range: tuple[float, float] | None
     act_params: dict[int, tuple[float, int]]
+    # Timestep-aware ranges (quant.act_timestep_groups > 1): range and per-bit qparams of each step
+    # group; act_range/act_params above stay the range over all steps.
+    step_ranges: list[tuple[float, float]] | None = None
+    step_params: dict[int, list[tuple[float, int]]] | None = None
+
+    @property
+    def num_step_groups(self) -> int:
+        return len(self.step_ranges) if self.step_ranges else 1
 
 
 _FORWARDED_ATTRS = frozenset({"in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride",
@@ -149,7 +182,9 @@ class QuantLayer(nn.Module):
         self.w_bits: int | None = None
         self.a_bits: int | None = None
         self.params: LayerQuantParams | None = None
-        self.observer: RangeObserver | None = None
+        self.observer: RangeObserver | StepRangeObserver | None = None
+        # Shared with the denoiser's timestep hook when the calibration has timestep groups.
+        self.step_groups = None
         self._cached_bits: int | None = None
         self._cached_weight: torch.Tensor | None = None
 
@@ -185,11 +220,21 @@ class QuantLayer(nn.Module):
             raise KeyError(f"{self.name}: no calibrated weight parameters for {w_bits} bits "
                            f"(calibrated: {sorted(self.params.weight_scales)}); rerun stage=calibrate "
                            f"with quant.weight_bits including {w_bits}")
+        if a_bits is not None and self.params.step_params is not None and self.step_groups is None:
+            raise RuntimeError(f"{self.name}: calibrated with {self.params.num_step_groups} timestep groups but "
+                               f"no StepGroups is installed on the denoiser (mixprec.timestep_groups)")
         if a_bits is not None and a_bits not in self.params.act_params:
             raise KeyError(f"{self.name}: no calibrated activation parameters for {a_bits} bits "
                            f"(calibrated: {sorted(self.params.act_params)}); rerun stage=calibrate "
                            f"with quant.act_bits including {a_bits}")
         self.w_bits, self.a_bits = w_bits, a_bits
+
+    def act_qparams(self) -> tuple[float, int]:
+        """(scale, zero point) of the active activation bits for the current step group."""
+        p = self.params
+        if p.step_params is not None:
+            return p.step_params[self.a_bits][self.step_groups.current]
+        return p.act_params[self.a_bits]
 
     def _require_params(self) -> None:
         if self.params is None:
@@ -222,7 +267,7 @@ class QuantLayer(nn.Module):
             return self._linear_or_conv(x, self.inner.weight)
         rest = x[:, 1:] if split else x
         if self.a_bits is not None:
-            scale, zero = self.params.act_params[self.a_bits]
+            scale, zero = self.act_qparams()
             rest = fake_quant_act(rest, scale, zero, self.a_bits)
         out = self._linear_or_conv(rest, self.quantized_weight())
         if split:

@@ -13,6 +13,8 @@ Dispatch rules (:func:`choose_backend`), per QuantLayer with its plan bits (w, a
   - a > 8 with w set            -> ``wonly`` on the weights, activation unquantized is not the plan:
                                    ``reference`` instead;
   - ``low_bit="reference"``      -> ``reference`` for every w < 8.
+Layers with activation bits whose calibration has timestep groups (``quant.act_timestep_groups`` > 1)
+stay QuantLayers (``reference``, reason listed): the kernels take one static activation scale.
 At run time (KernelLayer.route) a layer on a kernel backend still takes the reference path without
 CUDA (or emulates the kernel on CPU when asked), and below ``min_m`` GEMM rows.
 """
@@ -188,6 +190,10 @@ class DispatchReport:
                 if isinstance(mod, KernelLayer):
                     d.rows = mod.gemm_rows(x)
                     d.ran = mod.route(d.rows, x.is_cuda)
+                elif isinstance(mod, QuantLayer) and (mod.w_bits is not None or mod.a_bits is not None):
+                    inner = mod.inner
+                    d.rows = x.numel() // x.shape[1] if isinstance(inner, nn.Conv2d) else x.numel() // x.shape[-1]
+                    d.ran = "reference"
                 else:
                     d.rows = x.numel() // x.shape[1] if isinstance(mod, nn.Conv2d) else x.numel() // x.shape[-1]
                     d.ran = "dense"
@@ -255,6 +261,12 @@ def convert_(model: nn.Module, config: BackendConfig | Mapping[str, Any] | None 
             continue
         if layer.params is None:
             raise RuntimeError(f"{name}: quantized in the plan but not calibrated")
+        if layer.a_bits is not None and layer.params.step_params is not None:
+            # The QuantLayer stays: it follows the denoiser's timestep hook, which a static scale can't.
+            stored = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+            report.layers.append(LayerDispatch(name, kind, shape, layer.w_bits, layer.a_bits, "reference",
+                                               timestep_groups_reason(layer.params.num_step_groups), stored))
+            continue
         new = KernelLayer.from_quant_layer(layer, backend, fp8_weight=cfg.fp8_weight, bos=cfg.bos,
                                            **cfg.layer_kwargs())
         layer.drop_cache()
@@ -267,6 +279,11 @@ def convert_(model: nn.Module, config: BackendConfig | Mapping[str, Any] | None 
     if example_args is not None or example_kwargs is not None:
         report.probe(model, *(example_args or ()), **dict(example_kwargs or {}))
     return report
+
+
+def timestep_groups_reason(groups: int) -> str:
+    return (f"timestep-grouped activation ranges ({groups} groups; kernels take one static scale): "
+            f"fake-quant QuantLayer")
 
 
 def report_for(model: nn.Module) -> DispatchReport:
@@ -284,6 +301,14 @@ def report_for(model: nn.Module) -> DispatchReport:
                 reason = choose_backend(probe, s.w_bits, s.a_bits, cfg)[1] or "reference backend"
             report.layers.append(LayerDispatch(name, s.kind, shape, s.w_bits, s.a_bits, s.backend, reason,
                                                mod.weight_bytes()))
+        elif isinstance(mod, QuantLayer) and (mod.w_bits is not None or mod.a_bits is not None):
+            inner = mod.inner
+            reason = (timestep_groups_reason(mod.params.num_step_groups)
+                      if mod.a_bits is not None and mod.params is not None and mod.params.step_params is not None
+                      else "not converted (QuantLayer)")
+            report.layers.append(LayerDispatch(name, "conv" if isinstance(inner, nn.Conv2d) else "linear",
+                                               list(inner.weight.shape), mod.w_bits, mod.a_bits, "reference", reason,
+                                               sum(t.numel() * t.element_size() for t in mod.state_dict().values())))
         else:
             inner = mod.inner if isinstance(mod, QuantLayer) else mod
             report.layers.append(LayerDispatch(name, "conv" if isinstance(inner, nn.Conv2d) else "linear",

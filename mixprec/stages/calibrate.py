@@ -16,6 +16,7 @@ from mixprec.metrics import sqnr_db
 from mixprec.models import CENSUS_COLUMNS
 from mixprec.quantizers import fake_quant_weight
 from mixprec.stages.common import LAYERS_CSV, QUANT_PARAMS, load_model, prompt_set, to_dict, tracker
+from mixprec.timestep_groups import StepGroups
 from mixprec.workspace import Workspace
 
 log = logging.getLogger("mixprec")
@@ -26,16 +27,23 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
     q = bundle.quant
     pairs = prompt_set(cfg, "calibration")
     prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
+    groups = int(q["act_timestep_groups"])
+    step_groups = StepGroups(bundle.sampler.timesteps(), groups) if groups > 1 else None
+    if step_groups is not None:
+        step_groups.install(bundle.denoiser, bundle.layers.values())
     with tracker(cfg, ws, "calibrate") as track:
         params = calibrate_layers(
             bundle.layers, lambda: bundle.sampler.generate(prompts, seeds, decode=False),
             q["weight_bits"], q["act_bits"], momentum=float(q["act_momentum"]), weight_clip=str(q["weight_clip"]),
-            progress=True,
+            progress=True, step_groups=step_groups,
         )
         rows = bundle.census()
         ws.write_csv(LAYERS_CSV, [r.as_row() for r in rows], CENSUS_COLUMNS)
         meta = {"fingerprints": ws.fingerprints, "weight_bits": list(q["weight_bits"]), "act_bits": list(q["act_bits"]),
-                "quant": q, "model": to_dict(cfg.model), "calibration_prompts": pairs}
+                "quant": q, "model": to_dict(cfg.model), "calibration_prompts": pairs,
+                "act_timestep_groups": groups}
+        if step_groups is not None:
+            meta["step_groups"] = step_groups.to_json()
         with ws.atomic_path(QUANT_PARAMS) as tmp:
             save_params(tmp, params, meta)
 
@@ -52,6 +60,7 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
         track.log_table("weight_sqnr_db", ["layer"] + [f"w{b}" for b in q["weight_bits"]] + ["act_min", "act_max"], table)
     headline = {
         "layers": len(params),
+        "act_timestep_groups": groups,
         "calibration_images": len(pairs),
         "mean_weight_sqnr_db": {b: sum(v) / len(v) for b, v in wsqnr.items()},
     }

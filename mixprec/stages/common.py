@@ -45,6 +45,13 @@ def quant_recipe(cfg: DictConfig) -> dict[str, Any]:
                                  f"does not calibrate; add them to quant.{allowed}")
     if any(b < 2 or b > 8 for b in q["weight_bits"] + q["act_bits"]):
         raise ValueError(f"bit-widths must be between 2 and 8, got weight {q['weight_bits']} / act {q['act_bits']}")
+    groups = q.setdefault("act_timestep_groups", 1)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"quant.act_timestep_groups must be an integer >= 1, got {groups!r}")
+    steps = int(cfg.model.num_inference_steps)
+    if groups > steps:
+        raise ValueError(f"quant.act_timestep_groups={groups} is more than the model's {steps} sampler steps "
+                         f"(model.num_inference_steps); use at most {steps}")
     return q
 
 
@@ -53,9 +60,12 @@ def fingerprints(cfg: DictConfig) -> dict[str, str]:
     q = quant_recipe(cfg)
     model_fp = fingerprint(spec.fingerprint_data())
     calib = resolve_prompt_set(to_dict(cfg.prompts.calibration), "calibration")
-    quant_fp = fingerprint({"model": model_fp, "quant": {k: v for k, v in q.items() if k != "name"},
+    # Options at their neutral value are left out, so workspaces made before they existed stay valid.
+    recipe = {k: v for k, v in q.items() if k != "name" and not (k == "act_timestep_groups" and v == 1)}
+    sampling = {k: v for k, v in (("guidance_scale", spec.guidance_scale), ("scheduler", spec.scheduler)) if v}
+    quant_fp = fingerprint({"model": model_fp, "quant": recipe,
                             "calibration": calib, "steps": spec.num_inference_steps,
-                            "resolution": spec.resolution, "exclude": spec.exclude_patterns})
+                            "resolution": spec.resolution, "exclude": spec.exclude_patterns, **sampling})
     return {"model": model_fp, "quant": quant_fp}
 
 
@@ -131,11 +141,16 @@ def load_calibrated(cfg: DictConfig, ws: Workspace, batch_size: int | None = Non
     """The model with the workspace's calibration attached (checked against this run's fingerprints)."""
     path = ws.require(QUANT_PARAMS, "calibrate")
     params, meta = calibration.load_params(path)
+    # Before the fingerprints: a grouping mismatch also changes them, and this says what to do.
+    calibration.check_timestep_groups(meta, quant_recipe(cfg)["act_timestep_groups"], path)
     ws.check_fingerprints(meta.get("fingerprints"), QUANT_PARAMS, "calibrate")
     bundle = load_model(cfg, batch_size)
     q = bundle.quant
     calibration.check_bits_available(meta, q["weight_bits"], q["act_bits"], path)
-    calibration.attach_params(bundle.layers, params)
+    step_groups = calibration.step_groups_from_meta(meta)
+    if step_groups is not None:
+        step_groups.install(bundle.denoiser, bundle.layers.values())
+    calibration.attach_params(bundle.layers, params, step_groups=step_groups)
     bundle.calib_meta = meta
     return bundle
 
