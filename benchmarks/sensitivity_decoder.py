@@ -92,6 +92,24 @@ def main() -> None:
                                   "content_ssim_mean": sum(cvals) / len(cvals)}
         print(f"{label:24s} content {c:.3f} s  quality {q:.3f} s  (reference {ref_s:.1f} s, SSIM {sum(cvals)/len(cvals):.5f})",
               flush=True)
+    # A/B of the one-step replay (Sampler.denoiser_outputs, what score() uses) against the pipeline call
+    def quality_through_pipeline():
+        layers[lq].set_bits(w_bits=4)
+        try:
+            den = sampler.generate(prompts, seeds, decode=False, capture_denoiser=True, keep_on_device=True).denoiser
+            return sens.sqnr_db_per_sample(ref.denoiser, den).cpu()
+        finally:
+            layers[lq].set_bits(None, None)
+    quality_through_pipeline()
+    sync()
+    reps = []
+    for _ in range(args.reps):
+        t = time.perf_counter()
+        quality_through_pipeline()
+        sync()
+        reps.append(time.perf_counter() - t)
+    out["quality_through_pipeline_s"] = statistics.median(reps)
+    print(f"quality evaluation through the pipeline call: {out['quality_through_pipeline_s']:.3f} s", flush=True)
     counts = {g: sum(1 for v in groups.values() if v == g) for g in ("content", "quality")}
     for label, v in out["variants"].items():
         v["projected_full_sweep_s"] = 5 * counts["content"] * v["content_s"] + 5 * counts["quality"] * v["quality_s"]

@@ -43,6 +43,10 @@ class Sampler:
         self.max_sequence_length = PIXART_MAX_SEQUENCE_LENGTH.get(type(pipe).__name__)
         self.is_pixart = self.max_sequence_length is not None
         self._cache: dict[str, dict[str, torch.Tensor]] = {}
+        # Per batch of seeds: the initial latents on the device and each generator's state after drawing them.
+        self._latents: dict[tuple[int, ...], tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        # One-step replay (denoiser_outputs): the key it was captured for and the denoiser calls.
+        self._replay: tuple[tuple, list[tuple[tuple, dict]]] | None = None
 
     @property
     def classifier_free_guidance(self) -> bool:
@@ -120,6 +124,67 @@ class Sampler:
         noise = [torch.randn(shape, generator=g) for g in generators]
         return torch.stack(noise).to(self.device, self.dtype)
 
+    def _initial_latents_cached(self, seeds: Sequence[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """initial_latents for a batch, drawn once per batch of seeds (sweeps regenerate the same
+        batch thousands of times); the generators continue from where the draw left them."""
+        key = tuple(int(s) for s in seeds)
+        if key not in self._latents:
+            generators = [torch.Generator("cpu").manual_seed(s) for s in key]
+            latents = self.initial_latents(key, generators)
+            if len(self._latents) >= 16:
+                self._latents.pop(next(iter(self._latents)))
+            self._latents[key] = (latents, [g.get_state() for g in generators])
+        latents, states = self._latents[key]
+        generators = []
+        for state in states:
+            g = torch.Generator("cpu")
+            g.set_state(state)
+            generators.append(g)
+        return latents.clone(), generators
+
+    def _noise_prediction(self, out) -> torch.Tensor:
+        """The denoiser output's noise channels (PixArt also predicts a variance the sampler drops)."""
+        out = (out[0] if isinstance(out, tuple) else out.sample).detach()
+        channels = self.denoiser.config.in_channels
+        return out[:, :channels] if self.denoiser.config.out_channels == 2 * channels else out
+
+    def _guided(self, c: torch.Tensor) -> torch.Tensor:
+        # With classifier-free guidance the batch is [uncond; cond]: combine as the pipeline does
+        # before the scheduler step.
+        if not self.classifier_free_guidance:
+            return c
+        uncond, cond = c.chunk(2)
+        return uncond + self.guidance_scale * (cond - uncond)
+
+    @torch.no_grad()
+    def denoiser_outputs(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
+        """``generate(..., capture_denoiser=True, keep_on_device=True).denoiser``, faster for one step.
+
+        A one-step sampler's denoiser inputs (initial latents, text embeddings, timestep) do not
+        depend on the denoiser. They are captured on the first call for these prompts and seeds, and
+        later calls run the denoiser on them directly: the same values without the pipeline around
+        the call (a quality-layer sensitivity evaluation is one such call).
+        """
+        if self.steps != 1:
+            return self.generate(prompts, seeds, decode=False, capture_denoiser=True, keep_on_device=True).denoiser
+        key = (tuple(prompts), tuple(int(s) for s in seeds), self.batch_size)
+        if self._replay is None or self._replay[0] != key:
+            calls: list[tuple[tuple, dict]] = []
+
+            def grab(_m, args, kwargs):
+                calls.append(_clone_tensors((args, kwargs)))
+
+            handle = self.denoiser.register_forward_pre_hook(grab, with_kwargs=True)
+            try:
+                out = self.generate(prompts, seeds, decode=False, capture_denoiser=True, keep_on_device=True)
+            finally:
+                handle.remove()
+            self._replay = (key, calls)
+            return out.denoiser
+        model = self.denoiser
+        outs = [self._guided(self._noise_prediction(model(*args, **kwargs))) for args, kwargs in self._replay[1]]
+        return torch.cat(outs).unsqueeze(1)
+
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], decode: bool = True,
                  capture_denoiser: bool = False, keep_on_device: bool = False) -> GenerationOutput:
@@ -129,21 +194,9 @@ class Sampler:
         captured: list[torch.Tensor] = []
 
         model = self.denoiser
-        noise_channels = model.config.in_channels
-        learned_sigma = model.config.out_channels == 2 * noise_channels
 
         def hook(_m, _args, out):
-            out = (out[0] if isinstance(out, tuple) else out.sample).detach()
-            captured.append(out[:, :noise_channels] if learned_sigma else out)
-
-        cfg, g = self.classifier_free_guidance, self.guidance_scale
-
-        def guided(c: torch.Tensor) -> torch.Tensor:
-            # The batch is [uncond; cond]: combine as the pipeline does before the scheduler step.
-            if not cfg:
-                return c
-            uncond, cond = c.chunk(2)
-            return uncond + g * (cond - uncond)
+            captured.append(self._noise_prediction(out))
 
         handle = model.register_forward_hook(hook) if capture_denoiser else None
         # PixArt's defaults would clean captions (needs bs4/ftfy), snap the size to its aspect-ratio
@@ -154,9 +207,9 @@ class Sampler:
             for i in range(0, len(prompts), self.batch_size):
                 p, s = list(prompts[i:i + self.batch_size]), list(seeds[i:i + self.batch_size])
                 captured.clear()
-                generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in s]
+                latents, generators = self._initial_latents_cached(s)
                 out = self.pipe(
-                    **self.encode(p), latents=self.initial_latents(s, generators), generator=generators,
+                    **self.encode(p), latents=latents, generator=generators,
                     num_inference_steps=self.steps,
                     guidance_scale=self.guidance_scale, height=self.resolution, width=self.resolution,
                     output_type="pt" if decode else "latent", return_dict=True, **extra,
@@ -167,7 +220,7 @@ class Sampler:
                 else:
                     finals.append(move(out.images))
                 if capture_denoiser:
-                    steps = [guided(c) for c in captured]
+                    steps = [self._guided(c) for c in captured]
                     denoiser.append(move(torch.stack(steps, dim=1)))
         finally:
             if handle is not None:
@@ -177,6 +230,16 @@ class Sampler:
             denoiser=torch.cat(denoiser) if denoiser else None,
             latents=torch.cat(finals) if finals else None,
         )
+
+
+def _clone_tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: _clone_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone_tensors(v) for v in obj)
+    return obj
 
 
 def to_pil(images: torch.Tensor) -> list:

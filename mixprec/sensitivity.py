@@ -68,9 +68,8 @@ def shard_tasks(tasks: Sequence[Task], shard: int, num_shards: int) -> list[Task
 def compute_reference(sampler: Sampler, prompts: Sequence[str], seeds: Sequence[int], need_images: bool,
                       need_denoiser: bool) -> Reference:
     out_img = sampler.generate(prompts, seeds, decode=True, keep_on_device=True) if need_images else None
-    out_den = sampler.generate(prompts, seeds, decode=False, capture_denoiser=True, keep_on_device=True) \
-        if need_denoiser else None
-    return Reference(images=out_img.images if out_img else None, denoiser=out_den.denoiser if out_den else None)
+    out_den = sampler.denoiser_outputs(prompts, seeds) if need_denoiser else None
+    return Reference(images=out_img.images if out_img else None, denoiser=out_den)
 
 
 def score(sampler: Sampler, group: str, ref: Reference, prompts: Sequence[str], seeds: Sequence[int],
@@ -80,7 +79,7 @@ def score(sampler: Sampler, group: str, ref: Reference, prompts: Sequence[str], 
         images = sampler.generate(prompts, seeds, decode=True, keep_on_device=True).images
         values = ssim_torch(ref.images.float(), images.float())
     else:
-        den = sampler.generate(prompts, seeds, decode=False, capture_denoiser=True, keep_on_device=True).denoiser
+        den = sampler.denoiser_outputs(prompts, seeds)
         values = sqnr_db_per_sample(ref.denoiser, den).clamp(max=sqnr_cap_db)
     return [float(v) if math.isfinite(float(v)) else float(sqnr_cap_db) for v in values.cpu()]
 

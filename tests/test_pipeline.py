@@ -110,3 +110,48 @@ def test_evaluate_ablation_table(pipeline_run):
             assert len(r["scores"]["ssim"]["values"]) == 2 and 0 < r["scores"]["ssim"]["mean"] <= 1
     table = (out / "tiny_random" / "evaluate.md").read_text()
     assert "| W4A8 | decoupled | " in table and "infeasible" in table
+
+
+def test_selections_for_several_budgets_run_in_parallel_jobs_without_sharing_files(pipeline_run, tmp_path):
+    """sweeps/select_local.yaml: one submitit job per weight budget, each writing its own folder; the
+    budget-4 selection equals the pipeline's own (same candidates, prompts and metric)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    out, _ = pipeline_run
+    ws = tmp_path / "ws"
+    shutil.copytree(out / "tiny_random", ws)
+    r = subprocess.run([sys.executable, "run.py", "-cd", "sweeps", "-cn", "select_local", *PROMPTS,
+                        f"paths.workspace={ws}", f"paths.outputs={tmp_path / 'out'}", "tracking=disabled",
+                        "device=cpu", "stage.weight_target=4,5", "hydra.launcher.gpus_per_node=0",
+                        "hydra.launcher.cpus_per_task=1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for target in (4, 5):
+        folder = ws / "select" / f"W{target}_A7"
+        weight = yaml.safe_load((folder / "final_weight_mp.yaml").read_text())
+        act = yaml.safe_load((folder / "final_act_mp.yaml").read_text())
+        assert weight["header"]["target"] == float(target)
+        assert weight["header"]["achieved_mean_bits"]["overall"] <= target + 1e-9
+        assert act["header"]["with_weight_plan"] == f"select/W{target}_A7/final_weight_mp.yaml"
+        assert json.loads((folder / "select.json").read_text())["headline"]["final_plans"]["weight"] == \
+            f"select/W{target}_A7/final_weight_mp.yaml"
+        assert len((folder / "select_candidates.csv").read_text().splitlines()) == 1 + 4 + 4
+    assert (ws / "select" / "W4_A7" / "final_weight_mp.yaml").read_bytes() == (ws / "final_weight_mp.yaml").read_bytes()
+    root_act = yaml.safe_load((ws / "final_act_mp.yaml").read_text())
+    assert yaml.safe_load((ws / "select" / "W4_A7" / "final_act_mp.yaml").read_text())["bits"] == root_act["bits"]
+    w5 = yaml.safe_load((ws / "select" / "W5_A7" / "final_weight_mp.yaml").read_text())
+    assert w5["header"]["achieved_mean_bits"]["overall"] > 4.0  # the 5-bit budget is used, not the 4-bit one
+
+    # infer on one of them
+    from mixprec.runner import run_stage
+    from tests.conftest import compose
+    run_stage(compose([f"paths.workspace={ws}", f"paths.outputs={tmp_path / 'out'}", "tracking=disabled", "device=cpu",
+                       *PROMPTS, "stage=infer", "stage.plan_dir=select/W5_A7"]))
+    infer = json.loads((ws / "infer.json").read_text())["headline"]
+    assert infer["weight_plan"]["path"] == "select/W5_A7/final_weight_mp.yaml"
+    assert all(infer["applied_bits"][n]["w"] == b for n, b in w5["bits"].items())
+    with pytest.raises(MissingArtifactError, match="stage.output_dir=select/W3_A7"):
+        run_stage(compose([f"paths.workspace={ws}", "tracking=disabled", "device=cpu", *PROMPTS, "stage=infer",
+                           "stage.plan_dir=select/W3_A7"]))

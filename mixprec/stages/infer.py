@@ -22,7 +22,7 @@ from mixprec.generation import to_pil
 from mixprec.quantizers import set_plan
 from mixprec.selection import adherence, image_scores, slug
 from mixprec.stages.common import load_calibrated, prompt_set, tracker
-from mixprec.stages.select import FINAL, check_plan_fingerprints
+from mixprec.stages.select import check_plan_fingerprints, output_paths
 from mixprec.workspace import Workspace
 
 log = logging.getLogger("mixprec")
@@ -68,12 +68,14 @@ def weight_bytes(layers, census_rows) -> dict[str, Any]:
 
 def run(cfg: DictConfig, ws: Workspace) -> dict:
     s = cfg.stage
-    weight_plan = search.read_plan(ws.require(FINAL["weight"], "select"))
-    check_plan_fingerprints(ws, weight_plan.header, FINAL["weight"])
+    final = output_paths(s.get("plan_dir"))
+    producer = f"select stage.output_dir={s.plan_dir}" if s.get("plan_dir") else "select"
+    weight_plan = search.read_plan(ws.require(final["weight"], producer))
+    check_plan_fingerprints(ws, weight_plan.header, final["weight"])
     act_plan = None
     if s.use_act_plan:
-        act_plan = search.read_plan(ws.require(FINAL["act"], "select"))
-        check_plan_fingerprints(ws, act_plan.header, FINAL["act"])
+        act_plan = search.read_plan(ws.require(final["act"], producer))
+        check_plan_fingerprints(ws, act_plan.header, final["act"])
     bundle = load_calibrated(cfg, ws, batch_size=int(s.batch_size))
     pairs = prompt_set(cfg, "inference")
     prompts, seeds = [p for p, _ in pairs], [sd for _, sd in pairs]
@@ -97,8 +99,8 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
             "adherence": scores.get("adherence"), "adherence_detail": scores.get("adherence_detail"),
             "adherence_full_precision": fp_adh,
             "weights": weight_bytes(bundle.layers, bundle.census()),
-            "weight_plan": {"path": FINAL["weight"], "mean_bits": weight_plan.header.get("achieved_mean_bits")},
-            "act_plan": {"path": FINAL["act"], "mean_bits": act_plan.header.get("achieved_mean_bits")} if act_plan else None,
+            "weight_plan": {"path": final["weight"], "mean_bits": weight_plan.header.get("achieved_mean_bits")},
+            "act_plan": {"path": final["act"], "mean_bits": act_plan.header.get("achieved_mean_bits")} if act_plan else None,
             "latency_s": {"full_precision": fp_s, "quantized": q_s, "device": str(bundle.device),
                           "note": "fake quantization (quantize-dequantize in float) measures quality, not speed; "
                                   "stage=benchmark measures real kernels"},

@@ -69,8 +69,18 @@ def load_candidates(ws: Workspace, kind: str, target: float | None = None) -> li
     return out
 
 
+def output_paths(output_dir: str | None) -> dict[str, str]:
+    """Where one selection writes: the workspace root (what infer and report read), or its own folder,
+    so that selections for several budgets can run side by side in one workspace."""
+    folder = str(output_dir or "").strip("/")
+    at = (lambda name: f"{folder}/{name}") if folder else (lambda name: name)
+    return {"weight": at(FINAL["weight"]), "act": at(FINAL["act"]), "csv": at(CANDIDATES_CSV),
+            "grids": folder or "select"}
+
+
 def evaluate(bundle: ModelBundle, candidates: list[Candidate], kind: str, fixed_weight: dict | None, reference,
-             prompts: list[str], seeds: list[int], checker: str | None, ws: Workspace, progress: bool) -> None:
+             prompts: list[str], seeds: list[int], checker: str | None, ws: Workspace, progress: bool,
+             grids: str = "select") -> None:
     seen: dict[str, Candidate] = {}
     items = candidates
     if progress:
@@ -87,7 +97,7 @@ def evaluate(bundle: ModelBundle, candidates: list[Candidate], kind: str, fixed_
             set_plan(bundle.layers, weight_bits=fixed_weight, act_bits=cand.bits)
         images = bundle.sampler.generate(prompts, seeds).images
         cand.scores = image_scores(reference, images, prompts, checker)
-        grid = f"select/{kind}/{slug(cand.path)}.png"
+        grid = f"{grids}/{kind}/{slug(cand.path)}.png"
         with ws.atomic_path(grid) as tmp:
             image_grid(images).save(tmp, format="PNG")
         cand.scores["grid"] = grid
@@ -96,14 +106,14 @@ def evaluate(bundle: ModelBundle, candidates: list[Candidate], kind: str, fixed_
 
 
 def write_final(ws: Workspace, kind: str, best: Candidate, metric: str, n_candidates: int,
-                weight_plan: str | None = None) -> None:
+                weight_plan: str | None = None, path: str | None = None) -> None:
     header = dict(best.header)
     header.update({"selected_from": best.path, "selected_by": metric, "candidates": n_candidates,
                    "selection_scores": {k: best.scores.get(k) for k in ("mse", "ssim", "psnr_db", "adherence")
                                         if best.scores.get(k) is not None}})
     if weight_plan:
         header["with_weight_plan"] = weight_plan
-    with ws.atomic_path(FINAL[kind]) as tmp:
+    with ws.atomic_path(path or FINAL[kind]) as tmp:
         search.write_plan(tmp, search.Plan(header, best.bits))
 
 
@@ -131,24 +141,26 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
     prompts, seeds = [p for p, _ in pairs], [sd for _, sd in pairs]
     targets = {"weight": s.weight_target, "act": s.act_target}
     candidates = {k: load_candidates(ws, k, targets[k]) for k in kinds}  # fail early, before generating anything
+    out = output_paths(s.get("output_dir"))
     bundle = load_calibrated(cfg, ws, batch_size=int(s.batch_size))
     reference = bundle.sampler.generate(prompts, seeds).images
-    with ws.atomic_path("select/full_precision.png") as tmp:
+    with ws.atomic_path(f"{out['grids']}/full_precision.png") as tmp:
         image_grid(reference).save(tmp, format="PNG")
     rows, headline = [], {"metric": metric, "images": len(pairs)}
     fixed_weight = None
     with tracker(cfg, ws, "select") as track:
         for kind in kinds:
             if kind == "act" and fixed_weight is None:
-                if not ws.exists(FINAL["weight"]):
-                    raise MissingArtifactError(f"{FINAL['weight']} is missing: run stage=select with "
+                if not ws.exists(out["weight"]):
+                    raise MissingArtifactError(f"{out['weight']} is missing: run stage=select with "
                                                f"stage.kinds=[weight,act] first")
-                fixed_weight = search.read_plan(ws.path(FINAL["weight"])).bits
+                fixed_weight = search.read_plan(ws.path(out["weight"])).bits
             cands = candidates[kind]
-            evaluate(bundle, cands, kind, fixed_weight, reference, prompts, seeds, checker, ws, bool(s.progress))
+            evaluate(bundle, cands, kind, fixed_weight, reference, prompts, seeds, checker, ws, bool(s.progress),
+                     out["grids"])
             ranked = rank(cands, metric)
             best = ranked[0]
-            write_final(ws, kind, best, metric, len(cands), FINAL["weight"] if kind == "act" else None)
+            write_final(ws, kind, best, metric, len(cands), out["weight"] if kind == "act" else None, out[kind])
             if kind == "weight":
                 fixed_weight = best.bits
             kind_rows = [_row(kind, i, c) for i, c in enumerate(ranked)]
@@ -161,6 +173,7 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
                              for r in kind_rows])
             log.info("select %s: %d candidates, best %s (%s=%.5g)", kind, len(cands), best.path, metric,
                      best.scores[metric] if metric in best.scores else float("nan"))
-        ws.write_csv(CANDIDATES_CSV, rows, COLUMNS)
-        track.log_artifact("final_plans", "plan", [ws.path(FINAL[k]) for k in kinds])
+        ws.write_csv(out["csv"], rows, COLUMNS)
+        track.log_artifact("final_plans", "plan", [ws.path(out[k]) for k in kinds])
+    headline["final_plans"] = {k: out[k] for k in kinds}
     return headline
