@@ -49,6 +49,17 @@ def main() -> None:
            "dtype": str(bundle.denoiser.dtype), "prompts": len(prompts), "batch_size": sampler.batch_size,
            "content_layer": lc, "quality_layer": lq, "variants": {}}
 
+    def median_time(fn):
+        values = fn()  # warm-up (and compilation)
+        sync()
+        times = []
+        for _ in range(args.reps):
+            t = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times), values
+
     def time_eval(name, group, ref):
         def once():
             layers[name].set_bits(w_bits=4)
@@ -56,15 +67,7 @@ def main() -> None:
                 return sens.score(sampler, group, ref, prompts, seeds, 100.0)
             finally:
                 layers[name].set_bits(None, None)
-        values = once()  # warm-up (and compilation)
-        sync()
-        times = []
-        for _ in range(args.reps):
-            t = time.perf_counter()
-            once()
-            sync()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times), values
+        return median_time(once)
 
     # (label, decoder NHWC, compiled decoder, cudnn.benchmark, UNet NHWC); cudnn.benchmark picks the
     # fastest convolution algorithm per shape (the shapes never change during a sweep).
@@ -100,15 +103,7 @@ def main() -> None:
             return sens.sqnr_db_per_sample(ref.denoiser, den).cpu()
         finally:
             layers[lq].set_bits(None, None)
-    quality_through_pipeline()
-    sync()
-    reps = []
-    for _ in range(args.reps):
-        t = time.perf_counter()
-        quality_through_pipeline()
-        sync()
-        reps.append(time.perf_counter() - t)
-    out["quality_through_pipeline_s"] = statistics.median(reps)
+    out["quality_through_pipeline_s"] = median_time(quality_through_pipeline)[0]
     print(f"quality evaluation through the pipeline call: {out['quality_through_pipeline_s']:.3f} s", flush=True)
     counts = {g: sum(1 for v in groups.values() if v == g) for g in ("content", "quality")}
     for label, v in out["variants"].items():
