@@ -81,10 +81,16 @@ class ModelSpec:
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
 
-    def fingerprint_data(self) -> dict[str, Any]:
-        """What identifies the model's weights (not how it is sampled)."""
+    def fingerprint_data(self, device_type: str | None = None) -> dict[str, Any]:
+        """What identifies the model's weights (not how it is sampled).
+
+        Full-size random weights are drawn on the device the run uses (``device_type``), and the same
+        seed gives other weights on CPU than on CUDA: the device is part of their identity.
+        """
         data = {k: v for k, v in asdict(self).items()
                 if k in ("name", "source", "hub_id", "path", "weights", "family", "arch", "seed")}
+        if self.source == "diffusers" and self.weights == "random" and device_type is not None:
+            data["random_weights_drawn_on"] = device_type
         if self.source == "builtin":
             data["weights_digest"] = _folder_digest(self.resolved_path())
         return data

@@ -92,3 +92,16 @@ def test_sd_turbo_structure_runs_the_whole_pipeline(make_cfg, tmp_path):
     assert not any(row.startswith("add_embedding") for row in census)  # no SDXL added conditioning
     infer = json.loads((ws / "infer.json").read_text())["headline"]
     assert infer["images"] == 2 and infer["weights"]["compression"] > 2.5
+
+
+def test_full_size_random_weights_are_identified_by_the_device_they_are_drawn_on(make_cfg):
+    """The same seed draws other weights on CPU than on CUDA: a workspace calibrated on one must not
+    pass for the other."""
+    from mixprec.stages.common import fingerprints
+
+    cpu = fingerprints(make_cfg("model=sdxl_turbo", "model.weights=random"))
+    cuda = fingerprints(make_cfg("model=sdxl_turbo", "model.weights=random", "device=cuda:1"))
+    assert cpu["model"] != cuda["model"] and cpu["quant"] != cuda["quant"]
+    # built on CPU from the seed whatever the device: one identity
+    assert fingerprints(make_cfg("model=tiny_random"))["model"] == \
+        fingerprints(make_cfg("model=tiny_random", "device=cuda"))["model"]

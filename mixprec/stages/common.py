@@ -55,10 +55,16 @@ def quant_recipe(cfg: DictConfig) -> dict[str, Any]:
     return q
 
 
+def _device_type(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device.split(":")[0]
+
+
 def fingerprints(cfg: DictConfig) -> dict[str, str]:
     spec = model_spec(cfg)
     q = quant_recipe(cfg)
-    model_fp = fingerprint(spec.fingerprint_data())
+    model_fp = fingerprint(spec.fingerprint_data(device_type=_device_type(str(cfg.device))))
     calib = resolve_prompt_set(to_dict(cfg.prompts.calibration), "calibration")
     # Options at their neutral value are left out, so workspaces made before they existed stay valid.
     recipe = {k: v for k, v in q.items() if k != "name" and not (k == "act_timestep_groups" and v == 1)}
