@@ -124,6 +124,33 @@ def test_fp8_layer_on_cpu():
         assert sqnr_db(kl(x), em(x)) > 60
 
 
+@pytest.mark.parametrize("backend,w_bits,a_bits", [("int8", 8, 8), ("int8", 4, 8), ("fp8", 8, 8), ("wonly", 4, None),
+                                                    ("wonly", 2, None)])
+def test_gemv_path_computes_the_kernel_arithmetic(backend, w_bits, a_bits):
+    """The few-row path (eager matmul, and the product-and-sum that compile fuses) equals the
+    emulated kernel, for plain rows and for the BOS row of a cross-attention K/V layer."""
+    torch.manual_seed(0)
+    mod = nn.Linear(96, 40)
+    x = torch.randn(3, 5, 96)
+    x[:, 0] *= 20
+    layer = calibrated(mod, x, "down.attn2.to_k", skip_first_token=True)
+    layer.set_bits(w_bits, a_bits)
+    em = KernelLayer.from_quant_layer(layer, backend, cpu_path="emulate")
+    kl = KernelLayer.from_quant_layer(layer, backend)
+    assert kl.route(3, True) == "gemv" and kl.route(9, True) != "gemv"
+    assert KernelLayer.from_quant_layer(layer, backend, gemv_max_m=0).route(3, True) != "gemv"
+    rows = x[:, 1:].reshape(-1, 96)[:4]
+    want = em(rows)
+    mma = kl._mma()
+    assert sqnr_db(want, kl.gemv(rows, mma)) > 120
+    traced = torch.compile(lambda t: kl.gemv(t, mma), backend="aot_eager", fullgraph=True)
+    assert sqnr_db(want, traced(rows)) > 120
+    # the BOS row: 16-bit activations times the quantized weight, as the weight-only kernel
+    bos = x[:, :1]
+    assert sqnr_db(em._weight_only(bos, "emulate"), kl.gemv(bos, tg.MMA_16)) > 120
+    torch._dynamo.reset()
+
+
 def test_dispatch_rules():
     cfg = BackendConfig()
     lin, conv = nn.Linear(8, 8), nn.Conv2d(8, 8, 3, padding=1)
@@ -313,3 +340,29 @@ def test_triton_kernel_on_gpu_matches_emulation(bits, mma, qa, kind):
     out = tg.qgemm(a_in, w, rs, cb, aq, k, bits, mma, qa, 255, torch.float32, conv).cpu()
     tol = 1e-6 if mma == 1 else 2e-3
     assert ((out - ref).norm() / ref.norm()).item() < tol
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("w8a8", ["int8", "fp8"])
+def test_converted_unet_on_gpu_compiled_by_inductor(w8a8):
+    """Every path on CUDA (GEMM kernels, scaled_mm, the few-row gemv for time embeddings and the
+    BOS row) under inductor equals eager execution, and stays near the fake-quant reference."""
+    unet = build_unet("tiny", device="cuda", dtype=torch.bfloat16)
+    calib = [denoiser_inputs(unet, 2, seed=s) for s in range(2)]
+    layers = calibrate_random(unet, lambda: [unet(**c) for c in calib])
+    x = denoiser_inputs(unet, 2, seed=5)
+    wp, ap = uniform_plan(layers, 8, 8)
+    set_plan(layers, wp, ap)
+    with torch.no_grad():
+        ref = unet(**x).sample.float()
+    report = convert_(unet, BackendConfig(w8a8=w8a8), example_kwargs=x)
+    assert report.summary()["paths"].get("gemv", 0) >= 2  # time-embedding Linear layers (2 rows)
+    torch._dynamo.reset()
+    compiled = torch.compile(unet, fullgraph=True)
+    with torch.no_grad():
+        eager = unet(**x).sample.float()
+        out = compiled(**x).sample.float()
+    assert sqnr_db(eager, out) > 30
+    assert sqnr_db(ref, eager) > (20 if w8a8 == "int8" else 15)
+    torch._dynamo.reset()

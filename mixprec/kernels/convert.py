@@ -50,6 +50,8 @@ class BackendConfig:
     bos: str = "weight_only"      # cross-attn K/V BOS token: "weight_only" (quantized weight,
                                   # 16-bit activation) | "exact" (keeps a 16-bit weight copy)
     min_m: int = 1                # fewer GEMM rows than this run the reference path
+    gemv_max_m: int = 8           # Linear layers with at most this many rows (and the BOS row)
+                                  # take the fused product-and-sum path instead of a GEMM kernel
     cpu: str = "reference"        # without CUDA: "reference" | "emulate" (kernel arithmetic in torch)
 
     def __post_init__(self) -> None:
@@ -75,7 +77,7 @@ class BackendConfig:
 
     def layer_kwargs(self) -> dict:
         return dict(cpu_path=self.cpu, min_m=self.min_m, int8_impl=self.int8_impl,
-                    act_quant=self.act_quant, fp8_fast_accum=self.fp8_fast_accum)
+                    act_quant=self.act_quant, fp8_fast_accum=self.fp8_fast_accum, gemv_max_m=self.gemv_max_m)
 
 
 def choose_backend(inner: nn.Module, w_bits: int | None, a_bits: int | None,

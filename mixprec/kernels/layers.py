@@ -8,6 +8,10 @@ there is no graph break):
 - ``triton``    Triton GEMM / implicit-GEMM conv (int8, weight-only 2/4/8-bit, fp8 convs);
 - ``scaled_mm`` torch._scaled_mm, fp8 e4m3 Linear layers;
 - ``int_mm``    torch._int_mm, int8 Linear layers (optional);
+- ``gemv``      Linear layers with a handful of rows (time embeddings, the BOS row of cross-attn
+                K/V): codes x activations as a product-and-sum that torch.compile turns into one
+                reduction kernel reading the 8-bit codes directly (a tensor-core tile would be
+                15/16 empty, and the Triton GEMM walks K serially on too few CTAs: ~15 us a call);
 - ``emulate``   the kernel arithmetic in torch (CPU, for tests);
 - ``reference`` fake quantization from the stored codes: identical to QuantLayer's forward.
 
@@ -94,12 +98,13 @@ class KernelLayer(nn.Module):
 
     def __init__(self, spec: LayerSpec, dtype: torch.dtype = torch.float16, device=None,
                  cpu_path: str = "reference", min_m: int = 1, int8_impl: str = "triton",
-                 act_quant: str = "producer", fp8_fast_accum: bool = True):
+                 act_quant: str = "producer", fp8_fast_accum: bool = True, gemv_max_m: int = 8):
         super().__init__()
         self.spec = spec
         self.name = spec.name
         self.cpu_path = cpu_path
         self.min_m = min_m
+        self.gemv_max_m = gemv_max_m
         self.int8_impl = int8_impl
         self.act_quant = act_quant
         self.fp8_fast_accum = fp8_fast_accum
@@ -304,9 +309,11 @@ class KernelLayer(nn.Module):
             return "reference"
         if not is_cuda:
             return "emulate" if self.cpu_path == "emulate" else "reference"
-        if not HAS_TRITON and not (spec.backend in ("fp8", "int8") and spec.kind == "linear"):
-            return "reference"
         if m < self.min_m:
+            return "reference"
+        if self._gemv_takes(m):  # plain torch ops: needs no Triton
+            return "gemv"
+        if not HAS_TRITON and not (spec.backend in ("fp8", "int8") and spec.kind == "linear"):
             return "reference"
         k, n = spec.k, spec.out_features
         if spec.kind == "linear" and spec.backend == "fp8" and spec.a_bits is not None:
@@ -328,12 +335,20 @@ class KernelLayer(nn.Module):
             rows = rows // x.shape[1] * (x.shape[1] - 1)
         return rows
 
+    def _gemv_takes(self, m: int) -> bool:
+        spec = self.spec
+        return spec.kind == "linear" and spec.weight_format != "fp" and 0 < m <= self.gemv_max_m
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = self.route(self.gemm_rows(x), x.is_cuda)
         if path == "reference":
             return self.reference_forward(x)
         if self._splits(x):
-            first = self._weight_only(x[:, :1], path)
+            bos = x[:, :1]
+            if self._gemv_takes(x.shape[0]) and not hasattr(self, "bos_weight"):
+                first = self.gemv(bos, MMA_16)
+            else:
+                first = self._weight_only(bos, path)
             return torch.cat([first, self._main(x[:, 1:], path)], dim=1)
         return self._main(x, path)
 
@@ -353,6 +368,8 @@ class KernelLayer(nn.Module):
         if spec.weight_format == "fp":  # activation-only quantization: fake-quant + dense
             return self._dense(self._fake_act(x), self.weight)
         mma = self._mma()
+        if path == "gemv":
+            return self.gemv(x, mma)
         if mma == MMA_16:
             return self._weight_only(x, path)
         if path == "scaled_mm":
@@ -394,6 +411,30 @@ class KernelLayer(nn.Module):
         lead = a.shape[:-1]
         out = qgemm(a.reshape(-1, spec.k), self.qweight, row_scale, col_bias, aq, spec.k, bits, mma, qa,
                     levels, out_dtype, [])
+        return out.reshape(*lead, spec.out_features)
+
+    def gemv(self, x: torch.Tensor, mma: int) -> torch.Tensor:
+        """The kernel arithmetic for a few rows: ``sum_k a[m, k] * codes[n, k]`` in float32, then
+        the epilogue. Compiled, the broadcast product and sum fuse into one reduction over K that
+        reads the codes as stored; eager, a float32 matmul computes the same sum."""
+        spec = self.spec
+        lead = x.shape[:-1]
+        a = x.reshape(-1, spec.k)
+        if mma == MMA_INT8:
+            off = 128 if spec.a_bits == 8 else spec.act_zero
+            a = quant_act_int(a, spec.act_scale, spec.act_zero, off, self.levels)
+            row_scale, col_bias = self.row_scale, self.col_bias
+        elif mma == MMA_FP8:
+            a = quant_act_fp8(a, 1.0 / spec.act_scale)
+            row_scale, col_bias = self.row_scale, self.col_bias
+        else:
+            row_scale, col_bias = self.wo_row_scale, self.wo_col_bias
+        codes = self.decode_codes()
+        if torch.compiler.is_compiling():
+            acc = (a.float()[:, None, :] * codes.float()[None, :, :]).sum(-1)
+        else:
+            acc = a.float() @ codes.float().t()
+        out = (acc * row_scale + col_bias).to(x.dtype)
         return out.reshape(*lead, spec.out_features)
 
     def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
