@@ -9,9 +9,9 @@ there is no graph break):
 - ``scaled_mm`` torch._scaled_mm, fp8 e4m3 Linear layers;
 - ``int_mm``    torch._int_mm, int8 Linear layers (optional);
 - ``gemv``      Linear layers with a handful of rows (time embeddings, the BOS row of cross-attn
-                K/V): codes x activations as a product-and-sum that torch.compile turns into one
-                reduction kernel reading the 8-bit codes directly (a tensor-core tile would be
-                15/16 empty, and the Triton GEMM walks K serially on too few CTAs: ~15 us a call);
+                K/V): a memory-bound GEMV kernel over the 8-bit codes as stored (a tensor-core
+                tile would be 15/16 empty, and the GEMM kernel walks K serially on too few CTAs:
+                ~15 us a call); packed codes use a product-and-sum that compile fuses;
 - ``emulate``   the kernel arithmetic in torch (CPU, for tests);
 - ``reference`` fake quantization from the stored codes: identical to QuantLayer's forward.
 
@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from mixprec.quantizers import QuantLayer, dequantize_weight, fake_quant_act, quantize_weight, weight_qmax
 
 from . import packing
-from .triton_gemm import FP8_MAX, MMA_16, MMA_FP8, MMA_INT8, HAS_TRITON, qgemm, quant_act_fp8, quant_act_int
+from .triton_gemm import (FP8_MAX, GEMV_MAX_ROWS, HAS_TRITON, MMA_16, MMA_FP8, MMA_INT8, gemv, qgemm, quant_act_fp8,
+                          quant_act_int)
 
 BACKENDS = ("reference", "int8", "fp8", "wonly")
 
@@ -415,8 +416,8 @@ class KernelLayer(nn.Module):
 
     def gemv(self, x: torch.Tensor, mma: int) -> torch.Tensor:
         """The kernel arithmetic for a few rows: ``sum_k a[m, k] * codes[n, k]`` in float32, then
-        the epilogue. Compiled, the broadcast product and sum fuse into one reduction over K that
-        reads the codes as stored; eager, a float32 matmul computes the same sum."""
+        the epilogue: 8-bit codes through the GEMV kernel (a float32 matmul without CUDA); packed
+        codes through a product-and-sum that torch.compile fuses with their decoding."""
         spec = self.spec
         lead = x.shape[:-1]
         a = x.reshape(-1, spec.k)
@@ -429,12 +430,17 @@ class KernelLayer(nn.Module):
             row_scale, col_bias = self.row_scale, self.col_bias
         else:
             row_scale, col_bias = self.wo_row_scale, self.wo_col_bias
-        codes = self.decode_codes()
-        if torch.compiler.is_compiling():
-            acc = (a.float()[:, None, :] * codes.float()[None, :, :]).sum(-1)
+        if spec.storage_bits == 8 and a.shape[0] <= GEMV_MAX_ROWS:
+            # 8-bit codes as stored: the GEMV kernel (an opaque op, so inductor cannot fuse the
+            # reduction into the consumer, e.g. the BOS row's concat, and recompute it per element)
+            out = gemv(a.float(), self.qweight, row_scale, col_bias, x.dtype)
         else:
-            acc = a.float() @ codes.float().t()
-        out = (acc * row_scale + col_bias).to(x.dtype)
+            codes = self.decode_codes().float()
+            if torch.compiler.is_compiling():  # packed codes: decoded inside one fused reduction
+                acc = (a.float()[:, None, :] * codes[None, :, :]).sum(-1)
+            else:
+                acc = a.float() @ codes.t()
+            out = (acc * row_scale + col_bias).to(x.dtype)
         return out.reshape(*lead, spec.out_features)
 
     def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:

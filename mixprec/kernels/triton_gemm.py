@@ -171,6 +171,30 @@ if HAS_TRITON:
         tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+    @triton.jit
+    def _gemv_kernel(a_ptr, w_ptr, out_ptr, rs_ptr, cb_ptr, M, N, K, s_am, s_wn, s_om,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # A few rows times 8-bit codes: memory-bound, so many narrow column blocks (not tensor-core
+        # tiles) keep every SM streaming weights; the products are summed in float32 registers.
+        pid = tl.program_id(0)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            k_ok = k < K
+            a = tl.load(a_ptr + offs_m[:, None] * s_am + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + offs_n[:, None] * s_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        y = acc * tl.load(rs_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        y += tl.load(cb_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * s_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
 # --------------------------------------------------------------------------- launch
 @dataclass(frozen=True)
 class TileConfig:
@@ -346,6 +370,35 @@ def qgemm(a: torch.Tensor, w: torch.Tensor, row_scale: torch.Tensor, col_bias: t
     if INTERPRET and HAS_TRITON:
         return launch(a, w, row_scale, col_bias, aq, k, w_bits, mma, qa, levels, out_dtype, conv)
     return emulate(a, w, row_scale, col_bias, aq, k, w_bits, mma, qa, levels, out_dtype, conv)
+
+
+GEMV_MAX_ROWS = 16
+
+
+@torch.library.custom_op("mixprec::gemv", mutates_args=())
+def gemv(a: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tensor, col_bias: torch.Tensor,
+         out_dtype: torch.dtype) -> torch.Tensor:
+    """``(a @ codes.T) * row_scale + col_bias`` for at most 16 rows of ``a`` (activations, or
+    activation codes, as float) and 8-bit codes (int8 or fp8 e4m3), summed in float32."""
+    m, k = a.shape
+    n = codes.shape[0]
+    if m > GEMV_MAX_ROWS:
+        raise ValueError(f"gemv takes at most {GEMV_MAX_ROWS} rows, got {m}")
+    if not (a.is_cuda and HAS_TRITON):
+        return ((a.float() @ codes.float().t()) * row_scale + col_bias).to(out_dtype)
+    a = a.contiguous()
+    out = torch.empty((m, n), device=a.device, dtype=out_dtype)
+    block_m = max(1, triton.next_power_of_2(m))
+    block_n = 8 if block_m <= 4 else 4
+    _gemv_kernel[(triton.cdiv(n, block_n),)](a, codes, out, row_scale, col_bias, m, n, k, a.stride(0),
+                                            codes.stride(0), out.stride(0),
+                                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=256, num_warps=4)
+    return out
+
+
+@gemv.register_fake
+def _(a, codes, row_scale, col_bias, out_dtype):
+    return a.new_empty((a.shape[0], codes.shape[0]), dtype=out_dtype)
 
 
 @qgemm.register_fake
