@@ -171,11 +171,16 @@ if HAS_TRITON:
         tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+    @triton.autotune(
+        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+                 for bn, bk, w in ((1, 2048, 4), (2, 1024, 4), (4, 1024, 4), (4, 512, 4), (8, 512, 4),
+                                   (8, 256, 4), (16, 256, 8), (2, 2048, 8))],
+        key=["M", "N", "K"])
     @triton.jit
     def _gemv_kernel(a_ptr, w_ptr, out_ptr, rs_ptr, cb_ptr, M, N, K, s_am, s_wn, s_om,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # A few rows times 8-bit codes: memory-bound, so many narrow column blocks (not tensor-core
-        # tiles) keep every SM streaming weights; the products are summed in float32 registers.
+        # A few rows times 8-bit codes: memory-bound, so narrow column blocks with long K steps
+        # (not tensor-core tiles) keep many bytes in flight; products summed in float32 registers.
         pid = tl.program_id(0)
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -388,11 +393,9 @@ def gemv(a: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tensor, col_bias
         return ((a.float() @ codes.float().t()) * row_scale + col_bias).to(out_dtype)
     a = a.contiguous()
     out = torch.empty((m, n), device=a.device, dtype=out_dtype)
-    block_m = max(1, triton.next_power_of_2(m))
-    block_n = 8 if block_m <= 4 else 4
-    _gemv_kernel[(triton.cdiv(n, block_n),)](a, codes, out, row_scale, col_bias, m, n, k, a.stride(0),
-                                            codes.stride(0), out.stride(0),
-                                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=256, num_warps=4)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _gemv_kernel[grid](a, codes, out, row_scale, col_bias, m, n, k, a.stride(0), codes.stride(0), out.stride(0),
+                       BLOCK_M=max(1, triton.next_power_of_2(m)))
     return out
 
 
