@@ -78,8 +78,8 @@ def uniform_plan(layers: Mapping[str, QuantLayer], w_bits: int | None, a_bits: i
 
 @torch.no_grad()
 def cast_floating_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast floating parameters/buffers in place without ``Module._apply`` (QuantLayer overrides
-    ``_apply`` with its own method, so ``model.float()`` fails on a wrapped model)."""
+    """Cast floating parameters/buffers in place, the non-persistent ones too, without the
+    warnings diffusers prints for ``ModelMixin.to(dtype)``."""
     for mod in model.modules():
         for name, p in list(mod._parameters.items()):
             if p is not None and p.is_floating_point():

@@ -178,8 +178,7 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
     if next(denoiser.parameters()).dtype != dtype:
         from mixprec.kernels.testing import cast_floating_
 
-        # every component, so the end-to-end pipeline stays in one dtype (not pipe.to(): the
-        # wrapped denoiser must not go through Module._apply)
+        # every component, so the end-to-end pipeline stays in one dtype
         for comp in bundle.pipe.components.values():
             if isinstance(comp, torch.nn.Module):
                 cast_floating_(comp, dtype)
