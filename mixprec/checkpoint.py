@@ -27,6 +27,8 @@ from mixprec.workspace import atomic_path, fingerprint
 
 FORMAT = "mixprec-quantized-denoiser"
 VERSION = 1
+# where the stages keep a workspace's converted denoiser
+CHECKPOINT_FILE = "quantized_denoiser.safetensors"
 _CONFIG_NOISE = ("_name_or_path", "_diffusers_version", "_use_default_values", "_class_name")
 
 

@@ -155,3 +155,65 @@ def test_selections_for_several_budgets_run_in_parallel_jobs_without_sharing_fil
     with pytest.raises(MissingArtifactError, match="stage.output_dir=select/W3_A7"):
         run_stage(compose([f"paths.workspace={ws}", "tracking=disabled", "device=cpu", *PROMPTS, "stage=infer",
                            "stage.plan_dir=select/W3_A7"]))
+
+
+def _pixels(folder):
+    import numpy as np
+    from PIL import Image
+    return [np.asarray(Image.open(p), dtype=np.float64) for p in sorted(folder.glob("*.png"))]
+
+
+def test_infer_on_kernel_modules_saves_a_checkpoint_that_generates_without_calibration(pipeline_run, tmp_path):
+    from mixprec.stages.common import QUANT_PARAMS
+    from tests.conftest import compose
+    out, _ = pipeline_run
+    ws = tmp_path / "ws"
+    shutil.copytree(out / "tiny_random", ws)
+    base = [f"paths.workspace={ws}", f"paths.outputs={tmp_path / 'out'}", "tracking=disabled", "device=cpu", *PROMPTS,
+            "stage=infer"]
+    fake = _pixels(ws / "generated_images")
+
+    run_stage(compose([*base, "stage.execution=kernels", "stage.save_checkpoint=true"]))
+    infer = json.loads((ws / "infer.json").read_text())["headline"]
+    assert infer["execution"] == "kernels"
+    dispatch = json.loads((ws / "infer_dispatch.json").read_text())
+    weight = yaml.safe_load((ws / "final_weight_mp.yaml").read_text())
+    assert {d["name"] for d in dispatch["layers"]} >= set(weight["bits"])
+    # no CUDA here: every quantized layer runs the reference path, and the report says so
+    assert set(infer["dispatch_counts"]["paths"]) <= {"reference", "dense"}
+    assert sum(infer["dispatch_counts"]["paths"].values()) == len(dispatch["layers"])
+    ckpt = infer["checkpoint"]
+    assert ckpt["file_bytes"] == (ws / "quantized_denoiser.safetensors").stat().st_size
+    assert ckpt["weight_bytes"] == infer["denoiser_weight_bytes"]
+    assert ckpt["file_bytes"] == ckpt["weight_bytes"] + ckpt["header_bytes"]
+    kernels = _pixels(ws / "generated_images")
+    # on CPU the kernel modules run the reference path: with bos=exact (infer's default) that is the
+    # fake-quant function bit for bit, so the images are the fake-quant ones
+    assert len(kernels) == len(fake) == 4
+    for a, b in zip(fake, kernels):
+        assert (a == b).all()
+
+    (ws / QUANT_PARAMS).unlink()  # a checkpoint needs no calibration
+    for name in ("final_weight_mp.yaml", "final_act_mp.yaml"):
+        (ws / name).unlink()
+    run_stage(compose([*base, "stage.checkpoint=quantized_denoiser.safetensors"]))
+    again = json.loads((ws / "infer.json").read_text())["headline"]
+    assert again["execution"] == "checkpoint"
+    assert again["denoiser_weight_bytes"] == infer["denoiser_weight_bytes"]
+    assert again["dispatch_counts"]["paths"] == infer["dispatch_counts"]["paths"]
+    assert {n: b["w"] for n, b in again["applied_bits"].items() if b["w"]} == \
+        {n: b for n, b in weight["bits"].items() if b and b < 16}
+    for a, b in zip(kernels, _pixels(ws / "generated_images")):
+        assert (a == b).all()
+
+
+def test_infer_options_are_checked(pipeline_run, tmp_path):
+    from tests.conftest import compose
+    out, _ = pipeline_run
+    base = [f"paths.workspace={out / 'tiny_random'}", "tracking=disabled", "device=cpu", *PROMPTS, "stage=infer"]
+    with pytest.raises(ValueError, match="stage.execution"):
+        run_stage(compose([*base, "stage.execution=int8"]))
+    with pytest.raises(ValueError, match="needs stage.execution=kernels"):
+        run_stage(compose([*base, "stage.save_checkpoint=true"]))
+    with pytest.raises(MissingArtifactError, match="save_checkpoint=true"):
+        run_stage(compose([*base, f"stage.checkpoint={tmp_path / 'nope.safetensors'}"]))

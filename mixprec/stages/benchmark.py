@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from mixprec.checkpoint import CHECKPOINT_FILE
 from mixprec.kernels import BackendConfig, convert_, weight_bytes
 from mixprec.kernels.testing import denoiser_inputs, sqnr_db
 from mixprec.kernels.timing import capture, env_info, summarize, time_graph
@@ -242,7 +243,7 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
                 rec["end_to_end"] = _end_to_end(bundle, model, cfg, int(s.batch_sizes[0]), int(s.end_to_end_repeats))
             if s.save_checkpoint and name == s.save_checkpoint:
                 from mixprec.checkpoint import save_quantized
-                rec["checkpoint"] = save_quantized(model, ws.path("quantized_unet.safetensors"),
+                rec["checkpoint"] = save_quantized(model, ws.path(CHECKPOINT_FILE),
                                                    extra={"plan": name})
             track.log({f"benchmark/{name}/{k}/median_ms": v["median_ms"] for k, v in rec["timing"].items()})
             del model, out, ref

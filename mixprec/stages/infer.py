@@ -6,6 +6,13 @@ generates the inference prompts into ``generated_images/`` (full-precision refer
 returns the numbers the runner writes to ``infer.json``: PSNR/SSIM against full precision,
 caption adherence where the model has a checker, weight bytes, latency, and the bits each layer
 actually ran with and on which kernel.
+
+``stage.execution`` chooses how the quantized images are made: ``fake`` (quantize-dequantize in
+float: the quality the search optimized) or ``kernels`` (the plan converted to mixprec.kernels
+modules: packed codes, fp8/int8 GEMMs on CUDA, the reference path elsewhere; the dispatch report
+goes to ``infer_dispatch.json``). With ``kernels``, ``stage.save_checkpoint=true`` writes the
+converted denoiser to ``quantized_denoiser.safetensors``; ``stage.checkpoint=<file>`` generates with
+such a file instead of the plans, with no calibration at all.
 """
 
 from __future__ import annotations
@@ -18,16 +25,21 @@ import torch
 from omegaconf import DictConfig
 
 from mixprec import search
-from mixprec.generation import to_pil
+from mixprec.checkpoint import CHECKPOINT_FILE
+from mixprec.generation import Sampler, to_pil
+from mixprec.models import denoiser_example_inputs, denoiser_of, latent_size, load_pipeline, resolve_device, \
+    text_length
 from mixprec.quantizers import set_plan
 from mixprec.selection import adherence, image_scores, slug
-from mixprec.stages.common import load_calibrated, prompt_set, tracker
+from mixprec.stages.common import load_calibrated, model_spec, prompt_set, to_dict, tracker
 from mixprec.stages.select import check_plan_fingerprints, output_paths
-from mixprec.workspace import Workspace
+from mixprec.workspace import MissingArtifactError, Workspace
 
 log = logging.getLogger("mixprec")
 
 IMAGES_DIR = "generated_images"
+EXECUTIONS = ("fake", "kernels")
+DISPATCH_FILE = "infer_dispatch.json"
 
 
 def _timed_generate(sampler, prompts, seeds):
@@ -66,8 +78,38 @@ def weight_bytes(layers, census_rows) -> dict[str, Any]:
             "compression": fp16 / packed if packed else None}
 
 
+def kernel_options(cfg: DictConfig) -> dict[str, Any]:
+    """mixprec.kernels options: the recipe's ``quant.kernels``, overridden by ``stage.kernels``."""
+    return {**(to_dict(cfg.quant).get("kernels") or {}), **(to_dict(cfg.stage.get("kernels")) or {})}
+
+
+def probe_inputs(pipe, resolution: int, device: torch.device) -> dict[str, Any]:
+    """One denoiser call's inputs (batch 1, the pipeline's resolution): what the dispatch report
+    records rows and paths for."""
+    denoiser = denoiser_of(pipe)
+    dtype = next(denoiser.parameters()).dtype
+    return denoiser_example_inputs(denoiser, 1, latent_size(pipe, resolution), text_length(pipe), device=device,
+                                   dtype=dtype, generator=torch.Generator("cpu").manual_seed(7))
+
+
+def _check_options(s: DictConfig) -> str:
+    execution = str(s.get("execution") or "fake")
+    if execution not in EXECUTIONS:
+        raise ValueError(f"stage.execution must be one of {EXECUTIONS}, got {execution!r}")
+    if s.get("save_checkpoint") and execution != "kernels":
+        raise ValueError("stage.save_checkpoint=true needs stage.execution=kernels: a checkpoint holds the "
+                         "converted kernel modules, which the fake-quantization run does not build")
+    if s.get("checkpoint") and s.get("save_checkpoint"):
+        raise ValueError("stage.checkpoint (generate from a saved checkpoint) and stage.save_checkpoint=true "
+                         "exclude each other: the loaded file is already the checkpoint")
+    return execution
+
+
 def run(cfg: DictConfig, ws: Workspace) -> dict:
     s = cfg.stage
+    execution = _check_options(s)
+    if s.get("checkpoint"):
+        return run_from_checkpoint(cfg, ws)
     final = output_paths(s.get("plan_dir"))
     producer = f"select stage.output_dir={s.plan_dir}" if s.get("plan_dir") else "select"
     weight_plan = search.read_plan(ws.require(final["weight"], producer))
@@ -85,6 +127,15 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
         set_plan(bundle.layers, weight_bits=weight_plan.bits, act_bits=act_plan.bits if act_plan else None)
         dispatch = {"backend": "fake", "layers": {n: "fake" for n, l in bundle.layers.items()
                                                   if l.w_bits is not None or l.a_bits is not None}}
+        applied = {n: {"w": l.w_bits, "a": l.a_bits} for n, l in bundle.layers.items()}
+        weights = weight_bytes(bundle.layers, bundle.census())
+        report = None
+        if execution == "kernels":
+            from mixprec.kernels import convert_
+
+            with torch.no_grad():
+                report = convert_(bundle.denoiser, kernel_options(cfg),
+                                  example_kwargs=probe_inputs(bundle.pipe, bundle.spec.resolution, bundle.device))
         q_images, q_s = _timed_generate(bundle.sampler, prompts, seeds)
         save_images(ws, IMAGES_DIR, q_images, pairs)
         if s.save_full_precision:
@@ -92,13 +143,13 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
         scores = image_scores(fp_images, q_images, prompts, bundle.spec.checker)
         fp_check = adherence(fp_images, prompts, bundle.spec.checker)
         fp_adh = fp_check["all"] if fp_check else None
-        applied = {n: {"w": l.w_bits, "a": l.a_bits} for n, l in bundle.layers.items()}
         headline = {
+            "execution": execution,
             "images": len(pairs),
             "psnr_db": scores["psnr_db"], "ssim": scores["ssim"], "mse": scores["mse"],
             "adherence": scores.get("adherence"), "adherence_detail": scores.get("adherence_detail"),
             "adherence_full_precision": fp_adh,
-            "weights": weight_bytes(bundle.layers, bundle.census()),
+            "weights": weights,
             "weight_plan": {"path": final["weight"], "mean_bits": weight_plan.header.get("achieved_mean_bits")},
             "act_plan": {"path": final["act"], "mean_bits": act_plan.header.get("achieved_mean_bits")} if act_plan else None,
             "latency_s": {"full_precision": fp_s, "quantized": q_s, "device": str(bundle.device),
@@ -109,12 +160,86 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
             "applied_bits": applied,
             "per_image": scores["per_image"],
         }
+        if report is not None:
+            _record_kernels(ws, headline, report, bundle.denoiser, q_s)
+            if s.get("save_checkpoint"):
+                from mixprec.checkpoint import save_quantized
+
+                headline["checkpoint"] = save_quantized(
+                    bundle.denoiser, ws.path(CHECKPOINT_FILE),
+                    extra={"weight_plan": final["weight"], "act_plan": final["act"] if act_plan else None})
         track.summary({k: v for k, v in headline.items() if isinstance(v, (int, float))})
         track.log_images("infer/quantized", to_pil(q_images), prompts)
         track.log_images("infer/full_precision", to_pil(fp_images), prompts)
-    set_plan(bundle.layers)
+    if execution == "fake":
+        set_plan(bundle.layers)
     log.info("infer: %d images, PSNR %.2f dB, SSIM %.4f%s; weights %.2f MiB (fp16 %.2f MiB)", len(pairs),
              scores["psnr_db"], scores["ssim"],
              f", adherence {scores['adherence']:.3f} (fp {fp_adh:.3f})" if scores.get("adherence") is not None else "",
              headline["weights"]["quantized_layers_mib"], headline["weights"]["fp16_mib"])
+    return headline
+
+
+def _record_kernels(ws: Workspace, headline: dict, report, denoiser, seconds: float) -> None:
+    from mixprec.kernels import weight_bytes as stored_bytes
+
+    headline["dispatch_counts"] = report.summary()
+    headline["denoiser_weight_bytes"] = stored_bytes(denoiser)
+    headline["latency_s"]["quantized"] = seconds
+    headline["latency_s"]["note"] = ("real kernel modules (see dispatch_counts for the paths that ran); on CPU "
+                                     "they take the reference path. stage=benchmark times them on a GPU")
+    ws.write_json(DISPATCH_FILE, report.to_dict())
+
+
+def run_from_checkpoint(cfg: DictConfig, ws: Workspace) -> dict:
+    """Generate with a saved quantized denoiser: no plans, no calibration."""
+    from mixprec.checkpoint import load_quantized, read_info
+
+    s = cfg.stage
+    path = ws.path(str(s.checkpoint))
+    if not path.exists():
+        raise MissingArtifactError(
+            f"the quantized checkpoint {path} does not exist. Write one with `python run.py stage=infer "
+            f"stage.execution=kernels stage.save_checkpoint=true` (it lands in the workspace as {CHECKPOINT_FILE}).")
+    info = read_info(path)
+    spec = model_spec(cfg)
+    device = resolve_device(str(cfg.device))
+    pipe = load_pipeline(spec, device=device)
+    denoiser = denoiser_of(pipe)
+    dtype = str(next(denoiser.parameters()).dtype)
+    if info.get("dtype") and info["dtype"] != dtype:
+        raise ValueError(f"{path} was saved from a {info['dtype']} denoiser, but model={spec.name} loads in {dtype}: "
+                         f"load it with the model settings it was saved with")
+    sampler = Sampler(pipe, spec.resolution, spec.num_inference_steps, spec.guidance_scale,
+                      batch_size=int(s.batch_size))
+    pairs = prompt_set(cfg, "inference")
+    prompts, seeds = [p for p, _ in pairs], [sd for _, sd in pairs]
+    with tracker(cfg, ws, "infer") as track:
+        fp_images, fp_s = _timed_generate(sampler, prompts, seeds)
+        options = to_dict(s.get("kernels")) or None
+        load_quantized(denoiser, path, config=options, device=device)
+        from mixprec.kernels.convert import report_for
+
+        report = report_for(denoiser)
+        with torch.no_grad():
+            report.probe(denoiser, **probe_inputs(pipe, spec.resolution, device))
+        q_images, q_s = _timed_generate(sampler, prompts, seeds)
+        save_images(ws, IMAGES_DIR, q_images, pairs)
+        if s.save_full_precision:
+            save_images(ws, f"{IMAGES_DIR}/full_precision", fp_images, pairs)
+        scores = image_scores(fp_images, q_images, prompts, spec.checker)
+        headline = {
+            "execution": "checkpoint", "checkpoint": {"path": str(path), "file_bytes": path.stat().st_size,
+                                                      "plan_files": (info.get("extra") or {})},
+            "images": len(pairs), "psnr_db": scores["psnr_db"], "ssim": scores["ssim"], "mse": scores["mse"],
+            "adherence": scores.get("adherence"), "adherence_detail": scores.get("adherence_detail"),
+            "latency_s": {"full_precision": fp_s, "quantized": q_s, "device": str(device)},
+            "applied_bits": {d["name"]: {"w": d["w_bits"], "a": d["a_bits"]} for d in info["layers"]},
+            "per_image": scores["per_image"],
+        }
+        _record_kernels(ws, headline, report, denoiser, q_s)
+        track.summary({k: v for k, v in headline.items() if isinstance(v, (int, float))})
+        track.log_images("infer/quantized", to_pil(q_images), prompts)
+    log.info("infer (checkpoint %s): %d images, PSNR %.2f dB, SSIM %.4f; denoiser %.2f MiB", path.name, len(pairs),
+             scores["psnr_db"], scores["ssim"], headline["denoiser_weight_bytes"] / search.MIB)
     return headline
