@@ -216,7 +216,8 @@ def run_from_checkpoint(cfg: DictConfig, ws: Workspace) -> dict:
     prompts, seeds = [p for p, _ in pairs], [sd for _, sd in pairs]
     with tracker(cfg, ws, "infer") as track:
         fp_images, fp_s = _timed_generate(sampler, prompts, seeds)
-        options = to_dict(s.get("kernels")) or None
+        # the options the file was saved with, then this stage's (the stored codes fix each format)
+        options = {**(info.get("backend") or {}), **(to_dict(s.get("kernels")) or {})}
         load_quantized(denoiser, path, config=options, device=device)
         from mixprec.kernels.convert import report_for
 
