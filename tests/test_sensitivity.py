@@ -89,3 +89,19 @@ def test_records_from_other_settings_are_refused(reference_run, make_cfg, tmp_pa
         run_stage(make_cfg("stage=sensitivity", "stage.max_tasks=1", "stage.sqnr_cap_db=50", *FAST))
     with pytest.raises(ShardError, match="shard must be in"):
         run_stage(make_cfg("stage=sensitivity", "stage.shard=3", "stage.num_shards=3", *FAST))
+
+
+def test_rerun_of_a_finished_shard_does_not_load_the_model(reference_run, make_cfg, tmp_path, monkeypatch):
+    _calibrated_copy(reference_run, tmp_path)
+    args = ("stage=sensitivity", "stage.shard=0", "stage.num_shards=3", *FAST)
+    first = run_stage(make_cfg(*args))
+    assert first["shard_tasks_done"] == first["shard_tasks"] and not first["merged"]
+    import mixprec.stages.sensitivity as stage
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded for a shard with nothing left to do")
+    monkeypatch.setattr(stage, "load_calibrated", no_model)
+    again = run_stage(make_cfg(*args))
+    assert again["shard_tasks_done"] == first["shard_tasks_done"] and not again["merged"]
+    with pytest.raises(AssertionError, match="the model was loaded"):  # shard 1 has work: it needs the model
+        run_stage(make_cfg("stage=sensitivity", "stage.shard=1", "stage.num_shards=3", *FAST))

@@ -143,13 +143,33 @@ def load_model(cfg: DictConfig, batch_size: int | None = None) -> ModelBundle:
     return ModelBundle(spec, pipe, layers, sampler, device, q)
 
 
-def load_calibrated(cfg: DictConfig, ws: Workspace, batch_size: int | None = None) -> ModelBundle:
-    """The model with the workspace's calibration attached (checked against this run's fingerprints)."""
+@dataclass
+class Calibration:
+    """The workspace's calibration file, read and checked against this run (no model needed)."""
+
+    path: Any
+    params: dict[str, Any]
+    meta: dict[str, Any]
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.params)
+
+
+def read_calibration(cfg: DictConfig, ws: Workspace) -> Calibration:
     path = ws.require(QUANT_PARAMS, "calibrate")
     params, meta = calibration.load_params(path)
     # Before the fingerprints: a grouping mismatch also changes them, and this says what to do.
     calibration.check_timestep_groups(meta, quant_recipe(cfg)["act_timestep_groups"], path)
     ws.check_fingerprints(meta.get("fingerprints"), QUANT_PARAMS, "calibrate")
+    return Calibration(path, params, meta)
+
+
+def load_calibrated(cfg: DictConfig, ws: Workspace, batch_size: int | None = None,
+                    calib: Calibration | None = None) -> ModelBundle:
+    """The model with the workspace's calibration attached (checked against this run's fingerprints)."""
+    calib = calib or read_calibration(cfg, ws)
+    path, params, meta = calib.path, calib.params, calib.meta
     bundle = load_model(cfg, batch_size)
     q = bundle.quant
     calibration.check_bits_available(meta, q["weight_bits"], q["act_bits"], path)

@@ -18,7 +18,8 @@ from omegaconf import DictConfig
 
 from mixprec import sensitivity as sens
 from mixprec.models import _matches, layer_group
-from mixprec.stages.common import load_calibrated, prompt_set, to_dict, tracker
+from mixprec.stages.common import (Calibration, ModelBundle, load_calibrated, model_spec, prompt_set, quant_recipe,
+                                   read_calibration, to_dict, tracker)
 from mixprec.workspace import Workspace, fingerprint
 
 log = logging.getLogger("mixprec")
@@ -172,17 +173,20 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
     i, n = int(s.shard), int(s.num_shards)
     if not 0 <= i < n:
         raise ShardError(f"stage.shard must be in [0, stage.num_shards), got shard={i} num_shards={n}")
-    bundle = load_calibrated(cfg, ws, batch_size=int(s.batch_size))
-    cuda = bundle.device.type == "cuda"
-    compile_decoder = cuda if s.compile_decoder == "auto" else bool(s.compile_decoder)
-    # NHWC pays only once compiled (bf16 on an H100: 0.39 s compiled NHWC, 0.42 s compiled NCHW,
-    # 0.56 s eager NCHW, 0.79 s eager NHWC per 32-image content evaluation).
-    nhwc = cuda and compile_decoder if s.decoder_channels_last == "auto" else bool(s.decoder_channels_last)
-    bundle.sampler.optimize_decoder(channels_last=nhwc, compile=compile_decoder)
-    q = bundle.quant
+    # The tasks, the shard's records and the merge need only the calibration file: the model is
+    # loaded when there is work for it (a rerun of a finished shard just reports or merges).
+    calib = read_calibration(cfg, ws)
+    loaded: list[ModelBundle] = []
+
+    def model() -> ModelBundle:
+        if not loaded:
+            loaded.append(_load_model(cfg, ws, calib))
+        return loaded[0]
+
+    q = quant_recipe(cfg)
     pairs = prompt_set(cfg, "sensitivity")
     prompts, seeds = [p for p, _ in pairs], [sd for _, sd in pairs]
-    all_groups = {name: layer_group(name, bundle.spec.content_patterns) for name in bundle.layers}
+    all_groups = {name: layer_group(name, model_spec(cfg).content_patterns) for name in calib.layer_names}
     # stage.layers: a fixed slice of the layers (patterns as in model.exclude_patterns), e.g. to measure speed.
     only = list(s.get("layers") or [])
     groups = {name: g for name, g in all_groups.items() if not only or _matches(name, only)}
@@ -209,6 +213,7 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
                 if pending and (s.max_tasks is None or int(s.max_tasks) > 0):
                     need_img = any(t.group == "content" for t in pending)
                     need_den = any(t.group == "quality" for t in pending)
+                    bundle = model()
                     ref = sens.compute_reference(bundle.sampler, prompts, seeds, need_img, need_den)
                     sens.run_tasks(mine, bundle.layers, bundle.sampler, ref, prompts, seeds, records_file, cap,
                                    max_tasks=s.max_tasks, progress=bool(s.progress))
@@ -225,9 +230,11 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
         headline.update(_timing(merged if merged is not None else shard_records.values(), all_tasks))
         if merged is None:
             return headline
-        is_conv = {name: layer.is_conv for name, layer in bundle.layers.items()}
-        always = _first_last_convs(list(bundle.layers), is_conv) if q["protect_act"]["first_last_conv"] else []
-        out = write_outputs(ws, merged, list(bundle.layers), to_dict(q["protect_act"]), always, max(abits))
+        always = []
+        if q["protect_act"]["first_last_conv"]:
+            is_conv = {name: layer.is_conv for name, layer in model().layers.items()}
+            always = _first_last_convs(calib.layer_names, is_conv)
+        out = write_outputs(ws, merged, calib.layer_names, to_dict(q["protect_act"]), always, max(abits))
         headline["protected"] = out["protected"]
         headline["monotone_fraction"] = {f"{k}_{g}": sens.monotone_fraction(t) for (k, g), t in out["tables"].items() if t}
         headline["layers"] = {f"{k}_{g}": len(t) for (k, g), t in out["tables"].items()}
@@ -240,6 +247,21 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
             track.log_file_image(p.replace("/", "_").removesuffix(".png"), ws.path(p))
         track.summary({k: v for k, v in headline.items() if isinstance(v, (int, float))})
     return headline
+
+
+def _load_model(cfg: DictConfig, ws: Workspace, calib: Calibration) -> ModelBundle:
+    s = cfg.stage
+    bundle = load_calibrated(cfg, ws, batch_size=int(s.batch_size), calib=calib)
+    if list(bundle.layers) != calib.layer_names:
+        raise ValueError(f"{calib.path} lists the quantizable layers in another order (or set) than model="
+                         f"{bundle.spec.name} wraps them: rerun stage=calibrate")
+    cuda = bundle.device.type == "cuda"
+    compile_decoder = cuda if s.compile_decoder == "auto" else bool(s.compile_decoder)
+    # NHWC pays only once compiled (bf16 on an H100: 0.39 s compiled NHWC, 0.42 s compiled NCHW,
+    # 0.56 s eager NCHW, 0.79 s eager NHWC per 32-image content evaluation).
+    nhwc = cuda and compile_decoder if s.decoder_channels_last == "auto" else bool(s.decoder_channels_last)
+    bundle.sampler.optimize_decoder(channels_last=nhwc, compile=compile_decoder)
+    return bundle
 
 
 def _timing(records, tasks: Sequence[sens.Task]) -> dict[str, Any]:
