@@ -205,6 +205,12 @@ def test_infer_on_kernel_modules_saves_a_checkpoint_that_generates_without_calib
         {n: b for n, b in weight["bits"].items() if b and b < 16}
     for a, b in zip(kernels, _pixels(ws / "generated_images")):
         assert (a == b).all()
+    with pytest.raises(ValueError, match="saved from a torch.float32 denoiser, but model=tiny_random loads in "
+                                         "torch.bfloat16"):
+        run_stage(compose([*base, "stage.checkpoint=quantized_denoiser.safetensors", "model.dtype=bfloat16"]))
+    with pytest.raises(ValueError, match="exclude each other"):
+        run_stage(compose([*base, "stage.checkpoint=quantized_denoiser.safetensors", "stage.execution=kernels",
+                           "stage.save_checkpoint=true"]))
 
 
 def test_infer_options_are_checked(pipeline_run, tmp_path):
