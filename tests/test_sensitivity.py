@@ -105,3 +105,18 @@ def test_rerun_of_a_finished_shard_does_not_load_the_model(reference_run, make_c
     assert again["shard_tasks_done"] == first["shard_tasks_done"] and not again["merged"]
     with pytest.raises(AssertionError, match="the model was loaded"):  # shard 1 has work: it needs the model
         run_stage(make_cfg("stage=sensitivity", "stage.shard=1", "stage.num_shards=3", *FAST))
+
+
+def test_calibration_listing_layers_in_another_order_is_refused(reference_run, make_cfg, tmp_path, monkeypatch):
+    _calibrated_copy(reference_run, tmp_path)
+    import mixprec.stages.sensitivity as stage
+    from mixprec.stages.common import Calibration
+
+    real = stage.read_calibration
+
+    def reversed_calibration(cfg, ws):
+        c = real(cfg, ws)
+        return Calibration(c.path, dict(reversed(list(c.params.items()))), c.meta)
+    monkeypatch.setattr(stage, "read_calibration", reversed_calibration)
+    with pytest.raises(ValueError, match="lists the quantizable layers in another order .* rerun stage=calibrate"):
+        run_stage(make_cfg("stage=sensitivity", "stage.max_tasks=1", *FAST))

@@ -67,6 +67,15 @@ def save_images(ws: Workspace, folder: str, images: torch.Tensor, pairs) -> list
     return names
 
 
+def save_and_score(ws: Workspace, save_full_precision: bool, fp_images: torch.Tensor, q_images: torch.Tensor,
+                   pairs, checker) -> dict[str, Any]:
+    """Write the quantized (and full-precision) images; their scores against full precision."""
+    save_images(ws, IMAGES_DIR, q_images, pairs)
+    if save_full_precision:
+        save_images(ws, f"{IMAGES_DIR}/full_precision", fp_images, pairs)
+    return image_scores(fp_images, q_images, [p for p, _ in pairs], checker)
+
+
 def weight_bytes(layers, census_rows) -> dict[str, Any]:
     params = {r.name: r.params for r in census_rows}
     out_ch = {r.name: r.out_channels for r in census_rows}
@@ -137,10 +146,7 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
                 report = convert_(bundle.denoiser, kernel_options(cfg),
                                   example_kwargs=probe_inputs(bundle.pipe, bundle.spec.resolution, bundle.device))
         q_images, q_s = _timed_generate(bundle.sampler, prompts, seeds)
-        save_images(ws, IMAGES_DIR, q_images, pairs)
-        if s.save_full_precision:
-            save_images(ws, f"{IMAGES_DIR}/full_precision", fp_images, pairs)
-        scores = image_scores(fp_images, q_images, prompts, bundle.spec.checker)
+        scores = save_and_score(ws, bool(s.save_full_precision), fp_images, q_images, pairs, bundle.spec.checker)
         fp_check = adherence(fp_images, prompts, bundle.spec.checker)
         fp_adh = fp_check["all"] if fp_check else None
         headline = {
@@ -225,10 +231,7 @@ def run_from_checkpoint(cfg: DictConfig, ws: Workspace) -> dict:
         with torch.no_grad():
             report.probe(denoiser, **probe_inputs(pipe, spec.resolution, device))
         q_images, q_s = _timed_generate(sampler, prompts, seeds)
-        save_images(ws, IMAGES_DIR, q_images, pairs)
-        if s.save_full_precision:
-            save_images(ws, f"{IMAGES_DIR}/full_precision", fp_images, pairs)
-        scores = image_scores(fp_images, q_images, prompts, spec.checker)
+        scores = save_and_score(ws, bool(s.save_full_precision), fp_images, q_images, pairs, spec.checker)
         headline = {
             "execution": "checkpoint", "checkpoint": {"path": str(path), "file_bytes": path.stat().st_size,
                                                       "plan_files": (info.get("extra") or {})},
