@@ -13,6 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from mixprec.settings import check_stage
 from mixprec.stages.common import to_dict, tracker, workspace
 
 log = logging.getLogger("mixprec")
@@ -43,6 +44,8 @@ def with_stage(cfg: DictConfig, stage_cfg: DictConfig) -> DictConfig:
 def run_stage(cfg: DictConfig) -> dict[str, Any]:
     name = str(cfg.stage.name)
     module = stage_module(name)
+    # Typos and wrong types stop here, before the workspace, the tracker or a model is touched.
+    check_stage(to_dict(cfg.stage))
     ws = workspace(cfg)
     start = time.perf_counter()
     if name == "pipeline":  # its sub-stages are runs of their own

@@ -1,0 +1,327 @@
+"""One typed settings object per stage: the keys ``stage.<key>`` may have, and their types.
+
+The YAML files in ``conf/stage`` hold the defaults and say what each setting does; the dataclasses
+here say which keys exist and what type each takes. :func:`check_stage` refuses a key a stage does
+not have (``stage.weight_targt=5`` and ``+stage.weight_targt=5`` alike) with the list of valid
+keys, and a value of the wrong type naming the setting and the type, before any work starts.
+:func:`check_command_line` makes the same key check on ``sys.argv`` before Hydra composes the
+config, so a typo gets this message instead of Hydra's advice to append the key with ``+``.
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+Number = Union[int, float]
+# force: true (this stage and everything it depends on, measurements included), false, or the
+# names of the stages to rerun
+Force = Union[bool, str, list[str]]
+
+
+@dataclasses.dataclass
+class StageSettings:
+    """Keys every stage has."""
+
+    name: str
+    force: Force = False
+    # the name of the run record (<record>.json); the sweeps give each job its own
+    record: Optional[str] = None
+
+
+@dataclasses.dataclass
+class InspectSettings(StageSettings):
+    pass
+
+
+@dataclasses.dataclass
+class CalibrateSettings(StageSettings):
+    batch_size: int = 8
+
+
+@dataclasses.dataclass
+class SensitivitySettings(StageSettings):
+    batch_size: int = 8
+    kinds: list[Literal["w", "a"]] = dataclasses.field(default_factory=list)
+    layers: Optional[list[str]] = None
+    weight_bits: Optional[list[int]] = None
+    act_bits: Optional[list[int]] = None
+    sqnr_cap_db: Number = 100.0
+    shard: int = 0
+    num_shards: int = 1
+    merge_only: bool = False
+    max_tasks: Optional[int] = None
+    restart: bool = False
+    progress: bool = True
+    compile_decoder: Union[bool, Literal["auto"]] = "auto"
+    decoder_channels_last: Union[bool, Literal["auto"]] = "auto"
+
+
+@dataclasses.dataclass
+class AllocateSettings(StageSettings):
+    kind: Union[Literal["weight", "act"], list[Literal["weight", "act"]]] = "weight"
+    budget: Literal["mean_bits", "bytes"] = "mean_bits"
+    target: Union[Number, list[Number], None] = 4.0
+    budget_mib: Union[Number, list[Number], None] = None
+    K: Union[Number, list[Number]] = 1.0
+    seed: Union[int, list[int]] = 0
+    solver: Literal["cp-sat", "scip", "cbc"] = "cp-sat"
+    time_limit_s: Number = 10.0
+    tolerance: Number = 0.1
+    bytes_tolerance: Number = 0.01
+    metric_cap: Number = 100.0
+    on_infeasible: Literal["raise", "skip"] = "raise"
+    pareto: bool = False
+    pareto_size_rtol: Number = 0.001
+
+
+@dataclasses.dataclass
+class SelectSettings(StageSettings):
+    metric: Literal["mse", "ssim", "adherence"] = "mse"
+    kinds: list[Literal["weight", "act"]] = dataclasses.field(default_factory=list)
+    batch_size: int = 8
+    progress: bool = True
+    weight_target: Optional[Number] = 4
+    act_target: Optional[Number] = 7
+    output_dir: Optional[str] = None
+
+
+@dataclasses.dataclass
+class InferSettings(StageSettings):
+    use_act_plan: bool = True
+    save_full_precision: bool = True
+    batch_size: int = 8
+    plan_dir: Optional[str] = None
+    execution: Literal["fake", "kernels"] = "fake"
+    kernels: Optional[dict[str, Any]] = None
+    save_checkpoint: bool = False
+    checkpoint: Optional[str] = None
+
+
+@dataclasses.dataclass
+class ReportSettings(StageSettings):
+    output: str = "report.html"
+    images: bool = True
+    prompt_set: str = "inference"
+    max_prompts: int = 8
+    batch_size: int = 8
+    thumb_max_side: int = 256
+    compare: list[str] = dataclasses.field(default_factory=list)
+    compare_output: str = "compare.html"
+
+
+@dataclasses.dataclass
+class EvaluateSettings(StageSettings):
+    points: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    K: list[Number] = dataclasses.field(default_factory=list)
+    select_metric: Literal["mse", "ssim", "adherence"] = "mse"
+    seed_offsets: list[int] = dataclasses.field(default_factory=list)
+    solver: Literal["cp-sat", "scip", "cbc"] = "cp-sat"
+    time_limit_s: Number = 10.0
+    tolerance: Number = 0.25
+    sqnr_cap_db: Number = 100.0
+    batch_size: int = 16
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class BenchmarkSettings(StageSettings):
+    plans: list[str] = dataclasses.field(default_factory=list)
+    calibration: Literal["workspace", "random"] = "workspace"
+    resolutions: Optional[list[int]] = None
+    batch_sizes: Optional[list[int]] = None
+    dtype: Optional[str] = None
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
+    memory_format: Literal["channels_last", "contiguous"] = "channels_last"
+    iters: Optional[int] = None
+    warmup: Optional[int] = None
+    end_to_end: bool = True
+    end_to_end_repeats: Optional[int] = None
+    save_checkpoint: Optional[str] = None
+    kernels: Optional[dict[str, Any]] = None
+    # what resolutions/batch_sizes/iters/warmup/end_to_end_repeats left at null mean, per device type
+    sizes: Optional[dict[str, Any]] = None
+
+
+@dataclasses.dataclass
+class TrainTinySettings(StageSettings):
+    output: Optional[str] = None
+    device: str = "auto"
+    resume: bool = True
+    progress: bool = True
+    eval_heldout_prompts: int = 64
+    seed: int = 0
+    dataset_size: int = 16384
+    vae_steps: int = 2000
+    vae_batch_size: int = 16
+    vae_lr: Number = 0.003
+    kl_weight: Number = 1e-4
+    l1_weight: Number = 1.0
+    vae_logvar_init: Number = -6.0
+    unet_steps: int = 4000
+    unet_batch_size: int = 64
+    unet_lr: Number = 0.002
+    text_lr: Number = 0.002
+    warmup_steps: int = 100
+    weight_decay: Number = 0.0
+    grad_clip: Number = 1.0
+    ema_decay: Number = 0.999
+    min_snr_gamma: Number = 5.0
+    num_inference_steps: int = 8
+    arch: Optional[dict[str, Any]] = None
+    log_every: int = 50
+    sample_every: int = 1000
+    eval_prompts: int = 32
+    checkpoint_every: int = 500
+
+
+@dataclasses.dataclass
+class PipelineSettings(StageSettings):
+    stages: list[str] = dataclasses.field(default_factory=list)
+    always_run: list[str] = dataclasses.field(default_factory=list)
+    # one entry per name in `stages`, each with the settings of the stage it runs (its `name`)
+    calibrate: Optional[dict[str, Any]] = None
+    sensitivity: Optional[dict[str, Any]] = None
+    allocate_weight: Optional[dict[str, Any]] = None
+    allocate_act: Optional[dict[str, Any]] = None
+    select: Optional[dict[str, Any]] = None
+    infer: Optional[dict[str, Any]] = None
+    report: Optional[dict[str, Any]] = None
+
+
+SCHEMAS: dict[str, type[StageSettings]] = {
+    "inspect": InspectSettings, "calibrate": CalibrateSettings, "sensitivity": SensitivitySettings,
+    "allocate": AllocateSettings, "select": SelectSettings, "infer": InferSettings, "report": ReportSettings,
+    "evaluate": EvaluateSettings, "benchmark": BenchmarkSettings, "train_tiny": TrainTinySettings,
+    "pipeline": PipelineSettings,
+}
+# pipeline entry -> the stage it runs (conf/stage/pipeline.yaml: allocate@allocate_weight, ...)
+PIPELINE_ENTRIES = {"calibrate": "calibrate", "sensitivity": "sensitivity", "allocate_weight": "allocate",
+                    "allocate_act": "allocate", "select": "select", "infer": "infer", "report": "report"}
+
+
+class SettingsError(ValueError):
+    """A stage setting that does not exist or has a value of the wrong type."""
+
+
+def valid_keys(stage: str) -> list[str]:
+    return sorted(f.name for f in dataclasses.fields(SCHEMAS[stage]))
+
+
+def _unknown_key(prefix: str, key: str, stage: str) -> SettingsError:
+    return SettingsError(
+        f"{prefix}{key} is not a setting of stage={stage}; valid keys: {', '.join(valid_keys(stage))}. "
+        f"Fix the spelling (`python run.py stage={stage} --cfg job` prints them with their values).")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return "null"
+    if tp is Any:
+        return "any value"
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if not (a is int and float in typing.get_args(tp))]
+        return " or ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of ({_type_name(typing.get_args(tp)[0])})"
+    if origin is dict or tp is dict:
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in typing.get_args(tp))
+    if origin is list:
+        return isinstance(value, Sequence) and not isinstance(value, str) and \
+            all(_matches(v, typing.get_args(tp)[0]) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, Mapping)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def check_stage(values: Mapping[str, Any], prefix: str = "stage.") -> StageSettings:
+    """The typed settings of one stage's config node (plain dict); raises :class:`SettingsError`."""
+    stage = values.get("name")
+    if stage not in SCHEMAS:
+        raise SettingsError(f"{prefix}name={stage!r} is not a stage; stages: {', '.join(SCHEMAS)}")
+    schema = SCHEMAS[stage]
+    hints = typing.get_type_hints(schema)
+    for key, value in values.items():
+        if key not in hints:
+            raise _unknown_key(prefix, key, stage)
+        if not _matches(value, hints[key]):
+            raise SettingsError(f"{prefix}{key}={value!r}: expected {_type_name(hints[key])}, got "
+                                f"{type(value).__name__} (set it like `{prefix}{key}=<value>`; "
+                                f"conf/stage/{stage}.yaml documents it)")
+    if stage == "pipeline":
+        for entry in PIPELINE_ENTRIES:
+            if values.get(entry) is not None:
+                check_stage(values[entry], f"{prefix}{entry}.")
+    return schema(**values)
+
+
+def _stage_of_command_line(overrides: Sequence[Any]) -> str | None:
+    for o in overrides:
+        if o.key_or_group == "stage" and not o.is_sweep_override() and o.value() is not None:
+            return str(o.value())
+    return "pipeline"
+
+
+def check_command_line(argv: Sequence[str]) -> None:
+    """Refuse ``stage.<typo>=`` and ``+stage.<typo>=`` in ``argv`` before Hydra composes anything.
+
+    Only plain overrides are read; with another primary config (``-cn``/``-cd``) and no ``stage=``
+    the composed config is checked later by the runner instead.
+    """
+    if any(a.startswith(("-cn", "-cd", "-cp", "--config", "--help", "-h", "--hydra-help", "--info")) for a in argv):
+        if not any(a.startswith("stage=") for a in argv):
+            return
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    plain = [a for a in argv if not a.startswith("-")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(plain)
+    except Exception:  # Hydra reports its own syntax errors
+        return
+    stage = _stage_of_command_line(overrides)
+    if stage not in SCHEMAS:
+        return  # the runner names the valid stages
+    for o in overrides:
+        parts = o.key_or_group.split(".")
+        if parts[0] != "stage" or len(parts) < 2 or o.is_delete():
+            continue
+        key, where = parts[1], stage
+        if stage == "pipeline" and key in PIPELINE_ENTRIES and len(parts) > 2:
+            key, where = parts[2], PIPELINE_ENTRIES[key]
+            if parts[2] not in valid_keys(where):
+                raise SystemExit(f"error: {_unknown_key(f'stage.{parts[1]}.', key, where)}")
+            continue
+        if key not in valid_keys(where):
+            raise SystemExit(f"error: {_unknown_key('stage.', key, where)}")
+
+
+def stage_config_files(conf_dir: str | Path) -> dict[str, Path]:
+    """conf/stage/<name>.yaml for every stage (the test that YAML and schema agree uses it)."""
+    return {p.stem: p for p in sorted(Path(conf_dir, "stage").glob("*.yaml"))}
