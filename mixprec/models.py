@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from mixprec.workspace import safetensors_problem
+
 REFERENCE_DIR = Path(__file__).parent / "reference"
 ASSETS_DIR = Path(__file__).parent / "assets"
 SOURCES = ("builtin", "tiny_random", "diffusers")
@@ -239,6 +241,30 @@ def _check_pipeline_folder(folder: Path | None, name: str) -> None:
             + ("The built-in tiny model is trained by `python run.py stage=train_tiny`." if name == "tiny" else
                "Pass model.path=<folder saved with save_pretrained>.")
         )
+
+
+def check_model_files(spec: "ModelSpec") -> None:
+    """A local model folder that cannot load: say which file and why before any stage starts work."""
+    local = spec.source == "builtin" or (spec.source != "tiny_random" and spec.path and spec.weights != "random")
+    if not local:
+        return
+    folder = spec.resolved_path()
+    _check_pipeline_folder(folder, spec.name)
+    index = folder / "model_index.json"
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"model {spec.name!r}: {index} is not valid JSON ({exc}); the folder is damaged: save the "
+                         f"pipeline again with save_pretrained, or point model.path at a complete copy") from None
+    if not isinstance(data, dict) or "_class_name" not in data:
+        raise ValueError(f"model {spec.name!r}: {index} is not a diffusers model index (no _class_name); point "
+                         f"model.path at a folder written by save_pretrained")
+    fix = ("`python run.py stage=train_tiny` writes the built-in model again" if spec.source == "builtin" else
+           "save the pipeline again with save_pretrained, or point model.path at a complete copy")
+    for weights in sorted(folder.rglob("*.safetensors")):
+        problem = safetensors_problem(weights)
+        if problem:
+            raise ValueError(f"model {spec.name!r}: the weights {weights} are unreadable: {problem}. {fix}.")
 
 
 def _check_tokenizers(pipe, folder: Path) -> None:

@@ -136,7 +136,7 @@ class BenchmarkSettings(StageSettings):
     resolutions: Optional[list[int]] = None
     batch_sizes: Optional[list[int]] = None
     dtype: Optional[str] = None
-    compile: Literal["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
+    compile: Optional[Literal["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"]] = None
     memory_format: Literal["channels_last", "contiguous"] = "channels_last"
     iters: Optional[int] = None
     warmup: Optional[int] = None
@@ -325,3 +325,11 @@ def check_command_line(argv: Sequence[str]) -> None:
 def stage_config_files(conf_dir: str | Path) -> dict[str, Path]:
     """conf/stage/<name>.yaml for every stage (the test that YAML and schema agree uses it)."""
     return {p.stem: p for p in sorted(Path(conf_dir, "stage").glob("*.yaml"))}
+
+
+def is_forced(force: Any, name: str) -> bool:
+    """``stage.force``: true (every stage), false, one stage name or a list of them."""
+    if isinstance(force, bool) or force is None:
+        return bool(force)
+    names = [force] if isinstance(force, str) else list(force)
+    return name in names

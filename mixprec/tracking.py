@@ -87,7 +87,7 @@ class Tracker:
 
 def start_run(mode: str, *, project: str, group: str | None, job_type: str, name: str | None = None,
               config: Mapping[str, Any] | None = None, directory: str | os.PathLike | None = None,
-              entity: str | None = None, tags: Sequence[str] = ()) -> Tracker:
+              entity: str | None = None, tags: Sequence[str] = (), quiet: bool = True) -> Tracker:
     if mode not in MODES:
         raise ValueError(f"tracking.mode must be one of {MODES}, got {mode!r}")
     if mode == "disabled":
@@ -103,5 +103,7 @@ def start_run(mode: str, *, project: str, group: str | None, job_type: str, name
         project=project, entity=entity, group=group, job_type=job_type, name=name,
         config=dict(config or {}), dir=str(directory) if directory is not None else None,
         mode=mode, tags=list(tags), reinit="finish_previous",
+        # silent: no banners in the console; the run's files (and its captured console log) are unchanged
+        settings=wandb.Settings(silent=bool(quiet)),
     )
     return Tracker(run)

@@ -64,6 +64,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~_UMASK)
     try:
         yield tmp_path
+        # again: writers that replace the file (safetensors creates it 0600) must not narrow its mode
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, final)
     finally:
         if tmp_path.exists():
@@ -76,12 +78,54 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+class UnreadableArtifactError(ValueError):
+    """A file that exists but cannot be read back (truncated, damaged, not what its name says)."""
+
+
+def safetensors_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` is not a complete safetensors file, or None; reads the header only (no tensors)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, shorter than a safetensors header"
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                return f"its header claims {n} bytes but the file has {size}: truncated"
+            header = json.loads(f.read(n))
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "its header is not JSON: damaged or not a safetensors file"
+    if not isinstance(header, dict):
+        return "its header is not a mapping: damaged or not a safetensors file"
+    end = max([int((v.get("data_offsets") or [0, 0])[1]) for k, v in header.items()
+               if k != "__metadata__" and isinstance(v, dict)] or [0])
+    if 8 + n + end > size:
+        return f"its tensors need {8 + n + end} bytes but the file has {size}: truncated"
+    return None
+
+
+def check_safetensors(path: str | os.PathLike, rewrite: str) -> Path:
+    """Refuse a truncated or damaged safetensors file, naming it, the cause and what writes it again."""
+    problem = safetensors_problem(path)
+    if problem:
+        raise UnreadableArtifactError(f"{path} is unreadable: {problem}. It is written by {rewrite}: run that "
+                                      f"again to replace it (the other artifacts are kept).")
+    return Path(path)
+
+
 class Workspace:
     """A folder of artifacts with atomic writes and fingerprint checks."""
 
     def __init__(self, root: str | os.PathLike, fingerprints: Mapping[str, str] | None = None):
         self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self._not_writable(exc) from None
         # {"model": ..., "quant": ...}: what artifacts of this run must have been produced for.
         self.fingerprints = dict(fingerprints or {})
 
@@ -90,6 +134,20 @@ class Workspace:
 
     def path(self, name: str | os.PathLike) -> Path:
         return self.root / name
+
+    def _not_writable(self, exc: OSError) -> PermissionError:
+        return PermissionError(f"the workspace {self.root} is not writable ({exc.strerror or exc}): point "
+                               f"paths.workspace (or paths.outputs) at a folder you can write, or fix its permissions")
+
+    def check_writable(self) -> "Workspace":
+        """Fail now, not when the first artifact is written after minutes of work."""
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".write_check.", dir=self.root)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise self._not_writable(exc) from None
+        return self
 
     def exists(self, name: str | os.PathLike) -> bool:
         return self.path(name).exists()

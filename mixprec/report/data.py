@@ -86,6 +86,21 @@ class Finals:
 
 
 @dataclass
+class Source:
+    """What a section's numbers were computed from; ``stale`` says why they no longer describe the workspace."""
+
+    record: str
+    fingerprints: dict[str, str]
+    plans_digest: str | None
+    stale: str | None = None
+
+    def describe(self) -> str:
+        fp = ", ".join(f"{k} {v}" for k, v in self.fingerprints.items()) or "no fingerprints"
+        plans = f"; final plans {self.plans_digest}" if self.plans_digest else ""
+        return f"source: {self.record}.json ({fp}{plans})"
+
+
+@dataclass
 class WorkspaceData:
     root: Path
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -104,6 +119,8 @@ class WorkspaceData:
     generated: list[tuple[str, str | None]] = field(default_factory=list)  # (quantized, full precision) paths
     select_reference: str | None = None
     plots: list[str] = field(default_factory=list)
+    # digest of the final plans' bits (mixprec.search.plans_digest): what current results come from
+    plans_digest: str | None = None
 
     @property
     def name(self) -> str:
@@ -130,6 +147,40 @@ class WorkspaceData:
             if s in self.stages and self.stages[s].get("config"):
                 return self.stages[s]["config"]
         return next((r["config"] for r in self.stages.values() if r.get("config")), None)
+
+    def current_fingerprints(self) -> dict[str, str]:
+        """The model and quantization fingerprints of the workspace's calibration (else its newest record)."""
+        for s in ("calibrate", "pipeline", "sensitivity", "select", "infer"):
+            if (self.stages.get(s) or {}).get("fingerprints"):
+                return dict(self.stages[s]["fingerprints"])
+        return next(iter(self.fingerprints().values()), {})
+
+    def source(self, result: str) -> "Source":
+        """Where the numbers of ``result`` (infer, benchmark, evaluate, select, sensitivity...) came from,
+        and why they are stale when they are (computed from other final plans or another recipe)."""
+        rec = self.stages.get(result) or {}
+        headline = rec.get("headline") or {}
+        fps = dict(rec.get("fingerprints") or {})
+        digest = headline.get("plans_digest")
+        reasons = []
+        if fps and self.current_fingerprints() and fps != self.current_fingerprints():
+            reasons.append(f"{result}.json was made for another model or quantization recipe "
+                           f"(fingerprints {fps}, the workspace's are {self.current_fingerprints()})")
+        uses_finals = result == "infer" or (result == "benchmark" and "final" in (headline.get("plans") or []))
+        if uses_finals and headline.get("execution") == "checkpoint":
+            reasons.append(f"computed from the quantized checkpoint {(headline.get('checkpoint') or {}).get('path')}, "
+                           f"not from the final plans")
+        elif uses_finals:
+            if not self.finals:
+                reasons.append("the final plans it was computed from are gone")
+            elif digest is None:
+                reasons.append(f"{result}.json does not record which final plans it was computed from "
+                               f"(written by an older mixprec)")
+            elif digest != self.plans_digest:
+                reasons.append(f"computed from other final plans (digest {digest}; the final plans now are "
+                               f"{self.plans_digest})")
+        stale = "; ".join(reasons) + f": rerun `python run.py stage={result}`" if reasons else None
+        return Source(result, fps, digest if uses_finals else None, stale)
 
     def chosen_paths(self) -> dict[str, str]:
         """kind -> plan path the select stage kept."""
@@ -271,13 +322,16 @@ def load_workspace(root: str | Path) -> WorkspaceData:
     if (root / "layers.csv").exists():
         d.layers = read_layers(root / "layers.csv", d.protected)
     d.sensitivity, d.sensitivity_source = read_sensitivity(root)
-    from mixprec.search import natural_key
+    from mixprec.search import natural_key, plans_digest, read_plan
 
     d.candidates = sorted(read_candidates(root), key=lambda r: (r["kind"] != "weight", natural_key(str(r["path"]))))
     d.selection = read_selection(root)
+    raw_finals = {}
     for kind, name in (("weight", "final_weight_mp.yaml"), ("act", "final_act_mp.yaml")):
         if (root / name).exists():
             d.finals[kind] = read_final(root / name)
+            raw_finals[kind] = read_plan(root / name)
+    d.plans_digest = plans_digest(raw_finals) if raw_finals else None
     d.infer = _headline(root, "infer.json")
     d.evaluate = _headline(root, "evaluate.json")
     if (root / "evaluate.md").exists():

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from .data import FULL_PRECISION_BITS, WorkspaceData, allocation_by_block, census_by_block, roles_of_block
+from .data import FULL_PRECISION_BITS, Source, WorkspaceData, allocation_by_block, census_by_block, roles_of_block
 
 CSS = """
 :root { --fg:#1d2330; --muted:#5b6474; --line:#dde1e8; --bg:#f4f6f9; --card:#fff; --accent:#3559c7; }
@@ -42,6 +42,8 @@ th { background:#eef1f6; font-weight:600; position:sticky; top:38px; }
 td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; }
 tr.hl td { background:#fff6d6; }
 tr.warn td { background:#ffe6e6; }
+p.source { font-size:11.5px; color:#667; margin:6px 0; }
+p.source.stale, section.stale > h2 { color:#7a1010; }
 img.chart { max-width:100%; height:auto; display:block; margin:6px 0 12px; }
 details { margin:6px 0; }
 details > summary { cursor:pointer; color:var(--accent); font-size:13px; }
@@ -152,9 +154,26 @@ def details(summary: str, inner: str, open_: bool = False) -> str:
     return f'<details{" open" if open_ else ""}><summary>{esc(summary)}</summary>{inner}</details>'
 
 
-def section(sid: str, inner: str, artifacts: Sequence[str], title: str | None = None) -> str:
-    return (f'<section id="{sid}" data-artifacts="{esc(" ".join(artifacts))}">'
-            f'<h2>{esc(title or SECTION_TITLES[sid])}</h2>{inner}</section>')
+def source_note(src: Source | None) -> str:
+    """What a block's numbers were computed from, and a STALE mark when they no longer describe the workspace."""
+    if src is None:
+        return ""
+    stale = f'<span class="badge bad stale">STALE</span> {esc(src.stale)}<br>' if src.stale else ""
+    return (f'<p class="source{" stale" if src.stale else ""}" data-record="{esc(src.record)}" '
+            f'data-plans="{esc(src.plans_digest or "")}">{stale}{esc(src.describe())}</p>')
+
+
+def _sources(d: WorkspaceData, *records: str) -> list[Source]:
+    return [d.source(r) for r in records if r in d.stages]
+
+
+def section(sid: str, inner: str, artifacts: Sequence[str], title: str | None = None,
+            sources: Sequence[Source] = ()) -> str:
+    stale = any(src.stale for src in sources)
+    cls = ' class="stale"' if stale else ""
+    return (f'<section id="{sid}" data-artifacts="{esc(" ".join(artifacts))}"{cls}>'
+            f'<h2>{esc(title or SECTION_TITLES[sid])}{" (stale)" if stale else ""}</h2>{inner}'
+            f'{"".join(source_note(src) for src in sources)}</section>')
 
 
 def page(title: str, subtitle: str, sections: Sequence[tuple[str, str]]) -> str:
@@ -256,7 +275,8 @@ def census_section(d: WorkspaceData, figs: Mapping[str, bytes | None]) -> str | 
                                layer_rows, [False, False, False, True, True, False, False])))
         per_block.append(details(f"{b['block']}: {b['layers']} layers by role", inner))
     inner = intro + chart(figs.get("census"), "parameters per block") + main + "".join(per_block)
-    return section("census", inner, ["layers.csv"] + (["protected_layers.yaml"] if d.protected else []))
+    return section("census", inner, ["layers.csv"] + (["protected_layers.yaml"] if d.protected else []),
+                   sources=_sources(d, "calibrate"))
 
 
 def sensitivity_section(d: WorkspaceData, figs: Mapping[str, bytes | None]) -> str | None:
@@ -284,7 +304,8 @@ def sensitivity_section(d: WorkspaceData, figs: Mapping[str, bytes | None]) -> s
     if d.protected:
         parts.append(details(f"{len(d.protected)} layers with protected activations",
                              "<pre>" + esc("\n".join(d.protected)) + "</pre>"))
-    return section("sensitivity", "".join(parts), [d.sensitivity_source or "sensitivity"])
+    return section("sensitivity", "".join(parts), [d.sensitivity_source or "sensitivity"],
+                   sources=_sources(d, "sensitivity"))
 
 
 def _selection_index(d: WorkspaceData) -> dict[str, dict[str, Any]]:
@@ -334,7 +355,7 @@ def candidates_section(d: WorkspaceData, figs: Mapping[str, bytes | None], max_s
                              ref + table(["kind", "rank", "plan", "MiB", "MSE", "SSIM", "images"], rows,
                                          [False, True, False, True, True, True, False], raw=True)))
     arts = ["plans/", "pareto.csv"] + (["select_candidates.csv"] if d.selection else [])
-    return section("candidates", "".join(parts), arts)
+    return section("candidates", "".join(parts), arts, sources=_sources(d, "select"))
 
 
 def allocation_section(d: WorkspaceData, figs: Mapping[str, bytes | None]) -> str | None:
@@ -372,9 +393,10 @@ def allocation_section(d: WorkspaceData, figs: Mapping[str, bytes | None]) -> st
     cols = (["block", "layers", "W mean bits"] + [f"W {x}" for x in blabel] + ["A mean bits"] +
             [f"A {x}" for x in blabel])
     parts.append("<h3>Per block (layers at each bit-width)</h3>" + table(cols, brows, [False] + [True] * (len(cols) - 1)))
+    parts.append(f'<p class="source">final plans {esc(d.plans_digest)}</p>')
     if d.infer:
         wts = d.infer.get("weights") or {}
-        parts.append("<h3>Final inference (infer.json)</h3>" + kv_table([
+        parts.append("<h3>Final inference (infer.json)</h3>" + source_note(d.source("infer")) + kv_table([
             ("images", d.infer.get("images")), ("PSNR vs full precision (dB)", d.infer.get("psnr_db")),
             ("SSIM vs full precision", d.infer.get("ssim")), ("adherence", d.infer.get("adherence")),
             ("adherence, full precision", d.infer.get("adherence_full_precision")),
@@ -382,7 +404,7 @@ def allocation_section(d: WorkspaceData, figs: Mapping[str, bytes | None]) -> st
             ("compression vs fp16", wts.get("compression")),
             ("dispatch", ", ".join(f"{k}: {v}" for k, v in (d.infer.get("dispatch_counts") or {}).items()))]))
     return section("allocation", "".join(parts), [f.path for f in d.finals.values()] +
-                   (["infer.json"] if d.infer else []))
+                   (["infer.json"] if d.infer else []), sources=[d.source("infer")] if d.infer else [])
 
 
 def images_section(d: WorkspaceData, manifest: Mapping[str, Any] | None, max_side: int, note: str | None) -> str | None:
@@ -415,6 +437,7 @@ def images_section(d: WorkspaceData, manifest: Mapping[str, Any] | None, max_sid
                  f"calibrated model; scores against the full-precision images of the same prompt and seed.</p>"
                  f'<ul class="note">{desc}</ul>'
                  f'<table class="imgs"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
+        inner += f'<p class="source">source: report/images.json (final plans {esc(d.plans_digest)})</p>'
         return section("images", inner, ["report/images.json"])
     if d.generated:
         rows = []
@@ -429,7 +452,7 @@ def images_section(d: WorkspaceData, manifest: Mapping[str, Any] | None, max_sid
         inner = ((f'<p class="note">{esc(note)}</p>' if note else "") +
                  '<p class="note">Images of the infer stage (final weight + activation plans).</p>' +
                  table(["prompt", "full precision", "final plans"], rows, raw=True, cls="imgs"))
-        return section("images", inner, ["generated_images/"])
+        return section("images", inner, ["generated_images/"], sources=[d.source("infer")] if d.infer else [])
     return None
 
 
@@ -458,7 +481,8 @@ def ablation_section(d: WorkspaceData, figs: Mapping[str, bytes | None]) -> str 
         parts.append(f"<pre>{esc(d.evaluate_md)}</pre>")
     if d.evaluate_md and good:
         parts.append(details("evaluate.md", f"<pre>{esc(d.evaluate_md)}</pre>"))
-    return section("ablation", "".join(parts), ["evaluate.json"] + (["evaluate.md"] if d.evaluate_md else []))
+    return section("ablation", "".join(parts), ["evaluate.json"] + (["evaluate.md"] if d.evaluate_md else []),
+                   sources=[d.source("evaluate")] if "evaluate" in d.stages else [])
 
 
 def _flatten(obj: Any, prefix: str = "", out: list | None = None, limit: int = 300) -> list[tuple[str, Any]]:
@@ -491,7 +515,7 @@ def benchmark_section(d: WorkspaceData) -> str | None:
     flat = _flatten(rest)
     if flat:
         parts.append(kv_table(flat))
-    return section("benchmark", "".join(parts), ["benchmark.json"])
+    return section("benchmark", "".join(parts), ["benchmark.json"], sources=_sources(d, "benchmark"))
 
 
 def render_report(d: WorkspaceData, figs: Mapping[str, bytes | None], manifest: Mapping[str, Any] | None = None,
@@ -539,12 +563,16 @@ def render_compare(items: Sequence[WorkspaceData], figs: Mapping[str, bytes | No
             row += [f"{len(c)} / {sum(r['pareto'] for r in c)}" if c else "–", mb, f.header.get("mib") if f else None,
                     f.header.get("score") if f else None]
         inf = d.infer or {}
-        row += [inf.get("psnr_db"), inf.get("ssim"), inf.get("adherence")]
+        stale = d.source("infer").stale if d.infer else None
+        row += [inf.get("psnr_db"), inf.get("ssim"), inf.get("adherence"),
+                f"STALE: {stale}" if stale else ("final plans " + str(d.plans_digest) if d.infer else "–")]
         rows.append(row)
     cols = ["workspace", "path", "model fp", "quant fp", "W cand./front", "W mean bits", "W MiB", "W score",
-            "A cand./front", "A mean bits", "A MiB", "A score", "PSNR (dB)", "SSIM", "adherence"]
-    sections = [("workspaces", section("workspaces", table(cols, rows, [False] * 4 + [False, True, True, True] * 2 +
-                                                            [True] * 3), ["pareto.csv", "final_*_mp.yaml"]))]
+            "A cand./front", "A mean bits", "A MiB", "A score", "PSNR (dB)", "SSIM", "adherence", "inference from"]
+    stale_rows = {i for i, r in enumerate(rows) if str(r[-1]).startswith("STALE")}
+    sections = [("workspaces", section("workspaces", table(
+        cols, rows, [False] * 4 + [False, True, True, True] * 2 + [True] * 3 + [False],
+        row_class=lambda i: "warn" if i in stale_rows else ""), ["pareto.csv", "final_*_mp.yaml"]))]
     png = figs.get("compare_pareto")
     if png:
         fronts = ""

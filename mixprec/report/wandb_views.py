@@ -136,6 +136,16 @@ def log_report(track, d: WorkspaceData, figures: Mapping[str, bytes | None], man
         for k in ("psnr_db", "ssim", "adherence", "adherence_full_precision"):
             if isinstance(d.infer.get(k), (int, float)):
                 summary[f"infer/{k}"] = d.infer[k]
+    sources = [d.source(r) for r in ("calibrate", "sensitivity", "select", "infer", "evaluate", "benchmark")
+               if r in d.stages]
+    if sources:
+        # every view's origin, and which ones were computed from plans or a recipe the workspace no longer has
+        track.log_table("report/sources", ["record", "fingerprints", "plans_digest", "stale"],
+                        [[s.record, json.dumps(s.fingerprints), s.plans_digest, s.stale or ""] for s in sources])
+        summary["report/plans_digest"] = d.plans_digest
+        for s in sources:
+            summary[f"{s.record}/stale"] = bool(s.stale)
+        summary["report/stale"] = ",".join(s.record for s in sources if s.stale) or "none"
     if manifest and manifest.get("variants"):
         vs = manifest["variants"]
         pairs = manifest["prompts"]

@@ -9,7 +9,8 @@ Usable from a notebook::
 
 from .bootstrap import bootstrap_metric, resample_indices
 from .pareto import pareto_front, plot_pareto, write_pareto_csv
-from .plan import Plan, atomic_write_text, natural_key, plan_dirname, plan_to_yaml, read_plan, write_plan
+from .plan import (Plan, atomic_write_text, natural_key, plan_dirname, plan_to_yaml, plans_digest, read_plan,
+                   write_plan)
 from .program import (
     GROUPS,
     MIB,
@@ -37,7 +38,7 @@ __all__ = [
     "GROUPS", "MIB", "PROTECTED_BITS", "SOLVERS", "AllocationError", "InfeasibleBudgetError",
     "PlanVerificationError", "SensitivityError", "Solution", "SolverError", "Plan", "atomic_write_text",
     "bootstrap_metric", "group_weights", "layer_bytes", "natural_key", "normalized_tables", "pareto_front",
-    "plan_bytes", "plan_dirname", "plan_objective", "plan_to_yaml", "plot_pareto", "reachable_mean",
+    "plan_bytes", "plan_dirname", "plan_objective", "plan_to_yaml", "plans_digest", "plot_pareto", "reachable_mean",
     "read_plan", "resample_indices", "solve_bytes", "solve_group", "solve_mean_bits", "split_target",
     "write_pareto_csv", "write_plan",
 ]

@@ -80,6 +80,14 @@ def read_plan(path: str | os.PathLike) -> Plan:
     return Plan(header=dict(data.get("header") or {}), bits=dict(data["bits"] or {}))
 
 
+def plans_digest(plans: Mapping[str, Plan | None]) -> str:
+    """Short hash of the bits of some plans (``{"weight": plan, "act": plan}``): what a result was
+    computed from. The report compares it with the final plans of the day to mark stale numbers."""
+    from mixprec.workspace import fingerprint
+
+    return fingerprint({kind: {str(k): v for k, v in plan.bits.items()} for kind, plan in plans.items() if plan})
+
+
 def plan_dirname(kind: str, target: float, K: float, budget: str = "mean_bits") -> str:
     """``weight_4_2`` / ``act_8_1`` / ``weight_1400MiB_1.5``: one folder per (target, K), seeds inside."""
     def num(x: float) -> str:

@@ -27,15 +27,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from mixprec import search
 
 from mixprec.checkpoint import CHECKPOINT_FILE
 from mixprec.kernels import BackendConfig, convert_, weight_bytes
 from mixprec.kernels.testing import denoiser_inputs, sqnr_db
 from mixprec.kernels.timing import capture, env_info, summarize, time_graph
-from mixprec.models import latent_input_name, replace_denoiser, text_length
+from mixprec.models import latent_input_name, replace_denoiser, resolve_device, text_length
 from mixprec.quantizers import QuantLayer, quant_layers, set_plan
 from mixprec.stages.common import load_calibrated, load_model, prompt_set, to_dict, tracker
+from mixprec.stages.select import FINAL
 from mixprec.workspace import Workspace
 
 log = logging.getLogger("mixprec")
@@ -54,9 +57,6 @@ def resolve_plan(name: str, layers: dict[str, QuantLayer], ws: Workspace) -> tup
         wb = {n: (None if w >= 16 else w) for n in chosen}
         ab = {n: (None if a >= 16 else a) for n in chosen}
         return wb, ab
-    from mixprec import search
-    from mixprec.stages.select import FINAL
-
     if name == "final":
         wplan = search.read_plan(ws.require(FINAL["weight"], "select"))
         act_path = ws.path(FINAL["act"])
@@ -163,8 +163,27 @@ def _end_to_end(bundle, denoiser, cfg: DictConfig, batch: int, repeats: int) -> 
         replace_denoiser(pipe, original)
 
 
+SIZED = ("resolutions", "batch_sizes", "compile", "iters", "warmup", "end_to_end_repeats")
+
+
+def sized_settings(s: DictConfig, device_type: str) -> DictConfig:
+    """The stage settings with every size left at null taken from ``stage.sizes.<device type>``."""
+    sizes = (to_dict(s.get("sizes")) or {}).get("cuda" if device_type == "cuda" else "cpu") or {}
+    out = OmegaConf.create(to_dict(s))
+    for key in SIZED:
+        if out.get(key) is None:
+            out[key] = sizes.get(key)
+    missing = [k for k in SIZED if out.get(k) is None and k != "resolutions"]
+    if missing:
+        raise ValueError(f"stage={s.name}: set stage.{missing[0]} (or stage.sizes.{device_type}.{missing[0]})")
+    return out
+
+
 def run(cfg: DictConfig, ws: Workspace) -> dict:
-    s = cfg.stage
+    s = sized_settings(cfg.stage, resolve_device(str(cfg.device)).type)
+    if s.sizes and resolve_device(str(cfg.device)).type != "cuda":
+        log.info("benchmark on CPU: %s (stage.sizes.cpu; the reference kernels measure accuracy, not speed)",
+                 ", ".join(f"{k}={s[k]}" for k in SIZED))
     if s.calibration == "workspace":
         bundle = load_calibrated(cfg, ws)
     elif s.calibration == "random":
@@ -206,6 +225,9 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
                               "compile": str(s.compile), "memory_format": str(s.memory_format),
                               "shapes": [f"{r}x{b}" for r, b in shapes], "kernels": backend.to_dict(),
                               "plans": {}}
+    if "final" in s.plans:  # what the report checks against the final plans of the day
+        result["plans_digest"] = search.plans_digest(
+            {k: search.read_plan(ws.path(f)) for k, f in FINAL.items() if ws.exists(f)})
     dispatch_detail: dict[str, Any] = {}
     names = ["bf16" if dtype == torch.bfloat16 else "fp16" if dtype == torch.float16 else str(dtype)]
     names += list(s.plans)

@@ -16,12 +16,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from mixprec import calibration
 from mixprec.generation import Sampler
-from mixprec.models import ModelSpec, _matches, census, denoiser_of, latent_size, load_pipeline, measure_act_elems, \
-    resolve_device, text_length, text_starts_with_bos
+from mixprec.models import ModelSpec, _matches, census, check_model_files, denoiser_of, latent_size, load_pipeline, \
+    measure_act_elems, resolve_device, text_length, text_starts_with_bos
 from mixprec.prompts import resolve_prompt_set
 from mixprec.quantizers import QuantLayer, quantize_
 from mixprec.tracking import Tracker, start_run
-from mixprec.workspace import Workspace, fingerprint
+from mixprec.workspace import Workspace, check_safetensors, fingerprint
 
 QUANT_PARAMS = "quant_params.safetensors"
 LAYERS_CSV = "layers.csv"
@@ -76,7 +76,10 @@ def fingerprints(cfg: DictConfig) -> dict[str, str]:
 
 
 def workspace(cfg: DictConfig) -> Workspace:
-    return Workspace(cfg.paths.workspace, fingerprints=fingerprints(cfg))
+    """The stage's workspace, after the cheap checks that would otherwise fail after minutes of work:
+    a readable model folder and a workspace this process can write."""
+    check_model_files(model_spec(cfg))
+    return Workspace(cfg.paths.workspace, fingerprints=fingerprints(cfg)).check_writable()
 
 
 _ACTIVE: list[Tracker] = []
@@ -92,7 +95,7 @@ def tracker(cfg: DictConfig, ws: Workspace, job_type: str, extra_config: Mapping
     run = start_run(
         t.mode, project=t.project, entity=t.entity, group=t.group or ws.root.name, job_type=job_type,
         config={**to_dict(cfg), **(extra_config or {})}, directory=t.dir,
-        tags=[str(cfg.model.name)],
+        tags=[str(cfg.model.name)], quiet=bool(t.get("quiet", True)),
     )
     _ACTIVE.append(run)
     try:
@@ -157,7 +160,7 @@ class Calibration:
 
 
 def read_calibration(cfg: DictConfig, ws: Workspace) -> Calibration:
-    path = ws.require(QUANT_PARAMS, "calibrate")
+    path = check_safetensors(ws.require(QUANT_PARAMS, "calibrate"), "`python run.py stage=calibrate`")
     params, meta = calibration.load_params(path)
     # Before the fingerprints: a grouping mismatch also changes them, and this says what to do.
     calibration.check_timestep_groups(meta, quant_recipe(cfg)["act_timestep_groups"], path)

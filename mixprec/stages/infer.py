@@ -158,6 +158,8 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
             "weights": weights,
             "weight_plan": {"path": final["weight"], "mean_bits": weight_plan.header.get("achieved_mean_bits")},
             "act_plan": {"path": final["act"], "mean_bits": act_plan.header.get("achieved_mean_bits")} if act_plan else None,
+            # what the numbers were computed from: the report marks them stale once the final plans change
+            "plans_digest": search.plans_digest({"weight": weight_plan, "act": act_plan}),
             "latency_s": {"full_precision": fp_s, "quantized": q_s, "device": str(bundle.device),
                           "note": "fake quantization (quantize-dequantize in float) measures quality, not speed; "
                                   "stage=benchmark measures real kernels"},

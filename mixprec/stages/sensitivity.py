@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from mixprec import sensitivity as sens
 from mixprec.models import _matches, layer_group
+from mixprec.settings import is_forced
 from mixprec.stages.common import (Calibration, ModelBundle, load_calibrated, model_spec, prompt_set, quant_recipe,
                                    read_calibration, to_dict, tracker)
 from mixprec.workspace import Workspace, fingerprint
@@ -70,9 +71,13 @@ def _identity(ws: Workspace, pairs, tasks: Sequence[sens.Task], num_shards: int,
             "num_tasks": len(tasks)}
 
 
-def _check_header(ws: Workspace, i: int, identity: Mapping[str, Any], restart: bool) -> None:
+def _check_header(ws: Workspace, i: int, identity: Mapping[str, Any], restart: bool, force: bool = False) -> None:
     header, records = _shard_paths(i, identity["num_shards"])
-    if ws.exists(header):
+    if force and ws.exists(records):
+        # stage.force: measure again, whatever the stored records were made with.
+        log.info("sensitivity: stage.force discards the %s stored records of shard %d", records, i)
+        ws.path(records).unlink()
+    elif ws.exists(header):
         old = ws.read_json(header, "sensitivity")
         if old.get("identity") != identity:
             if not restart:
@@ -207,7 +212,7 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
             busy = (f"shard {i} of {n} is being run by another process in {ws.root} (lock "
                     f"{RECORD_DIR}/shard{i}of{n}.lock); a shard runs once at a time")
             with _flock(ws.path(f"{RECORD_DIR}/shard{i}of{n}.lock"), wait=False, busy=busy):
-                _check_header(ws, i, identity, bool(s.restart))
+                _check_header(ws, i, identity, bool(s.restart), is_forced(s.get("force"), "sensitivity"))
                 records_file = sens.RecordFile(ws.path(_shard_paths(i, n)[1]))
                 pending = [t for t in mine if t.key not in records_file.load()]
                 if pending and (s.max_tasks is None or int(s.max_tasks) > 0):
