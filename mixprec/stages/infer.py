@@ -33,7 +33,7 @@ from mixprec.quantizers import set_plan
 from mixprec.selection import adherence, image_scores, slug
 from mixprec.stages.common import load_calibrated, model_spec, prompt_set, to_dict, tracker
 from mixprec.stages.select import check_plan_fingerprints, output_paths
-from mixprec.workspace import MissingArtifactError, Workspace
+from mixprec.workspace import MissingArtifactError, Workspace, check_safetensors
 
 log = logging.getLogger("mixprec")
 
@@ -209,6 +209,8 @@ def run_from_checkpoint(cfg: DictConfig, ws: Workspace) -> dict:
         raise MissingArtifactError(
             f"the quantized checkpoint {path} does not exist. Write one with `python run.py stage=infer "
             f"stage.execution=kernels stage.save_checkpoint=true` (it lands in the workspace as {CHECKPOINT_FILE}).")
+    check_safetensors(path, "`python run.py stage=infer stage.execution=kernels stage.save_checkpoint=true` "
+                            "(or stage=benchmark stage.save_checkpoint=<plan>)")
     info = read_info(path)
     spec = model_spec(cfg)
     device = resolve_device(str(cfg.device))

@@ -21,6 +21,7 @@ from mixprec.report import build_compare, build_report, load_workspace
 from mixprec.report import images as rimages
 from mixprec.report.data import WorkspaceData
 from mixprec.report.wandb_views import log_compare, log_report
+from mixprec.settings import is_forced
 from mixprec.stages.common import QUANT_PARAMS, load_calibrated, prompt_set, to_dict, tracker
 from mixprec.workspace import FingerprintMismatchError, Workspace
 
@@ -39,7 +40,7 @@ def comparison_images(cfg: DictConfig, ws: Workspace, data: WorkspaceData) -> tu
     pairs = prompt_set(cfg, str(s.prompt_set))[: int(s.max_prompts)]
     vs = rimages.variants(data.finals)
     key = rimages.cache_key(vs, pairs, ws.fingerprints)
-    cached = rimages.read_manifest(ws.root)
+    cached = None if is_forced(to_dict(s.get("force")), "report") else rimages.read_manifest(ws.root)
     if cached and cached.get("key") == key and all(ws.exists(f) for v in cached["variants"] for f in v["files"]):
         log.info("report: comparison images up to date (%s)", rimages.MANIFEST)
         by_key = {v.key: v for v in vs}

@@ -20,7 +20,7 @@ from mixprec.workspace import Workspace
 log = logging.getLogger("mixprec")
 
 # Keys of the stage config that are not TrainConfig fields.
-_STAGE_KEYS = {"name", "record", "output", "device", "resume", "eval_heldout_prompts", "progress"}
+_STAGE_KEYS = {"name", "record", "force", "output", "device", "resume", "eval_heldout_prompts", "progress"}
 METRICS_FILE = "train_tiny_metrics.json"
 
 
@@ -42,7 +42,7 @@ def run(cfg: DictConfig, ws: Workspace) -> dict[str, Any]:
             out, train_cfg,
             work_dir=out.with_name(out.name + ".work"),
             device=device,
-            resume=bool(st.get("resume", True)),
+            resume=bool(st.get("resume", True)) and not st.get("force"),
             log_fn=lambda metrics, step: t.log(metrics, step=step),
             log_images_fn=lambda key, images, captions: t.log_images(key, images, captions),
             progress=bool(st.get("progress", True)),
