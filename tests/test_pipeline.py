@@ -223,3 +223,131 @@ def test_infer_options_are_checked(pipeline_run, tmp_path):
         run_stage(compose([*base, "stage.save_checkpoint=true"]))
     with pytest.raises(MissingArtifactError, match="save_checkpoint=true"):
         run_stage(compose([*base, f"stage.checkpoint={tmp_path / 'nope.safetensors'}"]))
+
+
+# ------------------------------------------------------------------ issue 19: honest reports, force, hand-selected finals
+
+def _copy(pipeline_run, tmp_path):
+    out, _ = pipeline_run
+    ws = tmp_path / "ws"
+    shutil.copytree(out / "tiny_random", ws)
+    return ws, [f"paths.workspace={ws}", f"paths.outputs={tmp_path / 'out'}", "tracking=disabled", "device=cpu"]
+
+
+class _Recorder:
+    """Stands in for a W&B run: keeps the tables and the summary the report logs."""
+
+    enabled = True
+
+    def __init__(self):
+        self.tables, self.summ = {}, {}
+
+    def log_table(self, key, columns, rows):
+        self.tables[key] = (list(columns), [list(r) for r in rows])
+
+    def summary(self, values):
+        self.summ.update(values)
+
+    def log_images(self, *a, **k):
+        pass
+
+    log_artifact = log_file_image = log = log_images
+
+
+def test_report_marks_numbers_from_other_plans_after_a_manual_select(pipeline_run, tmp_path):
+    from mixprec.report import load_workspace
+    from mixprec.report.wandb_views import log_report
+    from tests.conftest import compose
+    ws, base = _copy(pipeline_run, tmp_path)
+    old_infer = json.loads((ws / "infer.json").read_text())["headline"]
+    run_stage(compose([*base, *PROMPTS, "stage=select", "stage.weight_target=5"]))
+    run_stage(compose([*base, *PROMPTS, "stage=report", "stage.images=false"]))
+    html = (ws / "report.html").read_text()
+    current = load_workspace(ws).plans_digest
+    assert current != old_infer["plans_digest"]
+    # the old 4-bit inference numbers are on the page only under a STALE mark naming both plan digests
+    block = html.split("Final inference (infer.json)</h3>")[1].split("</table>")[0]
+    assert "STALE" in block and old_infer["plans_digest"] in block and current in block
+    assert f"{old_infer['psnr_db']:.4g}"[:5] in block
+    assert '<section id="allocation" data-artifacts' in html and 'class="stale"' in html
+    images = html.split('<section id="images"')[1].split("</section>")[0]
+    assert "STALE" in images  # generated_images/ are infer's, from the old plans too
+    rec = _Recorder()
+    log_report(rec, load_workspace(ws), {}, None, ws / "report.html")
+    assert rec.summ["infer/stale"] is True and "infer" in rec.summ["report/stale"]
+    cols, rows = rec.tables["report/sources"]
+    assert any(r[0] == "infer" and "other final plans" in r[3] for r in rows)
+    # the comparison page marks it too
+    from mixprec.report import build_compare
+    page = build_compare([pipeline_run[0] / "tiny_random", ws], tmp_path / "compare.html").path.read_text()
+    assert "STALE: computed from other final plans" in page
+    # once infer runs on the new plans, nothing is stale
+    run_stage(compose([*base, *PROMPTS, "stage=infer"]))
+    run_stage(compose([*base, *PROMPTS, "stage=report"]))  # comparison images for the new plans too
+    html = (ws / "report.html").read_text()
+    assert "STALE" not in html and f"final plans {current}" in html
+
+
+def test_pipeline_keeps_hand_selected_final_plans_unless_select_is_forced(pipeline_run, tmp_path, caplog):
+    from tests.conftest import compose
+    ws, base = _copy(pipeline_run, tmp_path)
+    run_stage(compose([*base, *PROMPTS, "stage=select", "stage.weight_target=5"]))
+    chosen = (ws / "final_weight_mp.yaml").read_bytes()
+    with caplog.at_level("WARNING", logger="mixprec"):
+        head = run_stage(compose([*base, *SMALL]))
+    assert head["stages"]["select"] == "kept hand-selected final plans"
+    assert (ws / "final_weight_mp.yaml").read_bytes() == chosen
+    assert "keeping the final plans selected by hand with {'weight_target': 5}" in caplog.text
+    assert "stage.force=[select]" in caplog.text
+    assert head["stages"]["infer"] == "ran"  # infer.json now describes the kept plans
+    head = run_stage(compose([*base, *SMALL, "stage.force=[select]"]))
+    assert head["stages"]["select"] == "ran"
+    assert yaml.safe_load((ws / "final_weight_mp.yaml").read_text())["header"]["target"] == 4.0
+
+
+def test_force_reruns_sensitivity_measurements(pipeline_run, tmp_path, monkeypatch):
+    import mixprec.sensitivity as sens
+    import mixprec.stages.pipeline as pipeline
+    from tests.conftest import compose
+    ws, base = _copy(pipeline_run, tmp_path)
+    measured = []
+    real = sens.run_tasks
+    monkeypatch.setattr(sens, "run_tasks", lambda tasks, *a, **k: measured.append(len(tasks)) or real(tasks, *a, **k))
+    run_stage(compose([*base, *PROMPTS, "stage=sensitivity"]))
+    assert measured == []  # up to date: the stored records are reused
+    run_stage(compose([*base, *PROMPTS, "stage=sensitivity", "stage.force=true"]))
+    assert len(measured) == 1 and measured[0] > 0
+    head = run_stage(compose([*base, *SMALL, "stage.force=[sensitivity]"]))
+    assert len(measured) == 2 and head["stages"]["calibrate"] == "skipped" and head["stages"]["sensitivity"] == "ran"
+    # stage.force=true: every sub-stage runs with force on (sensitivity included), none is skipped
+    seen = {}
+    monkeypatch.setattr(pipeline, "run_stage", lambda sub: seen.setdefault(sub.stage.record, sub.stage.force))
+    head = run_stage(compose([*base, *SMALL, "stage.force=true"]))
+    assert set(head["stages"].values()) == {"ran"} and seen and all(seen.values())
+
+
+def test_truncated_calibration_is_named_with_the_stage_that_rewrites_it(pipeline_run, tmp_path, monkeypatch):
+    import mixprec.stages.common as common
+    from mixprec.workspace import UnreadableArtifactError
+    from tests.conftest import compose
+    ws, base = _copy(pipeline_run, tmp_path)
+    path = ws / "quant_params.safetensors"
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()  # group-readable, as the umask allows
+    path.write_bytes(path.read_bytes()[:1000])
+    monkeypatch.setattr(common, "load_pipeline", lambda *a, **k: pytest.fail("model loaded before the check"))
+    for stage in ("sensitivity", "select", "infer"):
+        with pytest.raises(UnreadableArtifactError, match=rf"{path} is unreadable: .*truncated\. It is written by "
+                                                          r"`python run.py stage=calibrate`"):
+            run_stage(compose([*base, *PROMPTS, f"stage={stage}"]))
+    ckpt = ws / "quantized_denoiser.safetensors"
+    ckpt.write_bytes(b"\x00" * 4)
+    with pytest.raises(UnreadableArtifactError, match=r"quantized_denoiser.safetensors is unreadable: 4 bytes.*"
+                                                      r"stage.save_checkpoint=true"):
+        run_stage(compose([*base, *PROMPTS, "stage=infer", "stage.checkpoint=quantized_denoiser.safetensors"]))
+
+
+def _umask() -> int:
+    import os
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -95,9 +95,9 @@ class Source:
     stale: str | None = None
 
     def describe(self) -> str:
-        fp = ", ".join(f"{k} {v}" for k, v in self.fingerprints.items()) or "no fingerprints"
-        plans = f"; final plans {self.plans_digest}" if self.plans_digest else ""
-        return f"source: {self.record}.json ({fp}{plans})"
+        parts = [f"{k} fingerprint {v}" for k, v in self.fingerprints.items()]
+        parts += [f"final plans {self.plans_digest}"] if self.plans_digest else []
+        return f"source: {self.record}.json" + (f" ({'; '.join(parts)})" if parts else "")
 
 
 @dataclass

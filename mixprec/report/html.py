@@ -163,6 +163,17 @@ def source_note(src: Source | None) -> str:
             f'data-plans="{esc(src.plans_digest or "")}">{stale}{esc(src.describe())}</p>')
 
 
+def _images_source(d: WorkspaceData, manifest: Mapping[str, Any]) -> Source:
+    """The comparison images were generated for some plans: stale when the final plans are others now."""
+    from .images import _digest, variants
+
+    now = {v.key: _digest(v) for v in variants(d.finals)}
+    made = {e.get("key"): e.get("digest") for e in manifest.get("variants") or []}
+    stale = None if made == now else ("generated for other final plans than the workspace has now: rerun "
+                                      "`python run.py stage=report` (stage.images=true) to generate them again")
+    return Source("report/images", {}, d.plans_digest if made == now else None, stale)
+
+
 def _sources(d: WorkspaceData, *records: str) -> list[Source]:
     return [d.source(r) for r in records if r in d.stages]
 
@@ -437,8 +448,7 @@ def images_section(d: WorkspaceData, manifest: Mapping[str, Any] | None, max_sid
                  f"calibrated model; scores against the full-precision images of the same prompt and seed.</p>"
                  f'<ul class="note">{desc}</ul>'
                  f'<table class="imgs"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
-        inner += f'<p class="source">source: report/images.json (final plans {esc(d.plans_digest)})</p>'
-        return section("images", inner, ["report/images.json"])
+        return section("images", inner, ["report/images.json"], sources=[_images_source(d, manifest)])
     if d.generated:
         rows = []
         psnr = ((d.infer or {}).get("per_image") or {}).get("psnr_db") or []
