@@ -59,6 +59,20 @@ def _strip(images: Sequence[Any]):
     return out
 
 
+def _log_sources(track, d: WorkspaceData, summary: dict[str, Any]) -> None:
+    """Every view's origin, and which ones came from plans or a recipe the workspace no longer has."""
+    sources = [d.source(r) for r in ("calibrate", "sensitivity", "select", "infer", "evaluate", "benchmark")
+               if r in d.stages]
+    if not sources:
+        return
+    track.log_table("report/sources", ["record", "fingerprints", "plans_digest", "stale"],
+                    [[s.record, json.dumps(s.fingerprints), s.plans_digest, s.stale or ""] for s in sources])
+    summary["report/plans_digest"] = d.plans_digest
+    for s in sources:
+        summary[f"{s.record}/stale"] = bool(s.stale)
+    summary["report/stale"] = ",".join(s.record for s in sources if s.stale) or "none"
+
+
 def log_report(track, d: WorkspaceData, figures: Mapping[str, bytes | None], manifest: Mapping[str, Any] | None,
                report_path: Path) -> dict[str, Any]:
     """Log every view; returns the summary it set (also when tracking is disabled, for the stage record)."""
@@ -136,16 +150,7 @@ def log_report(track, d: WorkspaceData, figures: Mapping[str, bytes | None], man
         for k in ("psnr_db", "ssim", "adherence", "adherence_full_precision"):
             if isinstance(d.infer.get(k), (int, float)):
                 summary[f"infer/{k}"] = d.infer[k]
-    sources = [d.source(r) for r in ("calibrate", "sensitivity", "select", "infer", "evaluate", "benchmark")
-               if r in d.stages]
-    if sources:
-        # every view's origin, and which ones were computed from plans or a recipe the workspace no longer has
-        track.log_table("report/sources", ["record", "fingerprints", "plans_digest", "stale"],
-                        [[s.record, json.dumps(s.fingerprints), s.plans_digest, s.stale or ""] for s in sources])
-        summary["report/plans_digest"] = d.plans_digest
-        for s in sources:
-            summary[f"{s.record}/stale"] = bool(s.stale)
-        summary["report/stale"] = ",".join(s.record for s in sources if s.stale) or "none"
+    _log_sources(track, d, summary)
     if manifest and manifest.get("variants"):
         vs = manifest["variants"]
         pairs = manifest["prompts"]

@@ -176,14 +176,18 @@ def sized_settings(s: DictConfig, device_type: str) -> DictConfig:
     missing = [k for k in SIZED if out.get(k) is None and k != "resolutions"]
     if missing:
         raise ValueError(f"stage={s.name}: set stage.{missing[0]} (or stage.sizes.{device_type}.{missing[0]})")
+    if device_type != "cuda":
+        log.info("benchmark on CPU: %s (stage.sizes.cpu; the reference kernels measure accuracy, not speed)",
+                 ", ".join(f"{k}={out[k]}" for k in SIZED))
     return out
+
+
+def _final_plans_digest(ws: Workspace) -> str:
+    return search.plans_digest({k: search.read_plan(ws.path(f)) for k, f in FINAL.items() if ws.exists(f)})
 
 
 def run(cfg: DictConfig, ws: Workspace) -> dict:
     s = sized_settings(cfg.stage, resolve_device(str(cfg.device)).type)
-    if s.sizes and resolve_device(str(cfg.device)).type != "cuda":
-        log.info("benchmark on CPU: %s (stage.sizes.cpu; the reference kernels measure accuracy, not speed)",
-                 ", ".join(f"{k}={s[k]}" for k in SIZED))
     if s.calibration == "workspace":
         bundle = load_calibrated(cfg, ws)
     elif s.calibration == "random":
@@ -226,8 +230,7 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
                               "shapes": [f"{r}x{b}" for r, b in shapes], "kernels": backend.to_dict(),
                               "plans": {}}
     if "final" in s.plans:  # what the report checks against the final plans of the day
-        result["plans_digest"] = search.plans_digest(
-            {k: search.read_plan(ws.path(f)) for k, f in FINAL.items() if ws.exists(f)})
+        result["plans_digest"] = _final_plans_digest(ws)
     dispatch_detail: dict[str, Any] = {}
     names = ["bf16" if dtype == torch.bfloat16 else "fp16" if dtype == torch.float16 else str(dtype)]
     names += list(s.plans)
