@@ -33,7 +33,8 @@ def main(cfg: DictConfig) -> None:
     try:
         # Threads first: torch reads the OpenMP settings once, when it is imported (by the runner).
         from mixprec import threads
-        threads.apply(threads.resolve(cfg.get("threads"), _launcher_jobs()))
+        small = str(cfg.model.get("source")) in ("builtin", "tiny_random")  # the tiny models: one thread
+        threads.apply(threads.resolve(cfg.get("threads"), _launcher_jobs(), small_model=small))
         from mixprec.runner import run_stage
 
         run_stage(cfg)

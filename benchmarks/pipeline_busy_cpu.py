@@ -6,7 +6,8 @@ workspace, on an idle machine and with CPU-bound processes running beside it.
 
 Each run gets a fresh paths.outputs; the JSON (docs/measurements/pipeline_busy_cpu_<host>.json by
 default) has every run's wall time, exit code, the thread count the run chose (from its log), the
-load average before and after, and the usable cores. The busy processes are plain Python busy
+load average before and after, the CPU seconds the run used (user + system: on a machine shared
+with other work, wall time over CPU time shows how much of a core the run got), and the usable cores. The busy processes are plain Python busy
 loops started by this script and stopped (by their own process ids) when the run ends.
 """
 
@@ -17,6 +18,7 @@ import json
 import os
 import platform
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -32,10 +34,12 @@ def one_run(busy: int, extra: list[str]) -> dict:
         time.sleep(1.0 if busy else 0.0)
         load_before = os.getloadavg()
         with tempfile.TemporaryDirectory(prefix="mixprec_busy_") as out:
+            cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             start = time.perf_counter()
             proc = subprocess.run([sys.executable, "run.py", f"paths.outputs={out}", *extra], cwd=ROOT,
                                   capture_output=True, text=True)
             wall = time.perf_counter() - start
+            cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         load_after = os.getloadavg()
     finally:
         for p in spinners:
@@ -44,7 +48,8 @@ def one_run(busy: int, extra: list[str]) -> dict:
     log = proc.stdout + proc.stderr
     threads = re.search(r"CPU threads: (\d+)", log)
     stages = dict(re.findall(r"stage (\w+) finished in ([\d.]+) s", log))
-    return {"busy_processes": busy, "wall_s": round(wall, 2), "returncode": proc.returncode,
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    return {"busy_processes": busy, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "returncode": proc.returncode,
             "threads": int(threads.group(1)) if threads else None, "stage_wall_s": stages,
             "loadavg_before": load_before, "loadavg_after": load_after,
             "log_tail": log[-1500:] if proc.returncode else None}

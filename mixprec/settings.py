@@ -289,18 +289,36 @@ def _stage_of_command_line(overrides: Sequence[Any]) -> str | None:
     return "pipeline"
 
 
+# Hydra flags followed by a value (``-cn allocate``, ``--cfg job``)
+_FLAGS_WITH_VALUE = ("-cn", "-cd", "-cp", "-c", "-p", "-i", "--config-name", "--config-dir", "--config-path",
+                     "--cfg", "--package", "--info", "--experimental-rerun")
+
+
+def _plain_overrides(argv: Sequence[str]) -> list[str] | None:
+    """The ``key=value`` arguments; None when another primary config decides the stage (sweeps)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a.startswith("-"):
+            skip = a in _FLAGS_WITH_VALUE
+        else:
+            out.append(a)
+    other_config = any(a.startswith(("-cn", "-cd", "-cp", "--config")) for a in argv)
+    return None if other_config and not any(a.startswith("stage=") for a in out) else out
+
+
 def check_command_line(argv: Sequence[str]) -> None:
     """Refuse ``stage.<typo>=`` and ``+stage.<typo>=`` in ``argv`` before Hydra composes anything.
 
     Only plain overrides are read; with another primary config (``-cn``/``-cd``) and no ``stage=``
     the composed config is checked later by the runner instead.
     """
-    if any(a.startswith(("-cn", "-cd", "-cp", "--config", "--help", "-h", "--hydra-help", "--info")) for a in argv):
-        if not any(a.startswith("stage=") for a in argv):
-            return
+    plain = _plain_overrides(argv)
+    if plain is None:
+        return
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    plain = [a for a in argv if not a.startswith("-")]
     try:
         overrides = OverridesParser.create().parse_overrides(plain)
     except Exception:  # Hydra reports its own syntax errors

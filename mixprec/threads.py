@@ -12,6 +12,8 @@ than with one thread. The policy here:
   load average, rounded), at least 1;
 * waiting threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``) unless the user set
   their own policy;
+* the built-in tiny models get one thread: their layers are too small for a second thread to pay,
+  and on a busy machine every layer would wait a scheduler time slice for a descheduled sibling;
 * ``threads=<n>`` in the config (or ``OMP_NUM_THREADS`` in the environment) wins over the guess.
 
 Nothing here imports torch: :func:`apply` must run before the first ``import torch`` for the
@@ -66,13 +68,13 @@ def parallel_jobs(launcher_jobs: int | None = None) -> int:
     return max(1, int(launcher_jobs or 1))
 
 
-def resolve(setting: int | str | None, launcher_jobs: int | None = None) -> int:
+def resolve(setting: int | str | None, launcher_jobs: int | None = None, small_model: bool = False) -> int:
     """The thread count for the config value ``threads`` (an integer, or ``auto``/null)."""
     if setting in (None, "auto"):
         env = os.environ.get("OMP_NUM_THREADS")
         if env and env.isdigit() and int(env) > 0:
             return int(env)
-        return auto_threads(parallel_jobs(launcher_jobs))
+        return 1 if small_model else auto_threads(parallel_jobs(launcher_jobs))
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
         raise ValueError(f"threads={setting!r}: expected a whole number >= 1 or 'auto' "
                          f"(e.g. `python run.py threads=1`)")
@@ -82,6 +84,9 @@ def resolve(setting: int | str | None, launcher_jobs: int | None = None) -> int:
 def apply(threads: int) -> int:
     """Use ``threads`` intra-op threads with sleeping waits, before or after torch is imported."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # MKL otherwise picks fewer threads when the machine is busy: another summation order, so
+    # the same run could give other images on a busy machine
+    os.environ.setdefault("MKL_DYNAMIC", "FALSE")
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
     torch = sys.modules.get("torch")

@@ -43,7 +43,9 @@ def test_thread_setting_and_environment(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert threads.resolve("auto") == 3  # the user's own OMP_NUM_THREADS wins over the guess
     assert threads.resolve(2) == 2
+    assert threads.resolve(2, small_model=True) == 2  # an explicit count always wins
     monkeypatch.delenv("OMP_NUM_THREADS")
+    assert threads.resolve("auto", small_model=True) == 1
     monkeypatch.setenv(threads.PARALLEL_JOBS_ENV, "64")
     assert threads.resolve("auto") == 1
     monkeypatch.setenv(threads.PARALLEL_JOBS_ENV, "two")
