@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import Clock, capture, env_info, time_graph, write_json  # noqa: E402
 from mixprec.kernels import BackendConfig, convert_, weight_bytes  # noqa: E402
-from mixprec.kernels.testing import build_unet, calibrate_random, cast_floating_, sqnr_db, denoiser_inputs  # noqa: E402
+from mixprec.kernels.probing import calibrate_random, cast_floating_, denoiser_inputs, sqnr_db  # noqa: E402
+from mixprec.models.toy import build_unet  # noqa: E402
 from mixprec.quantizers import quant_layers, set_plan  # noqa: E402
 
 MIB = 2 ** 20

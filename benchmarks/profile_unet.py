@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import bench_unet  # noqa: E402
 from benchmarks.common import capture, env_info, time_graph, write_json  # noqa: E402
 from mixprec.kernels import BackendConfig, convert_  # noqa: E402
-from mixprec.kernels.testing import build_unet, calibrate_random, denoiser_inputs  # noqa: E402
+from mixprec.kernels.probing import calibrate_random, denoiser_inputs  # noqa: E402
+from mixprec.models.toy import build_unet  # noqa: E402
 from mixprec.quantizers import quant_layers, set_plan  # noqa: E402
 
 # first match wins: cuDNN conv kernels also contain "gemm" in some names

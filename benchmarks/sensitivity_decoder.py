@@ -36,7 +36,7 @@ def main() -> None:
 
     from mixprec import sensitivity as sens
     from mixprec.models import denoiser_of, layer_group
-    from mixprec.stages.common import load_calibrated, prompt_set, workspace
+    from mixprec.context import load_calibrated, prompt_set, workspace
 
     cfg = compose(args.overrides)
     bundle = load_calibrated(cfg, workspace(cfg), batch_size=int(cfg.stage.batch_size))

@@ -75,7 +75,7 @@ def main() -> None:
     from mixprec import sensitivity as sens
     from mixprec.metrics import sqnr_db_per_sample, ssim_torch
     from mixprec.models import layer_group
-    from mixprec.stages.common import load_calibrated, prompt_set, workspace
+    from mixprec.context import load_calibrated, prompt_set, workspace
 
     out: dict = {"torch": torch.__version__, "cuda": torch.version.cuda,
                  "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}

@@ -22,54 +22,17 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from mixprec.artifacts import CHECKPOINT_FILE  # noqa: F401  (where the stages keep a workspace's denoiser)
+from mixprec.kernels.architecture import _config_dict, architecture_fingerprint, quantizable_shapes
 from mixprec.quantizers import QUANTIZABLE_TYPES, QuantLayer
-from mixprec.workspace import atomic_path, fingerprint
+from mixprec.workspace import atomic_path
 
 FORMAT = "mixprec-quantized-denoiser"
 VERSION = 1
-# where the stages keep a workspace's converted denoiser
-CHECKPOINT_FILE = "quantized_denoiser.safetensors"
-_CONFIG_NOISE = ("_name_or_path", "_diffusers_version", "_use_default_values", "_class_name")
 
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint was made for another model architecture."""
-
-
-def _config_dict(model: nn.Module) -> dict | None:
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return None
-    d = dict(cfg) if isinstance(cfg, Mapping) else dict(vars(cfg))
-    return {k: v for k, v in d.items() if k not in _CONFIG_NOISE and not k.startswith("_")}
-
-
-def quantizable_shapes(model: nn.Module) -> dict[str, list[int]]:
-    """Original weight shape of every quantizable layer, whether wrapped, converted or plain."""
-    from mixprec.kernels.layers import KernelLayer
-
-    out: dict[str, list[int]] = {}
-    inner_ids: set[int] = set()
-    for name, mod in model.named_modules():
-        if isinstance(mod, QuantLayer):
-            out[mod.name] = list(mod.inner.weight.shape)
-            inner_ids.add(id(mod.inner))
-        elif isinstance(mod, KernelLayer):
-            s = mod.spec
-            out[s.name] = ([s.out_features, s.in_features, *s.kernel_size] if s.kind == "conv"
-                           else [s.out_features, s.in_features])
-        elif isinstance(mod, QUANTIZABLE_TYPES) and id(mod) not in inner_ids:
-            out[name] = list(mod.weight.shape)
-    return dict(sorted(out.items()))
-
-
-def architecture_fingerprint(model: nn.Module) -> str:
-    """Hash of the model class, its config and the shapes of its quantizable layers."""
-    stored = getattr(model, "_mixprec_arch", None)
-    if stored:
-        return stored
-    return fingerprint({"class": type(model).__name__, "config": _config_dict(model),
-                        "layers": quantizable_shapes(model)})
 
 
 def _describe(info: Mapping[str, Any]) -> str:

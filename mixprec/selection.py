@@ -17,7 +17,10 @@ from typing import Any
 
 import torch
 
+from mixprec import artifacts
+from mixprec.artifacts import PlanFile
 from mixprec.metrics import ssim_torch
+from mixprec.workspace import MissingArtifactError, Workspace
 
 METRICS = ("mse", "ssim", "adherence")
 CHECKERS = ("tiny_shapes",)
@@ -74,10 +77,9 @@ def bits_digest(bits: Mapping[str, Any]) -> str:
 
 
 @dataclass
-class Candidate:
-    path: str
-    header: dict[str, Any]
-    bits: dict[str, Any]
+class Candidate(PlanFile):
+    """A candidate plan with its selection scores."""
+
     scores: dict[str, Any] = field(default_factory=dict)
     duplicate_of: str | None = None
 
@@ -109,3 +111,73 @@ def image_grid(images: torch.Tensor, columns: int = 8):
     for i, tile in enumerate(tiles):
         grid.paste(tile, ((i % cols) * w, (i // cols) * h))
     return grid
+
+
+def load_candidates(ws: Workspace, kind: str, budget: float | None = None) -> list[Candidate]:
+    """Candidate plans of one kind; with ``budget``, only those allocated for it (mean bits or MiB).
+
+    Plans of one budget compete: across budgets the largest plan would always win.
+    """
+    paths = artifacts.plan_paths(ws.root, kind)
+    how = (f"`python run.py stage=allocate stage.kind={kind}` (or the sweep "
+           f"`python run.py -cd sweeps -cn allocate stage.kind={kind}`)")
+    if not paths:
+        raise MissingArtifactError(f"no candidate {kind} plans under {ws.root / artifacts.PLANS_DIR}: run {how} first")
+    out, budgets = [], set()
+    for p in paths:
+        plan = artifacts.read_plan_file(ws, str(p.relative_to(ws.root)))
+        artifacts.check_plan_fingerprints(ws, plan.header, plan.path)
+        value = plan.typed.budget_value
+        budgets.add(value)
+        if budget is None or value == float(budget):
+            out.append(Candidate(plan.path, plan.header, plan.bits))
+    if not out:
+        raise MissingArtifactError(
+            f"no candidate {kind} plans for target {budget:g} (the workspace has targets "
+            f"{sorted(b for b in budgets if b is not None)}): run {how.replace('`(', '` (')} with stage.target={budget:g}, "
+            f"or set stage.{kind}_target to one of those")
+    return out
+
+
+def generate_and_score(sampler, layers, prompts: Sequence[str], seeds: Sequence[int], reference: torch.Tensor | None,
+                       checker: str | None, weight_bits: Mapping[str, Any] | None = None,
+                       act_bits: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, dict[str, Any] | None]:
+    """Set a plan on the quantized layers, generate, and score against ``reference`` (None: no scores).
+
+    The layers keep the plan: callers reset them (``set_plan(layers)``) when they are done.
+    """
+    from mixprec.quantizers import set_plan
+
+    set_plan(layers, weight_bits=weight_bits, act_bits=act_bits)
+    images = sampler.generate(list(prompts), list(seeds)).images
+    scores = image_scores(reference, images, list(prompts), checker) if reference is not None else None
+    return images, scores
+
+
+def image_names(folder: str, pairs: Sequence[tuple[str, int]], slug_limit: int = 60) -> list[str]:
+    """``<folder>/<index>_seed<seed>_<prompt slug>.png`` for each (prompt, seed)."""
+    return [f"{folder}/{i:03d}_seed{seed}_{slug(prompt, slug_limit)}.png" for i, (prompt, seed) in enumerate(pairs)]
+
+
+def save_images(ws: Workspace, names: Sequence[str], images: torch.Tensor,
+                pairs: Sequence[tuple[str, int]] | None = None) -> list[str]:
+    """Write one PNG per image (atomically); with ``pairs``, prompt and seed go into the PNG metadata."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from mixprec.generation import to_pil
+
+    for i, (pil, name) in enumerate(zip(to_pil(images), names)):
+        info = None
+        if pairs is not None:
+            info = PngInfo()
+            info.add_text("prompt", pairs[i][0])
+            info.add_text("seed", str(pairs[i][1]))
+        with ws.atomic_path(name) as tmp:
+            pil.save(tmp, format="PNG", pnginfo=info)
+    return list(names)
+
+
+def save_grid(ws: Workspace, name: str, images: torch.Tensor) -> str:
+    with ws.atomic_path(name) as tmp:
+        image_grid(images).save(tmp, format="PNG")
+    return name

@@ -183,6 +183,17 @@ def per_prompt_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]
     return rows
 
 
+def per_prompt_table(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, dict[int, list[float]]]]]:
+    """``{"weight" | "act": {group: {layer: {bits: [value per prompt]}}}}``: per kind, what
+    :func:`mixprec.allocation.allocate` takes (the same table ``sensitivity_per_prompt.csv`` holds)."""
+    out: dict[str, dict[str, dict[str, dict[int, list[float]]]]] = {
+        kind: {"content": {}, "quality": {}} for kind in ("weight", "act")}
+    for rec in records:
+        kind = "weight" if rec["kind"] == "w" else "act"
+        out[kind][rec["group"]][rec["layer"]] = {int(b): [float(v) for v in vals] for b, vals in rec["values"].items()}
+    return out
+
+
 def mean_table(records: Iterable[Mapping[str, Any]], kind: str, group: str) -> dict[str, dict[int, float]]:
     """layer -> {bits: mean over prompts} for one kind and group, in record order."""
     out: dict[str, dict[int, float]] = {}

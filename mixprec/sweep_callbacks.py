@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+
+from mixprec.artifacts import stage_record  # no torch: the launcher process stays light
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("mixprec")
@@ -62,7 +64,7 @@ class ParetoCallback(Callback):
             self._sweep_dir = None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from mixprec.stages.allocate import log_pareto, write_pareto
+        from mixprec.allocation import log_pareto, write_pareto
         from mixprec.workspace import Workspace
 
         wall = time.perf_counter() - self._start if self._start is not None else None
@@ -74,13 +76,13 @@ class ParetoCallback(Callback):
         for root, job_cfg in _workspaces(config, self._sweep_dir).items():
             fps = None
             try:
-                from mixprec.stages.common import fingerprints
+                from mixprec.context import fingerprints
                 fps = fingerprints(job_cfg)
             except Exception as exc:
                 log.warning("pareto: no fingerprints for %s (%s); collecting every plan there", root, exc)
             ws = Workspace(root, fingerprints=fps)
             summary = write_pareto(ws.root, fps, float(OmegaConf.select(job_cfg, "stage.pareto_size_rtol", default=1e-3)))
-            ws.write_json("allocate_sweep.json", {
+            ws.write_json(stage_record("allocate_sweep"), {
                 "sweep_dir": str(self._sweep_dir) if self._sweep_dir else None,
                 "wall_time_s": round(wall, 3) if wall is not None else None,
                 "candidates": summary["candidates"], "pareto": summary["pareto"],
@@ -89,8 +91,8 @@ class ParetoCallback(Callback):
             log.info("pareto: %d candidates, %d on the front -> %s%s", summary["candidates"], summary["pareto"],
                      summary["csv"], f" (sweep took {wall:.1f} s)" if wall is not None else "")
             if self.log_to_tracking and OmegaConf.select(job_cfg, "tracking.mode", default="disabled") != "disabled":
-                from mixprec.stages.common import tracker
-                with tracker(job_cfg, ws, "pareto", {"sweep_dir": str(self._sweep_dir)}) as track:
+                from mixprec.context import open_tracker
+                with open_tracker(job_cfg, ws, "pareto", {"sweep_dir": str(self._sweep_dir)}) as track:
                     log_pareto(track, summary, ws.root)
                     if wall is not None:
                         track.summary({"sweep_wall_time_s": wall})
@@ -166,39 +168,10 @@ class LocalJobsCallback(Callback):
         log.info("job %s runs on GPU(s) %s", config.hydra.job.num, os.environ["CUDA_VISIBLE_DEVICES"])
 
 
-def shard_status(root: str | os.PathLike, num_shards: int) -> list[dict[str, Any]]:
-    """What the records of each shard of an n-shard sensitivity sweep say, without loading the model.
-
-    ``state`` is ``not run``, ``other settings`` (its header differs from shard 0's), ``incomplete``
-    or ``complete``. The stage's own merge makes the full check (every record belongs to its shard).
-    """
-    from mixprec.sensitivity import RecordFile
-    from mixprec.stages.sensitivity import RECORD_DIR
-
-    root = Path(root)
-    out, first = [], None
-    for i in range(num_shards):
-        header = root / RECORD_DIR / f"shard{i}of{num_shards}.json"
-        row: dict[str, Any] = {"shard": i, "state": "not run", "done": 0, "expected": None}
-        if header.exists():
-            identity = json.loads(header.read_text()).get("identity", {})
-            first = identity if first is None else first
-            records = RecordFile(root / RECORD_DIR / f"shard{i}of{num_shards}.jsonl")
-            row["done"] = len(records.load(repair=False))
-            row["expected"] = len(range(i, int(identity.get("num_tasks", 0)), num_shards))
-            row["duplicates"] = records.lines - row["done"]
-            if identity != first:
-                row["state"] = "other settings"
-            else:
-                row["state"] = "complete" if row["done"] >= row["expected"] and not row["duplicates"] else "incomplete"
-        out.append(row)
-    return out
-
-
 def _record_path(root: Path, job_cfg: DictConfig) -> Path:
     """Where the runner wrote this job's ``<stage>.json`` (the sweeps give each shard its own)."""
     record = OmegaConf.select(job_cfg, "stage.record", default=None) or "sensitivity"
-    return root / f"{record}.json"
+    return root / stage_record(record)
 
 
 class SensitivityMergeCallback(Callback):
@@ -242,6 +215,8 @@ class SensitivityMergeCallback(Callback):
                 wall: float | None, Workspace) -> None:
         from collections import Counter
 
+        from mixprec.shards import shard_status
+
         status = shard_status(root, n)
         launched = Counter(int(j.stage.shard) for j in jobs)
         twice = sorted(i for i, c in launched.items() if c > 1)
@@ -275,7 +250,7 @@ class SensitivityMergeCallback(Callback):
         summary = {"sweep_dir": str(self._sweep_dir), "wall_time_s": round(wall, 3) if wall is not None else None,
                    "num_shards": n, "merged": merged_by is not None, "merged_by": merged_by, "shards": status,
                    "launched_more_than_once": twice, "to_finish": commands}
-        Workspace(root).write_json("sensitivity_sweep.json", summary)
+        Workspace(root).write_json(stage_record("sensitivity_sweep"), summary)
         if twice:
             log.error("sensitivity sweep: shard(s) %s were launched more than once in this sweep; a second run of "
                       "a shard waits for nothing and fails on the shard lock", twice)

@@ -29,6 +29,11 @@ class Tracker:
     def run_dir(self) -> Path | None:
         return Path(self._run.dir).parent if self._run is not None else None
 
+    def update_config(self, values: Mapping[str, Any]) -> None:
+        """Add to the run's config what a stage knows only once it runs (a shard index, a fingerprint)."""
+        if self._run is not None:
+            self._run.config.update(dict(values), allow_val_change=True)
+
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         if self._run is not None:
             self._run.log(dict(metrics), step=step)

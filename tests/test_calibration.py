@@ -5,7 +5,7 @@ from mixprec.calibration import load_params
 from mixprec.metrics import sqnr_db
 from mixprec.quantizers import fake_quant_weight
 from mixprec.runner import run_stage
-from mixprec.stages.common import load_calibrated
+from mixprec.context import load_calibrated
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_calibration_file_round_trips_and_repeats_exactly(calibrated, tmp_path):
 def test_weight_sqnr_of_every_layer_increases_with_bits(calibrated):
     cfg, _ = calibrated
     from mixprec.workspace import Workspace
-    from mixprec.stages.common import fingerprints
+    from mixprec.context import fingerprints
     ws = Workspace(cfg.paths.workspace, fingerprints(cfg))
     bundle = load_calibrated(cfg, ws)
     for name, layer in bundle.layers.items():
@@ -53,7 +53,7 @@ def test_cross_attention_kv_ranges_exclude_bos(calibrated):
     assert kv
     # Recompute the full range over the same calibration with the BOS token included: it is wider.
     from mixprec.workspace import Workspace
-    from mixprec.stages.common import fingerprints, prompt_set
+    from mixprec.context import fingerprints, prompt_set
     bundle = load_calibrated(cfg, Workspace(cfg.paths.workspace, fingerprints(cfg)))
     seen = {}
     hooks = [bundle.layers[n].register_forward_pre_hook(
@@ -70,7 +70,7 @@ def test_cross_attention_kv_ranges_exclude_bos(calibrated):
 def test_missing_bits_and_other_models_are_refused(calibrated, tmp_path):
     from tests.conftest import compose
     from mixprec.workspace import FingerprintMismatchError, Workspace
-    from mixprec.stages.common import fingerprints
+    from mixprec.context import fingerprints
     cfg, out = calibrated
     more_bits = compose([f"paths.outputs={out}", "tracking=disabled", "device=cpu", "model=tiny_random",
                          "quant.weight_bits=[2,3,4,8]"])

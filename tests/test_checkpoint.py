@@ -11,7 +11,8 @@ import torch
 
 from mixprec.checkpoint import CheckpointMismatchError, load_quantized, read_info, save_quantized
 from mixprec.kernels import BackendConfig, KernelLayer, convert_, weight_bytes
-from mixprec.kernels.testing import TINY_UNET, build_unet, calibrate_random, denoiser_inputs
+from mixprec.kernels.probing import calibrate_random, denoiser_inputs
+from mixprec.models.toy import TINY_UNET, build_unet
 from mixprec.quantizers import quant_layers, set_plan
 
 

@@ -9,7 +9,7 @@ from mixprec.models import ModelSpec
 from mixprec.prompts import resolve_prompt_set
 from mixprec.quantizers import quantize_
 from mixprec.runner import run_stage
-from mixprec.stages.common import quant_recipe
+from mixprec.context import quant_recipe
 
 
 def test_model_spec_errors():

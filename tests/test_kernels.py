@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from mixprec.kernels import BackendConfig, KernelLayer, choose_backend, convert_, pack, unpack
 from mixprec.kernels import triton_gemm as tg
-from mixprec.kernels.testing import calibrate_random, sqnr_db, uniform_plan, denoiser_inputs, build_unet
+from mixprec.kernels.probing import calibrate_random, denoiser_inputs, sqnr_db, uniform_plan
+from mixprec.models.toy import build_unet
 from mixprec.quantizers import (LayerQuantParams, QuantLayer, act_qparams, dequantize_weight, fake_quant_weight,
                                 quant_layers, quantize_weight, set_plan, weight_scales)
 

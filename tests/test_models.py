@@ -97,7 +97,7 @@ def test_sd_turbo_structure_runs_the_whole_pipeline(make_cfg, tmp_path):
 def test_full_size_random_weights_are_identified_by_the_device_they_are_drawn_on(make_cfg):
     """The same seed draws other weights on CPU than on CUDA: a workspace calibrated on one must not
     pass for the other."""
-    from mixprec.stages.common import fingerprints
+    from mixprec.context import fingerprints
 
     cpu = fingerprints(make_cfg("model=sdxl_turbo", "model.weights=random"))
     cuda = fingerprints(make_cfg("model=sdxl_turbo", "model.weights=random", "device=cuda:1"))

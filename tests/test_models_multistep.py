@@ -201,7 +201,7 @@ def grouped_workspace(tmp_path_factory):
 
 def test_grouped_calibration_file_round_trips_and_is_used_at_inference(grouped_workspace):
     from tests.conftest import compose
-    from mixprec.stages.common import load_calibrated, workspace
+    from mixprec.context import load_calibrated, workspace
 
     out, base, head = grouped_workspace
     assert head["act_timestep_groups"] == 2
@@ -225,7 +225,7 @@ def test_grouped_calibration_file_round_trips_and_is_used_at_inference(grouped_w
 
 def test_a_calibration_of_another_grouping_is_refused_clearly(grouped_workspace):
     from tests.conftest import compose
-    from mixprec.stages.common import load_calibrated, workspace
+    from mixprec.context import load_calibrated, workspace
 
     out, base, _ = grouped_workspace
     cfg = compose([*[b for b in base if not b.startswith("quant.act_timestep_groups")], "quant.act_timestep_groups=1"])

@@ -53,7 +53,7 @@ def test_tiny_pixart_denoiser_accessor_and_inputs():
 
 
 def test_a_pipeline_without_a_denoiser_is_refused(monkeypatch):
-    import mixprec.models as models
+    import mixprec.models.toy as models
 
     class NoDenoiser:
         pass
@@ -119,7 +119,7 @@ def test_tiny_pixart_benchmark_reference_path(make_cfg, tmp_path):
 def test_quantized_pixart_transformer_roundtrips_through_a_checkpoint(tmp_path):
     from mixprec.checkpoint import load_quantized, save_quantized
     from mixprec.kernels import BackendConfig, convert_
-    from mixprec.kernels.testing import calibrate_random, denoiser_inputs
+    from mixprec.kernels.probing import calibrate_random, denoiser_inputs
     from mixprec.models import build_tiny_pixart_pipeline
     from mixprec.quantizers import set_plan
 

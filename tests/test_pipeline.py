@@ -164,7 +164,7 @@ def _pixels(folder):
 
 
 def test_infer_on_kernel_modules_saves_a_checkpoint_that_generates_without_calibration(pipeline_run, tmp_path):
-    from mixprec.stages.common import QUANT_PARAMS
+    from mixprec.artifacts import QUANT_PARAMS
     from tests.conftest import compose
     out, _ = pipeline_run
     ws = tmp_path / "ws"

@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 
 from mixprec.runner import run_stage
-from mixprec.stages.sensitivity import PER_PROMPT_CSV, PROTECTED_YAML, ShardError, table_name
-from mixprec.sweep_callbacks import shard_status
+from mixprec.artifacts import PER_PROMPT_CSV, PROTECTED_YAML
+from mixprec.artifacts import sensitivity_table as table_name
+from mixprec.shards import ShardError
+from mixprec.shards import shard_status
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = [table_name(k, g) for k in ("w", "a") for g in ("content", "quality")] + [PER_PROMPT_CSV, PROTECTED_YAML]

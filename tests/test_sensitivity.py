@@ -5,7 +5,9 @@ import json
 import pytest
 
 from mixprec.runner import run_stage
-from mixprec.stages.sensitivity import PER_PROMPT_CSV, PROTECTED_YAML, ShardError, table_name
+from mixprec.artifacts import PER_PROMPT_CSV, PROTECTED_YAML
+from mixprec.artifacts import sensitivity_table as table_name
+from mixprec.shards import ShardError
 
 OUTPUTS = [table_name(k, g) for k in ("w", "a") for g in ("content", "quality")] + [PER_PROMPT_CSV, PROTECTED_YAML]
 FAST = ["model=tiny_random", "prompts.sensitivity.n=3", "stage.batch_size=3", "stage.progress=false"]
@@ -110,7 +112,7 @@ def test_rerun_of_a_finished_shard_does_not_load_the_model(reference_run, make_c
 def test_calibration_listing_layers_in_another_order_is_refused(reference_run, make_cfg, tmp_path, monkeypatch):
     _calibrated_copy(reference_run, tmp_path)
     import mixprec.stages.sensitivity as stage
-    from mixprec.stages.common import Calibration
+    from mixprec.context import Calibration
 
     real = stage.read_calibration
 

@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from mixprec.quantizers import QUANTIZABLE_TYPES, QuantLayer, quant_layers
 
+from .architecture import architecture_fingerprint
 from .layers import KernelLayer, storage_bits_for
 
 
@@ -71,6 +72,13 @@ class BackendConfig:
         if unknown:
             raise KeyError(f"unknown kernel options {sorted(unknown)}; known: {sorted(known)}")
         return cls(**cfg)
+
+    @classmethod
+    def merged(cls, recipe: Mapping[str, Any] | None, stage: Mapping[str, Any] | None = None) -> "BackendConfig":
+        """The one merge of kernel options: the recipe's ``quant.kernels``, overridden by ``stage.kernels``
+        (stage=infer and stage=benchmark both run plans through it, so one plan runs the same way in both).
+        A stage option left null keeps the recipe's."""
+        return cls.from_mapping({**(recipe or {}), **{k: v for k, v in (stage or {}).items() if v is not None}})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -241,8 +249,6 @@ def convert_(model: nn.Module, config: BackendConfig | Mapping[str, Any] | None 
     (and/or ``example_kwargs``) the converted model runs once and the report records the
     execution path that each layer actually took for those inputs.
     """
-    from mixprec.checkpoint import architecture_fingerprint  # avoid an import cycle
-
     cfg = config if isinstance(config, BackendConfig) else BackendConfig.from_mapping(config)
     arch = architecture_fingerprint(model)
     layers = quant_layers(model)

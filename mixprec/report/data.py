@@ -7,43 +7,17 @@ with no model at all) build quickly.
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from mixprec import artifacts
+from mixprec.artifacts import FULL_PRECISION_BITS, CensusLayer, PlanFile, read_stage_records  # noqa: F401
+from mixprec.search.program import mean_bits
 
-try:  # the C loader is ~10x faster on 800-layer sensitivity tables and plans
-    from yaml import CSafeLoader as _Loader
-except ImportError:  # pragma: no cover - libyaml missing
-    from yaml import SafeLoader as _Loader
-
-KINDS = {"w": "weight", "a": "act"}
-GROUPS = ("content", "quality")
-FULL_PRECISION_BITS = 16
-# Stage records that describe the run (the report's own record is the report itself).
-STAGE_ORDER = ("inspect", "calibrate", "sensitivity", "allocate", "allocate_weight", "allocate_act", "allocate_sweep",
-               "select", "infer", "evaluate", "benchmark", "pipeline")
-
-
-def _yaml(path: Path) -> Any:
-    return yaml.load(path.read_text(), Loader=_Loader)
-
-
-def _truthy(v: Any) -> bool:
-    return str(v).strip().lower() in ("1", "true", "yes")
-
-
-def _num(v: Any) -> float | None:
-    if v is None or v == "":
-        return None
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
+Layer = CensusLayer  # a census row as the report shows it
+Finals = PlanFile  # a final plan, full-precision layers at 16 bits
 
 
 def flow_phase(block: str) -> int:
@@ -59,33 +33,6 @@ def flow_phase(block: str) -> int:
 
 
 @dataclass
-class Layer:
-    name: str
-    type: str
-    group: str
-    params: int
-    act_elems: int
-    out_channels: int
-    block: str
-    excluded: bool
-    protected: bool
-    depth: int = 0  # position in data-flow order among all census rows
-
-    @property
-    def role(self) -> str:
-        """The layer's name inside its block with indices wildcarded: ``attentions.*.transformer_blocks.*.attn2.to_k``."""
-        rest = self.name[len(self.block):].lstrip(".") if self.name.startswith(self.block) else self.name
-        return ".".join("*" if p.isdigit() else p for p in rest.split(".")) or self.type
-
-
-@dataclass
-class Finals:
-    path: str
-    header: dict[str, Any]
-    bits: dict[str, int]
-
-
-@dataclass
 class Source:
     """What a section's numbers were computed from; ``stale`` says why they no longer describe the workspace."""
 
@@ -97,7 +44,7 @@ class Source:
     def describe(self) -> str:
         parts = [f"{k} fingerprint {v}" for k, v in self.fingerprints.items()]
         parts += [f"final plans {self.plans_digest}"] if self.plans_digest else []
-        return f"source: {self.record}.json" + (f" ({'; '.join(parts)})" if parts else "")
+        return f"source: {artifacts.stage_record(self.record)}" + (f" ({'; '.join(parts)})" if parts else "")
 
 
 @dataclass
@@ -189,125 +136,26 @@ class WorkspaceData:
 
 # ------------------------------------------------------------------ readers
 
-def read_stage_records(root: Path) -> dict[str, dict[str, Any]]:
-    out = {}
-    for p in sorted(root.glob("*.json")):
-        try:
-            rec = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(rec, dict) and "wall_time_s" in rec and rec.get("stage") != "report":
-            out[p.stem] = rec
-    order = {s: i for i, s in enumerate(STAGE_ORDER)}
-    return dict(sorted(out.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
-
-
 def read_layers(path: Path, protected: Sequence[str] = ()) -> list[Layer]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    prot = set(protected)
-    layers = []
-    for r in rows:
-        block = r.get("block") or r["name"].split(".")[0]
-        layers.append(Layer(name=r["name"], type=r.get("type", ""), group=r.get("group", "quality"),
-                            params=int(r.get("params") or 0), act_elems=int(r.get("act_elems") or 0),
-                            out_channels=int(r.get("out_channels") or 0), block=block,
-                            excluded=_truthy(r.get("excluded", False)),
-                            protected=_truthy(r.get("protected", False)) or r["name"] in prot))
-    # stable: module order within a phase
+    """The census in data-flow order (stable: module order within a phase), with depths."""
+    layers = artifacts.read_layers(path, protected)
     order = sorted(range(len(layers)), key=lambda i: (flow_phase(layers[i].block), i))
     layers = [layers[i] for i in order]
-    for d, l in enumerate(layers):
-        l.depth = d
+    for d, layer in enumerate(layers):
+        layer.depth = d
     return layers
-
-
-def _clean_table(raw: Mapping[str, Mapping[Any, Any]] | None) -> dict[str, dict[int, float]]:
-    out = {}
-    for layer, per_bits in (raw or {}).items():
-        out[str(layer)] = {int(b): float(v) for b, v in (per_bits or {}).items() if _num(v) is not None}
-    return out
-
-
-def read_sensitivity(root: Path) -> tuple[dict[tuple[str, str], dict[str, dict[int, float]]], str | None]:
-    """Mean tables from ``sensitivity_{w,a}_{group}.yaml``; else means of ``sensitivity_per_prompt.csv``."""
-    tables = {}
-    for k in KINDS:
-        for g in GROUPS:
-            p = root / f"sensitivity_{k}_{g}.yaml"
-            if p.exists():
-                t = _clean_table(_yaml(p))
-                if t:
-                    tables[(k, g)] = t
-    if tables:
-        return tables, "sensitivity_{w,a}_{content,quality}.yaml"
-    p = root / "sensitivity_per_prompt.csv"
-    if not p.exists():
-        return {}, None
-    sums: dict[tuple[str, str, str, int], list[float]] = {}
-    with open(p, newline="") as f:
-        for r in csv.DictReader(f):
-            sums.setdefault((r["kind"], r["group"], r["layer"], int(r["bits"])), []).append(float(r["value"]))
-    for (k, g, layer, b), vals in sums.items():
-        k = {"weight": "w", "act": "a"}.get(k, k)
-        tables.setdefault((k, g), {}).setdefault(layer, {})[b] = sum(vals) / len(vals)
-    return tables, "sensitivity_per_prompt.csv (means over prompts)"
 
 
 def read_candidates(root: Path) -> list[dict[str, Any]]:
     """Candidate plans with their Pareto mark: ``pareto.csv`` when it lists every plan, else recomputed."""
-    from mixprec.search import pareto_front
-    from mixprec.stages.allocate import collect_candidates
+    from mixprec.allocation import mark_front
 
-    n_plans = sum(1 for _ in (root / "plans").glob("*/seed*.yaml")) if (root / "plans").is_dir() else 0
-    rows: list[dict[str, Any]] = []
-    p = root / "pareto.csv"
-    if p.exists():
-        with open(p, newline="") as f:
-            rows = list(csv.DictReader(f))
+    n_plans = len(artifacts.plan_paths(root))
+    rows = artifacts.read_pareto_csv(root)
     if n_plans and len(rows) != n_plans:
         # a single-candidate allocate job adds plans without refreshing pareto.csv
-        fresh = collect_candidates(root)
-        rows = []
-        for kind in sorted({r["kind"] for r in fresh}):
-            rows += pareto_front([r for r in fresh if r["kind"] == kind], size_key="mib", objective_key="score",
-                                 size_rtol=1e-3)
-    out = []
-    for r in rows:
-        d = dict(r)
-        for key in ("target", "K", "mean_bits_content", "mean_bits_quality", "mean_bits_overall", "mib", "score",
-                    "objective"):
-            d[key] = _num(r.get(key))
-        d["seed"] = int(float(r["seed"])) if r.get("seed") not in (None, "") else 0
-        d["pareto"] = _truthy(r.get("pareto"))
-        out.append(d)
-    return out
-
-
-def read_selection(root: Path) -> list[dict[str, Any]]:
-    p = root / "select_candidates.csv"
-    if not p.exists():
-        return []
-    with open(p, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        for key in ("rank", "target", "K", "seed", "mean_bits", "mib", "mse", "ssim", "psnr_db", "adherence"):
-            r[key] = _num(r.get(key))
+        rows = [artifacts.typed_candidate_row(r) for r in mark_front(artifacts.collect_candidates(root))]
     return rows
-
-
-def read_final(path: Path) -> Finals:
-    data = _yaml(path) or {}
-    bits = {str(k): int(v) if v is not None else FULL_PRECISION_BITS for k, v in (data.get("bits") or {}).items()}
-    return Finals(path=path.name, header=dict(data.get("header") or {}), bits=bits)
-
-
-def _headline(root: Path, name: str) -> dict[str, Any] | None:
-    p = root / name
-    if not p.exists():
-        return None
-    rec = json.loads(p.read_text())
-    return rec.get("headline", rec) if isinstance(rec, dict) else {"value": rec}
 
 
 def load_workspace(root: str | Path) -> WorkspaceData:
@@ -317,33 +165,26 @@ def load_workspace(root: str | Path) -> WorkspaceData:
                                 f"pointing at a folder that a mixprec stage wrote")
     d = WorkspaceData(root=root)
     d.stages = read_stage_records(root)
-    if (root / "protected_layers.yaml").exists():
-        d.protected = [str(n) for n in (_yaml(root / "protected_layers.yaml") or [])]
-    if (root / "layers.csv").exists():
-        d.layers = read_layers(root / "layers.csv", d.protected)
-    d.sensitivity, d.sensitivity_source = read_sensitivity(root)
-    from mixprec.search import natural_key, plans_digest, read_plan
+    if (root / artifacts.PROTECTED_YAML).exists():
+        d.protected = [str(n) for n in (artifacts._yaml(root / artifacts.PROTECTED_YAML) or [])]
+    if (root / artifacts.LAYERS_CSV).exists():
+        d.layers = read_layers(root / artifacts.LAYERS_CSV, d.protected)
+    d.sensitivity, d.sensitivity_source = artifacts.read_sensitivity_tables(root)
+    from mixprec.search import natural_key, plans_digest
 
     d.candidates = sorted(read_candidates(root), key=lambda r: (r["kind"] != "weight", natural_key(str(r["path"]))))
-    d.selection = read_selection(root)
-    raw_finals = {}
-    for kind, name in (("weight", "final_weight_mp.yaml"), ("act", "final_act_mp.yaml")):
-        if (root / name).exists():
-            d.finals[kind] = read_final(root / name)
-            raw_finals[kind] = read_plan(root / name)
+    d.selection = artifacts.read_selection(root)
+    raw_finals = artifacts.read_final_plans(root)  # bits as stored (null: full precision)
+    d.finals = {k: Finals(f.path, f.header, f.bits_or_full()) for k, f in raw_finals.items()}
     d.plans_digest = plans_digest(raw_finals) if raw_finals else None
-    d.infer = _headline(root, "infer.json")
-    d.evaluate = _headline(root, "evaluate.json")
-    if (root / "evaluate.md").exists():
-        d.evaluate_md = (root / "evaluate.md").read_text()
-    d.benchmark = _headline(root, "benchmark.json")
-    gen = root / "generated_images"
-    if gen.is_dir():
-        for p in sorted(gen.glob("*.png")):
-            fp = gen / "full_precision" / p.name
-            d.generated.append((str(p.relative_to(root)), str(fp.relative_to(root)) if fp.exists() else None))
-    if (root / "select" / "full_precision.png").exists():
-        d.select_reference = "select/full_precision.png"
+    d.infer = artifacts.read_headline(root, "infer")
+    d.evaluate = artifacts.read_headline(root, "evaluate")
+    if (root / artifacts.EVALUATE_MD).exists():
+        d.evaluate_md = (root / artifacts.EVALUATE_MD).read_text()
+    d.benchmark = artifacts.read_headline(root, "benchmark")
+    d.generated = artifacts.generated_image_pairs(root)
+    if (root / artifacts.SELECT_GRIDS_DIR / "full_precision.png").exists():
+        d.select_reference = f"{artifacts.SELECT_GRIDS_DIR}/full_precision.png"
     return d
 
 
@@ -378,12 +219,6 @@ def roles_of_block(layers: Sequence[Layer], block: str) -> list[dict[str, Any]]:
         r["params"] += l.params
         r["act_elems"] += l.act_elems
     return list(rows.values())
-
-
-def mean_bits(bits: Mapping[str, int], sizes: Mapping[str, int], include_fp: bool = False) -> float | None:
-    items = [(sizes.get(n, 0), b) for n, b in bits.items() if include_fp or b < FULL_PRECISION_BITS]
-    total = sum(s for s, _ in items)
-    return sum(s * b for s, b in items) / total if total else None
 
 
 def allocation_by_block(layers: Sequence[Layer], bits: Mapping[str, int], size_attr: str) -> list[dict[str, Any]]:

@@ -377,7 +377,7 @@ def allocation_section(d: WorkspaceData, figs: Mapping[str, bytes | None]) -> st
     for kind, f in d.finals.items():
         h = f.header
         mb = h.get("achieved_mean_bits") or {}
-        rows.append([kind, f.path, h.get("selected_from"), h.get("target"), h.get("K"), h.get("seed"),
+        rows.append([kind, f.path, h.get("selected_from"), f.typed.budget_value, h.get("K"), h.get("seed"),
                      mb.get("content"), mb.get("quality"), mb.get("overall"), h.get("mib"), h.get("score"),
                      ", ".join(f"{k} {fmt(v)}" for k, v in (h.get("selection_scores") or {}).items())])
     parts.append(table(["kind", "file", "selected from", "target", "K", "seed", "mean bits content", "quality",

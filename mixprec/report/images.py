@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mixprec.artifacts import REPORT_IMAGES_DIR as IMAGES_DIR
+from mixprec.artifacts import PlanHeader
+from mixprec.artifacts import REPORT_MANIFEST as MANIFEST
+
 from .data import FULL_PRECISION_BITS, Finals, Layer, mean_bits
 
 log = logging.getLogger("mixprec")
-
-IMAGES_DIR = "report/images"
-MANIFEST = "report/images.json"
 
 
 @dataclass
@@ -40,9 +41,10 @@ class Variant:
 
 
 def uniform_width(header: Mapping[str, Any]) -> int:
-    target = header.get("target") if header.get("budget", "mean_bits") == "mean_bits" else None
+    h = PlanHeader(header)
+    target = h.budget_value if h.budget is not None and h.budget.unit == "mean_bits" else None
     if target is None:
-        target = (header.get("achieved_mean_bits") or {}).get("overall")
+        target = h.mean_bits
     if target is None:
         raise ValueError("plan header has neither a mean-bit target nor achieved mean bits")
     return int(min(8, max(2, math.floor(float(target) + 1e-9))))
@@ -125,28 +127,22 @@ def generate(bundle, ws, vs: Sequence[Variant], pairs: Sequence[tuple[str, int]]
              key: str) -> dict[str, Any]:
     """Generate every variant's images, score them against full precision, write them and the manifest."""
     from mixprec.calibration import extend_params
-    from mixprec.generation import to_pil
     from mixprec.quantizers import set_plan
-    from mixprec.selection import image_scores, slug
+    from mixprec.selection import generate_and_score, image_names, image_scores, save_images
 
     prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
     wb = sorted({b for v in vs for b in (v.weight_bits or {}).values() if b < FULL_PRECISION_BITS})
     ab = sorted({b for v in vs for b in (v.act_bits or {}).values() if b < FULL_PRECISION_BITS})
-    extend_params(bundle.layers, wb, ab, weight_clip=str(bundle.quant.get("weight_clip", "minmax")))
+    extend_params(bundle.layers, wb, ab, weight_clip=bundle.quant.weight_clip)
     entries, reference = [], None
     try:
         for v in vs:
-            set_plan(bundle.layers, weight_bits=v.weight_bits, act_bits=v.act_bits)
-            images = bundle.sampler.generate(prompts, seeds).images
+            images, _ = generate_and_score(bundle.sampler, bundle.layers, prompts, seeds, None, None,
+                                           v.weight_bits, v.act_bits)
             if reference is None:
                 reference = images
             scores = image_scores(reference, images, prompts, bundle.spec.checker)
-            files = []
-            for i, (pil, (prompt, seed)) in enumerate(zip(to_pil(images), pairs)):
-                name = f"{IMAGES_DIR}/{v.key}/{i:03d}_seed{seed}_{slug(prompt, 40)}.png"
-                with ws.atomic_path(name) as tmp:
-                    pil.save(tmp, format="PNG")
-                files.append(name)
+            files = save_images(ws, image_names(f"{IMAGES_DIR}/{v.key}", pairs, slug_limit=40), images)
             entry = {"key": v.key, "label": v.label, "kind": v.kind, "description": v.description,
                      "digest": _digest(v), "files": files, **describe(v, layers)}
             if v.kind != "reference":

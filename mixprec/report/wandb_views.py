@@ -73,17 +73,18 @@ def _log_sources(track, d: WorkspaceData, summary: dict[str, Any]) -> None:
     summary["report/stale"] = ",".join(s.record for s in sources if s.stale) or "none"
 
 
-def log_report(track, d: WorkspaceData, figures: Mapping[str, bytes | None], manifest: Mapping[str, Any] | None,
-               report_path: Path) -> dict[str, Any]:
-    """Log every view; returns the summary it set (also when tracking is disabled, for the stage record)."""
-    summary: dict[str, Any] = {}
+def _log_census(track, d: WorkspaceData, summary: dict[str, Any]) -> None:
+    if not d.layers:
+        return
+    rows = census_by_block(d.layers)
+    cols = list(rows[0])
+    track.log_table("census/by_block", cols, [[r[c] for c in cols] for r in rows])
+    summary["census/layers"] = sum(not l.excluded for l in d.layers)
+
+
+def _log_sensitivity(track, d: WorkspaceData) -> None:
     if track.enabled:
         import wandb
-    if d.layers:
-        rows = census_by_block(d.layers)
-        cols = list(rows[0])
-        track.log_table("census/by_block", cols, [[r[c] for c in cols] for r in rows])
-        summary["census/layers"] = sum(not l.excluded for l in d.layers)
     depth = {l.name: i for i, l in enumerate(d.quantizable)}
     block = {l.name: l.block for l in d.layers}
     for (k, g), t in sorted(d.sensitivity.items()):
@@ -97,83 +98,95 @@ def log_report(track, d: WorkspaceData, figures: Mapping[str, bytes | None], man
             track.log({f"sensitivity/{k}_{g}_by_depth": wandb.plot.line_series(
                 xs=xs, ys=ys, keys=[f"{'W' if k == 'w' else 'A'}{b}" for b in bits],
                 title=f"{'weight' if k == 'w' else 'activation'} sensitivity, {g} layers", xname="depth")})
-    if d.candidates:
-        chosen = d.chosen_paths()
-        sel = {r["path"]: r for r in d.selection}
-        grids = {}
-        for r in d.selection:  # duplicates point at the grid of the plan generated first
-            if r.get("grid") and (d.root / r["grid"]).exists():
-                grids[r["path"]] = r["grid"]
-        cols = ["kind", "plan", "target", "K", "seed", "mean_bits", "mib", "score", "pareto", "selected",
-                "select_rank", "select_mse", "select_ssim", "images"]
-        rows = []
-        for c in d.candidates[:MAX_TABLE_ROWS]:
-            s = sel.get(c["path"], {})
-            img = _open(d.root / grids[c["path"]]) if c["path"] in grids else None
-            rows.append([c["kind"], c["path"], c["target"], c["K"], c["seed"], c["mean_bits_overall"], c["mib"],
-                         c["score"], bool(c["pareto"]), c["path"] in chosen.values(), s.get("rank"), s.get("mse"),
-                         s.get("ssim"), img])
-        track.log_table("candidates", cols, rows)
-        for kind in ("weight", "act"):
-            pts = [c for c in d.candidates if c["kind"] == kind and c["mib"] is not None and c["score"] is not None]
-            if not pts:
-                continue
-            summary[f"pareto/{kind}_candidates"] = len(pts)
-            summary[f"pareto/{kind}_front"] = sum(c["pareto"] for c in pts)
-            summary[f"pareto/{kind}_best_score"] = max(c["score"] for c in pts)
-            for t in sorted({c["target"] for c in pts if c["target"] is not None}):
-                summary[f"pareto/{kind}_best_score@{t:g}"] = max(c["score"] for c in pts if c["target"] == t)
-            if track.enabled:
-                table = wandb.Table(columns=["mib", "score", "K", "seed", "target", "pareto", "selected", "plan"],
-                                    data=[[c["mib"], c["score"], c["K"], c["seed"], c["target"], bool(c["pareto"]),
-                                           c["path"] in chosen.values(), c["path"]] for c in pts])
-                track.log({f"pareto/{kind}": wandb.plot.scatter(table, "mib", "score",
-                                                                title=f"{kind} candidates: MiB vs score")})
-    if d.finals and d.layers:
-        rows = []
-        for kind, f in d.finals.items():
-            attr = "params" if kind == "weight" else "act_elems"
-            for r in allocation_by_block(d.layers, f.bits, attr):
-                share = {b: s / r["size"] if r["size"] else 0.0 for b, s in r["by_bits"].items()}
-                rows.append([kind, r["block"], sum(r["layers_by_bits"].values()), r["mean_bits"]] +
-                            [share.get(b, 0.0) for b in (2, 4, 8, FULL_PRECISION_BITS)])
-            h = f.header
-            summary[f"final/{kind}_mean_bits"] = (h.get("achieved_mean_bits") or {}).get("overall")
-            summary[f"final/{kind}_mib"] = h.get("mib")
-            summary[f"final/{kind}_score"] = h.get("score")
-            for k, v in (h.get("selection_scores") or {}).items():
-                summary[f"final/{kind}_select_{k}"] = v
-        track.log_table("allocation/by_block", ["kind", "block", "layers", "mean_bits", "share_2", "share_4",
-                                                "share_8", "share_fp"], rows)
-        track.log_artifact("final_plans", "plan", [d.root / f.path for f in d.finals.values()])
-    if d.infer:
-        for k in ("psnr_db", "ssim", "adherence", "adherence_full_precision"):
-            if isinstance(d.infer.get(k), (int, float)):
-                summary[f"infer/{k}"] = d.infer[k]
-    _log_sources(track, d, summary)
-    if manifest and manifest.get("variants"):
-        vs = manifest["variants"]
-        pairs = manifest["prompts"]
-        loaded = {v["key"]: [_open(d.root / f) for f in v["files"]] for v in vs}
-        cols = ["prompt", "seed"] + [v["label"] for v in vs] + [f"psnr_db {v['label']}" for v in vs[1:]]
-        rows = []
-        for i, (prompt, seed) in enumerate(pairs):
-            rows.append([prompt, seed] + [loaded[v["key"]][i] for v in vs] +
-                        [_clean(((v.get("per_image") or {}).get("psnr_db") or [None] * len(pairs))[i]) for v in vs[1:]])
-        track.log_table("images/by_prompt", cols, rows)
-        vrows = []
-        for v in vs:
-            s = v.get("scores") or {}
-            vrows.append([v["label"], v["kind"], v["description"], v.get("weight_mean_bits"), v.get("act_mean_bits"),
-                          v.get("weight_mib"), _clean(s.get("psnr_db")), s.get("ssim"), s.get("adherence"),
-                          _strip(loaded[v["key"]])])
-            for k, val in s.items():
-                if isinstance(val, (int, float)):
-                    summary[f"images/{v['key']}_{k}"] = val
-        track.log_table("images/by_variant", ["variant", "kind", "plan", "weight_mean_bits", "act_mean_bits",
-                                              "weight_mib", "psnr_db", "ssim", "adherence", "images"], vrows)
-        for v in vs:
-            track.log_images(f"images/{v['key']}", loaded[v["key"]], [p for p, _ in pairs])
+
+
+def _log_candidates(track, d: WorkspaceData, summary: dict[str, Any]) -> None:
+    if track.enabled:
+        import wandb
+    if not d.candidates:
+        return
+    chosen = d.chosen_paths()
+    sel = {r["path"]: r for r in d.selection}
+    grids = {}
+    for r in d.selection:  # duplicates point at the grid of the plan generated first
+        if r.get("grid") and (d.root / r["grid"]).exists():
+            grids[r["path"]] = r["grid"]
+    cols = ["kind", "plan", "target", "K", "seed", "mean_bits", "mib", "score", "pareto", "selected",
+            "select_rank", "select_mse", "select_ssim", "images"]
+    rows = []
+    for c in d.candidates[:MAX_TABLE_ROWS]:
+        s = sel.get(c["path"], {})
+        img = _open(d.root / grids[c["path"]]) if c["path"] in grids else None
+        rows.append([c["kind"], c["path"], c["target"], c["K"], c["seed"], c["mean_bits_overall"], c["mib"],
+                     c["score"], bool(c["pareto"]), c["path"] in chosen.values(), s.get("rank"), s.get("mse"),
+                     s.get("ssim"), img])
+    track.log_table("candidates", cols, rows)
+    for kind in ("weight", "act"):
+        pts = [c for c in d.candidates if c["kind"] == kind and c["mib"] is not None and c["score"] is not None]
+        if not pts:
+            continue
+        summary[f"pareto/{kind}_candidates"] = len(pts)
+        summary[f"pareto/{kind}_front"] = sum(c["pareto"] for c in pts)
+        summary[f"pareto/{kind}_best_score"] = max(c["score"] for c in pts)
+        for t in sorted({c["target"] for c in pts if c["target"] is not None}):
+            summary[f"pareto/{kind}_best_score@{t:g}"] = max(c["score"] for c in pts if c["target"] == t)
+        if track.enabled:
+            table = wandb.Table(columns=["mib", "score", "K", "seed", "target", "pareto", "selected", "plan"],
+                                data=[[c["mib"], c["score"], c["K"], c["seed"], c["target"], bool(c["pareto"]),
+                                       c["path"] in chosen.values(), c["path"]] for c in pts])
+            track.log({f"pareto/{kind}": wandb.plot.scatter(table, "mib", "score",
+                                                            title=f"{kind} candidates: MiB vs score")})
+
+
+def _log_finals(track, d: WorkspaceData, summary: dict[str, Any]) -> None:
+    if not (d.finals and d.layers):
+        return
+    rows = []
+    for kind, f in d.finals.items():
+        attr = "params" if kind == "weight" else "act_elems"
+        for r in allocation_by_block(d.layers, f.bits, attr):
+            share = {b: s / r["size"] if r["size"] else 0.0 for b, s in r["by_bits"].items()}
+            rows.append([kind, r["block"], sum(r["layers_by_bits"].values()), r["mean_bits"]] +
+                        [share.get(b, 0.0) for b in (2, 4, 8, FULL_PRECISION_BITS)])
+        h = f.header
+        summary[f"final/{kind}_mean_bits"] = (h.get("achieved_mean_bits") or {}).get("overall")
+        summary[f"final/{kind}_mib"] = h.get("mib")
+        summary[f"final/{kind}_score"] = h.get("score")
+        for k, v in (h.get("selection_scores") or {}).items():
+            summary[f"final/{kind}_select_{k}"] = v
+    track.log_table("allocation/by_block", ["kind", "block", "layers", "mean_bits", "share_2", "share_4",
+                                            "share_8", "share_fp"], rows)
+    track.log_artifact("final_plans", "plan", [d.root / f.path for f in d.finals.values()])
+
+
+def _log_images(track, d: WorkspaceData, manifest: Mapping[str, Any] | None, summary: dict[str, Any]) -> None:
+    if not (manifest and manifest.get("variants")):
+        return
+    vs = manifest["variants"]
+    pairs = manifest["prompts"]
+    loaded = {v["key"]: [_open(d.root / f) for f in v["files"]] for v in vs}
+    cols = ["prompt", "seed"] + [v["label"] for v in vs] + [f"psnr_db {v['label']}" for v in vs[1:]]
+    rows = []
+    for i, (prompt, seed) in enumerate(pairs):
+        rows.append([prompt, seed] + [loaded[v["key"]][i] for v in vs] +
+                    [_clean(((v.get("per_image") or {}).get("psnr_db") or [None] * len(pairs))[i]) for v in vs[1:]])
+    track.log_table("images/by_prompt", cols, rows)
+    vrows = []
+    for v in vs:
+        s = v.get("scores") or {}
+        vrows.append([v["label"], v["kind"], v["description"], v.get("weight_mean_bits"), v.get("act_mean_bits"),
+                      v.get("weight_mib"), _clean(s.get("psnr_db")), s.get("ssim"), s.get("adherence"),
+                      _strip(loaded[v["key"]])])
+        for k, val in s.items():
+            if isinstance(val, (int, float)):
+                summary[f"images/{v['key']}_{k}"] = val
+    track.log_table("images/by_variant", ["variant", "kind", "plan", "weight_mean_bits", "act_mean_bits",
+                                          "weight_mib", "psnr_db", "ssim", "adherence", "images"], vrows)
+    for v in vs:
+        track.log_images(f"images/{v['key']}", loaded[v["key"]], [p for p, _ in pairs])
+
+
+def _log_evaluate_and_benchmark(track, d: WorkspaceData) -> None:
     if d.evaluate and isinstance(d.evaluate.get("rows"), list):
         rows = [r for r in d.evaluate["rows"] if isinstance(r, Mapping) and isinstance(r.get("scores"), Mapping)]
         keys = ["adherence", "ssim", "psnr_db"]
@@ -187,6 +200,23 @@ def log_report(track, d: WorkspaceData, figures: Mapping[str, bytes | None], man
         flat = _flatten(d.benchmark)
         track.log_table("benchmark", ["key", "value"], [[k, json.dumps(v) if not isinstance(v, str) else v]
                                                         for k, v in flat])
+
+
+def log_report(track, d: WorkspaceData, figures: Mapping[str, bytes | None], manifest: Mapping[str, Any] | None,
+               report_path: Path) -> dict[str, Any]:
+    """Log every view; returns the summary it set (also when tracking is disabled, for the stage record)."""
+    summary: dict[str, Any] = {}
+    _log_census(track, d, summary)
+    _log_sensitivity(track, d)
+    _log_candidates(track, d, summary)
+    _log_finals(track, d, summary)
+    if d.infer:
+        for k in ("psnr_db", "ssim", "adherence", "adherence_full_precision"):
+            if isinstance(d.infer.get(k), (int, float)):
+                summary[f"infer/{k}"] = d.infer[k]
+    _log_sources(track, d, summary)
+    _log_images(track, d, manifest, summary)
+    _log_evaluate_and_benchmark(track, d)
     for name, png in figures.items():
         if png:
             track.log_images(f"charts/{name}", [_pil(png)], [name])

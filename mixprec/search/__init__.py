@@ -24,6 +24,7 @@ from .program import (
     SolverError,
     group_weights,
     layer_bytes,
+    mean_bits,
     normalized_tables,
     plan_bytes,
     plan_objective,
@@ -37,8 +38,9 @@ from .program import (
 __all__ = [
     "GROUPS", "MIB", "PROTECTED_BITS", "SOLVERS", "AllocationError", "InfeasibleBudgetError",
     "PlanVerificationError", "SensitivityError", "Solution", "SolverError", "Plan", "atomic_write_text",
-    "bootstrap_metric", "group_weights", "layer_bytes", "natural_key", "normalized_tables", "pareto_front",
-    "plan_bytes", "plan_dirname", "plan_objective", "plan_to_yaml", "plans_digest", "plot_pareto", "reachable_mean",
+    "bootstrap_metric", "group_weights", "layer_bytes", "mean_bits", "natural_key", "normalized_tables",
+    "pareto_front", "plan_bytes", "plan_dirname", "plan_objective", "plan_to_yaml", "plans_digest", "plot_pareto",
+    "reachable_mean",
     "read_plan", "resample_indices", "solve_bytes", "solve_group", "solve_mean_bits", "split_target",
     "write_pareto_csv", "write_plan",
 ]

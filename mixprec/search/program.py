@@ -151,9 +151,21 @@ def _check_sizes(sizes: Mapping[str, int], layers: Sequence[str], what: str) -> 
     return out
 
 
+def mean_bits(bits: Mapping[str, int], sizes: Mapping[str, int], include_full_precision: bool = False,
+              full_precision_bits: int = PROTECTED_BITS) -> float | None:
+    """Size-weighted mean bit-width of a plan: the one definition (plan headers, report, evaluate).
+
+    Full-precision layers (``full_precision_bits`` and above) are left out unless
+    ``include_full_precision``; layers without a size count 0; None when nothing has a size.
+    """
+    items = [(sizes.get(n, 0), b) for n, b in bits.items() if include_full_precision or b < full_precision_bits]
+    total = sum(s for s, _ in items)
+    return sum(s * b for s, b in items) / total if total else None
+
+
 def _mean(bits: Mapping[str, int], sizes: Mapping[str, int]) -> float:
-    total = sum(sizes[l] for l in bits)
-    return sum(sizes[l] * b for l, b in bits.items()) / total if total else float("nan")
+    m = mean_bits(bits, sizes)
+    return float("nan") if m is None else m
 
 
 # ---------------------------------------------------------------------------- target split

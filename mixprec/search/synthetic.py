@@ -46,94 +46,108 @@ def _group(name: str) -> str:
     return "content" if any(p in CONTENT_PATTERNS for p in parts) else "quality"
 
 
+class _SdxlCensus:
+    """Appends SDXL UNet layers to ``rows`` in diffusers' module order, with one image's sizes."""
+
+    def __init__(self, cfg: dict, text_tokens: int) -> None:
+        self.cfg, self.text_tokens = cfg, text_tokens
+        self.ctx = int(cfg["cross_attention_dim"])
+        self.temb = list(cfg["block_out_channels"])[0] * 4
+        self.rows: list[CensusRow] = []
+
+    def lin(self, name: str, fin: int, fout: int, tokens: int, bias: bool = True) -> None:
+        self.rows.append(CensusRow(name, "Linear", _group(name), fin * fout + (fout if bias else 0), tokens * fin,
+                                   fout, fin))
+
+    def conv(self, name: str, cin: int, cout: int, k: int, side: int) -> None:
+        self.rows.append(CensusRow(name, "Conv2d", _group(name), cin * cout * k * k + cout, cin * side * side, cout,
+                                   cin * k * k, f"{k}x{k}"))
+
+    def resnet(self, prefix: str, cin: int, cout: int, side: int) -> None:
+        self.conv(f"{prefix}.conv1", cin, cout, 3, side)
+        self.lin(f"{prefix}.time_emb_proj", self.temb, cout, 1)
+        self.conv(f"{prefix}.conv2", cout, cout, 3, side)
+        if cin != cout:
+            self.conv(f"{prefix}.conv_shortcut", cin, cout, 1, side)
+
+    def transformer(self, prefix: str, c: int, n: int, side: int) -> None:
+        t = side * side
+        self.lin(f"{prefix}.proj_in", c, c, t)
+        for i in range(n):
+            b = f"{prefix}.transformer_blocks.{i}"
+            for a in ("attn1", "attn2"):
+                self.lin(f"{b}.{a}.to_q", c, c, t, bias=False)
+                kv_in, kv_t = (c, t) if a == "attn1" else (self.ctx, self.text_tokens)
+                self.lin(f"{b}.{a}.to_k", kv_in, c, kv_t, bias=False)
+                self.lin(f"{b}.{a}.to_v", kv_in, c, kv_t, bias=False)
+                self.lin(f"{b}.{a}.to_out.0", c, c, t)
+            self.lin(f"{b}.ff.net.0.proj", c, 8 * c, t)  # GEGLU: value and gate in one projection
+            self.lin(f"{b}.ff.net.2", 4 * c, c, t)
+        self.lin(f"{prefix}.proj_out", c, c, t)
+
+    def down_path(self, side: int) -> tuple[int, list[int]]:
+        """The down blocks; returns the side they end at and the skip channels, in push order."""
+        cfg = self.cfg
+        ch, depth, per_block = list(cfg["block_out_channels"]), list(cfg["transformer_layers_per_block"]), \
+            int(cfg["layers_per_block"])
+        skips = [ch[0]]
+        cin = ch[0]
+        for bi, btype in enumerate(cfg["down_block_types"]):
+            cout = ch[bi]
+            # diffusers registers a block's attentions before its resnets: keep module order
+            if btype.startswith("CrossAttn"):
+                for j in range(per_block):
+                    self.transformer(f"down_blocks.{bi}.attentions.{j}", cout, depth[bi], side)
+            for j in range(per_block):
+                self.resnet(f"down_blocks.{bi}.resnets.{j}", cin if j == 0 else cout, cout, side)
+                skips.append(cout)
+            if bi < len(ch) - 1:
+                self.conv(f"down_blocks.{bi}.downsamplers.0.conv", cout, cout, 3, side)
+                side //= 2
+                skips.append(cout)
+            cin = cout
+        return side, skips
+
+    def up_path(self, side: int, skips: list[int]) -> None:
+        cfg = self.cfg
+        ch, per_block = list(cfg["block_out_channels"]), int(cfg["layers_per_block"])
+        rch, rdepth = ch[::-1], list(cfg["transformer_layers_per_block"])[::-1]
+        prev = rch[0]
+        for bi, btype in enumerate(cfg["up_block_types"]):
+            cout = rch[bi]
+            if btype.startswith("CrossAttn"):
+                for j in range(per_block + 1):
+                    self.transformer(f"up_blocks.{bi}.attentions.{j}", cout, rdepth[bi], side)
+            for j in range(per_block + 1):
+                skip = skips.pop()
+                self.resnet(f"up_blocks.{bi}.resnets.{j}", (prev if j == 0 else cout) + skip, cout, side)
+            if bi < len(ch) - 1:
+                side *= 2
+                self.conv(f"up_blocks.{bi}.upsamplers.0.conv", cout, cout, 3, side)
+            prev = cout
+
+
 def sdxl_census(config_path: str | os.PathLike = REFERENCE_CONFIG, resolution: int = 512,
                 text_tokens: int = 77) -> list[CensusRow]:
     """Every Linear/Conv2d of SDXL's UNet, in module order, with sizes for one image (SDXL-Turbo's 512 px)."""
     cfg = json.loads(Path(config_path).read_text())
     ch = list(cfg["block_out_channels"])
-    depth = list(cfg["transformer_layers_per_block"])
-    per_block = int(cfg["layers_per_block"])
-    ctx = int(cfg["cross_attention_dim"])
-    temb = ch[0] * 4
     res = resolution // 8  # VAE latent side
-    rows: list[CensusRow] = []
-
-    def lin(name: str, fin: int, fout: int, tokens: int, bias: bool = True) -> None:
-        rows.append(CensusRow(name, "Linear", _group(name), fin * fout + (fout if bias else 0), tokens * fin, fout, fin))
-
-    def conv(name: str, cin: int, cout: int, k: int, side: int) -> None:
-        rows.append(CensusRow(name, "Conv2d", _group(name), cin * cout * k * k + cout, cin * side * side, cout,
-                              cin * k * k, f"{k}x{k}"))
-
-    def resnet(prefix: str, cin: int, cout: int, side: int) -> None:
-        conv(f"{prefix}.conv1", cin, cout, 3, side)
-        lin(f"{prefix}.time_emb_proj", temb, cout, 1)
-        conv(f"{prefix}.conv2", cout, cout, 3, side)
-        if cin != cout:
-            conv(f"{prefix}.conv_shortcut", cin, cout, 1, side)
-
-    def transformer(prefix: str, c: int, n: int, side: int) -> None:
-        t = side * side
-        lin(f"{prefix}.proj_in", c, c, t)
-        for i in range(n):
-            b = f"{prefix}.transformer_blocks.{i}"
-            for a in ("attn1", "attn2"):
-                lin(f"{b}.{a}.to_q", c, c, t, bias=False)
-                kv_in, kv_t = (c, t) if a == "attn1" else (ctx, text_tokens)
-                lin(f"{b}.{a}.to_k", kv_in, c, kv_t, bias=False)
-                lin(f"{b}.{a}.to_v", kv_in, c, kv_t, bias=False)
-                lin(f"{b}.{a}.to_out.0", c, c, t)
-            lin(f"{b}.ff.net.0.proj", c, 8 * c, t)  # GEGLU: value and gate in one projection
-            lin(f"{b}.ff.net.2", 4 * c, c, t)
-        lin(f"{prefix}.proj_out", c, c, t)
-
-    conv("conv_in", cfg["in_channels"], ch[0], 3, res)
-    lin("time_embedding.linear_1", ch[0], temb, 1)
-    lin("time_embedding.linear_2", temb, temb, 1)
-    lin("add_embedding.linear_1", cfg["projection_class_embeddings_input_dim"], temb, 1)
-    lin("add_embedding.linear_2", temb, temb, 1)
-
-    side = res
-    skips = [ch[0]]
-    cin = ch[0]
-    for bi, btype in enumerate(cfg["down_block_types"]):
-        cout = ch[bi]
-        # diffusers registers a block's attentions before its resnets: keep module order
-        if btype.startswith("CrossAttn"):
-            for j in range(per_block):
-                transformer(f"down_blocks.{bi}.attentions.{j}", cout, depth[bi], side)
-        for j in range(per_block):
-            resnet(f"down_blocks.{bi}.resnets.{j}", cin if j == 0 else cout, cout, side)
-            skips.append(cout)
-        if bi < len(ch) - 1:
-            conv(f"down_blocks.{bi}.downsamplers.0.conv", cout, cout, 3, side)
-            side //= 2
-            skips.append(cout)
-        cin = cout
-
-    mid_side = side
-    rch, rdepth = ch[::-1], depth[::-1]
-    prev = rch[0]
-    for bi, btype in enumerate(cfg["up_block_types"]):
-        cout = rch[bi]
-        if btype.startswith("CrossAttn"):
-            for j in range(per_block + 1):
-                transformer(f"up_blocks.{bi}.attentions.{j}", cout, rdepth[bi], side)
-        for j in range(per_block + 1):
-            skip = skips.pop()
-            resnet(f"up_blocks.{bi}.resnets.{j}", (prev if j == 0 else cout) + skip, cout, side)
-        if bi < len(ch) - 1:
-            side *= 2
-            conv(f"up_blocks.{bi}.upsamplers.0.conv", cout, cout, 3, side)
-        prev = cout
-
+    b = _SdxlCensus(cfg, text_tokens)
+    b.conv("conv_in", cfg["in_channels"], ch[0], 3, res)
+    b.lin("time_embedding.linear_1", ch[0], b.temb, 1)
+    b.lin("time_embedding.linear_2", b.temb, b.temb, 1)
+    b.lin("add_embedding.linear_1", cfg["projection_class_embeddings_input_dim"], b.temb, 1)
+    b.lin("add_embedding.linear_2", b.temb, b.temb, 1)
+    mid_side, skips = b.down_path(res)
+    b.up_path(mid_side, skips)
     # diffusers assigns mid_block after the up_blocks list exists, so it comes later in module order
     c = ch[-1]
-    transformer("mid_block.attentions.0", c, depth[-1], mid_side)
-    resnet("mid_block.resnets.0", c, c, mid_side)
-    resnet("mid_block.resnets.1", c, c, mid_side)
-    conv("conv_out", ch[0], cfg["out_channels"], 3, res)
-    return rows
+    b.transformer("mid_block.attentions.0", c, list(cfg["transformer_layers_per_block"])[-1], mid_side)
+    b.resnet("mid_block.resnets.0", c, c, mid_side)
+    b.resnet("mid_block.resnets.1", c, c, mid_side)
+    b.conv("conv_out", ch[0], cfg["out_channels"], 3, res)
+    return b.rows
 
 
 def synthetic_per_prompt(census: list[CensusRow], kind: str, bits_by_group: dict[str, list[int]],

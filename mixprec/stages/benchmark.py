@@ -29,22 +29,19 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mixprec import search
-
-from mixprec.checkpoint import CHECKPOINT_FILE
+from mixprec import artifacts, search
+from mixprec.artifacts import CHECKPOINT_FILE
 from mixprec.kernels import BackendConfig, convert_, weight_bytes
-from mixprec.kernels.testing import denoiser_inputs, sqnr_db
+from mixprec.kernels.probing import denoiser_inputs, sqnr_db
 from mixprec.kernels.timing import capture, env_info, summarize, time_graph
 from mixprec.models import latent_input_name, replace_denoiser, resolve_device, text_length
+from mixprec.context import StageContext, load_calibrated, load_model, prompt_set, to_dict
 from mixprec.quantizers import QuantLayer, quant_layers, set_plan
-from mixprec.stages.common import load_calibrated, load_model, prompt_set, to_dict, tracker
-from mixprec.stages.select import FINAL
 from mixprec.workspace import Workspace
 
 log = logging.getLogger("mixprec")
 
 MIB = 2 ** 20
-DISPATCH_FILE = "benchmark_dispatch.json"
 _SPEC = re.compile(r"^(uniform|ff):w(\d+)a(\d+)$")
 
 
@@ -57,10 +54,12 @@ def resolve_plan(name: str, layers: dict[str, QuantLayer], ws: Workspace) -> tup
         wb = {n: (None if w >= 16 else w) for n in chosen}
         ab = {n: (None if a >= 16 else a) for n in chosen}
         return wb, ab
+    from mixprec import search
+
     if name == "final":
-        wplan = search.read_plan(ws.require(FINAL["weight"], "select"))
-        act_path = ws.path(FINAL["act"])
-        aplan = search.read_plan(act_path) if act_path.exists() else None
+        wplan = artifacts.read_plan_file(ws, artifacts.FINAL_PLANS["weight"], "select")
+        aplan = artifacts.read_plan_file(ws, artifacts.FINAL_PLANS["act"]) if ws.exists(artifacts.FINAL_PLANS["act"]) \
+            else None
         return dict(wplan.bits), dict(aplan.bits) if aplan else {}
     path = Path(name)
     if not path.exists():
@@ -183,11 +182,12 @@ def sized_settings(s: DictConfig, device_type: str) -> DictConfig:
 
 
 def _final_plans_digest(ws: Workspace) -> str:
-    return search.plans_digest({k: search.read_plan(ws.path(f)) for k, f in FINAL.items() if ws.exists(f)})
+    return search.plans_digest({k: artifacts.read_plan_file(ws, f) for k, f in artifacts.FINAL_PLANS.items()
+                                if ws.exists(f)})
 
 
-def run(cfg: DictConfig, ws: Workspace) -> dict:
-    s = sized_settings(cfg.stage, resolve_device(str(cfg.device)).type)
+def _prepare(cfg: DictConfig, ws: Workspace, s: DictConfig):
+    """The model in the benchmark's dtype, calibrated from the workspace or on random denoiser inputs."""
     if s.calibration == "workspace":
         bundle = load_calibrated(cfg, ws)
     elif s.calibration == "random":
@@ -197,10 +197,9 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
     denoiser = bundle.denoiser
     text_len = text_length(bundle.pipe)
     device = bundle.device
-    cuda = device.type == "cuda"
     dtype = getattr(torch, str(s.dtype)) if s.dtype else next(denoiser.parameters()).dtype
     if next(denoiser.parameters()).dtype != dtype:
-        from mixprec.kernels.testing import cast_floating_
+        from mixprec.kernels.probing import cast_floating_
 
         # every component, so the end-to-end pipeline stays in one dtype
         for comp in bundle.pipe.components.values():
@@ -208,7 +207,6 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
                 cast_floating_(comp, dtype)
     layers = bundle.layers
     res_list = [int(r) for r in (s.resolutions or [bundle.spec.resolution])]
-    shapes = [(r, int(b)) for r in res_list for b in s.batch_sizes]
     latent0 = res_list[0] // 8
     if s.calibration == "random":
         from mixprec.calibration import calibrate_layers
@@ -216,10 +214,21 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
         calib = [denoiser_inputs(denoiser, 1, latent0, text_len, seed=100 + i, device=device, dtype=dtype)
                  for i in range(2)]
         q = bundle.quant
-        calibrate_layers(layers, lambda: [denoiser(**c) for c in calib], q["weight_bits"], q["act_bits"],
-                         momentum=float(q["act_momentum"]), weight_clip=str(q["weight_clip"]))
-    kernel_opts = {**to_dict(cfg.quant).get("kernels", {}), **(to_dict(s.kernels) or {})}
-    backend = BackendConfig.from_mapping(kernel_opts)
+        calibrate_layers(layers, lambda: [denoiser(**c) for c in calib], q.weight_bits, q.act_bits,
+                         momentum=q.act_momentum, weight_clip=q.weight_clip)
+    return bundle, dtype, res_list
+
+
+def run(ctx: StageContext) -> dict:
+    cfg, ws, track = ctx.cfg, ctx.workspace, ctx.tracker
+    s = sized_settings(cfg.stage, resolve_device(str(cfg.device)).type)
+    bundle, dtype, res_list = _prepare(cfg, ws, s)
+    denoiser, layers, device = bundle.denoiser, bundle.layers, bundle.device
+    text_len = text_length(bundle.pipe)
+    cuda = device.type == "cuda"
+    shapes = [(r, int(b)) for r in res_list for b in s.batch_sizes]
+    latent0 = res_list[0] // 8
+    backend = BackendConfig.merged(bundle.quant.kernels, to_dict(s.get("kernels")))
     x0 = denoiser_inputs(denoiser, 1, latent0, text_len, seed=7, device=device, dtype=dtype)
     set_plan(layers)
     with torch.no_grad():
@@ -231,57 +240,58 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
                               "plans": {}}
     if "final" in s.plans:  # what the report checks against the final plans of the day
         result["plans_digest"] = _final_plans_digest(ws)
+    if "final" in s.plans:  # what the report checks against the final plans of the day
+        result["plans_digest"] = _final_plans_digest(ws)
     dispatch_detail: dict[str, Any] = {}
     names = ["bf16" if dtype == torch.bfloat16 else "fp16" if dtype == torch.float16 else str(dtype)]
     names += list(s.plans)
-    with tracker(cfg, ws, "benchmark") as track:
-        for name in names:
-            rec: dict[str, Any] = {}
-            result["plans"][name] = rec
-            full = name == names[0]
-            wb, ab = ({}, {}) if full else resolve_plan(name, layers, ws)
-            for layer in layers.values():
-                layer.drop_cache()
-            model = copy.deepcopy(denoiser)
-            mlayers = quant_layers(model)
-            set_plan(mlayers, wb, ab)
-            rec["quantized_layers"] = sum(1 for n in mlayers if wb.get(n) or ab.get(n))
-            ref = None
-            if not full:
-                with torch.no_grad():
-                    ref = model(**x0).sample.float()
-                for layer in mlayers.values():
-                    layer.drop_cache()
-            report = convert_(model, backend, example_kwargs=x0)
-            rec["dispatch"] = report.summary()
-            dispatch_detail[name] = report.to_dict()
-            if s.memory_format == "channels_last":
-                model = model.to(memory_format=torch.channels_last)
+    for name in names:
+        rec: dict[str, Any] = {}
+        result["plans"][name] = rec
+        full = name == names[0]
+        wb, ab = ({}, {}) if full else resolve_plan(name, layers, ws)
+        for layer in layers.values():
+            layer.drop_cache()
+        model = copy.deepcopy(denoiser)
+        mlayers = quant_layers(model)
+        set_plan(mlayers, wb, ab)
+        rec["quantized_layers"] = sum(1 for n in mlayers if wb.get(n) or ab.get(n))
+        ref = None
+        if not full:
             with torch.no_grad():
-                out = model(**x0).sample.float()
-            rec["sqnr_vs_16bit_db"] = sqnr_db(fp_out, out)
-            if ref is not None:
-                rec["sqnr_vs_fake_quant_db"] = sqnr_db(ref, out)
-            rec["weight_mib"] = weight_bytes(model) / MIB
-            rec["timing"] = _measure(name, model, s, shapes, denoiser, text_len, device, dtype, cuda)
-            if s.end_to_end:
-                rec["end_to_end"] = _end_to_end(bundle, model, cfg, int(s.batch_sizes[0]), int(s.end_to_end_repeats))
-            if s.save_checkpoint and name == s.save_checkpoint:
-                from mixprec.checkpoint import save_quantized
-                rec["checkpoint"] = save_quantized(model, ws.path(CHECKPOINT_FILE),
-                                                   extra={"plan": name})
-            track.log({f"benchmark/{name}/{k}/median_ms": v["median_ms"] for k, v in rec["timing"].items()})
-            del model, out, ref
-            torch._dynamo.reset()
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
-        base = result["plans"][names[0]]["timing"]
-        for name in names[1:]:
-            rec = result["plans"][name]
-            rec["speedup"] = {k: base[k]["median_ms"] / v["median_ms"] for k, v in rec["timing"].items()}
-            rec["weight_ratio_vs_16bit"] = result["plans"][names[0]]["weight_mib"] / rec["weight_mib"]
-    ws.write_json(DISPATCH_FILE, dispatch_detail)
+                ref = model(**x0).sample.float()
+            for layer in mlayers.values():
+                layer.drop_cache()
+        report = convert_(model, backend, example_kwargs=x0)
+        rec["dispatch"] = report.summary()
+        dispatch_detail[name] = report.to_dict()
+        if s.memory_format == "channels_last":
+            model = model.to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            out = model(**x0).sample.float()
+        rec["sqnr_vs_16bit_db"] = sqnr_db(fp_out, out)
+        if ref is not None:
+            rec["sqnr_vs_fake_quant_db"] = sqnr_db(ref, out)
+        rec["weight_mib"] = weight_bytes(model) / MIB
+        rec["timing"] = _measure(name, model, s, shapes, denoiser, text_len, device, dtype, cuda)
+        if s.end_to_end:
+            rec["end_to_end"] = _end_to_end(bundle, model, cfg, int(s.batch_sizes[0]), int(s.end_to_end_repeats))
+        if s.save_checkpoint and name == s.save_checkpoint:
+            from mixprec.checkpoint import save_quantized
+            rec["checkpoint"] = save_quantized(model, ws.path(CHECKPOINT_FILE),
+                                               extra={"plan": name})
+        track.log({f"benchmark/{name}/{k}/median_ms": v["median_ms"] for k, v in rec["timing"].items()})
+        del model, out, ref
+        torch._dynamo.reset()
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    base = result["plans"][names[0]]["timing"]
+    for name in names[1:]:
+        rec = result["plans"][name]
+        rec["speedup"] = {k: base[k]["median_ms"] / v["median_ms"] for k, v in rec["timing"].items()}
+        rec["weight_ratio_vs_16bit"] = result["plans"][names[0]]["weight_mib"] / rec["weight_mib"]
+    ws.write_json(artifacts.BENCHMARK_DISPATCH, dispatch_detail)
     for name, rec in result["plans"].items():
         log.info("benchmark %-16s weights %8.1f MiB  %s  sqnr(16-bit) %.1f dB", name, rec["weight_mib"],
                  "  ".join(f"{k}: {v['median_ms']:.2f} ms" for k, v in rec["timing"].items()), rec["sqnr_vs_16bit_db"])

@@ -9,55 +9,54 @@ from __future__ import annotations
 
 import logging
 
-from omegaconf import DictConfig
 
 from mixprec.calibration import calibrate_layers, save_params
 from mixprec.metrics import sqnr_db
-from mixprec.models import CENSUS_COLUMNS
 from mixprec.quantizers import fake_quant_weight
-from mixprec.stages.common import LAYERS_CSV, QUANT_PARAMS, load_model, prompt_set, to_dict, tracker
+from mixprec import artifacts
+from mixprec.artifacts import QUANT_PARAMS
+from mixprec.context import StageContext, load_model, prompt_set, to_dict
 from mixprec.timestep_groups import StepGroups
-from mixprec.workspace import Workspace
 
 log = logging.getLogger("mixprec")
 
 
-def run(cfg: DictConfig, ws: Workspace) -> dict:
+def run(ctx: StageContext) -> dict:
+    cfg, ws, track = ctx.cfg, ctx.workspace, ctx.tracker
     bundle = load_model(cfg, batch_size=int(cfg.stage.batch_size))
     q = bundle.quant
     pairs = prompt_set(cfg, "calibration")
     prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
-    groups = int(q["act_timestep_groups"])
+    groups = q.act_timestep_groups
     step_groups = StepGroups(bundle.sampler.timesteps(), groups) if groups > 1 else None
     if step_groups is not None:
         step_groups.install(bundle.denoiser, bundle.layers.values())
-    with tracker(cfg, ws, "calibrate") as track:
-        params = calibrate_layers(
-            bundle.layers, lambda: bundle.sampler.generate(prompts, seeds, decode=False),
-            q["weight_bits"], q["act_bits"], momentum=float(q["act_momentum"]), weight_clip=str(q["weight_clip"]),
-            progress=True, step_groups=step_groups,
-        )
-        rows = bundle.census()
-        ws.write_csv(LAYERS_CSV, [r.as_row() for r in rows], CENSUS_COLUMNS)
-        meta = {"fingerprints": ws.fingerprints, "weight_bits": list(q["weight_bits"]), "act_bits": list(q["act_bits"]),
-                "quant": q, "model": to_dict(cfg.model), "calibration_prompts": pairs,
-                "act_timestep_groups": groups}
-        if step_groups is not None:
-            meta["step_groups"] = step_groups.to_json()
-        with ws.atomic_path(QUANT_PARAMS) as tmp:
-            save_params(tmp, params, meta)
+    params = calibrate_layers(
+        bundle.layers, lambda: bundle.sampler.generate(prompts, seeds, decode=False),
+        q.weight_bits, q.act_bits, momentum=q.act_momentum, weight_clip=q.weight_clip,
+        progress=True, step_groups=step_groups,
+    )
+    rows = bundle.census()
+    artifacts.write_census(ws, [r.as_row() for r in rows])
+    meta = {"fingerprints": ws.fingerprints, "weight_bits": list(q.weight_bits), "act_bits": list(q.act_bits),
+            "quant": q.to_dict(), "model": to_dict(cfg.model), "calibration_prompts": pairs,
+            "act_timestep_groups": groups}
+    if step_groups is not None:
+        meta["step_groups"] = step_groups.to_json()
+    with ws.atomic_path(QUANT_PARAMS) as tmp:
+        save_params(tmp, params, meta)
 
-        wsqnr = {b: [] for b in q["weight_bits"]}
-        table = []
-        for name, layer in bundle.layers.items():
-            w = layer.inner.weight
-            row = [name]
-            for b in q["weight_bits"]:
-                v = sqnr_db(w, fake_quant_weight(w, params[name].weight_scales[b].to(w.device), b))
-                wsqnr[b].append(v)
-                row.append(v)
-            table.append(row + list(params[name].act_range))
-        track.log_table("weight_sqnr_db", ["layer"] + [f"w{b}" for b in q["weight_bits"]] + ["act_min", "act_max"], table)
+    wsqnr = {b: [] for b in q.weight_bits}
+    table = []
+    for name, layer in bundle.layers.items():
+        w = layer.inner.weight
+        row = [name]
+        for b in q.weight_bits:
+            v = sqnr_db(w, fake_quant_weight(w, params[name].weight_scales[b].to(w.device), b))
+            wsqnr[b].append(v)
+            row.append(v)
+        table.append(row + list(params[name].act_range))
+    track.log_table("weight_sqnr_db", ["layer"] + [f"w{b}" for b in q.weight_bits] + ["act_min", "act_max"], table)
     headline = {
         "layers": len(params),
         "act_timestep_groups": groups,

@@ -20,23 +20,22 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from omegaconf import DictConfig
 
+from mixprec import artifacts
 from mixprec import sensitivity as sens
+from mixprec.allocation import AllocationRequest, allocate
+from mixprec.artifacts import Budget
 from mixprec.calibration import extend_params
+from mixprec.context import ModelBundle, StageContext, load_calibrated, prompt_set, to_dict
 from mixprec.models import layer_group
 from mixprec.quantizers import set_plan
-from mixprec.search import InfeasibleBudgetError
-from mixprec.selection import adherence, image_scores, sort_key
-from mixprec.stages import allocate as alloc
-from mixprec.stages.common import LAYERS_CSV, ModelBundle, load_calibrated, prompt_set, to_dict, tracker
-from mixprec.stages.sensitivity import PER_PROMPT_CSV, PROTECTED_YAML
+from mixprec.search import InfeasibleBudgetError, mean_bits
+from mixprec.selection import adherence, generate_and_score, sort_key
 from mixprec.workspace import Workspace
 
 log = logging.getLogger("mixprec")
 
 METHODS = ("uniform", "sqnr_only", "decoupled")
-SQNR_RECORDS = "evaluate/sqnr_content.jsonl"
 
 
 def content_sqnr(bundle: ModelBundle, ws: Workspace, prompts: list[str], seeds: list[int], weight_bits: Sequence[int],
@@ -47,10 +46,10 @@ def content_sqnr(bundle: ModelBundle, ws: Workspace, prompts: list[str], seeds: 
     tasks = sens.make_tasks(content, weight_bits, act_bits)
     ref = sens.compute_reference(bundle.sampler, prompts, seeds, need_images=False, need_denoiser=True)
     records = sens.run_tasks(tasks, bundle.layers, bundle.sampler, ref, prompts, seeds,
-                             sens.RecordFile(ws.path(SQNR_RECORDS)), cap, progress=progress)
+                             sens.RecordFile(ws.path(artifacts.EVALUATE_SQNR_RECORDS)), cap, progress=progress)
     out: dict[str, dict[str, dict[int, list[float]]]] = {"weight": {}, "act": {}}
     for rec in records.values():
-        kind = "weight" if rec["kind"] == "w" else "act"
+        kind = artifacts.kind_name(rec["kind"])
         out[kind][rec["layer"]] = {int(b): v for b, v in rec["values"].items()}
     return out
 
@@ -93,114 +92,119 @@ def markdown(rows: list[dict[str, Any]], fp_adherence: float | None) -> str:
 
 
 def _mean_bits(plan: Mapping[str, int], sizes: Mapping[str, int]) -> float:
-    """Size-weighted mean over quantized layers (full-precision layers, 16 bits, left out)."""
-    q = {n: b for n, b in plan.items() if b < 16}
-    total = sum(sizes[n] for n in q)
-    return sum(sizes[n] * b for n, b in q.items()) / total if total else 16.0
+    """Size-weighted mean over quantized layers; 16 when every layer is at full precision."""
+    m = mean_bits(plan, sizes)
+    return 16.0 if m is None else m
 
 
-def run(cfg: DictConfig, ws: Workspace) -> dict:
+class _Ablation:
+    """One budget point at a time: each method's candidate plans, the method's selection, its scores."""
+
+    def __init__(self, ctx: StageContext, bundle: ModelBundle, census, per_prompt, protected: list[str],
+                 single_metric) -> None:
+        cfg, s = ctx.cfg, ctx.stage
+        self.s, self.ws, self.bundle, self.census, self.protected = s, ctx.workspace, bundle, census, protected
+        self.tables = {"decoupled": per_prompt, "sqnr_only": single_metric}
+        self.names = [c.name for c in census]
+        self.sizes = {"weight": {c.name: c.params for c in census}, "act": {c.name: c.act_elems for c in census}}
+        sel = prompt_set(cfg, "selection")
+        self.sel_prompts, self.sel_seeds = [p for p, _ in sel], [sd for _, sd in sel]
+        evalset = prompt_set(cfg, "evaluation")
+        self.eval_prompts = [p for p, _ in evalset]
+        self.seed_sets = [[sd + off for _, sd in evalset] for off in s.seed_offsets]
+        self.metric = str(s.select_metric)
+        self.sel_ref = bundle.sampler.generate(self.sel_prompts, self.sel_seeds).images
+        self.refs = [bundle.sampler.generate(self.eval_prompts, seeds).images for seeds in self.seed_sets]
+        fp_checks = [adherence(r, self.eval_prompts, bundle.spec.checker) for r in self.refs]
+        self.fp_adherence = statistics.fmean(c["all"] for c in fp_checks) if fp_checks[0] else None
+
+    def candidates(self, kind: str, target: float, table) -> list[dict[str, int]]:
+        """One plan per K of the grid (seed 0), the method's sensitivity table."""
+        s, plans = self.s, []
+        for K in s.K:
+            request = AllocationRequest(
+                kind=kind, budget=Budget(float(target)), K=float(K), seed=0, bits=self.bundle.quant.bits_by_group(kind),
+                solver=str(s.solver), time_limit_s=float(s.time_limit_s), tolerance=float(s.tolerance),
+                metric_cap=float(s.sqnr_cap_db))
+            plan, _ = allocate(request, self.census, table, self.protected if kind == "act" else [],
+                               self.ws.fingerprints)
+            plans.append(plan.bits)
+        return plans
+
+    def choose(self, candidates: list[tuple[dict, dict]]) -> tuple[dict, dict]:
+        """Selection as in the method: best on the selection prompts (deterministic: first of ties)."""
+        if len(candidates) == 1:
+            return candidates[0]
+        scored = []
+        for i, (wp, ap) in enumerate(candidates):
+            _, scores = generate_and_score(self.bundle.sampler, self.bundle.layers, self.sel_prompts, self.sel_seeds,
+                                           self.sel_ref, self.bundle.spec.checker, wp, ap)
+            scored.append((sort_key(scores, self.metric), i))
+        set_plan(self.bundle.layers)
+        return candidates[min(scored)[1]]
+
+    def row(self, point: Mapping[str, Any], method: str) -> dict[str, Any]:
+        """One method at one point: the mixed kind is allocated, the other uniform at the point's width."""
+        label = point["name"]
+        mixed = "weight" if point.get("weight_target") is not None else "act"
+        target = point["weight_target"] if mixed == "weight" else point["act_target"]
+        fixed = (uniform_plan(self.names, int(point["act"]), self.protected) if mixed == "weight"
+                 else uniform_plan(self.names, int(point["weight"])))
+        if method == "uniform":
+            if round(target) != target:
+                raise ValueError(f"evaluate point {label}: no uniform plan for {target} bits")
+            plans = [uniform_plan(self.names, round(target), self.protected if mixed == "act" else ())]
+        else:
+            try:
+                plans = self.candidates(mixed, target, self.tables[method][mixed])
+            except InfeasibleBudgetError as exc:
+                log.warning("evaluate %s %s: %s", label, method, exc)
+                return {"point": label, "method": method, "infeasible": str(exc)}
+        cands = [(p, fixed) if mixed == "weight" else (fixed, p) for p in plans]
+        wp, ap = self.choose(cands)
+        b = self.bundle
+        per_seed = [generate_and_score(b.sampler, b.layers, self.eval_prompts, seeds, ref, b.spec.checker, wp, ap)[1]
+                    for ref, seeds in zip(self.refs, self.seed_sets)]
+        set_plan(b.layers)
+        row = {"point": label, "method": method, "weight_mean_bits": _mean_bits(wp, self.sizes["weight"]),
+               "act_mean_bits": _mean_bits(ap, self.sizes["act"]), "candidates": len(cands),
+               "scores": summarize(per_seed)}
+        if per_seed[0].get("adherence_detail"):
+            row["adherence_detail"] = {k: statistics.fmean(p["adherence_detail"][k] for p in per_seed)
+                                       for k in per_seed[0]["adherence_detail"]}
+        log.info("evaluate %s %-9s W%.2f A%.2f %s", label, method, row["weight_mean_bits"],
+                 row["act_mean_bits"], {k: round(v["mean"], 4) for k, v in row["scores"].items()})
+        return row
+
+
+def run(ctx: StageContext) -> dict:
+    cfg, ws, track = ctx.cfg, ctx.workspace, ctx.tracker
     s = cfg.stage
     bundle = load_calibrated(cfg, ws, batch_size=int(s.batch_size))
     q = bundle.quant
-    census = alloc.read_census(ws.require(LAYERS_CSV, "calibrate"))
-    per_prompt = alloc.read_per_prompt(ws.require(PER_PROMPT_CSV, "sensitivity"))
-    protected = list(ws.read_yaml(PROTECTED_YAML, "sensitivity") or [])
-    names = [r["name"] for r in census]
-    params = {r["name"]: r["params"] for r in census}
-    acts = {r["name"]: r["act_elems"] for r in census}
+    census = artifacts.read_census(ws)
+    per_prompt = artifacts.read_per_prompt(ws)
+    protected = artifacts.read_protected(ws)
     points = [to_dict(p) for p in s.points]
     # Uniform plans may use widths the calibration did not include (3 or 5 bits).
     extra_w = {round(p[k]) for p in points for k in ("weight", "weight_target") if p.get(k) is not None}
     extra_a = {round(p[k]) for p in points for k in ("act", "act_target") if p.get(k) is not None}
-    extend_params(bundle.layers, sorted(extra_w | set(q["weight_bits"])), sorted(extra_a | set(q["act_bits"])),
-                  weight_clip=str(q["weight_clip"]))
-
-    sel = prompt_set(cfg, "selection")
-    sel_prompts, sel_seeds = [p for p, _ in sel], [sd for _, sd in sel]
-    evalset = prompt_set(cfg, "evaluation")
-    eval_prompts = [p for p, _ in evalset]
-    seed_sets = [[sd + off for _, sd in evalset] for off in s.seed_offsets]
-    metric = str(s.select_metric)
-
-    with tracker(cfg, ws, "evaluate") as track:
-        # The same prompts as the sensitivity stage, so the two metrics rank the same images.
-        sens_pairs = prompt_set(cfg, "sensitivity")
-        sqnr = content_sqnr(bundle, ws, [p for p, _ in sens_pairs], [sd for _, sd in sens_pairs], q["weight_bits"],
-                            q["act_bits"], float(s.sqnr_cap_db), bool(s.progress))
-        single_metric = {kind: {"content": sqnr[kind], "quality": per_prompt[kind]["quality"]} for kind in sqnr}
-
-        sel_ref = bundle.sampler.generate(sel_prompts, sel_seeds).images
-        refs = [bundle.sampler.generate(eval_prompts, seeds).images for seeds in seed_sets]
-        fp_checks = [adherence(r, eval_prompts, bundle.spec.checker) for r in refs]
-        fp_adherence = statistics.fmean(c["all"] for c in fp_checks) if fp_checks[0] else None
-
-        def allocate(kind: str, target: float, table) -> list[dict[str, int]]:
-            plans = []
-            for K in s.K:
-                plan, _ = alloc.allocate_one(
-                    kind=kind, budget="mean_bits", target=float(target), budget_mib=None, K=float(K), seed=0,
-                    census=census, per_prompt=table,
-                    bits=dict(to_dict(q["weight_bits_by_group"] if kind == "weight" else q["act_bits_by_group"])),
-                    protected=protected if kind == "act" else [], solver=str(s.solver),
-                    time_limit_s=float(s.time_limit_s), tolerance=float(s.tolerance), bytes_tolerance=0.01,
-                    metric_cap=float(s.sqnr_cap_db), fingerprints=ws.fingerprints)
-                plans.append(plan.bits)
-            return plans
-
-        def choose(candidates: list[tuple[dict, dict]]) -> tuple[dict, dict]:
-            """Selection as in the method: best on the selection prompts (deterministic: first of ties)."""
-            if len(candidates) == 1:
-                return candidates[0]
-            scored = []
-            for i, (wp, ap) in enumerate(candidates):
-                set_plan(bundle.layers, wp, ap)
-                scored.append((sort_key(image_scores(sel_ref, bundle.sampler.generate(sel_prompts, sel_seeds).images,
-                                                     sel_prompts, bundle.spec.checker), metric), i))
-            set_plan(bundle.layers)
-            return candidates[min(scored)[1]]
-
-        rows = []
-        for point in points:
-            label = point["name"]
-            for method in METHODS:
-                # The mixed kind is allocated; the other kind is uniform at the point's fixed width.
-                mixed = "weight" if point.get("weight_target") is not None else "act"
-                target = point["weight_target"] if mixed == "weight" else point["act_target"]
-                fixed = (uniform_plan(names, int(point["act"]), protected) if mixed == "weight"
-                         else uniform_plan(names, int(point["weight"])))
-                if method == "uniform":
-                    if round(target) != target:
-                        raise ValueError(f"evaluate point {label}: no uniform plan for {target} bits")
-                    plans = [uniform_plan(names, round(target), protected if mixed == "act" else ())]
-                else:
-                    table = per_prompt[mixed] if method == "decoupled" else single_metric[mixed]
-                    try:
-                        plans = allocate(mixed, target, table)
-                    except InfeasibleBudgetError as exc:
-                        rows.append({"point": label, "method": method, "infeasible": str(exc)})
-                        log.warning("evaluate %s %s: %s", label, method, exc)
-                        continue
-                cands = [(p, fixed) if mixed == "weight" else (fixed, p) for p in plans]
-                wp, ap = choose(cands)
-                set_plan(bundle.layers, wp, ap)
-                per_seed = [image_scores(ref, bundle.sampler.generate(eval_prompts, seeds).images, eval_prompts,
-                                         bundle.spec.checker) for ref, seeds in zip(refs, seed_sets)]
-                set_plan(bundle.layers)
-                row = {"point": label, "method": method, "weight_mean_bits": _mean_bits(wp, params),
-                       "act_mean_bits": _mean_bits(ap, acts), "candidates": len(cands), "scores": summarize(per_seed)}
-                if per_seed[0].get("adherence_detail"):
-                    row["adherence_detail"] = {k: statistics.fmean(p["adherence_detail"][k] for p in per_seed)
-                                               for k in per_seed[0]["adherence_detail"]}
-                rows.append(row)
-                log.info("evaluate %s %-9s W%.2f A%.2f %s", label, method, row["weight_mean_bits"],
-                         row["act_mean_bits"], {k: round(v["mean"], 4) for k, v in row["scores"].items()})
-        table_md = markdown(rows, fp_adherence)
-        ws.write_text("evaluate.md", table_md)
-        track.log_table("evaluate/ablation", ["point", "method", "weight_bits", "act_bits", "adherence", "ssim", "psnr_db"],
-                        [[r["point"], r["method"], r["weight_mean_bits"], r["act_mean_bits"],
-                          r["scores"].get("adherence", {}).get("mean"), r["scores"]["ssim"]["mean"],
-                          r["scores"]["psnr_db"]["mean"]] for r in rows if "scores" in r])
+    extend_params(bundle.layers, sorted(extra_w | set(q.weight_bits)), sorted(extra_a | set(q.act_bits)),
+                  weight_clip=q.weight_clip)
+    # The same prompts as the sensitivity stage, so the two metrics rank the same images.
+    sens_pairs = prompt_set(cfg, "sensitivity")
+    sqnr = content_sqnr(bundle, ws, [p for p, _ in sens_pairs], [sd for _, sd in sens_pairs], q.weight_bits,
+                        q.act_bits, float(s.sqnr_cap_db), bool(s.progress))
+    single_metric = {kind: {"content": sqnr[kind], "quality": per_prompt[kind]["quality"]} for kind in sqnr}
+    ablation = _Ablation(ctx, bundle, census, per_prompt, protected, single_metric)
+    rows = [ablation.row(point, method) for point in points for method in METHODS]
+    table_md = markdown(rows, ablation.fp_adherence)
+    ws.write_text(artifacts.EVALUATE_MD, table_md)
+    track.log_table("evaluate/ablation", ["point", "method", "weight_bits", "act_bits", "adherence", "ssim", "psnr_db"],
+                    [[r["point"], r["method"], r["weight_mean_bits"], r["act_mean_bits"],
+                      r["scores"].get("adherence", {}).get("mean"), r["scores"]["ssim"]["mean"],
+                      r["scores"]["psnr_db"]["mean"]] for r in rows if "scores" in r])
     print(table_md)
-    return {"rows": rows, "full_precision_adherence": fp_adherence, "evaluation_images_per_seed_set": len(evalset),
-            "seed_sets": len(seed_sets), "select_metric": metric}
+    return {"rows": rows, "full_precision_adherence": ablation.fp_adherence,
+            "evaluation_images_per_seed_set": len(ablation.eval_prompts), "seed_sets": len(ablation.seed_sets),
+            "select_metric": ablation.metric}

@@ -24,22 +24,19 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from mixprec import search
-from mixprec.checkpoint import CHECKPOINT_FILE
+from mixprec import artifacts, search
+from mixprec.artifacts import CHECKPOINT_FILE, IMAGES_DIR
 from mixprec.generation import Sampler, to_pil
 from mixprec.models import denoiser_example_inputs, denoiser_of, latent_size, load_pipeline, resolve_device, \
     text_length
 from mixprec.quantizers import set_plan
-from mixprec.selection import adherence, image_scores, slug
-from mixprec.stages.common import load_calibrated, model_spec, prompt_set, to_dict, tracker
-from mixprec.stages.select import check_plan_fingerprints, output_paths
+from mixprec.selection import adherence, image_names, image_scores, save_images
+from mixprec.context import StageContext, load_calibrated, model_spec, prompt_set, quant_recipe, to_dict
 from mixprec.workspace import MissingArtifactError, Workspace, check_safetensors
 
 log = logging.getLogger("mixprec")
 
-IMAGES_DIR = "generated_images"
 EXECUTIONS = ("fake", "kernels")
-DISPATCH_FILE = "infer_dispatch.json"
 
 
 def _timed_generate(sampler, prompts, seeds):
@@ -52,27 +49,12 @@ def _timed_generate(sampler, prompts, seeds):
     return out.images, time.perf_counter() - start
 
 
-def save_images(ws: Workspace, folder: str, images: torch.Tensor, pairs) -> list[str]:
-    from PIL.PngImagePlugin import PngInfo
-
-    names = []
-    for i, (pil, (prompt, seed)) in enumerate(zip(to_pil(images), pairs)):
-        name = f"{folder}/{i:03d}_seed{seed}_{slug(prompt)}.png"
-        info = PngInfo()
-        info.add_text("prompt", prompt)
-        info.add_text("seed", str(seed))
-        with ws.atomic_path(name) as tmp:
-            pil.save(tmp, format="PNG", pnginfo=info)
-        names.append(name)
-    return names
-
-
 def save_and_score(ws: Workspace, save_full_precision: bool, fp_images: torch.Tensor, q_images: torch.Tensor,
                    pairs, checker) -> dict[str, Any]:
     """Write the quantized (and full-precision) images; their scores against full precision."""
-    save_images(ws, IMAGES_DIR, q_images, pairs)
+    save_images(ws, image_names(IMAGES_DIR, pairs), q_images, pairs)
     if save_full_precision:
-        save_images(ws, f"{IMAGES_DIR}/full_precision", fp_images, pairs)
+        save_images(ws, image_names(f"{IMAGES_DIR}/full_precision", pairs), fp_images, pairs)
     return image_scores(fp_images, q_images, [p for p, _ in pairs], checker)
 
 
@@ -87,9 +69,11 @@ def weight_bytes(layers, census_rows) -> dict[str, Any]:
             "compression": fp16 / packed if packed else None}
 
 
-def kernel_options(cfg: DictConfig) -> dict[str, Any]:
+def kernel_options(cfg: DictConfig):
     """mixprec.kernels options: the recipe's ``quant.kernels``, overridden by ``stage.kernels``."""
-    return {**(to_dict(cfg.quant).get("kernels") or {}), **(to_dict(cfg.stage.get("kernels")) or {})}
+    from mixprec.kernels import BackendConfig
+
+    return BackendConfig.merged(quant_recipe(cfg).kernels, to_dict(cfg.stage.get("kernels")))
 
 
 def probe_inputs(pipe, resolution: int, device: torch.device) -> dict[str, Any]:
@@ -114,71 +98,71 @@ def _check_options(s: DictConfig) -> str:
     return execution
 
 
-def run(cfg: DictConfig, ws: Workspace) -> dict:
+def run(ctx: StageContext) -> dict:
+    cfg, ws, track = ctx.cfg, ctx.workspace, ctx.tracker
     s = cfg.stage
     execution = _check_options(s)
     if s.get("checkpoint"):
-        return run_from_checkpoint(cfg, ws)
-    final = output_paths(s.get("plan_dir"))
+        return run_from_checkpoint(ctx)
+    final = artifacts.final_plan_paths(s.get("plan_dir"))
     producer = f"select stage.output_dir={s.plan_dir}" if s.get("plan_dir") else "select"
-    weight_plan = search.read_plan(ws.require(final["weight"], producer))
-    check_plan_fingerprints(ws, weight_plan.header, final["weight"])
+    weight_plan = artifacts.read_plan_file(ws, final["weight"], producer)
+    artifacts.check_plan_fingerprints(ws, weight_plan.header, final["weight"])
     act_plan = None
     if s.use_act_plan:
-        act_plan = search.read_plan(ws.require(final["act"], producer))
-        check_plan_fingerprints(ws, act_plan.header, final["act"])
+        act_plan = artifacts.read_plan_file(ws, final["act"], producer)
+        artifacts.check_plan_fingerprints(ws, act_plan.header, final["act"])
     bundle = load_calibrated(cfg, ws, batch_size=int(s.batch_size))
     pairs = prompt_set(cfg, "inference")
     prompts, seeds = [p for p, _ in pairs], [sd for _, sd in pairs]
 
-    with tracker(cfg, ws, "infer") as track:
-        fp_images, fp_s = _timed_generate(bundle.sampler, prompts, seeds)
-        set_plan(bundle.layers, weight_bits=weight_plan.bits, act_bits=act_plan.bits if act_plan else None)
-        dispatch = {"backend": "fake", "layers": {n: "fake" for n, l in bundle.layers.items()
-                                                  if l.w_bits is not None or l.a_bits is not None}}
-        applied = {n: {"w": l.w_bits, "a": l.a_bits} for n, l in bundle.layers.items()}
-        weights = weight_bytes(bundle.layers, bundle.census())
-        report = None
-        if execution == "kernels":
-            from mixprec.kernels import convert_
+    fp_images, fp_s = _timed_generate(bundle.sampler, prompts, seeds)
+    set_plan(bundle.layers, weight_bits=weight_plan.bits, act_bits=act_plan.bits if act_plan else None)
+    dispatch = {"backend": "fake", "layers": {n: "fake" for n, l in bundle.layers.items()
+                                              if l.w_bits is not None or l.a_bits is not None}}
+    applied = {n: {"w": l.w_bits, "a": l.a_bits} for n, l in bundle.layers.items()}
+    weights = weight_bytes(bundle.layers, bundle.census())
+    report = None
+    if execution == "kernels":
+        from mixprec.kernels import convert_
 
-            with torch.no_grad():
-                report = convert_(bundle.denoiser, kernel_options(cfg),
-                                  example_kwargs=probe_inputs(bundle.pipe, bundle.spec.resolution, bundle.device))
-        q_images, q_s = _timed_generate(bundle.sampler, prompts, seeds)
-        scores = save_and_score(ws, bool(s.save_full_precision), fp_images, q_images, pairs, bundle.spec.checker)
-        fp_check = adherence(fp_images, prompts, bundle.spec.checker)
-        fp_adh = fp_check["all"] if fp_check else None
-        headline = {
-            "execution": execution,
-            "images": len(pairs),
-            "psnr_db": scores["psnr_db"], "ssim": scores["ssim"], "mse": scores["mse"],
-            "adherence": scores.get("adherence"), "adherence_detail": scores.get("adherence_detail"),
-            "adherence_full_precision": fp_adh,
-            "weights": weights,
-            "weight_plan": {"path": final["weight"], "mean_bits": weight_plan.header.get("achieved_mean_bits")},
-            "act_plan": {"path": final["act"], "mean_bits": act_plan.header.get("achieved_mean_bits")} if act_plan else None,
-            # what the numbers were computed from: the report marks them stale once the final plans change
-            "plans_digest": search.plans_digest({"weight": weight_plan, "act": act_plan}),
-            "latency_s": {"full_precision": fp_s, "quantized": q_s, "device": str(bundle.device),
-                          "note": "fake quantization (quantize-dequantize in float) measures quality, not speed; "
-                                  "stage=benchmark measures real kernels"},
-            "dispatch_counts": {"fake": len(dispatch["layers"]),
-                                "full_precision": len(bundle.layers) - len(dispatch["layers"])},
-            "applied_bits": applied,
-            "per_image": scores["per_image"],
-        }
-        if report is not None:
-            _record_kernels(ws, headline, report, bundle.denoiser, q_s)
-            if s.get("save_checkpoint"):
-                from mixprec.checkpoint import save_quantized
+        with torch.no_grad():
+            report = convert_(bundle.denoiser, kernel_options(cfg),
+                              example_kwargs=probe_inputs(bundle.pipe, bundle.spec.resolution, bundle.device))
+    q_images, q_s = _timed_generate(bundle.sampler, prompts, seeds)
+    scores = save_and_score(ws, bool(s.save_full_precision), fp_images, q_images, pairs, bundle.spec.checker)
+    fp_check = adherence(fp_images, prompts, bundle.spec.checker)
+    fp_adh = fp_check["all"] if fp_check else None
+    headline = {
+        "execution": execution,
+        "images": len(pairs),
+        "psnr_db": scores["psnr_db"], "ssim": scores["ssim"], "mse": scores["mse"],
+        "adherence": scores.get("adherence"), "adherence_detail": scores.get("adherence_detail"),
+        "adherence_full_precision": fp_adh,
+        "weights": weights,
+        "weight_plan": {"path": final["weight"], "mean_bits": weight_plan.header.get("achieved_mean_bits")},
+        "act_plan": {"path": final["act"], "mean_bits": act_plan.header.get("achieved_mean_bits")} if act_plan else None,
+        # what the numbers were computed from: the report marks them stale once the final plans change
+        "plans_digest": search.plans_digest({"weight": weight_plan, "act": act_plan}),
+        "latency_s": {"full_precision": fp_s, "quantized": q_s, "device": str(bundle.device),
+                      "note": "fake quantization (quantize-dequantize in float) measures quality, not speed; "
+                              "stage=benchmark measures real kernels"},
+        "dispatch_counts": {"fake": len(dispatch["layers"]),
+                            "full_precision": len(bundle.layers) - len(dispatch["layers"])},
+        "applied_bits": applied,
+        "per_image": scores["per_image"],
+    }
+    if report is not None:
+        _record_kernels(ws, headline, report, bundle.denoiser, q_s)
+        if s.get("save_checkpoint"):
+            from mixprec.checkpoint import save_quantized
 
-                headline["checkpoint"] = save_quantized(
-                    bundle.denoiser, ws.path(CHECKPOINT_FILE),
-                    extra={"weight_plan": final["weight"], "act_plan": final["act"] if act_plan else None})
-        track.summary({k: v for k, v in headline.items() if isinstance(v, (int, float))})
-        track.log_images("infer/quantized", to_pil(q_images), prompts)
-        track.log_images("infer/full_precision", to_pil(fp_images), prompts)
+            headline["checkpoint"] = save_quantized(
+                bundle.denoiser, ws.path(CHECKPOINT_FILE),
+                extra={"weight_plan": final["weight"], "act_plan": final["act"] if act_plan else None})
+    track.summary({k: v for k, v in headline.items() if isinstance(v, (int, float))})
+    track.log_images("infer/quantized", to_pil(q_images), prompts)
+    track.log_images("infer/full_precision", to_pil(fp_images), prompts)
     if execution == "fake":
         set_plan(bundle.layers)
     log.info("infer: %d images, PSNR %.2f dB, SSIM %.4f%s; weights %.2f MiB (fp16 %.2f MiB)", len(pairs),
@@ -196,12 +180,14 @@ def _record_kernels(ws: Workspace, headline: dict, report, denoiser, seconds: fl
     headline["latency_s"]["quantized"] = seconds
     headline["latency_s"]["note"] = ("real kernel modules (see dispatch_counts for the paths that ran); on CPU "
                                      "they take the reference path. stage=benchmark times them on a GPU")
-    ws.write_json(DISPATCH_FILE, report.to_dict())
+    ws.write_json(artifacts.INFER_DISPATCH, report.to_dict())
 
 
-def run_from_checkpoint(cfg: DictConfig, ws: Workspace) -> dict:
+def run_from_checkpoint(ctx: StageContext) -> dict:
     """Generate with a saved quantized denoiser: no plans, no calibration."""
+    cfg, ws, track = ctx.cfg, ctx.workspace, ctx.tracker
     from mixprec.checkpoint import load_quantized, read_info
+    from mixprec.kernels import BackendConfig
 
     s = cfg.stage
     path = ws.path(str(s.checkpoint))
@@ -224,30 +210,29 @@ def run_from_checkpoint(cfg: DictConfig, ws: Workspace) -> dict:
                       batch_size=int(s.batch_size))
     pairs = prompt_set(cfg, "inference")
     prompts, seeds = [p for p, _ in pairs], [sd for _, sd in pairs]
-    with tracker(cfg, ws, "infer") as track:
-        fp_images, fp_s = _timed_generate(sampler, prompts, seeds)
-        # the options the file was saved with, then this stage's (the stored codes fix each format)
-        options = {**(info.get("backend") or {}), **(to_dict(s.get("kernels")) or {})}
-        load_quantized(denoiser, path, config=options, device=device)
-        from mixprec.kernels.convert import report_for
+    fp_images, fp_s = _timed_generate(sampler, prompts, seeds)
+    # the options the file was saved with, then this stage's (the stored codes fix each format)
+    options = BackendConfig.merged(info.get("backend"), to_dict(s.get("kernels")))
+    load_quantized(denoiser, path, config=options, device=device)
+    from mixprec.kernels.convert import report_for
 
-        report = report_for(denoiser)
-        with torch.no_grad():
-            report.probe(denoiser, **probe_inputs(pipe, spec.resolution, device))
-        q_images, q_s = _timed_generate(sampler, prompts, seeds)
-        scores = save_and_score(ws, bool(s.save_full_precision), fp_images, q_images, pairs, spec.checker)
-        headline = {
-            "execution": "checkpoint", "checkpoint": {"path": str(path), "file_bytes": path.stat().st_size,
-                                                      "plan_files": (info.get("extra") or {})},
-            "images": len(pairs), "psnr_db": scores["psnr_db"], "ssim": scores["ssim"], "mse": scores["mse"],
-            "adherence": scores.get("adherence"), "adherence_detail": scores.get("adherence_detail"),
-            "latency_s": {"full_precision": fp_s, "quantized": q_s, "device": str(device)},
-            "applied_bits": {d["name"]: {"w": d["w_bits"], "a": d["a_bits"]} for d in info["layers"]},
-            "per_image": scores["per_image"],
-        }
-        _record_kernels(ws, headline, report, denoiser, q_s)
-        track.summary({k: v for k, v in headline.items() if isinstance(v, (int, float))})
-        track.log_images("infer/quantized", to_pil(q_images), prompts)
+    report = report_for(denoiser)
+    with torch.no_grad():
+        report.probe(denoiser, **probe_inputs(pipe, spec.resolution, device))
+    q_images, q_s = _timed_generate(sampler, prompts, seeds)
+    scores = save_and_score(ws, bool(s.save_full_precision), fp_images, q_images, pairs, spec.checker)
+    headline = {
+        "execution": "checkpoint", "checkpoint": {"path": str(path), "file_bytes": path.stat().st_size,
+                                                  "plan_files": (info.get("extra") or {})},
+        "images": len(pairs), "psnr_db": scores["psnr_db"], "ssim": scores["ssim"], "mse": scores["mse"],
+        "adherence": scores.get("adherence"), "adherence_detail": scores.get("adherence_detail"),
+        "latency_s": {"full_precision": fp_s, "quantized": q_s, "device": str(device)},
+        "applied_bits": {d["name"]: {"w": d["w_bits"], "a": d["a_bits"]} for d in info["layers"]},
+        "per_image": scores["per_image"],
+    }
+    _record_kernels(ws, headline, report, denoiser, q_s)
+    track.summary({k: v for k, v in headline.items() if isinstance(v, (int, float))})
+    track.log_images("infer/quantized", to_pil(q_images), prompts)
     log.info("infer (checkpoint %s): %d images, PSNR %.2f dB, SSIM %.4f; denoiser %.2f MiB", path.name, len(pairs),
              scores["psnr_db"], scores["ssim"], headline["denoiser_weight_bytes"] / search.MIB)
     return headline

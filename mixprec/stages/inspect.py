@@ -9,12 +9,11 @@ from __future__ import annotations
 import logging
 from collections import Counter, defaultdict
 
-from omegaconf import DictConfig
 
-from mixprec.models import CENSUS_COLUMNS, LayerInfo, build_random_denoiser, census, family_text_length, \
+from mixprec import artifacts
+from mixprec.models import LayerInfo, build_random_denoiser, census, family_text_length, \
     measure_act_elems
-from mixprec.stages.common import LAYERS_CSV, load_model, model_spec
-from mixprec.workspace import Workspace
+from mixprec.context import StageContext, load_model, model_spec
 
 log = logging.getLogger("mixprec")
 
@@ -49,7 +48,8 @@ def format_table(rows: list[LayerInfo]) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: DictConfig, ws: Workspace) -> dict:
+def run(ctx: StageContext) -> dict:
+    cfg, ws = ctx.cfg, ctx.workspace
     spec = model_spec(cfg)
     if spec.source == "diffusers" and spec.weights == "random":
         denoiser = build_random_denoiser(spec.family, device="meta")
@@ -61,7 +61,7 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
         bundle = load_model(cfg)
         rows = bundle.census()
         total = sum(p.numel() for p in bundle.denoiser.parameters())
-    ws.write_csv(LAYERS_CSV, [r.as_row() for r in rows], CENSUS_COLUMNS)
+    artifacts.write_census(ws, [r.as_row() for r in rows])
     summary = summarize(rows, total)
     print(format_table(rows))
     print(f"{spec.name}: {summary['layers']} layers ({summary['linear']} Linear, {summary['conv2d']} Conv2d), "

@@ -21,8 +21,10 @@ from mixprec.report import build_compare, build_report, load_workspace
 from mixprec.report import images as rimages
 from mixprec.report.data import WorkspaceData
 from mixprec.report.wandb_views import log_compare, log_report
+from mixprec import artifacts
+from mixprec.artifacts import QUANT_PARAMS
+from mixprec.context import StageContext, load_calibrated, prompt_set, to_dict
 from mixprec.settings import is_forced
-from mixprec.stages.common import QUANT_PARAMS, load_calibrated, prompt_set, to_dict, tracker
 from mixprec.workspace import FingerprintMismatchError, Workspace
 
 log = logging.getLogger("mixprec")
@@ -30,8 +32,6 @@ log = logging.getLogger("mixprec")
 
 def comparison_images(cfg: DictConfig, ws: Workspace, data: WorkspaceData) -> tuple[dict | None, str | None]:
     """(manifest, None), or (None, why there are none) when the workspace cannot make them."""
-    from mixprec.stages.select import check_plan_fingerprints
-
     s = cfg.stage
     if "weight" not in data.finals:
         return None, "no comparison images: final_weight_mp.yaml is missing (run stage=select)"
@@ -49,7 +49,7 @@ def comparison_images(cfg: DictConfig, ws: Workspace, data: WorkspaceData) -> tu
         return cached, None
     try:
         for f in data.finals.values():
-            check_plan_fingerprints(ws, f.header, f.path)
+            artifacts.check_plan_fingerprints(ws, f.header, f.path)
         bundle = load_calibrated(cfg, ws, batch_size=int(s.batch_size))
     except FingerprintMismatchError as exc:
         # the rest of the report is still worth having; the page says why the images are missing
@@ -58,26 +58,27 @@ def comparison_images(cfg: DictConfig, ws: Workspace, data: WorkspaceData) -> tu
     return rimages.generate(bundle, ws, vs, pairs, data.layers, key), None
 
 
-def _compare(cfg: DictConfig, ws: Workspace, roots: list[str]) -> dict[str, Any]:
+def _compare(cfg: DictConfig, ws: Workspace, track, roots: list[str]) -> dict[str, Any]:
     s = cfg.stage
     out = ws.path(str(s.compare_output))
     result = build_compare([Path(r) for r in roots], out)
     from mixprec.report.html import compare_names
 
     names = compare_names(result.data)
-    with tracker(cfg, ws, "report", {"compare": [str(d.root) for d in result.data]}) as track:
-        summary = log_compare(track, names, result.data, result.figures, result.path)
+    track.update_config({"compare": [str(d.root) for d in result.data]})
+    summary = log_compare(track, names, result.data, result.figures, result.path)
     log.info("report: compared %d workspaces -> %s (%.1f s)", len(roots), result.path, result.seconds)
     return {"compare": [str(d.root) for d in result.data], "report": str(result.path), "sections": result.sections,
             "build_s": round(result.seconds, 3), "bytes": result.bytes,
             "summary": {k: v for k, v in summary.items() if isinstance(v, (int, float))}}
 
 
-def run(cfg: DictConfig, ws: Workspace) -> dict:
+def run(ctx: StageContext) -> dict:
+    cfg, ws, track = ctx.cfg, ctx.workspace, ctx.tracker
     s = cfg.stage
     roots = [str(r) for r in (to_dict(s.get("compare")) or [])]
     if roots:
-        return _compare(cfg, ws, roots)
+        return _compare(cfg, ws, track, roots)
     data = load_workspace(ws.root)
     manifest, note, images_s = None, None, 0.0
     if s.images:
@@ -87,8 +88,7 @@ def run(cfg: DictConfig, ws: Workspace) -> dict:
     else:
         note = "comparison images off (stage.images=false)"
     result = build_report(ws.root, str(s.output), manifest, int(s.thumb_max_side), note, data=data)
-    with tracker(cfg, ws, "report") as track:
-        summary = log_report(track, data, result.figures, manifest, result.path)
+    summary = log_report(track, data, result.figures, manifest, result.path)
     log.info("report: %s (%d sections, %.1f MiB) built in %.1f s%s", result.path, len(result.sections),
              result.bytes / 2 ** 20, result.seconds, f", images {images_s:.1f} s" if manifest else f"; {note}")
     headline: dict[str, Any] = {"report": str(result.path), "sections": result.sections,

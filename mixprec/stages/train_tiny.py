@@ -12,19 +12,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
 
-from mixprec.stages.common import to_dict, tracker
-from mixprec.workspace import Workspace
+from mixprec.artifacts import TRAIN_TINY_METRICS
+from mixprec.context import StageContext, to_dict
 
 log = logging.getLogger("mixprec")
 
 # Keys of the stage config that are not TrainConfig fields.
 _STAGE_KEYS = {"name", "record", "force", "output", "device", "resume", "eval_heldout_prompts", "progress"}
-METRICS_FILE = "train_tiny_metrics.json"
 
 
-def run(cfg: DictConfig, ws: Workspace) -> dict[str, Any]:
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg, ws, track = ctx.cfg, ctx.workspace, ctx.tracker
     from mixprec.tiny import shapes
     from mixprec.tiny.build import load_pipeline
     from mixprec.tiny.eval import adherence
@@ -37,29 +36,29 @@ def run(cfg: DictConfig, ws: Workspace) -> dict[str, Any]:
     if device == "auto":
         device = str(cfg.get("device", "auto"))
 
-    with tracker(cfg, ws, job_type="train_tiny", extra_config={"train_fingerprint": train_cfg.fingerprint()}) as t:
-        summary = train_tiny(
-            out, train_cfg,
-            work_dir=out.with_name(out.name + ".work"),
-            device=device,
-            resume=bool(st.get("resume", True)) and not st.get("force"),
-            log_fn=lambda metrics, step: t.log(metrics, step=step),
-            log_images_fn=lambda key, images, captions: t.log_images(key, images, captions),
-            progress=bool(st.get("progress", True)),
-        )
-        # Measured on the saved folder, on the CPU: what every later stage will load.
-        pipe = load_pipeline(out)
-        n = int(st.get("eval_heldout_prompts", 64))
-        result = {"output": str(out), "train_fingerprint": summary["fingerprint"], "device": summary["device"],
-                  "train_time_s": round(summary.get("total_time_s", 0.0), 1)}
-        for split in ("heldout", "train"):
-            res = adherence(pipe, shapes.eval_prompts(n, split=split, seed=0), train_cfg.num_inference_steps)
-            for k in ("all", "shape_colour", "background", "shape"):
-                result[f"adherence_{split}_{k}"] = res[k]
-            if split == "heldout":
-                t.log_images("final/heldout", res["images"][:32], res["captions"][:32])
-        t.summary(result)
-    ws.write_json(METRICS_FILE, {**result, "train_summary": summary})
+    track.update_config({"train_fingerprint": train_cfg.fingerprint()})
+    summary = train_tiny(
+        out, train_cfg,
+        work_dir=out.with_name(out.name + ".work"),
+        device=device,
+        resume=bool(st.get("resume", True)) and not st.get("force"),
+        log_fn=lambda metrics, step: track.log(metrics, step=step),
+        log_images_fn=lambda key, images, captions: track.log_images(key, images, captions),
+        progress=bool(st.get("progress", True)),
+    )
+    # Measured on the saved folder, on the CPU: what every later stage will load.
+    pipe = load_pipeline(out)
+    n = int(st.get("eval_heldout_prompts", 64))
+    result = {"output": str(out), "train_fingerprint": summary["fingerprint"], "device": summary["device"],
+              "train_time_s": round(summary.get("total_time_s", 0.0), 1)}
+    for split in ("heldout", "train"):
+        res = adherence(pipe, shapes.eval_prompts(n, split=split, seed=0), train_cfg.num_inference_steps)
+        for k in ("all", "shape_colour", "background", "shape"):
+            result[f"adherence_{split}_{k}"] = res[k]
+        if split == "heldout":
+            track.log_images("final/heldout", res["images"][:32], res["captions"][:32])
+    track.summary(result)
+    ws.write_json(TRAIN_TINY_METRICS, {**result, "train_summary": summary})
     log.info("tiny model saved to %s; held-out adherence %.3f (colour %.3f, background %.3f, shape %.3f)",
              out, result["adherence_heldout_all"], result["adherence_heldout_shape_colour"],
              result["adherence_heldout_background"], result["adherence_heldout_shape"])

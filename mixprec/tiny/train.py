@@ -220,17 +220,51 @@ def _deterministic(dev: torch.device) -> Iterator[None]:
         torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
 
 
-def _train(out_dir: Path, cfg: TrainConfig, dev: torch.device, work: Path, ckpt_path: Path, resume: bool,
-           stop_after: int | None, log_fn: LogFn | None, log_images_fn: LogImagesFn | None,
-           progress: bool) -> dict[str, Any]:
-    log = log_fn or (lambda metrics, step: None)
-    t_start = time.time()
+@dataclass
+class _Run:
+    """Everything one training run carries from phase to phase."""
 
+    cfg: TrainConfig
+    dev: torch.device
+    pipe: StableDiffusionXLPipeline
+    vae_opt: torch.optim.Optimizer
+    opt: torch.optim.Optimizer
+    base_lrs: list[float]
+    ckpt_path: Path
+    fp: str
+    log: LogFn
+    log_images_fn: LogImagesFn | None
+    stop_after: int | None
+    ema: _EMA | None = None
+    phase: str = "vae"
+    step: int = 0
+    global_step: int = 0
+    bar: Any = None
+    images_u8: torch.Tensor | None = None
+    captions: list[str] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dm_modules(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder,
+                "text_encoder_2": self.pipe.text_encoder_2}
+
+    def should_stop(self) -> bool:
+        return self.stop_after is not None and self.global_step >= self.stop_after
+
+    def tick(self) -> None:
+        self.step += 1
+        self.global_step += 1
+        self.bar.update(1)
+
+
+def _setup(cfg: TrainConfig, dev: torch.device, ckpt_path: Path, log_fn: LogFn | None,
+           log_images_fn: LogImagesFn | None, stop_after: int | None) -> _Run:
+    """The pipeline to train, its optimizers, and the VAE's posterior initialised narrow."""
     pipe = build_pipeline(cfg.arch, seed=cfg.seed)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(dev)
     vae, unet, te, te2 = pipe.vae, pipe.unet, pipe.text_encoder, pipe.text_encoder_2
-
     lc = vae.config.latent_channels
     # The posterior's (mean, logvar) come out of quant_conv when the VAE has one, else the encoder.
     moments = vae.quant_conv if getattr(vae, "quant_conv", None) is not None else vae.encoder.conv_out
@@ -238,201 +272,236 @@ def _train(out_dir: Path, cfg: TrainConfig, dev: torch.device, work: Path, ckpt_
         moments.weight[lc:].zero_()
         moments.bias[lc:].fill_(cfg.vae_logvar_init)
     vae_opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=cfg.weight_decay)
-    dm_modules = {"unet": unet, "text_encoder": te, "text_encoder_2": te2}
     opt = torch.optim.AdamW(
         [{"params": list(unet.parameters()), "lr": cfg.unet_lr},
          {"params": list(te.parameters()) + list(te2.parameters()), "lr": cfg.text_lr}],
         weight_decay=cfg.weight_decay,
     )
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    ema: _EMA | None = None
+    return _Run(cfg, dev, pipe, vae_opt, opt, [g["lr"] for g in opt.param_groups], ckpt_path, cfg.fingerprint(),
+                log_fn or (lambda metrics, step: None), log_images_fn, stop_after)
 
-    phase, step = "vae", 0
-    fp = cfg.fingerprint()
-    if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ck.get("fingerprint") != fp:
-            raise ValueError(
-                f"checkpoint {ckpt_path} was written for another training config "
-                f"({ck.get('fingerprint')} != {fp}); delete it or set resume=false"
-            )
-        phase, step = ck["phase"], int(ck["step"])
-        vae.load_state_dict(ck["vae"])
-        vae_opt.load_state_dict(ck["vae_opt"])
-        if phase in ("unet", "done"):
-            vae.register_to_config(scaling_factor=float(ck["scaling_factor"]))
-            for n, m in dm_modules.items():
-                m.load_state_dict(ck[n])
-            opt.load_state_dict(ck["opt"])
-            ema = _EMA(dm_modules, cfg.ema_decay)
-            ema.shadow = {k: v.to(dev) for k, v in ck["ema"].items()}
 
-    def save_checkpoint(phase_: str, step_: int) -> None:
-        ck = {"fingerprint": fp, "phase": phase_, "step": step_,
-              "vae": vae.state_dict(), "vae_opt": vae_opt.state_dict()}
-        if phase_ in ("unet", "done"):
-            ck.update({n: m.state_dict() for n, m in dm_modules.items()})
-            ck["opt"] = opt.state_dict()
-            ck["ema"] = ema.shadow
-            ck["scaling_factor"] = float(vae.config.scaling_factor)
-        _atomic_torch_save(ck, ckpt_path)
+def _resume(run: _Run) -> None:
+    """Load the checkpoint of an interrupted run of the same config (phase, step, weights, optimizers)."""
+    ck = torch.load(run.ckpt_path, map_location="cpu", weights_only=True)
+    if ck.get("fingerprint") != run.fp:
+        raise ValueError(
+            f"checkpoint {run.ckpt_path} was written for another training config "
+            f"({ck.get('fingerprint')} != {run.fp}); delete it or set resume=false"
+        )
+    run.phase, run.step = ck["phase"], int(ck["step"])
+    run.pipe.vae.load_state_dict(ck["vae"])
+    run.vae_opt.load_state_dict(ck["vae_opt"])
+    if run.phase in ("unet", "done"):
+        run.pipe.vae.register_to_config(scaling_factor=float(ck["scaling_factor"]))
+        for n, m in run.dm_modules.items():
+            m.load_state_dict(ck[n])
+        run.opt.load_state_dict(ck["opt"])
+        run.ema = _EMA(run.dm_modules, run.cfg.ema_decay)
+        run.ema.shadow = {k: v.to(run.dev) for k, v in ck["ema"].items()}
 
-    images_u8, captions = shapes.make_dataset(cfg.dataset_size, seed=cfg.seed, split="train")
-    n_data = images_u8.shape[0]
-    total_steps = cfg.vae_steps + cfg.unet_steps
-    global_step = step if phase == "vae" else cfg.vae_steps + step
-    bar = tqdm(total=total_steps, initial=global_step, disable=not progress, desc="train_tiny", dynamic_ncols=True)
-    summary: dict[str, Any] = {"device": str(dev), "fingerprint": fp, "finished": False}
 
-    def should_stop() -> bool:
-        return stop_after is not None and global_step >= stop_after
+def _save_checkpoint(run: _Run, phase: str, step: int) -> None:
+    vae = run.pipe.vae
+    ck = {"fingerprint": run.fp, "phase": phase, "step": step,
+          "vae": vae.state_dict(), "vae_opt": run.vae_opt.state_dict()}
+    if phase in ("unet", "done"):
+        ck.update({n: m.state_dict() for n, m in run.dm_modules.items()})
+        ck["opt"] = run.opt.state_dict()
+        ck["ema"] = run.ema.shadow
+        ck["scaling_factor"] = float(vae.config.scaling_factor)
+    _atomic_torch_save(ck, run.ckpt_path)
 
-    # ------------------------------------------------------------------ phase 1: VAE
-    if phase == "vae":
-        vae.train()
-        t0 = time.time()
-        while step < cfg.vae_steps:
-            rng = np.random.default_rng(_step_seed(cfg.seed, "vae", step))
-            idx = torch.from_numpy(rng.integers(0, n_data, cfg.vae_batch_size))
-            x = _to_model_range(images_u8[idx]).to(dev)
-            gen = torch.Generator().manual_seed(_step_seed(cfg.seed, "vae-noise", step))
-            post = vae.encode(x).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(dev)
-            recon = vae.decode(z).sample
-            rec_loss = F.mse_loss(recon, x)
-            kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
-            loss = rec_loss + cfg.l1_weight * F.l1_loss(recon, x) + cfg.kl_weight * kl
-            for g in vae_opt.param_groups:
-                g["lr"] = cfg.vae_lr * _lr_factor(step, cfg.vae_steps, cfg.warmup_steps)
-            vae_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
-            vae_opt.step()
-            step += 1
-            global_step += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.vae_steps:
-                m = {"vae/loss": loss.item(), "vae/recon_mse": rec_loss.item(), "vae/kl": kl.item(),
-                     "vae/posterior_std": post.std.mean().item(),
-                     "vae/lr": vae_opt.param_groups[0]["lr"], "vae/steps_per_s": step / max(1e-9, time.time() - t0)}
-                bar.set_postfix(phase="vae", loss=f"{loss.item():.4f}")
-                log(m, global_step)
-            if step % cfg.checkpoint_every == 0 or step == cfg.vae_steps or should_stop():
-                save_checkpoint("vae", step)
-            if should_stop():
-                bar.close()
-                return summary
-        phase, step = "unet", 0
-        summary["vae_time_s"] = time.time() - t0
 
-    # ------------------------------------------------------------------ latents
+def _vae_step(run: _Run) -> dict[str, Any]:
+    """One VAE step: reconstruction + L1 + KL on a batch of the dataset's images."""
+    cfg, vae, dev, step = run.cfg, run.pipe.vae, run.dev, run.step
+    rng = np.random.default_rng(_step_seed(cfg.seed, "vae", step))
+    idx = torch.from_numpy(rng.integers(0, run.images_u8.shape[0], cfg.vae_batch_size))
+    x = _to_model_range(run.images_u8[idx]).to(dev)
+    gen = torch.Generator().manual_seed(_step_seed(cfg.seed, "vae-noise", step))
+    post = vae.encode(x).latent_dist
+    z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(dev)
+    recon = vae.decode(z).sample
+    rec_loss = F.mse_loss(recon, x)
+    kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
+    loss = rec_loss + cfg.l1_weight * F.l1_loss(recon, x) + cfg.kl_weight * kl
+    for g in run.vae_opt.param_groups:
+        g["lr"] = cfg.vae_lr * _lr_factor(step, cfg.vae_steps, cfg.warmup_steps)
+    run.vae_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+    run.vae_opt.step()
+    # tensors: read (a device sync) only on the steps that log
+    return {"vae/loss": loss.detach(), "vae/recon_mse": rec_loss.detach(), "vae/kl": kl.detach(),
+            "vae/posterior_std": post.std.mean().detach(), "vae/lr": run.vae_opt.param_groups[0]["lr"]}
+
+
+def _train_vae(run: _Run) -> bool:
+    """Phase 1: the VAE alone. True when stopped early (``stop_after``)."""
+    cfg = run.cfg
+    run.pipe.vae.train()
+    t0 = time.time()
+    while run.step < cfg.vae_steps:
+        m = _vae_step(run)
+        run.tick()
+        if run.step % cfg.log_every == 0 or run.step == cfg.vae_steps:
+            m = {k: float(v) for k, v in m.items()}
+            m["vae/steps_per_s"] = run.step / max(1e-9, time.time() - t0)
+            run.bar.set_postfix(phase="vae", loss=f"{m['vae/loss']:.4f}")
+            run.log(m, run.global_step)
+        if run.step % cfg.checkpoint_every == 0 or run.step == cfg.vae_steps or run.should_stop():
+            _save_checkpoint(run, "vae", run.step)
+        if run.should_stop():
+            return True
+    run.phase, run.step = "unet", 0
+    run.summary["vae_time_s"] = time.time() - t0
+    return False
+
+
+def _encode_latents(run: _Run) -> torch.Tensor:
+    """The whole dataset through the frozen VAE, scaled to unit variance (the scale fixed once)."""
+    vae, dev, images_u8 = run.pipe.vae, run.dev, run.images_u8
     vae.eval()
     vae.requires_grad_(False)
     latents = []
     with torch.no_grad():
-        for i in range(0, n_data, 256):
+        for i in range(0, images_u8.shape[0], 256):
             latents.append(vae.encode(_to_model_range(images_u8[i:i + 256]).to(dev)).latent_dist.mean)
     latents = torch.cat(latents)
-    if ema is None:
+    if run.ema is None:
         # Unit-variance latents, as SD's scaling_factor arranges; fixed once, then stored.
         vae.register_to_config(scaling_factor=float(1.0 / latents.std().item()))
-        ema = _EMA(dm_modules, cfg.ema_decay)
+        run.ema = _EMA(run.dm_modules, run.cfg.ema_decay)
     latents = latents * vae.config.scaling_factor
     with torch.no_grad():
         recon = vae.decode(latents[:256] / vae.config.scaling_factor).sample
-        vae_check = check_batch(((recon + 1) / 2).clamp(0, 1).cpu(), captions[:256])
-    summary["vae_recon_adherence"] = vae_check["all"]
-    log({"vae/recon_adherence": vae_check["all"], "vae/scaling_factor": float(vae.config.scaling_factor)},
-        cfg.vae_steps)
+        vae_check = check_batch(((recon + 1) / 2).clamp(0, 1).cpu(), run.captions[:256])
+    run.summary["vae_recon_adherence"] = vae_check["all"]
+    run.log({"vae/recon_adherence": vae_check["all"], "vae/scaling_factor": float(vae.config.scaling_factor)},
+            run.cfg.vae_steps)
+    return latents
 
-    # ------------------------------------------------------------------ phase 2: UNet + text encoders
+
+def _sample_and_log(run: _Run, eval_set: list[tuple[str, int]], tag_step: int) -> dict:
+    """Held-out adherence with the EMA weights; the live weights are put back afterwards."""
+    modules = run.dm_modules
+    live = {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in modules.items()}
+    run.ema.copy_to(modules)
+    for m in modules.values():
+        m.eval()
+    res = evaluate_adherence(run.pipe, eval_set, run.cfg.num_inference_steps)
+    for n, m in modules.items():
+        m.load_state_dict(live[n])
+        m.train()
+    metrics = {f"eval/heldout_{k}": res[k] for k in ("all", "shape_colour", "background", "shape")}
+    run.log(metrics, tag_step)
+    if run.log_images_fn is not None:
+        run.log_images_fn("samples/heldout", res["images"][:16], res["captions"][:16])
+    return metrics
+
+
+def _unet_step(run: _Run, latents: torch.Tensor, noise_sched: DDPMScheduler, alphas: torch.Tensor,
+               add_time_ids: torch.Tensor) -> dict[str, Any]:
+    """One denoiser + text-encoder step: v-prediction loss with min-SNR weighting."""
+    cfg, dev, step, pipe = run.cfg, run.dev, run.step, run.pipe
+    rng = np.random.default_rng(_step_seed(cfg.seed, "unet", step))
+    idx = rng.integers(0, latents.shape[0], cfg.unet_batch_size)
+    x0 = latents[torch.from_numpy(idx).to(dev)]
+    caps = [run.captions[i] for i in idx]
+    gen = torch.Generator().manual_seed(_step_seed(cfg.seed, "unet-noise", step))
+    noise = torch.randn(x0.shape, generator=gen).to(dev)
+    t = torch.randint(0, noise_sched.config.num_train_timesteps, (x0.shape[0],), generator=gen).to(dev)
+    xt = noise_sched.add_noise(x0, noise, t)
+    target = noise_sched.get_velocity(x0, noise, t)
+    prompt_embeds, _, pooled, _ = pipe.encode_prompt(caps, device=dev, num_images_per_prompt=1,
+                                                     do_classifier_free_guidance=False)
+    cond = {"text_embeds": pooled, "time_ids": add_time_ids.expand(x0.shape[0], -1)}
+    pred = pipe.unet(xt, t, encoder_hidden_states=prompt_embeds, added_cond_kwargs=cond).sample
+    per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+    if cfg.min_snr_gamma > 0:
+        a = alphas[t]
+        snr = a / (1 - a).clamp_min(1e-8)
+        # For v-prediction the min-SNR weight is min(snr, gamma) / (snr + 1).
+        per_sample = per_sample * snr.clamp(max=cfg.min_snr_gamma) / (snr + 1)
+    loss = per_sample.mean()
+    f = _lr_factor(step, cfg.unet_steps, cfg.warmup_steps)
+    for g, base in zip(run.opt.param_groups, run.base_lrs):
+        g["lr"] = base * f
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        [p for m in run.dm_modules.values() for p in m.parameters()], cfg.grad_clip)
+    run.opt.step()
+    run.ema.update(run.dm_modules, step)
+    return {"unet/loss": loss.detach(), "unet/grad_norm": grad_norm, "unet/lr": run.opt.param_groups[0]["lr"]}
+
+
+def _train_unet(run: _Run, latents: torch.Tensor, eval_set: list[tuple[str, int]]) -> bool:
+    """Phase 2: UNet and text encoders on the frozen VAE's latents. True when stopped early."""
+    cfg, pipe = run.cfg, run.pipe
     noise_sched = _noise_scheduler(cfg.arch)
-    alphas = noise_sched.alphas_cumprod.to(dev)
+    alphas = noise_sched.alphas_cumprod.to(run.dev)
     size = cfg.arch["image_size"]
     add_time_ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), dtype=torch.float32,
-                                          text_encoder_projection_dim=te2.config.projection_dim).to(dev)
+                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim
+                                          ).to(run.dev)
+    for m in run.dm_modules.values():
+        m.train()
+    t0 = time.time()
+    start = run.step
+    while run.step < cfg.unet_steps:
+        m = _unet_step(run, latents, noise_sched, alphas, add_time_ids)
+        run.tick()
+        step = run.step
+        if step % cfg.log_every == 0 or step == cfg.unet_steps:
+            m = {k: float(v) for k, v in m.items()}
+            m["unet/steps_per_s"] = (step - start) / max(1e-9, time.time() - t0)
+            run.bar.set_postfix(phase="unet", loss=f"{m['unet/loss']:.4f}")
+            run.log(m, run.global_step)
+            run.summary["final_loss"] = m["unet/loss"]
+        if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.unet_steps:
+            _sample_and_log(run, eval_set, run.global_step)
+        if step % cfg.checkpoint_every == 0 or step == cfg.unet_steps or run.should_stop():
+            _save_checkpoint(run, "unet", step)
+        if run.should_stop() and step < cfg.unet_steps:
+            return True
+    run.summary["unet_time_s"] = time.time() - t0
+    return False
+
+
+def _train(out_dir: Path, cfg: TrainConfig, dev: torch.device, work: Path, ckpt_path: Path, resume: bool,
+           stop_after: int | None, log_fn: LogFn | None, log_images_fn: LogImagesFn | None,
+           progress: bool) -> dict[str, Any]:
+    """VAE, then UNet + text encoders, then the EMA weights saved; resumable between and within phases."""
+    t_start = time.time()
+    run = _setup(cfg, dev, ckpt_path, log_fn, log_images_fn, stop_after)
+    if resume and ckpt_path.exists():
+        _resume(run)
+    run.images_u8, run.captions = shapes.make_dataset(cfg.dataset_size, seed=cfg.seed, split="train")
+    run.global_step = run.step if run.phase == "vae" else cfg.vae_steps + run.step
+    run.bar = tqdm(total=cfg.vae_steps + cfg.unet_steps, initial=run.global_step, disable=not progress,
+                   desc="train_tiny", dynamic_ncols=True)
+    run.summary = {"device": str(dev), "fingerprint": run.fp, "finished": False}
+    if run.phase == "vae" and _train_vae(run):
+        run.bar.close()
+        return run.summary
+    latents = _encode_latents(run)
     eval_set = shapes.eval_prompts(cfg.eval_prompts, split="heldout", seed=0)
-
-    def sample_and_log(tag_step: int) -> dict:
-        live = {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in dm_modules.items()}
-        ema.copy_to(dm_modules)
-        for m in dm_modules.values():
-            m.eval()
-        res = evaluate_adherence(pipe, eval_set, cfg.num_inference_steps)
-        for n, m in dm_modules.items():
-            m.load_state_dict(live[n])
-            m.train()
-        metrics = {f"eval/heldout_{k}": res[k] for k in ("all", "shape_colour", "background", "shape")}
-        log(metrics, tag_step)
-        if log_images_fn is not None:
-            log_images_fn("samples/heldout", res["images"][:16], res["captions"][:16])
-        return metrics
-
-    if phase == "unet":
-        for m in dm_modules.values():
-            m.train()
-        t0 = time.time()
-        start = step
-        while step < cfg.unet_steps:
-            rng = np.random.default_rng(_step_seed(cfg.seed, "unet", step))
-            idx = rng.integers(0, n_data, cfg.unet_batch_size)
-            x0 = latents[torch.from_numpy(idx).to(dev)]
-            caps = [captions[i] for i in idx]
-            gen = torch.Generator().manual_seed(_step_seed(cfg.seed, "unet-noise", step))
-            noise = torch.randn(x0.shape, generator=gen).to(dev)
-            t = torch.randint(0, noise_sched.config.num_train_timesteps, (x0.shape[0],), generator=gen).to(dev)
-            xt = noise_sched.add_noise(x0, noise, t)
-            target = noise_sched.get_velocity(x0, noise, t)
-            prompt_embeds, _, pooled, _ = pipe.encode_prompt(caps, device=dev, num_images_per_prompt=1,
-                                                             do_classifier_free_guidance=False)
-            cond = {"text_embeds": pooled, "time_ids": add_time_ids.expand(x0.shape[0], -1)}
-            pred = unet(xt, t, encoder_hidden_states=prompt_embeds, added_cond_kwargs=cond).sample
-            per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
-            if cfg.min_snr_gamma > 0:
-                a = alphas[t]
-                snr = a / (1 - a).clamp_min(1e-8)
-                # For v-prediction the min-SNR weight is min(snr, gamma) / (snr + 1).
-                per_sample = per_sample * snr.clamp(max=cfg.min_snr_gamma) / (snr + 1)
-            loss = per_sample.mean()
-            f = _lr_factor(step, cfg.unet_steps, cfg.warmup_steps)
-            for g, base in zip(opt.param_groups, base_lrs):
-                g["lr"] = base * f
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for m in dm_modules.values() for p in m.parameters()], cfg.grad_clip)
-            opt.step()
-            ema.update(dm_modules, step)
-            step += 1
-            global_step += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.unet_steps:
-                m = {"unet/loss": loss.item(), "unet/grad_norm": float(grad_norm), "unet/lr": opt.param_groups[0]["lr"],
-                     "unet/steps_per_s": (step - start) / max(1e-9, time.time() - t0)}
-                bar.set_postfix(phase="unet", loss=f"{loss.item():.4f}")
-                log(m, global_step)
-                summary["final_loss"] = loss.item()
-            if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.unet_steps:
-                sample_and_log(global_step)
-            if step % cfg.checkpoint_every == 0 or step == cfg.unet_steps or should_stop():
-                save_checkpoint("unet", step)
-            if should_stop() and step < cfg.unet_steps:
-                bar.close()
-                return summary
-        summary["unet_time_s"] = time.time() - t0
-    bar.close()
-
-    # ------------------------------------------------------------------ final: EMA weights, save
-    ema.copy_to(dm_modules)
-    for m in dm_modules.values():
+    if run.phase == "unet" and _train_unet(run, latents, eval_set):
+        run.bar.close()
+        return run.summary
+    run.bar.close()
+    # final: the EMA weights, evaluated and saved
+    run.ema.copy_to(run.dm_modules)
+    for m in run.dm_modules.values():
         m.eval()
-    final = sample_and_log(global_step) if cfg.eval_prompts else {}
-    summary.update(final)
-    save_pipeline(pipe, out_dir)
-    save_checkpoint("done", cfg.unet_steps)
-    summary["finished"] = True
-    summary["total_time_s"] = time.time() - t_start
-    return summary
+    run.summary.update(_sample_and_log(run, eval_set, run.global_step) if cfg.eval_prompts else {})
+    save_pipeline(run.pipe, out_dir)
+    _save_checkpoint(run, "done", cfg.unet_steps)
+    run.summary["finished"] = True
+    run.summary["total_time_s"] = time.time() - t_start
+    return run.summary
 
 
 def save_pipeline(pipe: StableDiffusionXLPipeline, out_dir: str | os.PathLike) -> Path:

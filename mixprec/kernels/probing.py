@@ -1,44 +1,17 @@
-"""Helpers shared by the kernel tests and the device benchmarks: small UNets, random denoiser
-inputs, calibration on random data, plans, SQNR."""
+"""Probing a denoiser without a pipeline: random inputs of the right shapes, calibration on them,
+uniform plans, casting, output SQNR. stage=benchmark drives and compares denoisers with these; the
+kernel tests and device benchmarks use them too (toy UNets: :mod:`mixprec.models.toy`)."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from mixprec.quantizers import QuantLayer, quantize_
-
-SDXL_CONFIG = Path(__file__).resolve().parents[1] / "reference" / "sdxl_unet_config.json"
-
-# SDXL's block structure (text_time conditioning, cross-attn K/V from a 2048-wide context) at toy
-# width: every layer kind SDXL has (Linear, 1x1/3x3/stride-2 convs, GEGLU, BOS-skipping K/V).
-TINY_UNET = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-    block_out_channels=[32, 64], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
-    up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], cross_attention_dim=48, attention_head_dim=[4, 8],
-    norm_num_groups=8, transformer_layers_per_block=1, use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
-)
-
-
-def build_unet(config: Mapping[str, Any] | str = "tiny", device="cpu", dtype=torch.float32, seed: int = 0) -> nn.Module:
-    from diffusers import UNet2DConditionModel
-
-    if config == "tiny":
-        config = TINY_UNET
-    elif config == "sdxl":
-        config = json.loads(SDXL_CONFIG.read_text())
-    torch.manual_seed(seed)
-    with torch.device(device):
-        unet = UNet2DConditionModel.from_config(dict(config))
-    return unet.to(dtype).eval().requires_grad_(False)
-
 
 def denoiser_inputs(denoiser: nn.Module, batch: int = 1, latent: int | None = None, text_len: int | None = None,
                     seed: int = 0, device=None, dtype=None) -> dict[str, Any]:

@@ -1,7 +1,9 @@
-"""What most stages share: turning the config into a loaded, quantizable model and a tracker.
+"""The stage context and what most stages share: the config turned into fingerprints, a loaded,
+quantizable model, prompt sets, and a tracker.
 
-This is the only place (with run.py and mixprec.runner) where stage code reads the Hydra config;
-everything it calls takes plain arguments.
+The runner builds one :class:`StageContext` per stage and passes it in; there is no module-level
+state. This is the only place (with run.py and mixprec.runner) where stage code reads the Hydra
+config; everything it calls takes plain arguments.
 """
 
 from __future__ import annotations
@@ -15,16 +17,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mixprec import calibration
+from mixprec.artifacts import QUANT_PARAMS
 from mixprec.generation import Sampler
 from mixprec.models import ModelSpec, _matches, census, check_model_files, denoiser_of, latent_size, load_pipeline, \
     measure_act_elems, resolve_device, text_length, text_starts_with_bos
 from mixprec.prompts import resolve_prompt_set
 from mixprec.quantizers import QuantLayer, quantize_
+from mixprec.recipe import QuantRecipe
+from mixprec.settings import StageSettings
 from mixprec.tracking import Tracker, start_run
 from mixprec.workspace import Workspace, check_safetensors, fingerprint
 
-QUANT_PARAMS = "quant_params.safetensors"
-LAYERS_CSV = "layers.csv"
 
 
 def to_dict(node: Any) -> Any:
@@ -35,24 +38,10 @@ def model_spec(cfg: DictConfig) -> ModelSpec:
     return ModelSpec.from_dict(to_dict(cfg.model))
 
 
-def quant_recipe(cfg: DictConfig) -> dict[str, Any]:
-    q = to_dict(cfg.quant)
-    for kind, allowed in (("weight_bits_by_group", "weight_bits"), ("act_bits_by_group", "act_bits")):
-        for group, bits in q[kind].items():
-            extra = sorted(set(bits) - set(q[allowed]))
-            if extra:
-                raise ValueError(f"quant.{kind}.{group} uses bits {extra} that quant.{allowed}={q[allowed]} "
-                                 f"does not calibrate; add them to quant.{allowed}")
-    if any(b < 2 or b > 8 for b in q["weight_bits"] + q["act_bits"]):
-        raise ValueError(f"bit-widths must be between 2 and 8, got weight {q['weight_bits']} / act {q['act_bits']}")
-    groups = q.setdefault("act_timestep_groups", 1)
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"quant.act_timestep_groups must be an integer >= 1, got {groups!r}")
-    steps = int(cfg.model.num_inference_steps)
-    if groups > steps:
-        raise ValueError(f"quant.act_timestep_groups={groups} is more than the model's {steps} sampler steps "
-                         f"(model.num_inference_steps); use at most {steps}")
-    return q
+def quant_recipe(cfg: DictConfig) -> QuantRecipe:
+    """The ``quant`` config as a checked :class:`~mixprec.recipe.QuantRecipe` (timestep groups checked
+    against the model's sampler steps)."""
+    return QuantRecipe.from_dict(to_dict(cfg.quant), num_inference_steps=int(cfg.model.num_inference_steps))
 
 
 def _device_type(device: str) -> str:
@@ -66,8 +55,7 @@ def fingerprints(cfg: DictConfig) -> dict[str, str]:
     q = quant_recipe(cfg)
     model_fp = fingerprint(spec.fingerprint_data(device_type=_device_type(str(cfg.device))))
     calib = resolve_prompt_set(to_dict(cfg.prompts.calibration), "calibration")
-    # Options at their neutral value are left out, so workspaces made before they existed stay valid.
-    recipe = {k: v for k, v in q.items() if k != "name" and not (k == "act_timestep_groups" and v == 1)}
+    recipe = q.identity()
     sampling = {k: v for k, v in (("guidance_scale", spec.guidance_scale), ("scheduler", spec.scheduler)) if v}
     quant_fp = fingerprint({"model": model_fp, "quant": recipe,
                             "calibration": calib, "steps": spec.num_inference_steps,
@@ -82,27 +70,34 @@ def workspace(cfg: DictConfig) -> Workspace:
     return Workspace(cfg.paths.workspace, fingerprints=fingerprints(cfg)).check_writable()
 
 
-_ACTIVE: list[Tracker] = []
-
-
 @contextlib.contextmanager
-def tracker(cfg: DictConfig, ws: Workspace, job_type: str, extra_config: Mapping[str, Any] | None = None) -> Iterator[Tracker]:
-    """The stage's W&B run. The runner opens one per stage; a stage asking again gets that one."""
-    if _ACTIVE:
-        yield _ACTIVE[-1]
-        return
+def open_tracker(cfg: DictConfig, ws: Workspace, job_type: str,
+                 extra_config: Mapping[str, Any] | None = None) -> Iterator[Tracker]:
+    """One W&B run (or a disabled tracker), finished (marked failed when the block raises) on exit."""
     t = cfg.tracking
     run = start_run(
         t.mode, project=t.project, entity=t.entity, group=t.group or ws.root.name, job_type=job_type,
         config={**to_dict(cfg), **(extra_config or {})}, directory=t.dir,
         tags=[str(cfg.model.name)], quiet=bool(t.get("quiet", True)),
     )
-    _ACTIVE.append(run)
-    try:
-        with run:
-            yield run
-    finally:
-        _ACTIVE.remove(run)
+    with run:
+        yield run
+
+
+@dataclass
+class StageContext:
+    """What the runner hands every stage: the composed config (read only at this edge), the
+    workspace the stage reads and writes, the stage's tracker (one W&B run per stage) and its typed
+    settings (:mod:`mixprec.settings`: ``stage.*`` checked for unknown keys and types)."""
+
+    cfg: DictConfig
+    workspace: Workspace
+    tracker: Tracker
+    settings: StageSettings | None = None
+
+    @property
+    def stage(self) -> DictConfig:
+        return self.cfg.stage
 
 
 @dataclass
@@ -114,7 +109,7 @@ class ModelBundle:
     layers: dict[str, QuantLayer]
     sampler: Sampler
     device: torch.device
-    quant: dict[str, Any]
+    quant: QuantRecipe
     calib_meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -139,7 +134,7 @@ def load_model(cfg: DictConfig, batch_size: int | None = None) -> ModelBundle:
     torch.manual_seed(int(cfg.seed))
     excl = spec.exclude_patterns
     # A T5 prompt has no BOS token, so there is no outlier token to keep out of the K/V ranges.
-    skip_bos = bool(q["skip_bos"]) and text_starts_with_bos(pipe)
+    skip_bos = q.skip_bos and text_starts_with_bos(pipe)
     layers = quantize_(denoiser_of(pipe), (lambda n, m: not _matches(n, excl)) if excl else None, skip_bos=skip_bos)
     sampler = Sampler(pipe, spec.resolution, spec.num_inference_steps, spec.guidance_scale,
                       batch_size=batch_size or 8)
@@ -163,7 +158,7 @@ def read_calibration(cfg: DictConfig, ws: Workspace) -> Calibration:
     path = check_safetensors(ws.require(QUANT_PARAMS, "calibrate"), "`python run.py stage=calibrate`")
     params, meta = calibration.load_params(path)
     # Before the fingerprints: a grouping mismatch also changes them, and this says what to do.
-    calibration.check_timestep_groups(meta, quant_recipe(cfg)["act_timestep_groups"], path)
+    calibration.check_timestep_groups(meta, quant_recipe(cfg).act_timestep_groups, path)
     ws.check_fingerprints(meta.get("fingerprints"), QUANT_PARAMS, "calibrate")
     return Calibration(path, params, meta)
 
@@ -175,7 +170,7 @@ def load_calibrated(cfg: DictConfig, ws: Workspace, batch_size: int | None = Non
     path, params, meta = calib.path, calib.params, calib.meta
     bundle = load_model(cfg, batch_size)
     q = bundle.quant
-    calibration.check_bits_available(meta, q["weight_bits"], q["act_bits"], path)
+    calibration.check_bits_available(meta, q.weight_bits, q.act_bits, path)
     step_groups = calibration.step_groups_from_meta(meta)
     if step_groups is not None:
         step_groups.install(bundle.denoiser, bundle.layers.values())

@@ -1,0 +1,204 @@
+"""Allocation requests -> plans, and the Pareto family of a workspace's candidates (no Hydra).
+
+One :class:`AllocationRequest` names one candidate (kind, budget, K, seed, the bit-widths each
+group may use, the solver's settings); :func:`allocate` solves it against the census and the
+per-prompt sensitivity table and returns the plan with its header (see :mod:`mixprec.search.plan`).
+
+``score`` in the header is the normalised objective with K = 1 on the *seed-0* table, the same
+yardstick for every candidate of a kind, so that candidates of different K, targets, seeds and
+budget types share one Pareto axis (:func:`write_pareto`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mixprec import artifacts, search
+from mixprec.artifacts import Budget, CensusLayer
+from mixprec.search import MIB, PROTECTED_BITS, Plan
+from mixprec.workspace import atomic_path
+
+KINDS = tuple(artifacts.KIND_CODES)
+
+
+def kind_of(v: Any) -> str:
+    """``weight`` / ``act`` from any of the spellings a config may use (``w``, ``acts``, ...)."""
+    k = {"w": "weight", "weights": "weight", "a": "act", "acts": "act", "activation": "act",
+         "activations": "act"}.get(str(v), str(v))
+    if k not in KINDS:
+        raise ValueError(f"stage.kind must be weight or act, got {v!r}")
+    return k
+
+
+@dataclass(frozen=True)
+class AllocationRequest:
+    """One candidate to solve: plain values, usable from a notebook."""
+
+    kind: str                                # "weight" | "act"
+    budget: Budget                           # mean bits, or MiB of packed weights + scales
+    K: float = 1.0                           # content/quality split (objective weight with MiB budgets)
+    seed: int = 0                            # 0 = mean over prompts; >0 = a bootstrap resample
+    bits: Mapping[str, Sequence[int]] | None = None  # group -> allowed widths (the recipe's *_bits_by_group)
+    solver: str = "cp-sat"
+    time_limit_s: float = 10.0
+    tolerance: float = 0.1                   # mean bits a group may fall below its target
+    bytes_tolerance: float = 0.01            # fraction of the MiB budget the plan may fall below it
+    metric_cap: float = 100.0                # per-prompt metric values clamped to [-cap, cap]
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"stage.kind must be weight or act, got {self.kind!r}")
+        if self.budget.unit == "MiB" and self.kind != "weight":
+            raise ValueError("stage.budget=bytes budgets packed weights: use it with stage.kind=weight")
+        if not self.bits:
+            raise ValueError("an allocation request needs the bit-widths each group may use (bits=)")
+
+    @property
+    def path(self) -> str:
+        """Where the plan goes in the workspace."""
+        return artifacts.plan_path(self.kind, self.budget, self.K, self.seed)
+
+
+def _solve(request: AllocationRequest, metric, groups: Mapping[str, str], sizes: Mapping[str, int],
+           params: Mapping[str, int], out_ch: Mapping[str, int], protected: list[str]) -> search.Solution:
+    r = request
+    if r.budget.unit == "MiB":
+        return search.solve_bytes(metric, groups, params, out_ch, r.budget.value, K=float(r.K), bits=r.bits,
+                                  protected=protected, tolerance_frac=r.bytes_tolerance, solver=r.solver,
+                                  time_limit_s=r.time_limit_s, metric_cap=r.metric_cap)
+    if r.kind == "act" and sum(sizes.values()) == 0:
+        raise ValueError("layers.csv has no activation sizes (act_elems); rerun the calibrate stage")
+    return search.solve_mean_bits(metric, sizes, groups, r.bits, r.budget.value, float(r.K), tolerance=r.tolerance,
+                                  protected=protected, solver=r.solver, time_limit_s=r.time_limit_s,
+                                  metric_cap=r.metric_cap, kind=r.kind)
+
+
+def allocate(request: AllocationRequest, census: Sequence[CensusLayer],
+             per_prompt: Mapping[str, Mapping[str, Mapping[int, list[float]]]], protected: Sequence[str] = (),
+             fingerprints: Mapping[str, str] | None = None) -> tuple[Plan, search.Solution]:
+    """Solve one request. ``census``: the quantizable layers; ``per_prompt``: this kind's
+    ``{group: {layer: {bits: [value per prompt]}}}``; ``protected``: layers kept at full precision."""
+    r = request
+    groups = {c.name: c.group for c in census}
+    prot = [name for name in protected if name in groups]
+    metric = {g: search.bootstrap_metric(per_prompt[g], r.seed, cap=r.metric_cap) for g in search.GROUPS}
+    reference = metric if r.seed == 0 else {g: search.bootstrap_metric(per_prompt[g], 0, cap=r.metric_cap)
+                                            for g in search.GROUPS}
+    params = {c.name: c.params for c in census}
+    out_ch = {c.name: c.out_channels for c in census}
+    sizes = params if r.kind == "weight" else {c.name: c.act_elems for c in census}
+    sol = _solve(r, metric, groups, sizes, params, out_ch, prot)
+    if r.kind == "weight":
+        nbytes = search.plan_bytes(sol.bits, params, out_ch)
+    else:
+        nbytes = sum(-(-sizes[name] * b // 8) for name, b in sol.bits.items())
+    score = search.plan_objective(sol.bits, reference, groups, r.bits, 1.0, prot, r.metric_cap)
+    header = _header(r, sol, nbytes, score, groups, prot, dict(fingerprints or {}))
+    return Plan(header=header, bits=sol.bits), sol
+
+
+def _header(r: AllocationRequest, sol: search.Solution, nbytes: int, score: float, groups: Mapping[str, str],
+            prot: list[str], fp: Mapping[str, str]) -> dict[str, Any]:
+    """The plan header, keys in the stored order (plans are byte-identical for identical inputs)."""
+    return {
+        **artifacts.plan_header_fields(r.kind, r.budget, r.K, r.seed),
+        "targets": sol.targets or None,
+        "achieved_mean_bits": sol.mean_bits,
+        "bytes": int(nbytes),
+        "mib": nbytes / MIB,
+        "objective": sol.objective,
+        "objective_by_group": sol.objective_by_group,
+        "score": score,
+        "solver": sol.solver,
+        "status": sol.status,
+        "status_by_group": sol.status_by_group or None,
+        "deterministic_time": sol.deterministic_time,
+        "time_limit_s": float(r.time_limit_s),
+        "tolerance": float(r.tolerance) if r.budget.unit == "mean_bits" else float(r.bytes_tolerance),
+        "bits_allowed": {g: [int(b) for b in r.bits[g]] for g in search.GROUPS},
+        "metric_cap": float(r.metric_cap),
+        "layers": {g: sum(1 for name, gg in groups.items() if gg == g and name not in prot) for g in search.GROUPS},
+        "protected": len(prot),
+        "protected_bits": PROTECTED_BITS,
+        "model_fingerprint": fp.get("model"),
+        "quant_fingerprint": fp.get("quant"),
+    }
+
+
+# ---------------------------------------------------------------------------- the Pareto family
+
+def mark_front(rows: Sequence[Mapping[str, Any]], size_rtol: float = 1e-3) -> list[dict[str, Any]]:
+    """Rows with ``pareto`` marked per kind (size = MiB, objective = score), in natural path order."""
+    marked = []
+    for kind in sorted({r["kind"] for r in rows}):
+        marked += search.pareto_front([r for r in rows if r["kind"] == kind], size_key="mib", objective_key="score",
+                                      size_rtol=size_rtol)
+    marked.sort(key=lambda r: search.natural_key(r["path"]))
+    return marked
+
+
+def write_pareto(root: str | os.PathLike, fingerprints: Mapping[str, str] | None = None,
+                 size_rtol: float = 1e-3) -> dict[str, Any]:
+    """Mark the front per kind and write pareto.csv / pareto.png.
+
+    Sizes within ``size_rtol`` count as equal (see :func:`mixprec.search.pareto_front`): plans of
+    one mean-bit target differ by a fraction of a MiB. Candidates made for another model
+    (fingerprint differs) are left out, so a workspace reused across models cannot mix families.
+    """
+    root = Path(root)
+    rows = artifacts.collect_candidates(root)
+    model_fp = (fingerprints or {}).get("model")
+    if model_fp:
+        rows = [r for r in rows if r.get("model_fingerprint") in (None, model_fp)]
+    marked = mark_front(rows, size_rtol)
+    search.write_pareto_csv(root / artifacts.PARETO_CSV, marked, artifacts.PARETO_COLUMNS)
+    png = _plot(root / artifacts.PARETO_PNG, marked) if marked else None
+    return {"candidates": len(marked), "pareto": sum(r["pareto"] for r in marked),
+            "csv": str(root / artifacts.PARETO_CSV), "png": str(png) if png else None, "rows": marked}
+
+
+def _plot(path: Path, rows: list[dict[str, Any]]) -> Path:
+    kinds = sorted({r["kind"] for r in rows})
+    if len(kinds) == 1:
+        unit = "packed weights + scales" if kinds[0] == "weight" else "activation bytes / image"
+        return search.plot_pareto(path, rows, size_key="mib", objective_key="score", xlabel=f"MiB ({unit})",
+                                  ylabel="score (normalised metric, K=1, seed-0 table)",
+                                  title=f"{kinds[0]} plans: {len(rows)} candidates")
+    # one panel per kind, each written by the same helper, then tiled
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.image as mpimg
+    import matplotlib.pyplot as plt
+
+    parts = []
+    for k in kinds:
+        sub = path.with_name(f".{path.stem}_{k}.png")
+        parts.append(_plot(sub, [r for r in rows if r["kind"] == k]))
+    fig, axes = plt.subplots(1, len(parts), figsize=(7 * len(parts), 5), dpi=110)
+    for ax, p in zip(axes, parts):
+        ax.imshow(mpimg.imread(p))
+        ax.axis("off")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    for p in parts:
+        p.unlink(missing_ok=True)
+    return path
+
+
+def log_pareto(track, summary: Mapping[str, Any], root: str | os.PathLike) -> None:
+    """The family as a W&B table, scatter and artifact."""
+    rows = summary["rows"]
+    columns = artifacts.PARETO_COLUMNS
+    track.log_table("pareto", columns, [[r.get(c) for c in columns] for r in rows])
+    if summary.get("png"):
+        track.log_file_image("pareto_scatter", summary["png"])
+    track.log_artifact("pareto", "pareto",
+                       [Path(root) / artifacts.PARETO_CSV] + ([summary["png"]] if summary.get("png") else []))
+    track.summary({"candidates": summary["candidates"], "pareto_points": summary["pareto"]})

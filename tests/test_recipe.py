@@ -1,0 +1,46 @@
+"""The quantization recipe as a typed object, and the one kernel-options merge."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from mixprec.context import fingerprints, quant_recipe
+from mixprec.kernels import BackendConfig
+from mixprec.recipe import ProtectAct, QuantRecipe
+
+
+def test_the_shipped_recipe_is_the_dataclass_default(make_cfg):
+    cfg = make_cfg("model=tiny_random")
+    recipe = quant_recipe(cfg)
+    assert recipe == QuantRecipe(kernels={"w8a8": "int8"}) and recipe.protect_act == ProtectAct()
+    assert recipe.bits_by_group("weight") == {"content": (2, 4, 8), "quality": (4, 8)}
+    # the recipe's identity is the config as it was fingerprinted before it was typed: workspaces stay valid
+    old = {k: v for k, v in OmegaConf.to_container(cfg.quant, resolve=True).items()
+           if k not in ("name", "kernels") and not (k == "act_timestep_groups" and v == 1)}
+    assert recipe.identity() == old
+
+
+def test_unknown_or_impossible_settings_are_refused(make_cfg):
+    with pytest.raises(ValueError, match=r"unknown quant settings \['weight_bitz'\]"):
+        QuantRecipe.from_dict({"weight_bitz": [4]})
+    with pytest.raises(ValueError, match="quant.weight_clip must be one of"):
+        QuantRecipe(weight_clip="max")
+    with pytest.raises(ValueError, match=r"quant.act_bits_by_group.content uses bits \[2\]"):
+        QuantRecipe(act_bits_by_group={"content": (2, 8), "quality": (8,)})
+    with pytest.raises(ValueError, match="more than the model's 2 sampler steps"):
+        quant_recipe(make_cfg("model=tiny_random", "quant.act_timestep_groups=3"))
+
+
+def test_kernel_options_do_not_change_the_recipe_fingerprint(make_cfg):
+    base = fingerprints(make_cfg("model=tiny_random"))
+    assert fingerprints(make_cfg("model=tiny_random", "quant.kernels.w8a8=fp8")) == base
+    assert fingerprints(make_cfg("model=tiny_random", "quant.weight_clip=mse"))["quant"] != base["quant"]
+
+
+def test_infer_and_benchmark_share_one_w8a8_default(make_cfg):
+    cfgs = [make_cfg("model=tiny_random", f"stage={s}") for s in ("infer", "benchmark")]
+    merged = [BackendConfig.merged(quant_recipe(c).kernels, OmegaConf.to_container(c.stage.kernels)) for c in cfgs]
+    assert merged[0].w8a8 == merged[1].w8a8 == "int8"
+    assert merged[0].bos == "exact"  # infer's own option stays
+    fp8 = make_cfg("model=tiny_random", "stage=benchmark", "quant.kernels.w8a8=fp8")
+    assert BackendConfig.merged(quant_recipe(fp8).kernels, OmegaConf.to_container(fp8.stage.kernels)).w8a8 == "fp8"
+    assert BackendConfig.merged({"w8a8": "fp8"}, {"w8a8": "int8"}).w8a8 == "int8"
