@@ -79,7 +79,7 @@ def test_every_stage_yaml_matches_its_settings_class():
 
 
 def test_composed_stage_configs_pass_their_check(make_cfg):
-    from mixprec.stages.common import to_dict
+    from mixprec.context import to_dict
 
     for stage in settings.SCHEMAS:
         settings.check_stage(to_dict(make_cfg(f"stage={stage}").stage))
@@ -137,7 +137,7 @@ def _tiny_copy(tmp_path: Path) -> Path:
 
 
 def _no_long_work(monkeypatch):
-    import mixprec.stages.common as common
+    import mixprec.context as common
 
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the input was checked")

@@ -307,7 +307,7 @@ def test_pipeline_keeps_hand_selected_final_plans_unless_select_is_forced(pipeli
 
 def test_force_reruns_sensitivity_measurements(pipeline_run, tmp_path, monkeypatch):
     import mixprec.sensitivity as sens
-    import mixprec.stages.pipeline as pipeline
+    import mixprec.runner as runner
     from tests.conftest import compose
     ws, base = _copy(pipeline_run, tmp_path)
     measured = []
@@ -321,13 +321,13 @@ def test_force_reruns_sensitivity_measurements(pipeline_run, tmp_path, monkeypat
     assert len(measured) == 2 and head["stages"]["calibrate"] == "skipped" and head["stages"]["sensitivity"] == "ran"
     # stage.force=true: every sub-stage runs with force on (sensitivity included), none is skipped
     seen = {}
-    monkeypatch.setattr(pipeline, "run_stage", lambda sub: seen.setdefault(sub.stage.record, sub.stage.force))
+    monkeypatch.setattr(runner, "run_stage", lambda sub: seen.setdefault(sub.stage.record, sub.stage.force))
     head = run_stage(compose([*base, *SMALL, "stage.force=true"]))
     assert set(head["stages"].values()) == {"ran"} and seen and all(seen.values())
 
 
 def test_truncated_calibration_is_named_with_the_stage_that_rewrites_it(pipeline_run, tmp_path, monkeypatch):
-    import mixprec.stages.common as common
+    import mixprec.context as common
     from mixprec.workspace import UnreadableArtifactError
     from tests.conftest import compose
     ws, base = _copy(pipeline_run, tmp_path)
