@@ -47,7 +47,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, extra: Mapping[str
     from safetensors.torch import save_file
 
     from mixprec.kernels.layers import KernelLayer
+    from mixprec.lora import refuse_if_loaded
 
+    refuse_if_loaded(model, "save_quantized")
     kernels = [m for m in model.modules() if isinstance(m, KernelLayer)]
     if not kernels and not getattr(model, "_mixprec_plan", None):
         raise ValueError("the model is not converted: run mixprec.kernels.convert_ before saving")

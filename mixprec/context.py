@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from mixprec import calibration
 from mixprec.artifacts import QUANT_PARAMS
 from mixprec.generation import Sampler
+from mixprec.lora import check_calibrated_adapters
 from mixprec.models import ModelSpec, _matches, census, check_model_files, denoiser_of, latent_size, load_pipeline, \
     measure_act_elems, resolve_device, text_length, text_starts_with_bos
 from mixprec.prompts import resolve_prompt_set
@@ -159,6 +160,7 @@ def read_calibration(cfg: DictConfig, ws: Workspace) -> Calibration:
     params, meta = calibration.load_params(path)
     # Before the fingerprints: a grouping mismatch also changes them, and this says what to do.
     calibration.check_timestep_groups(meta, quant_recipe(cfg).act_timestep_groups, path)
+    check_calibrated_adapters((meta.get("model") or {}).get("lora"), model_spec(cfg).lora, QUANT_PARAMS)
     ws.check_fingerprints(meta.get("fingerprints"), QUANT_PARAMS, "calibrate")
     return Calibration(path, params, meta)
 

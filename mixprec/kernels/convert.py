@@ -249,6 +249,9 @@ def convert_(model: nn.Module, config: BackendConfig | Mapping[str, Any] | None 
     (and/or ``example_kwargs``) the converted model runs once and the report records the
     execution path that each layer actually took for those inputs.
     """
+    from mixprec.lora import refuse_if_loaded
+
+    refuse_if_loaded(model, "convert_")
     cfg = config if isinstance(config, BackendConfig) else BackendConfig.from_mapping(config)
     arch = architecture_fingerprint(model)
     layers = quant_layers(model)

@@ -40,6 +40,10 @@ def load_pipeline(spec: ModelSpec, device: str | torch.device = "cpu"):
         raise TypeError(f"model {spec.name!r}: {exc}") from None
     if spec.scheduler:
         pipe.scheduler = configured_scheduler(pipe.scheduler, spec.scheduler)
+    if spec.lora:
+        from mixprec.lora import fuse_adapters
+
+        fuse_adapters(pipe, spec.lora)
     if denoiser.dtype != spec.torch_dtype:
         pipe = pipe.to(dtype=spec.torch_dtype)
     pipe = pipe.to(torch.device(device))

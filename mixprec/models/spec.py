@@ -38,6 +38,9 @@ class ModelSpec:
     # scheduler class (a diffusers scheduler name), every other key overrides its config, e.g.
     # {class: EulerDiscreteScheduler, timestep_spacing: leading}. Empty: the pipeline's own.
     scheduler: dict[str, Any] = field(default_factory=dict)
+    # LoRA adapters fused into the weights at load, before anything is quantized: a list of
+    # {path, scale} (mixprec.lora.fuse_adapters). Part of the model's identity (fingerprint).
+    lora: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
@@ -62,6 +65,10 @@ class ModelSpec:
             raise ValueError(f"model.num_inference_steps must be >= 1, got {self.num_inference_steps}")
         if self.scheduler:
             scheduler_overrides(self.scheduler)  # raises on an unknown class or option
+        if self.lora:
+            from mixprec.lora import check_adapter_entries
+
+            self.lora = check_adapter_entries(self.lora)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -79,6 +86,10 @@ class ModelSpec:
             data["random_weights_drawn_on"] = device_type
         if self.source == "builtin":
             data["weights_digest"] = _folder_digest(self.resolved_path())
+        if self.lora:  # only when set: fingerprints of runs without adapters stay as they were
+            from mixprec.lora import adapters_identity
+
+            data["lora"] = adapters_identity(self.lora)
         return data
 
     def resolved_path(self) -> Path | None:
