@@ -1,0 +1,47 @@
+"""stage=export: the final plans as torchao per-layer configs (``torchao_plan.json``).
+
+Reads ``final_weight_mp.yaml`` (and ``final_act_mp.yaml`` unless ``stage.use_act_plan=false``) and
+the census ``layers.csv`` (each layer's kind); no model is loaded. The file holds torchao's own
+serialization of one ``FqnToConfig`` (module names relative to the denoiser), the layers left in
+full precision, and the layers torchao cannot quantize to the plan's bits with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from omegaconf import DictConfig
+
+from mixprec import search
+from mixprec.export import torchao_export, write_torchao_export
+from mixprec.stages.common import LAYERS_CSV
+from mixprec.stages.select import check_plan_fingerprints, output_paths
+from mixprec.workspace import Workspace
+
+log = logging.getLogger("mixprec")
+
+
+def run(cfg: DictConfig, ws: Workspace) -> dict:
+    s = cfg.stage
+    final = output_paths(s.get("plan_dir"))
+    producer = f"select stage.output_dir={s.plan_dir}" if s.get("plan_dir") else "select"
+    weight_plan = search.read_plan(ws.require(final["weight"], producer))
+    check_plan_fingerprints(ws, weight_plan.header, final["weight"])
+    act_bits = None
+    if s.use_act_plan:
+        act_plan = search.read_plan(ws.require(final["act"], producer))
+        check_plan_fingerprints(ws, act_plan.header, final["act"])
+        act_bits = act_plan.bits
+    kinds = {r["name"]: "conv" if r["type"] == "Conv2d" else "linear" for r in ws.read_csv(LAYERS_CSV, "calibrate")}
+    export = torchao_export(weight_plan.bits, act_bits, kinds, activations=str(s.activations))
+    path = write_torchao_export(ws.path(str(s.output)), export)
+    headline = {
+        "path": str(path), "layers": len(kinds), "exported": len(export.configs),
+        "full_precision": len(export.full_precision), "unsupported": len(export.unsupported),
+        "configs": dict(Counter(type(c).__name__ for c in export.configs.values())),
+        "unsupported_reasons": dict(Counter(export.unsupported.values())),
+    }
+    log.info("export: %d of %d layers as torchao configs, %d full precision, %d not exportable -> %s",
+             headline["exported"], len(kinds), headline["full_precision"], headline["unsupported"], path)
+    return headline
