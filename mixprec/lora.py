@@ -538,9 +538,11 @@ def refuse_if_loaded(model: nn.Module, action: str) -> None:
 
 
 def random_lora_state_dict(model: nn.Module, targets: Iterable[str], rank: int = 4, alpha: float | None = None,
-                           std: float = 0.05, seed: int = 0, prefix: str = "unet") -> dict[str, torch.Tensor]:
+                           relative_norm: float = 0.1, seed: int = 0, prefix: str = "unet") -> dict[str, torch.Tensor]:
     """A random adapter in the PEFT/diffusers key format for every Linear/Conv2d whose name ends with
-    one of ``targets`` (tests and benchmarks). Alphas go in as ``<layer>.alpha`` keys when given."""
+    one of ``targets`` (tests and benchmarks). Each update ``up @ down`` has ``relative_norm`` times
+    the Frobenius norm of the layer's weight (before the alpha / r scaling; alphas go in as
+    ``<layer>.alpha`` keys when given), so the adapter is as strong on a wide model as on a narrow one."""
     gen = torch.Generator("cpu").manual_seed(seed)
     targets = tuple(targets)
     state: dict[str, torch.Tensor] = {}
@@ -549,16 +551,18 @@ def random_lora_state_dict(model: nn.Module, targets: Iterable[str], rank: int =
             name, module = module.name, module.inner
         if not isinstance(module, QUANTIZABLE_TYPES) or name.endswith(".inner") or not name.endswith(targets):
             continue
-        w = module.weight
-        key = f"{prefix}.{name}" if prefix else name
+        w = module.weight.detach().float().cpu()
         if isinstance(module, nn.Conv2d):
             down = torch.randn(rank, module.in_channels, *module.kernel_size, generator=gen)
             up = torch.randn(module.out_channels, rank, 1, 1, generator=gen)
         else:
             down = torch.randn(rank, module.in_features, generator=gen)
             up = torch.randn(module.out_features, rank, generator=gen)
-        state[f"{key}.lora_A.weight"] = (down * std).to(w.dtype)
-        state[f"{key}.lora_B.weight"] = (up * std).to(w.dtype)
+        delta = up.reshape(up.shape[0], -1) @ down.reshape(rank, -1)
+        factor = (relative_norm * w.norm() / delta.norm()).sqrt()
+        key = f"{prefix}.{name}" if prefix else name
+        state[f"{key}.lora_A.weight"] = (down * factor).to(module.weight.dtype).contiguous()
+        state[f"{key}.lora_B.weight"] = (up * factor).to(module.weight.dtype).contiguous()
         if alpha is not None:
             state[f"{key}.alpha"] = torch.tensor(float(alpha))
     if not state:

@@ -121,7 +121,7 @@ def test_loader_refuses_another_plan_model_or_weights(checkpoint, tiny_pipe, tmp
     adapter = tmp_path / "a.safetensors"
     from safetensors.torch import save_file
 
-    save_file(lora.random_lora_state_dict(tiny_pipe.unet, ("to_k", "to_v", "conv1"), std=0.2, seed=5), str(adapter))
+    save_file(lora.random_lora_state_dict(tiny_pipe.unet, ("to_k", "to_v", "conv1"), relative_norm=0.2, seed=5), str(adapter))
     with pytest.raises(CheckpointMismatchError, match="LoRA a.safetensors"):
         mixprec.load_quantized_pipeline({**TINY, "lora": [{"path": str(adapter), "scale": 1.0}]}, path)
     with pytest.raises(CheckpointMismatchError, match="not made from these weights"):

@@ -97,7 +97,7 @@ def test_reference_path_equals_fake_quant_and_unload_is_bit_identical(calibrated
 
 def test_emulated_kernels_with_lora_track_the_fake_quant_reference(calibrated):
     unet, x = calibrated
-    adapter = lora.random_lora_state_dict(unet, TARGETS, rank=4, std=0.1, seed=1)
+    adapter = lora.random_lora_state_dict(unet, TARGETS, rank=4, relative_norm=0.2, seed=1)
     fake = copy.deepcopy(unet)
     emulated = copy.deepcopy(unet)
     convert_(emulated, BackendConfig(cpu="emulate"))
@@ -110,8 +110,8 @@ def test_several_adapters_with_weights(calibrated):
     unet, x = calibrated
     model = copy.deepcopy(unet)
     base = run(model, x)
-    a = lora.random_lora_state_dict(unet, TARGETS, rank=4, std=0.1, seed=1)
-    b = lora.random_lora_state_dict(unet, ("to_v", "conv2", "proj_out"), rank=2, alpha=4.0, std=0.1, seed=2)
+    a = lora.random_lora_state_dict(unet, TARGETS, rank=4, relative_norm=0.2, seed=1)
+    b = lora.random_lora_state_dict(unet, ("to_v", "conv2", "proj_out"), rank=2, alpha=4.0, relative_norm=0.2, seed=2)
     lora.load_lora(model, a, "a")
     only_a = run(model, x)
     lora.load_lora(model, b, "b", weight=0.5)
@@ -143,7 +143,7 @@ def test_kernel_layer_with_lora_compiles_without_graph_breaks(calibrated):
     unet, _ = calibrated
     model = copy.deepcopy(unet)
     convert_(model, BackendConfig())
-    adapter = lora.random_lora_state_dict(unet, ("to_k",), rank=4, std=0.1, seed=3)
+    adapter = lora.random_lora_state_dict(unet, ("to_k",), rank=4, relative_norm=0.2, seed=3)
     lora.load_lora(model, adapter, "a")
     layer = next(m for m in model.modules() if isinstance(m, lora.LoraLayer))
     assert isinstance(layer.base, KernelLayer)
@@ -159,7 +159,7 @@ def test_kernel_path_with_lora_under_inductor_on_gpu(tiny_pipe):
     calib = [denoiser_inputs(unet, 2, seed=s) for s in range(2)]
     layers = calibrate_random(unet, lambda: [unet(**c) for c in calib], weight_bits=(4, 8), act_bits=(8,))
     set_plan(layers, {n: 4 for n in layers}, {n: 8 for n in layers})
-    adapter = lora.random_lora_state_dict(unet, TARGETS, rank=4, std=0.1, seed=1)
+    adapter = lora.random_lora_state_dict(unet, TARGETS, rank=4, relative_norm=0.2, seed=1)
     x = denoiser_inputs(unet, 2, seed=9)
     fake = copy.deepcopy(unet)
     lora.load_lora(fake, adapter, "a")

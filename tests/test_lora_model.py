@@ -26,7 +26,7 @@ TINY = {"name": "tiny", "source": "builtin"}
 def adapter_file(tmp_path_factory):
     pipe = load_pipeline(ModelSpec.from_dict(TINY))
     path = tmp_path_factory.mktemp("adapter") / "swap.safetensors"
-    save_file(lora.random_lora_state_dict(pipe.unet, ("to_k", "to_v", "conv1"), rank=4, std=0.2, seed=7), str(path))
+    save_file(lora.random_lora_state_dict(pipe.unet, ("to_k", "to_v", "conv1"), rank=4, relative_norm=0.2, seed=7), str(path))
     return path
 
 
