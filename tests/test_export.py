@@ -34,7 +34,6 @@ def mixed_plan(names):
 
 
 def test_torchao_export_reproduces_the_plan_bit_widths(tiny_pipe, tmp_path):
-    pytest.importorskip("torchao")
     from mixprec.export import apply_torchao, layer_kinds, torchao_bits, torchao_export, write_torchao_export
 
     unet = copy.deepcopy(tiny_pipe.unet)
@@ -65,7 +64,6 @@ def test_torchao_export_reproduces_the_plan_bit_widths(tiny_pipe, tmp_path):
 
 
 def test_weight_only_export_takes_every_weight_quantized_layer(tiny_pipe):
-    pytest.importorskip("torchao")
     from mixprec.export import layer_kinds, torchao_export
 
     kinds = layer_kinds(tiny_pipe.unet)

@@ -25,7 +25,7 @@ def tiny_pipe():
 @pytest.fixture(scope="module")
 def peft_adapter(tiny_pipe, tmp_path_factory):
     """An adapter trained-looking (random A and B) made by PEFT and saved by diffusers' save_lora_weights."""
-    peft = pytest.importorskip("peft")
+    import peft
     from peft.utils import get_peft_model_state_dict
 
     unet = copy.deepcopy(tiny_pipe.unet)
@@ -55,7 +55,6 @@ def run(model, x):
 
 
 def test_matches_diffusers_peft_on_the_plain_model(tiny_pipe, peft_adapter):
-    pytest.importorskip("peft")
     x = denoiser_inputs(tiny_pipe.unet, 2, seed=3)
     pipe = copy.deepcopy(tiny_pipe)
     base = run(pipe.unet, x)
@@ -193,7 +192,6 @@ def test_bad_adapters_and_misuse_fail_clearly(calibrated, tiny_pipe):
 
 
 def test_fuse_matches_diffusers_fuse_lora(tiny_pipe, peft_adapter):
-    pytest.importorskip("peft")
     ours = copy.deepcopy(tiny_pipe)
     assert lora.fuse_lora(ours, peft_adapter, scale=0.7) == {"unet": 28}
     theirs = copy.deepcopy(tiny_pipe)
