@@ -23,12 +23,13 @@ diffusers' ``lora_state_dict``, the Kohya formats it converts; the arithmetic is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -568,3 +569,37 @@ def random_lora_state_dict(model: nn.Module, targets: Iterable[str], rank: int =
     if not state:
         raise ValueError(f"no Linear/Conv2d layer name ends with {targets}")
     return state
+
+
+def check_inference_entries(entries: Iterable[Any] | None, setting: str = "stage.lora") -> list[dict[str, Any]]:
+    """``stage.lora`` entries as ``{path, weight, name}`` (name defaults to the file's stem)."""
+    out = []
+    for i, entry in enumerate(entries or []):
+        if isinstance(entry, (str, os.PathLike)):
+            entry = {"path": str(entry)}
+        if not isinstance(entry, Mapping) or "path" not in entry or set(entry) - {"path", "weight", "name"}:
+            raise ValueError(f"{setting}[{i}] must be {{path: <adapter>, weight: <float>, name: <adapter name>}} "
+                             f"(weight and name optional), got {entry!r}")
+        try:
+            file = lora_file(entry["path"])
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{setting}[{i}].path: {exc}") from None
+        name = str(entry.get("name") or (file.parent.name if file.name == LORA_WEIGHT_NAME else file.stem))
+        out.append({"path": str(entry["path"]), "weight": float(entry.get("weight", 1.0)), "name": name})
+    names = [e["name"] for e in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{setting}: adapter names must differ, got {names}; set name: for each")
+    return out
+
+
+@contextlib.contextmanager
+def loaded(target, entries: Iterable[Mapping[str, Any]]) -> Iterator[Any]:
+    """``with loaded(pipe, entries):`` the adapters are beside the layers inside the block only."""
+    entries = list(entries)
+    for e in entries:
+        load_lora(target, e["path"], e["name"], float(e.get("weight", 1.0)))
+    try:
+        yield target
+    finally:
+        if entries:
+            unload_lora(target, [e["name"] for e in entries])

@@ -351,3 +351,50 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_export_stage_writes_torchao_configs_that_reproduce_the_plan(pipeline_run, tmp_path):
+    from mixprec.export import apply_torchao, torchao_bits
+    from mixprec.models import load_pipeline
+    from mixprec.stages.common import model_spec
+    from tests.conftest import compose
+    out, _ = pipeline_run
+    ws = out / "tiny_random"
+    cfg = compose([f"paths.workspace={ws}", "tracking=disabled", "device=cpu", *PROMPTS, "stage=export",
+                   f"stage.output={tmp_path / 'torchao_plan.json'}"])
+    head = run_stage(cfg)
+    assert head["exported"] + head["full_precision"] + head["unsupported"] == head["layers"] > 0
+    assert head["exported"] > 0
+    unet = load_pipeline(model_spec(cfg)).unet
+    apply_torchao(unet, head["path"])
+    weight = yaml.safe_load((ws / "final_weight_mp.yaml").read_text())["bits"]
+    exported = json.loads((tmp_path / "torchao_plan.json").read_text())["config"]["_data"]["fqn_to_config"]
+    got = torchao_bits(unet)
+    assert {n: got[n]["w"] for n in exported} == {n: weight[n] for n in exported}
+
+
+def test_infer_loads_lora_beside_fake_quant_and_kernel_layers(pipeline_run, tmp_path):
+    from safetensors.torch import save_file
+
+    from mixprec import lora
+    from mixprec.models import load_pipeline
+    from mixprec.stages.common import model_spec
+    from tests.conftest import compose
+    out, _ = pipeline_run
+    ws = tmp_path / "ws"
+    shutil.copytree(out / "tiny_random", ws)
+    base = [f"paths.workspace={ws}", "tracking=disabled", "device=cpu", *PROMPTS, "stage=infer"]
+    plain = _pixels(ws / "generated_images")
+    unet = load_pipeline(model_spec(compose(base))).unet
+    save_file(lora.random_lora_state_dict(unet, ("to_k", "to_v", "conv1", "proj_in"), relative_norm=0.5, seed=3),
+              str(tmp_path / "style.safetensors"))
+    with_lora = [*base, f"stage.lora=[{{path: '{tmp_path / 'style.safetensors'}', weight: 1.0}}]"]
+    run_stage(compose(with_lora))
+    assert json.loads((ws / "infer.json").read_text())["headline"]["lora"][0]["name"] == "style"
+    fake = _pixels(ws / "generated_images")
+    assert any((a != b).any() for a, b in zip(plain, fake))
+    run_stage(compose([*with_lora, "stage.execution=kernels"]))
+    for a, b in zip(fake, _pixels(ws / "generated_images")):  # CPU: the kernel layers' reference path
+        assert (a == b).all()
+    with pytest.raises(FileNotFoundError, match=r"stage.lora\[0\].path"):
+        run_stage(compose([*base, f"stage.lora=[{{path: '{tmp_path / 'none'}'}}]"]))

@@ -13,10 +13,9 @@ from collections import Counter
 
 from omegaconf import DictConfig
 
-from mixprec import search
 from mixprec.export import torchao_export, write_torchao_export
 from mixprec.stages.common import LAYERS_CSV
-from mixprec.stages.select import check_plan_fingerprints, output_paths
+from mixprec.stages.select import read_final_plans
 from mixprec.workspace import Workspace
 
 log = logging.getLogger("mixprec")
@@ -24,15 +23,8 @@ log = logging.getLogger("mixprec")
 
 def run(cfg: DictConfig, ws: Workspace) -> dict:
     s = cfg.stage
-    final = output_paths(s.get("plan_dir"))
-    producer = f"select stage.output_dir={s.plan_dir}" if s.get("plan_dir") else "select"
-    weight_plan = search.read_plan(ws.require(final["weight"], producer))
-    check_plan_fingerprints(ws, weight_plan.header, final["weight"])
-    act_bits = None
-    if s.use_act_plan:
-        act_plan = search.read_plan(ws.require(final["act"], producer))
-        check_plan_fingerprints(ws, act_plan.header, final["act"])
-        act_bits = act_plan.bits
+    _, weight_plan, act_plan = read_final_plans(ws, s.get("plan_dir"), bool(s.use_act_plan))
+    act_bits = act_plan.bits if act_plan is not None else None
     kinds = {r["name"]: "conv" if r["type"] == "Conv2d" else "linear" for r in ws.read_csv(LAYERS_CSV, "calibrate")}
     export = torchao_export(weight_plan.bits, act_bits, kinds, activations=str(s.activations))
     path = write_torchao_export(ws.path(str(s.output)), export)
