@@ -81,7 +81,7 @@ def adherence(args) -> dict:
         out = {"without": rates(plain, captions, swapped), "with": rates(with_lora, captions, swapped),
                "unload_bit_identical": bool(torch.equal(plain, again))}
         out["change_points"] = {k: 100 * (out["with"][k] - out["without"][k]) for k in ("original", "swapped")}
-        return out, with_lora
+        return out, (plain, with_lora)
 
     result = {"prompts": len(captions), "split": "all captions with red or blue, one seed each"}
     result["full_precision"], _ = measure()
@@ -93,7 +93,12 @@ def adherence(args) -> dict:
     result["w4a8_fake"], fake_images = measure()
     convert_(bundle.denoiser, BackendConfig(bos="exact"))
     result["w4a8_kernels_cpu"], kernel_images = measure()
-    result["w4a8_kernels_equal_fake_with_lora"] = bool(torch.equal(fake_images, kernel_images))
+    # the kernel layers' reference path against fake quant (bos=exact): the same arithmetic, though
+    # on CPU oneDNN may pick other kernels for the freshly dequantized weights at larger batches
+    result["w4a8_kernels_cpu_vs_fake"] = {
+        f"{tag}_lora": {"images_differing": int((f != k).flatten(1).any(1).sum()),
+                        "max_abs_pixel_diff": float((f - k).abs().max())}
+        for tag, f, k in (("without", fake_images[0], kernel_images[0]), ("with", fake_images[1], kernel_images[1]))}
     result["fp_vs_w4a8_change_gap_points"] = {
         k: abs(result["full_precision"]["change_points"][k] - result["w4a8_fake"]["change_points"][k])
         for k in ("original", "swapped")}

@@ -203,3 +203,20 @@ def test_fuse_matches_diffusers_fuse_lora(tiny_pipe, peft_adapter):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
         changed += not torch.equal(p, tiny_pipe.unet.get_parameter(name))
     assert changed == 28
+
+
+def test_text_encoder_adapters_load_and_unload(tiny_pipe):
+    pipe = copy.deepcopy(tiny_pipe)
+    ids = pipe.tokenizer(["a red circle on a blue background"], return_tensors="pt").input_ids
+
+    def states():
+        with torch.no_grad():
+            return pipe.text_encoder(ids).last_hidden_state
+
+    before = states()
+    adapter = lora.random_lora_state_dict(pipe.text_encoder, ("q_proj", "v_proj"), rank=2, relative_norm=0.3,
+                                          prefix="text_encoder")
+    assert lora.load_lora(pipe, adapter, "te") == {"text_encoder": 4}
+    assert not torch.equal(states(), before)
+    lora.unload_lora(pipe)
+    assert torch.equal(states(), before)
