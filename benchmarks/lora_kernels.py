@@ -13,7 +13,8 @@ adapter (PEFT key format, Linear and Conv2d layers) is loaded beside both with
   output before loading (eager; and compiled, compiling the unloaded model afresh);
 - ``paths``: the execution paths the kernel layers took (dispatch report probe).
 
-    python benchmarks/lora_kernels.py --models tiny,sdxl --plans w4a8,w8a8 --out $OUT/lora_kernels.json
+    python benchmarks/lora_kernels.py --models tiny,sdxl --plans w4a8,w8a8 --compile-models tiny \
+        --out $OUT/lora_kernels.json
 
 Without CUDA it runs on CPU (kernel layers then take the reference path, or ``--cpu-path emulate``).
 """
@@ -52,6 +53,7 @@ def build(model: str, device: torch.device, dtype: torch.dtype):
 
 
 def run_one(model: str, plan: str, args, device: torch.device, dtype: torch.dtype) -> dict:
+    compile_it = model in args.compile_models.split(",")
     unet = build(model, device, dtype)
     latent = args.latent or unet.config.sample_size
     calib = [denoiser_inputs(unet, args.batch, latent=latent, seed=s) for s in range(2)]
@@ -70,7 +72,7 @@ def run_one(model: str, plan: str, args, device: torch.device, dtype: torch.dtyp
             return m(**x).sample.float()
 
     fake_plain, kernel_before = out(fake), out(kernel)
-    compiled_before = out(torch.compile(kernel)) if args.compile else None
+    compiled_before = out(torch.compile(kernel)) if compile_it else None
     lora.load_lora(fake, adapter, "bench")
     lora.load_lora(kernel, adapter, "bench")
     fake_lora, kernel_lora = out(fake), out(kernel)
@@ -82,12 +84,12 @@ def run_one(model: str, plan: str, args, device: torch.device, dtype: torch.dtyp
                     "kernel_vs_fake": sqnr_db(fake_plain, kernel_before),
                     "lora_effect": sqnr_db(fake_lora, fake_plain)},
     }
-    if args.compile:
+    if compile_it:
         torch._dynamo.reset()
         result["sqnr_db"]["compiled_kernel_lora_vs_fake_lora"] = sqnr_db(fake_lora, out(torch.compile(kernel)))
     lora.unload_lora(kernel)
     result["unload_bit_identical"] = {"eager": bool(torch.equal(out(kernel), kernel_before))}
-    if args.compile:
+    if compile_it:
         torch._dynamo.reset()
         result["unload_bit_identical"]["compiled"] = bool(torch.equal(out(torch.compile(kernel)), compiled_before))
     return result
@@ -103,7 +105,8 @@ def main() -> None:
     p.add_argument("--latent", type=int, default=None, help="latent size (default: the model's sample_size)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--relative-norm", type=float, default=0.05, help="||up @ down|| / ||W|| of every adapted layer")
-    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--compile-models", default="tiny", help="models also measured under torch.compile (three "
+                                                              "compilations each; the full-size SDXL UNet's take minutes)")
     p.add_argument("--cpu-path", default="reference", choices=["reference", "emulate"])
     p.add_argument("--out", default=None)
     args = p.parse_args()
