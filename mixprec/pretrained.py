@@ -17,6 +17,7 @@ model, another fine-tune or a LoRA-fused model is refused with the reason.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -82,8 +83,7 @@ def _load_base(base: Any, dtype: torch.dtype, device):
 
     if isinstance(base, (ModelSpec, Mapping)):
         spec = base if isinstance(base, ModelSpec) else ModelSpec.from_dict(dict(base))
-        spec.dtype = str(dtype).split(".")[-1]
-        return load_pipeline(spec, device=device)
+        return load_pipeline(dataclasses.replace(spec, dtype=str(dtype).split(".")[-1]), device=device)
     if isinstance(base, (str, os.PathLike)):
         folder = Path(base)
         if folder.exists():
