@@ -220,3 +220,23 @@ def test_text_encoder_adapters_load_and_unload(tiny_pipe):
     assert not torch.equal(states(), before)
     lora.unload_lora(pipe)
     assert torch.equal(states(), before)
+
+
+def test_older_diffusers_keys_with_alphas_match_diffusers(tiny_pipe):
+    peft_style = lora.random_lora_state_dict(tiny_pipe.unet, ("to_k", "to_v", "conv1"), rank=4, alpha=2.0,
+                                             relative_norm=0.2, seed=11)
+    old_style = {k.replace(".lora_A.weight", ".lora.down.weight").replace(".lora_B.weight", ".lora.up.weight"): v
+                 for k, v in peft_style.items()}
+    x = denoiser_inputs(tiny_pipe.unet, 2, seed=4)
+    # diffusers takes alpha keys only in Kohya files: give it the same update with alpha / r = 0.5 folded into B
+    folded = {k: v * 0.5 if k.endswith("lora_B.weight") else v
+              for k, v in peft_style.items() if not k.endswith("alpha")}
+    reference = copy.deepcopy(tiny_pipe)
+    reference.load_lora_weights(folded, adapter_name="old")
+    expected = run(reference.unet, x)
+    for state in (old_style, peft_style):
+        mine = copy.deepcopy(tiny_pipe)
+        lora.load_lora(mine, dict(state), "old")
+        got = run(mine.unet, x)
+        assert (got - expected).abs().max() < 1e-5
+    assert (expected - run(tiny_pipe.unet, x)).abs().max() > 0.05  # alpha 2 / rank 4 = scaling 0.5 mattered
