@@ -149,10 +149,42 @@ def torchao_check(args) -> dict:
     plan = json.loads(Path(head["path"]).read_text())
     exported = [n for n in plan["config"]["_data"]["fqn_to_config"]]
     exact = sum(got[n]["w"] == plan["plan"][n]["w"] for n in exported)
-    return {**{k: head[k] for k in ("layers", "exported", "full_precision", "unsupported", "configs",
+    return {"weight_only_images_psnr_db": weight_only_psnr(args), **{k: head[k] for k in ("layers", "exported", "full_precision", "unsupported", "configs",
                                     "unsupported_reasons")},
             "weight_bits_exact": f"{exact}/{len(exported)}",
             "activation_8bit_dynamic": sum(got[n]["a"] == 8 for n in exported)}
+
+
+def weight_only_psnr(args) -> dict:
+    """The final weight plan, weight-only (16-bit activations), through torchao and through mixprec's
+    fake quantization: PSNR of 16 images against full precision (same prompts and seeds)."""
+    from mixprec.calibration import attach_params, load_params
+    from mixprec.export import apply_torchao, layer_kinds, torchao_export
+    from mixprec.metrics import psnr_db
+    from mixprec.models import ModelSpec, load_pipeline
+    from mixprec.quantizers import quantize_, set_plan
+
+    pipe = load_pipeline(ModelSpec.from_dict({"name": "tiny", "source": "builtin"}))
+    full = pipe.unet
+    bits = search.read_plan(Path(args.base_ws) / "final_weight_mp.yaml").bits
+    captions = list(iter_captions("heldout"))[:16]
+
+    def images(unet):
+        pipe.unet = unet
+        return pipe(captions, num_inference_steps=8, guidance_scale=0.0, height=64, width=64, output_type="pt",
+                    generator=[torch.Generator().manual_seed(i) for i in range(len(captions))]).images
+
+    ao = apply_torchao(copy.deepcopy(full), torchao_export(bits, None, layer_kinds(full)))
+    fake = copy.deepcopy(full)
+    layers = quantize_(fake)
+    attach_params(layers, load_params(Path(args.base_ws) / "quant_params.safetensors")[0])
+    set_plan(layers, bits, None)
+    reference, via_torchao, via_mixprec = images(full), images(ao), images(fake)
+    return {"images": len(captions), "torchao_vs_full_precision": psnr_db(reference, via_torchao),
+            "mixprec_fake_quant_vs_full_precision": psnr_db(reference, via_mixprec),
+            "adherence": {"full_precision": check_batch(reference, captions)["all"],
+                          "torchao": check_batch(via_torchao, captions)["all"],
+                          "mixprec": check_batch(via_mixprec, captions)["all"]}}
 
 
 def main() -> None:
