@@ -101,6 +101,16 @@ class InferSettings(StageSettings):
     kernels: Optional[dict[str, Any]] = None
     save_checkpoint: bool = False
     checkpoint: Optional[str] = None
+    # adapters beside the layers for this stage's generations: [{path, weight, name}] (mixprec.lora)
+    lora: list[Union[str, dict[str, Any]]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class ExportSettings(StageSettings):
+    use_act_plan: bool = True
+    plan_dir: Optional[str] = None
+    activations: Literal["dynamic_int8", "weight_only"] = "dynamic_int8"
+    output: str = "torchao_plan.json"
 
 
 @dataclasses.dataclass
@@ -198,7 +208,7 @@ SCHEMAS: dict[str, type[StageSettings]] = {
     "inspect": InspectSettings, "calibrate": CalibrateSettings, "sensitivity": SensitivitySettings,
     "allocate": AllocateSettings, "select": SelectSettings, "infer": InferSettings, "report": ReportSettings,
     "evaluate": EvaluateSettings, "benchmark": BenchmarkSettings, "train_tiny": TrainTinySettings,
-    "pipeline": PipelineSettings,
+    "pipeline": PipelineSettings, "export": ExportSettings,
 }
 # pipeline entry -> the stage it runs (conf/stage/pipeline.yaml: allocate@allocate_weight, ...)
 PIPELINE_ENTRIES = {"calibrate": "calibrate", "sensitivity": "sensitivity", "allocate_weight": "allocate",
