@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import env_info, write_json  # noqa: E402
 from mixprec import lora  # noqa: E402
 from mixprec.kernels import BackendConfig, convert_  # noqa: E402
-from mixprec.kernels.testing import build_unet, calibrate_random, cast_floating_, denoiser_inputs, sqnr_db  # noqa: E402
+from mixprec.kernels.probing import calibrate_random, cast_floating_, denoiser_inputs, sqnr_db  # noqa: E402
+from mixprec.models import build_unet  # noqa: E402
 from mixprec.quantizers import set_plan  # noqa: E402
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "conv1", "conv2")

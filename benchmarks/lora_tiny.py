@@ -64,7 +64,7 @@ def rates(images, captions, swapped) -> dict:
 def adherence(args) -> dict:
     from mixprec.kernels import BackendConfig, convert_
     from mixprec.quantizers import set_plan
-    from mixprec.stages.common import load_calibrated, workspace
+    from mixprec.context import load_calibrated, workspace
 
     cfg = compose([f"paths.workspace={args.base_ws}"])
     bundle = load_calibrated(cfg, workspace(cfg), batch_size=16)
@@ -106,7 +106,7 @@ def adherence(args) -> dict:
 
 
 def fused(args) -> dict:
-    from mixprec.stages.common import read_calibration, workspace
+    from mixprec.context import read_calibration, workspace
     from mixprec.workspace import FingerprintMismatchError
 
     base, fz = Path(args.base_ws), Path(args.fused_ws)

@@ -269,6 +269,19 @@ def final_plan_paths(output_dir: str | None = None) -> dict[str, str]:
             "grids": folder or SELECT_GRIDS_DIR}
 
 
+def read_checked_final_plans(ws: Workspace, plan_dir: str | None, use_act_plan: bool):
+    """(paths, weight plan, act plan or None) of a selection's final plans, checked against this run."""
+    final = final_plan_paths(plan_dir)
+    producer = f"select stage.output_dir={plan_dir}" if plan_dir else "select"
+    weight_plan = read_plan_file(ws, final["weight"], producer)
+    check_plan_fingerprints(ws, weight_plan.header, final["weight"])
+    act_plan = None
+    if use_act_plan:
+        act_plan = read_plan_file(ws, final["act"], producer)
+        check_plan_fingerprints(ws, act_plan.header, final["act"])
+    return final, weight_plan, act_plan
+
+
 def read_final_plans(root: str | os.PathLike) -> dict[str, PlanFile]:
     """kind -> the final plan the select stage wrote at the workspace root (those present)."""
     out = {}

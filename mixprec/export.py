@@ -133,7 +133,7 @@ def torchao_export(weight_bits: Mapping[str, int | None], act_bits: Mapping[str,
 
 def layer_kinds(model: nn.Module) -> dict[str, str]:
     """``linear``/``conv`` of every quantizable layer by its original name (plain, wrapped or converted)."""
-    from mixprec.checkpoint import quantizable_shapes
+    from mixprec.kernels.architecture import quantizable_shapes
 
     return {name: "conv" if len(shape) == 4 else "linear" for name, shape in quantizable_shapes(model).items()}
 

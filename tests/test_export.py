@@ -13,7 +13,7 @@ import mixprec
 from mixprec import lora
 from mixprec.checkpoint import CheckpointMismatchError, save_quantized
 from mixprec.kernels import BackendConfig, convert_
-from mixprec.kernels.testing import calibrate_random, denoiser_inputs
+from mixprec.kernels.probing import calibrate_random, denoiser_inputs
 from mixprec.models import ModelSpec, load_pipeline
 from mixprec.quantizers import set_plan
 from mixprec.workspace import fingerprint

@@ -10,7 +10,7 @@ import torch
 
 from mixprec import lora
 from mixprec.kernels import BackendConfig, KernelLayer, convert_
-from mixprec.kernels.testing import calibrate_random, denoiser_inputs, sqnr_db
+from mixprec.kernels.probing import calibrate_random, denoiser_inputs, sqnr_db
 from mixprec.models import ModelSpec, load_pipeline
 from mixprec.quantizers import quant_layers, quantize_, set_plan
 

@@ -13,7 +13,7 @@ from mixprec.calibration import calibrate_layers
 from mixprec.models import ModelSpec, load_pipeline
 from mixprec.quantizers import quantize_, set_plan
 from mixprec.runner import run_stage
-from mixprec.stages.common import fingerprints, read_calibration, workspace
+from mixprec.context import fingerprints, read_calibration, workspace
 from mixprec.tiny.adherence import check_batch
 from mixprec.tiny.lora import colour_swap_lora, swap_words
 from mixprec.tiny.shapes import iter_captions

@@ -356,7 +356,7 @@ def _umask() -> int:
 def test_export_stage_writes_torchao_configs_that_reproduce_the_plan(pipeline_run, tmp_path):
     from mixprec.export import apply_torchao, torchao_bits
     from mixprec.models import load_pipeline
-    from mixprec.stages.common import model_spec
+    from mixprec.context import model_spec
     from tests.conftest import compose
     out, _ = pipeline_run
     ws = out / "tiny_random"
@@ -378,7 +378,7 @@ def test_infer_loads_lora_beside_fake_quant_and_kernel_layers(pipeline_run, tmp_
 
     from mixprec import lora
     from mixprec.models import load_pipeline
-    from mixprec.stages.common import model_spec
+    from mixprec.context import model_spec
     from tests.conftest import compose
     out, _ = pipeline_run
     ws = tmp_path / "ws"

@@ -11,21 +11,18 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-from omegaconf import DictConfig
-
+from mixprec import artifacts
+from mixprec.context import StageContext
 from mixprec.export import torchao_export, write_torchao_export
-from mixprec.stages.common import LAYERS_CSV
-from mixprec.stages.select import read_final_plans
-from mixprec.workspace import Workspace
 
 log = logging.getLogger("mixprec")
 
 
-def run(cfg: DictConfig, ws: Workspace) -> dict:
-    s = cfg.stage
-    _, weight_plan, act_plan = read_final_plans(ws, s.get("plan_dir"), bool(s.use_act_plan))
+def run(ctx: StageContext) -> dict:
+    ws, s = ctx.workspace, ctx.cfg.stage
+    _, weight_plan, act_plan = artifacts.read_checked_final_plans(ws, s.get("plan_dir"), bool(s.use_act_plan))
     act_bits = act_plan.bits if act_plan is not None else None
-    kinds = {r["name"]: "conv" if r["type"] == "Conv2d" else "linear" for r in ws.read_csv(LAYERS_CSV, "calibrate")}
+    kinds = {r.name: "conv" if r.type == "Conv2d" else "linear" for r in artifacts.read_census(ws)}
     export = torchao_export(weight_plan.bits, act_bits, kinds, activations=str(s.activations))
     path = write_torchao_export(ws.path(str(s.output)), export)
     headline = {

@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from mixprec import artifacts, search
 from mixprec.artifacts import CHECKPOINT_FILE, IMAGES_DIR
 from mixprec.generation import Sampler, to_pil
+from mixprec.lora import check_inference_entries
 from mixprec.models import denoiser_example_inputs, denoiser_of, latent_size, load_pipeline, resolve_device, \
     text_length
 from mixprec.quantizers import set_plan
@@ -39,11 +40,14 @@ log = logging.getLogger("mixprec")
 EXECUTIONS = ("fake", "kernels")
 
 
-def _timed_generate(sampler, prompts, seeds):
+def _timed_generate(sampler, prompts, seeds, adapters=()):
+    from mixprec.lora import loaded
+
     if sampler.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    out = sampler.generate(prompts, seeds)
+    with loaded(sampler.pipe, adapters):  # stage.lora: beside the layers for this generation only
+        out = sampler.generate(prompts, seeds)
     if sampler.device.type == "cuda":
         torch.cuda.synchronize()
     return out.images, time.perf_counter() - start
@@ -104,19 +108,13 @@ def run(ctx: StageContext) -> dict:
     execution = _check_options(s)
     if s.get("checkpoint"):
         return run_from_checkpoint(ctx)
-    final = artifacts.final_plan_paths(s.get("plan_dir"))
-    producer = f"select stage.output_dir={s.plan_dir}" if s.get("plan_dir") else "select"
-    weight_plan = artifacts.read_plan_file(ws, final["weight"], producer)
-    artifacts.check_plan_fingerprints(ws, weight_plan.header, final["weight"])
-    act_plan = None
-    if s.use_act_plan:
-        act_plan = artifacts.read_plan_file(ws, final["act"], producer)
-        artifacts.check_plan_fingerprints(ws, act_plan.header, final["act"])
+    final, weight_plan, act_plan = artifacts.read_checked_final_plans(ws, s.get("plan_dir"), bool(s.use_act_plan))
+    adapters = check_inference_entries(to_dict(s.get("lora")))
     bundle = load_calibrated(cfg, ws, batch_size=int(s.batch_size))
     pairs = prompt_set(cfg, "inference")
     prompts, seeds = [p for p, _ in pairs], [sd for _, sd in pairs]
 
-    fp_images, fp_s = _timed_generate(bundle.sampler, prompts, seeds)
+    fp_images, fp_s = _timed_generate(bundle.sampler, prompts, seeds, adapters)
     set_plan(bundle.layers, weight_bits=weight_plan.bits, act_bits=act_plan.bits if act_plan else None)
     dispatch = {"backend": "fake", "layers": {n: "fake" for n, l in bundle.layers.items()
                                               if l.w_bits is not None or l.a_bits is not None}}
@@ -129,12 +127,13 @@ def run(ctx: StageContext) -> dict:
         with torch.no_grad():
             report = convert_(bundle.denoiser, kernel_options(cfg),
                               example_kwargs=probe_inputs(bundle.pipe, bundle.spec.resolution, bundle.device))
-    q_images, q_s = _timed_generate(bundle.sampler, prompts, seeds)
+    q_images, q_s = _timed_generate(bundle.sampler, prompts, seeds, adapters)
     scores = save_and_score(ws, bool(s.save_full_precision), fp_images, q_images, pairs, bundle.spec.checker)
     fp_check = adherence(fp_images, prompts, bundle.spec.checker)
     fp_adh = fp_check["all"] if fp_check else None
     headline = {
         "execution": execution,
+        "lora": adapters,
         "images": len(pairs),
         "psnr_db": scores["psnr_db"], "ssim": scores["ssim"], "mse": scores["mse"],
         "adherence": scores.get("adherence"), "adherence_detail": scores.get("adherence_detail"),
@@ -159,7 +158,10 @@ def run(ctx: StageContext) -> dict:
 
             headline["checkpoint"] = save_quantized(
                 bundle.denoiser, ws.path(CHECKPOINT_FILE),
-                extra={"weight_plan": final["weight"], "act_plan": final["act"] if act_plan else None})
+                extra={"weight_plan": final["weight"], "act_plan": final["act"] if act_plan else None,
+                       # what mixprec.load_quantized_pipeline checks a base model against
+                       "model_fingerprint": ws.fingerprints.get("model"), "model": to_dict(cfg.model),
+                       "device_type": bundle.device.type})
     track.summary({k: v for k, v in headline.items() if isinstance(v, (int, float))})
     track.log_images("infer/quantized", to_pil(q_images), prompts)
     track.log_images("infer/full_precision", to_pil(fp_images), prompts)
@@ -198,6 +200,7 @@ def run_from_checkpoint(ctx: StageContext) -> dict:
     check_safetensors(path, "`python run.py stage=infer stage.execution=kernels stage.save_checkpoint=true` "
                             "(or stage=benchmark stage.save_checkpoint=<plan>)")
     info = read_info(path)
+    adapters = check_inference_entries(to_dict(s.get("lora")))
     spec = model_spec(cfg)
     device = resolve_device(str(cfg.device))
     pipe = load_pipeline(spec, device=device)
@@ -210,7 +213,7 @@ def run_from_checkpoint(ctx: StageContext) -> dict:
                       batch_size=int(s.batch_size))
     pairs = prompt_set(cfg, "inference")
     prompts, seeds = [p for p, _ in pairs], [sd for _, sd in pairs]
-    fp_images, fp_s = _timed_generate(sampler, prompts, seeds)
+    fp_images, fp_s = _timed_generate(sampler, prompts, seeds, adapters)
     # the options the file was saved with, then this stage's (the stored codes fix each format)
     options = BackendConfig.merged(info.get("backend"), to_dict(s.get("kernels")))
     load_quantized(denoiser, path, config=options, device=device)
@@ -219,10 +222,10 @@ def run_from_checkpoint(ctx: StageContext) -> dict:
     report = report_for(denoiser)
     with torch.no_grad():
         report.probe(denoiser, **probe_inputs(pipe, spec.resolution, device))
-    q_images, q_s = _timed_generate(sampler, prompts, seeds)
+    q_images, q_s = _timed_generate(sampler, prompts, seeds, adapters)
     scores = save_and_score(ws, bool(s.save_full_precision), fp_images, q_images, pairs, spec.checker)
     headline = {
-        "execution": "checkpoint", "checkpoint": {"path": str(path), "file_bytes": path.stat().st_size,
+        "execution": "checkpoint", "lora": adapters, "checkpoint": {"path": str(path), "file_bytes": path.stat().st_size,
                                                   "plan_files": (info.get("extra") or {})},
         "images": len(pairs), "psnr_db": scores["psnr_db"], "ssim": scores["ssim"], "mse": scores["mse"],
         "adherence": scores.get("adherence"), "adherence_detail": scores.get("adherence_detail"),
