@@ -312,7 +312,7 @@ def _components(target) -> dict[str, nn.Module]:
     """The modules an adapter's components refer to, for a pipeline or a bare denoiser."""
     if isinstance(target, nn.Module):
         return {"denoiser": target, "unet": target, "transformer": target}
-    from mixprec.models import denoiser_of
+    from mixprec.models.denoiser import denoiser_of
 
     denoiser = denoiser_of(target)
     out = {"denoiser": denoiser, "unet": denoiser, "transformer": denoiser}
