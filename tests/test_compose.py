@@ -178,7 +178,7 @@ def test_packaged_model_loads_offline_and_draws_its_captions():
     spec = ModelSpec(name="compose", source="builtin", resolution=128, num_inference_steps=4, checker="compose_scenes")
     pipe = load_pipeline(spec)
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
-    assert pipe.unet.config.down_block_types == ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    assert list(pipe.unet.config.down_block_types) == ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
     assert pipe.unet.config.addition_embed_type == "text_time" and max(pipe.unet.config.transformer_layers_per_block) > 1
     assert len(census(pipe.unet, ["attn2", "ff"])) >= 400
     from mixprec.generation import Sampler
