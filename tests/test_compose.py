@@ -188,3 +188,28 @@ def test_packaged_model_loads_offline_and_draws_its_captions():
     assert images.shape == (4, 3, 128, 128)
     # Full precision gets most of these right; a broken model (random weights) gets none.
     assert checker.check_batch(images, [p for p, _ in pairs])["background"] >= 0.75
+
+
+def test_train_compose_stage_at_micro_scale_saves_fp16_and_measures(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from pathlib import Path
+    from safetensors import safe_open
+
+    from mixprec.compose.build import MICRO_ARCH
+    from mixprec.runner import run_stage
+
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    micro = ["stage.dataset_size=16", "stage.vae_steps=2", "stage.vae_batch_size=2", "stage.unet_steps=2",
+             "stage.unet_batch_size=2", "stage.eval_prompts=0", "stage.eval_heldout_prompts=2", "stage.warmup_steps=1",
+             "stage.progress=false"]
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=["stage=train_compose", "model=compose", "tracking=disabled", "device=cpu",
+                                           f"paths.outputs={tmp_path}"] + micro)
+    OmegaConf.set_struct(cfg, False)
+    cfg.stage.arch = OmegaConf.create(MICRO_ARCH)
+    result = run_stage(cfg)
+    out = Path(result["output"])
+    assert 0.0 <= result["adherence_heldout_all"] <= 1.0 and (tmp_path / "compose" / "train_compose_metrics.json").exists()
+    with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
