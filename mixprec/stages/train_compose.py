@@ -22,7 +22,7 @@ from mixprec.workspace import Workspace
 log = logging.getLogger("mixprec")
 
 # Keys of the stage config that are not ComposeTrainConfig fields.
-_STAGE_KEYS = {"name", "record", "output", "device", "resume", "eval_heldout_prompts", "progress", "save_dtype"}
+_STAGE_KEYS = {"name", "record", "force", "output", "device", "resume", "eval_heldout_prompts", "progress", "save_dtype"}
 METRICS_FILE = "train_compose_metrics.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -45,7 +45,7 @@ def run(cfg: DictConfig, ws: Workspace) -> dict[str, Any]:
 
     with tracker(cfg, ws, job_type="train_compose", extra_config={"train_fingerprint": train_cfg.fingerprint()}) as t:
         summary = train_compose(out, train_cfg, work_dir=out.with_name(out.name + ".work"), device=device,
-                                resume=bool(st.get("resume", True)),
+                                resume=bool(st.get("resume", True)) and not st.get("force"),
                                 log_fn=lambda metrics, step: t.log(metrics, step=step),
                                 log_images_fn=lambda key, images, captions: t.log_images(key, images, captions),
                                 progress=bool(st.get("progress", True)))
