@@ -14,20 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
-from mixprec.stages.common import to_dict, tracker
-from mixprec.workspace import Workspace
+from mixprec.artifacts import TRAIN_COMPOSE_METRICS
+from mixprec.context import StageContext, to_dict
 
 log = logging.getLogger("mixprec")
 
 # Keys of the stage config that are not ComposeTrainConfig fields.
 _STAGE_KEYS = {"name", "record", "force", "output", "device", "resume", "eval_heldout_prompts", "progress", "save_dtype"}
-METRICS_FILE = "train_compose_metrics.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
-def run(cfg: DictConfig, ws: Workspace) -> dict[str, Any]:
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg, ws, track = ctx.cfg, ctx.workspace, ctx.tracker
     from mixprec.compose import scenes
     from mixprec.compose.build import load_pipeline
     from mixprec.compose.checker import ATTRIBUTES
@@ -43,25 +42,25 @@ def run(cfg: DictConfig, ws: Workspace) -> dict[str, Any]:
     device = str(cfg.get("device", "auto")) if device == "auto" else device
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
-    with tracker(cfg, ws, job_type="train_compose", extra_config={"train_fingerprint": train_cfg.fingerprint()}) as t:
-        summary = train_compose(out, train_cfg, work_dir=out.with_name(out.name + ".work"), device=device,
-                                resume=bool(st.get("resume", True)) and not st.get("force"),
-                                log_fn=lambda metrics, step: t.log(metrics, step=step),
-                                log_images_fn=lambda key, images, captions: t.log_images(key, images, captions),
-                                progress=bool(st.get("progress", True)))
-        dtype = _DTYPES[str(st.get("save_dtype", "float32"))]
-        if dtype != torch.float32:
-            save_pipeline(load_pipeline(out).to(dtype=dtype), out)
-        # Measured on the saved folder: what every later stage will load.
-        pipe = load_pipeline(out, device=device)
-        result = {"output": str(out), "train_fingerprint": summary["fingerprint"], "device": summary["device"],
-                  "train_time_s": round(summary.get("total_time_s", 0.0), 1)}
-        res = evaluate_adherence(pipe, scenes.eval_prompts(int(st.get("eval_heldout_prompts", 64)), "heldout", seed=0),
-                                 train_cfg.num_inference_steps)
-        result.update({f"adherence_heldout_{k}": res[k] for k in ATTRIBUTES + ("all",)})
-        t.log_images("final/heldout", res["images"][:32], res["captions"][:32])
-        t.summary(result)
-    ws.write_json(METRICS_FILE, {**result, "train_summary": summary})
+    track.update_config({"train_fingerprint": train_cfg.fingerprint()})
+    summary = train_compose(out, train_cfg, work_dir=out.with_name(out.name + ".work"), device=device,
+                            resume=bool(st.get("resume", True)) and not st.get("force"),
+                            log_fn=lambda metrics, step: track.log(metrics, step=step),
+                            log_images_fn=lambda key, images, captions: track.log_images(key, images, captions),
+                            progress=bool(st.get("progress", True)))
+    dtype = _DTYPES[str(st.get("save_dtype", "float32"))]
+    if dtype != torch.float32:
+        save_pipeline(load_pipeline(out).to(dtype=dtype), out)
+    # Measured on the saved folder: what every later stage will load.
+    pipe = load_pipeline(out, device=device)
+    result = {"output": str(out), "train_fingerprint": summary["fingerprint"], "device": summary["device"],
+              "train_time_s": round(summary.get("total_time_s", 0.0), 1)}
+    res = evaluate_adherence(pipe, scenes.eval_prompts(int(st.get("eval_heldout_prompts", 64)), "heldout", seed=0),
+                             train_cfg.num_inference_steps)
+    result.update({f"adherence_heldout_{k}": res[k] for k in ATTRIBUTES + ("all",)})
+    track.log_images("final/heldout", res["images"][:32], res["captions"][:32])
+    track.summary(result)
+    ws.write_json(TRAIN_COMPOSE_METRICS, {**result, "train_summary": summary})
     log.info("compose model saved to %s; held-out adherence %.3f (%s)", out, result["adherence_heldout_all"],
              ", ".join(f"{k} {result[f'adherence_heldout_{k}']:.3f}" for k in ATTRIBUTES))
     return result
