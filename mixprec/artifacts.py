@@ -76,6 +76,7 @@ CHECKPOINT_FILE = "quantized_denoiser.safetensors"
 EVALUATE_MD = "evaluate.md"
 EVALUATE_SQNR_RECORDS = "evaluate/sqnr_content.jsonl"
 TRAIN_TINY_METRICS = "train_tiny_metrics.json"
+TRAIN_COMPOSE_METRICS = "train_compose_metrics.json"
 REPORT_IMAGES_DIR = "report/images"
 REPORT_MANIFEST = "report/images.json"
 

@@ -9,6 +9,7 @@ selectable.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -23,20 +24,24 @@ from mixprec.metrics import ssim_torch
 from mixprec.workspace import MissingArtifactError, Workspace
 
 METRICS = ("mse", "ssim", "adherence")
-CHECKERS = ("tiny_shapes",)
+# Content checkers: name -> module with check_batch and ATTRIBUTES.
+CHECKERS = {"tiny_shapes": "mixprec.tiny.adherence", "compose_scenes": "mixprec.compose.checker"}
+
+
+def _checker_module(checker: str):
+    if checker not in CHECKERS:
+        raise ValueError(f"unknown content checker {checker!r}; known: {tuple(CHECKERS)}")
+    return importlib.import_module(CHECKERS[checker])
 
 
 def adherence(images: torch.Tensor, captions: Sequence[str], checker: str | None) -> dict[str, Any] | None:
     """Caption adherence rates (all, and per attribute) when the model has a content checker."""
     if checker is None:
         return None
-    if checker != "tiny_shapes":
-        raise ValueError(f"unknown content checker {checker!r}; known: {CHECKERS}")
-    from mixprec.tiny.adherence import check_batch
-
-    result = check_batch(images.float().cpu(), list(captions))
+    module = _checker_module(checker)
+    result = module.check_batch(images.float().cpu(), list(captions))
     return {k: v for k, v in result.items() if k != "per_image"} | {
-        "per_image": [bool(r["all"]) for r in result["per_image"]]}
+        "attributes": tuple(module.ATTRIBUTES), "per_image": [bool(r["all"]) for r in result["per_image"]]}
 
 
 def image_scores(reference: torch.Tensor, images: torch.Tensor, captions: Sequence[str] | None = None,
@@ -53,7 +58,7 @@ def image_scores(reference: torch.Tensor, images: torch.Tensor, captions: Sequen
     adh = adherence(images, captions, checker) if captions is not None else None
     if adh is not None:
         out["adherence"] = adh["all"]
-        out["adherence_detail"] = {k: adh[k] for k in ("shape_colour", "background", "shape")}
+        out["adherence_detail"] = {k: adh[k] for k in adh["attributes"]}
         out["per_image"]["adherence"] = adh["per_image"]
     return out
 

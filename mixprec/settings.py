@@ -191,6 +191,27 @@ class TrainTinySettings(StageSettings):
 
 
 @dataclasses.dataclass
+class TrainComposeSettings(TrainTinySettings):
+    save_dtype: Literal["float32", "float16"] = "float16"
+    dataset_size: int = 32768
+    vae_steps: int = 1500
+    vae_batch_size: int = 32
+    vae_lr: Number = 0.002
+    unet_steps: int = 1200
+    unet_batch_size: int = 256
+    unet_lr: Number = 0.001
+    text_lr: Number = 0.001
+    ema_decay: Number = 0.995
+    min_snr_gamma: Number = 0.0
+    num_inference_steps: int = 4
+    timesteps: Literal["inference", "uniform"] = "inference"
+    bf16: bool = True
+    deterministic: bool = False
+    sample_every: int = 500
+    eval_prompts: int = 64
+
+
+@dataclasses.dataclass
 class PipelineSettings(StageSettings):
     stages: list[str] = dataclasses.field(default_factory=list)
     always_run: list[str] = dataclasses.field(default_factory=list)
@@ -208,7 +229,7 @@ SCHEMAS: dict[str, type[StageSettings]] = {
     "inspect": InspectSettings, "calibrate": CalibrateSettings, "sensitivity": SensitivitySettings,
     "allocate": AllocateSettings, "select": SelectSettings, "infer": InferSettings, "report": ReportSettings,
     "evaluate": EvaluateSettings, "benchmark": BenchmarkSettings, "train_tiny": TrainTinySettings,
-    "pipeline": PipelineSettings, "export": ExportSettings,
+    "train_compose": TrainComposeSettings, "pipeline": PipelineSettings, "export": ExportSettings,
 }
 # pipeline entry -> the stage it runs (conf/stage/pipeline.yaml: allocate@allocate_weight, ...)
 PIPELINE_ENTRIES = {"calibrate": "calibrate", "sensitivity": "sensitivity", "allocate_weight": "allocate",

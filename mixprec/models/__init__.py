@@ -20,7 +20,7 @@ architectures) and :mod:`.toy` (every toy-scale builder). Everything is importab
 from __future__ import annotations
 
 from .spec import (  # noqa: F401
-    REFERENCE_DIR, ASSETS_DIR, SOURCES, ModelSpec, _DTYPES, _folder_digest, resolve_device,
+    REFERENCE_DIR, ASSETS_DIR, BUILTIN_MODELS, SOURCES, ModelSpec, _DTYPES, _folder_digest, resolve_device,
 )
 from .denoiser import (  # noqa: F401
     DENOISER_ATTRIBUTES, denoiser_of, replace_denoiser, is_transformer, latent_input_name, text_starts_with_bos,

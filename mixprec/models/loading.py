@@ -14,7 +14,7 @@ from . import toy
 from .denoiser import denoiser_of
 from .random_builders import build_random_pipeline
 from .schedulers import configured_scheduler
-from .spec import ModelSpec
+from .spec import BUILTIN_MODELS, ModelSpec
 
 
 def load_pipeline(spec: ModelSpec, device: str | torch.device = "cpu"):
@@ -75,8 +75,8 @@ def _check_pipeline_folder(folder: Path | None, name: str) -> None:
     if folder is None or not (folder / "model_index.json").exists():
         raise FileNotFoundError(
             f"model {name!r}: {folder} is not a diffusers pipeline folder (no model_index.json). "
-            + ("The built-in tiny model is trained by `python run.py stage=train_tiny`." if name == "tiny" else
-               "Pass model.path=<folder saved with save_pretrained>.")
+            + (f"The built-in {name} model is trained by `python run.py stage={BUILTIN_MODELS[name][1]}`."
+               if name in BUILTIN_MODELS else "Pass model.path=<folder saved with save_pretrained>.")
         )
 
 
@@ -96,7 +96,8 @@ def check_model_files(spec: ModelSpec) -> None:
     if not isinstance(data, dict) or "_class_name" not in data:
         raise ValueError(f"model {spec.name!r}: {index} is not a diffusers model index (no _class_name); point "
                          f"model.path at a folder written by save_pretrained")
-    fix = ("`python run.py stage=train_tiny` writes the built-in model again" if spec.source == "builtin" else
+    stage = BUILTIN_MODELS.get(spec.name, ("tiny", "train_tiny"))[1]
+    fix = (f"`python run.py stage={stage}` writes the built-in model again" if spec.source == "builtin" else
            "save the pipeline again with save_pretrained, or point model.path at a complete copy")
     for weights in sorted(folder.rglob("*.safetensors")):
         problem = safetensors_problem(weights)

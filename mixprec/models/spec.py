@@ -14,6 +14,8 @@ from .schedulers import scheduler_overrides
 REFERENCE_DIR = Path(__file__).resolve().parents[1] / "reference"
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 SOURCES = ("builtin", "tiny_random", "diffusers")
+# Built-in trained models (source: builtin): model name -> (asset folder, the stage that trains it).
+BUILTIN_MODELS = {"tiny": ("tiny", "train_tiny"), "compose": ("compose", "train_compose")}
 
 
 @dataclass
@@ -94,7 +96,7 @@ class ModelSpec:
 
     def resolved_path(self) -> Path | None:
         if self.source == "builtin":
-            return Path(self.path) if self.path else ASSETS_DIR / "tiny"
+            return Path(self.path) if self.path else ASSETS_DIR / BUILTIN_MODELS.get(self.name, ("tiny",))[0]
         return Path(self.path) if self.path else None
 
 

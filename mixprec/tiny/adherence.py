@@ -18,7 +18,7 @@ drift of generated ones.
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -131,12 +131,15 @@ def check(image: Any, caption: str) -> dict[str, bool]:
     return out
 
 
-def check_batch(images: Sequence[Any] | torch.Tensor, captions: Sequence[str]) -> dict[str, Any]:
+def check_batch(images: Sequence[Any] | torch.Tensor, captions: Sequence[str],
+                check_fn: Callable[[Any, str], dict[str, bool]] = check,
+                attributes: Sequence[str] = ATTRIBUTES) -> dict[str, Any]:
     """Adherence rates over a batch: {'all', 'shape_colour', 'background', 'shape'} as fractions in
-    [0, 1], 'n', and 'per_image' (the list of check() results)."""
+    [0, 1], 'n', and 'per_image' (the list of check() results). Another checker: its `check_fn`
+    and `attributes`."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
-    per_image = [check(im, cap) for im, cap in zip(images, captions)]
+    per_image = [check_fn(im, cap) for im, cap in zip(images, captions)]
     n = len(per_image)
-    rates = {k: (sum(r[k] for r in per_image) / n if n else float("nan")) for k in ATTRIBUTES + ("all",)}
+    rates = {k: (sum(r[k] for r in per_image) / n if n else float("nan")) for k in tuple(attributes) + ("all",)}
     return {**rates, "n": n, "per_image": per_image}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from diffusers import (
@@ -156,17 +156,20 @@ def make_scheduler(sched: Mapping[str, Any]):
     return cls(**sched)
 
 
-def build_pipeline(arch: Mapping[str, Any] | None = None, seed: int = 0) -> StableDiffusionXLPipeline:
+def build_pipeline(arch: Mapping[str, Any] | None = None, seed: int = 0, base: Mapping[str, Any] = TINY_ARCH,
+                   make_tokenizer: Callable[[int], Any] | None = None) -> StableDiffusionXLPipeline:
     """A StableDiffusionXLPipeline with random weights (deterministic in seed), float32 on CPU.
 
-    `arch` is deep-merged over TINY_ARCH, so {"unet": {"block_out_channels": [16, 32]}} is a valid
-    override; pass MICRO_ARCH for the fastest model with the same structure.
+    `arch` is deep-merged over `base` (TINY_ARCH), so {"unet": {"block_out_channels": [16, 32]}} is
+    a valid override; pass MICRO_ARCH for the fastest model with the same structure. Another
+    model's caption vocabulary comes in through `make_tokenizer(model_max_length)`.
     """
-    arch = merge_arch(TINY_ARCH, arch)
+    arch = merge_arch(base, arch)
     u, v = arch["unet"], arch["vae"]
     max_length = int(arch["max_length"])
-    tok = build_tokenizer(model_max_length=max_length)
-    tok2 = build_tokenizer(model_max_length=max_length)
+    make_tokenizer = make_tokenizer or (lambda n: build_tokenizer(model_max_length=n))
+    tok = make_tokenizer(max_length)
+    tok2 = make_tokenizer(max_length)
     gen_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
@@ -230,17 +233,19 @@ def asset_path() -> Path:
 
 
 def load_pipeline(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32) -> StableDiffusionXLPipeline:
+                  dtype: torch.dtype = torch.float32, default_folder: Path = ASSET_DIR,
+                  check_tokenizer: Callable[[Path], Any] = load_tokenizer,
+                  train_stage: str = "train_tiny") -> StableDiffusionXLPipeline:
     """Load a saved tiny pipeline offline (default: the packaged one) and verify its tokenizers."""
-    folder = Path(path) if path is not None else ASSET_DIR
+    folder = Path(path) if path is not None else default_folder
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(
             f"{folder} holds no diffusers pipeline (model_index.json missing); "
-            "train one with `python run.py stage=train_tiny`"
+            f"train one with `python run.py stage={train_stage}`"
         )
     # Checked before the pipeline loads them: an empty tokenizer folder would load silently.
-    load_tokenizer(folder / "tokenizer")
-    load_tokenizer(folder / "tokenizer_2")
+    check_tokenizer(folder / "tokenizer")
+    check_tokenizer(folder / "tokenizer_2")
     try:
         pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
     except TypeError:  # diffusers before `dtype` replaced `torch_dtype`

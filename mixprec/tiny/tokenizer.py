@@ -84,8 +84,10 @@ def write_tokenizer_files(folder: str | os.PathLike, words: Sequence[str] = VOCA
     return folder
 
 
-def build_tokenizer(model_max_length: int = MODEL_MAX_LENGTH, words: Sequence[str] = VOCABULARY) -> CLIPTokenizer:
-    """A verified CLIPTokenizer for the caption vocabulary, built from files we write."""
+def build_tokenizer(model_max_length: int = MODEL_MAX_LENGTH, words: Sequence[str] = VOCABULARY,
+                    longest_caption: str | None = None) -> CLIPTokenizer:
+    """A verified CLIPTokenizer for the caption vocabulary, built from files we write (another model's
+    vocabulary: pass its words and its longest caption)."""
     with tempfile.TemporaryDirectory(prefix="mixprec_tok_") as tmp:
         write_tokenizer_files(tmp, words)
         tok = CLIPTokenizer.from_pretrained(
@@ -93,11 +95,15 @@ def build_tokenizer(model_max_length: int = MODEL_MAX_LENGTH, words: Sequence[st
             unk_token=UNK, bos_token=BOS, eos_token=EOS, pad_token=EOS,
             model_max_length=model_max_length,
         )
-    verify_tokenizer(tok, words)
+    verify_tokenizer(tok, words, longest_caption)
     return tok
 
 
-def verify_tokenizer(tok, words: Sequence[str] = VOCABULARY) -> None:
+def _longest_tiny_caption() -> str:
+    return max((caption(*c) for c in all_combos()), key=len)
+
+
+def verify_tokenizer(tok, words: Sequence[str] = VOCABULARY, longest_caption: str | None = None) -> None:
     """Raise if the tokenizer does not really tokenize the caption vocabulary.
 
     Every word must be a single known, non-unknown token, distinct words distinct ids, and a
@@ -113,7 +119,7 @@ def verify_tokenizer(tok, words: Sequence[str] = VOCABULARY) -> None:
             ids[w] = enc[0]
     if len(set(ids.values())) != len(ids):
         problems.append(f"distinct words share ids: {ids}")
-    longest = max((caption(*c) for c in all_combos()), key=len)
+    longest = longest_caption or _longest_tiny_caption()
     enc = tok(longest)["input_ids"]
     if tok.unk_token_id in enc:
         problems.append(f"unknown token in {longest!r}: {enc}")
@@ -123,16 +129,17 @@ def verify_tokenizer(tok, words: Sequence[str] = VOCABULARY) -> None:
         problems.append(f"decode round trip failed: {tok.decode(enc, skip_special_tokens=True)!r}")
     if problems:
         raise ValueError(
-            "tokenizer does not tokenize the tiny-model vocabulary (an empty or wrong tokenizer folder "
+            "tokenizer does not tokenize the model's caption vocabulary (an empty or wrong tokenizer folder "
             f"gives a tokenizer that ignores the prompt): vocab size {len(tok)}; " + "; ".join(problems)
         )
 
 
-def load_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:
+def load_tokenizer(folder: str | os.PathLike, words: Sequence[str] = VOCABULARY,
+                   longest_caption: str | None = None) -> CLIPTokenizer:
     """CLIPTokenizer.from_pretrained(folder), refusing a missing folder or a useless tokenizer."""
     folder = Path(folder)
     if not folder.is_dir() or not any((folder / f).exists() for f in ("vocab.json", "tokenizer.json")):
         raise FileNotFoundError(f"no tokenizer files (vocab.json or tokenizer.json) in {folder}")
     tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
-    verify_tokenizer(tok)
+    verify_tokenizer(tok, words, longest_caption)
     return tok

@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -46,6 +46,9 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 @dataclass
 class TrainConfig:
+    # What `arch` overrides are deep-merged over (a subclass for another model sets its own).
+    BASE_ARCH: ClassVar[dict] = TINY_ARCH
+
     seed: int = 0
     arch: dict = field(default_factory=lambda: merge_arch(TINY_ARCH, None))
     dataset_size: int = 16384
@@ -89,7 +92,7 @@ class TrainConfig:
             raise ValueError(f"unknown TrainConfig keys: {sorted(unknown)}")
         d = dict(d)
         if "arch" in d:
-            d["arch"] = merge_arch(TINY_ARCH, d["arch"])
+            d["arch"] = merge_arch(cls.BASE_ARCH, d["arch"])
         return cls(**d)
 
 

@@ -1,0 +1,215 @@
+"""The built-in compose model: scene generator and split, checker, tokenizer, micro-scale training
+(resumable), the packaged weights (loading, generation, adherence) and its configs."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from mixprec.compose import checker, scenes
+from mixprec.tiny.shapes import COLOUR_NAMES, SHAPES
+
+
+def _ground_truth(n: int, seed: int):
+    sc = scenes.sample_scenes(n, seed, "all")
+    return sc, scenes.render_batch(sc).float() / 255.0
+
+
+def test_split_holds_out_objects_whose_pairs_are_trained():
+    train, held = scenes.split_objects()
+    assert len(held) == scenes.HELDOUT_OBJECTS and not set(train) & set(held)
+    assert len(train) + len(held) == len(scenes.all_objects())
+    pairs = {k for obj in train for k in scenes._pairs(obj)}
+    for obj in held:
+        assert all(k in pairs for k in scenes._pairs(obj)), obj
+    for s in scenes.sample_scenes(200, 0, "heldout"):
+        assert (s.first.kind in held) + (s.second.kind in held) == 1
+        assert len({s.first.colour, s.second.colour, s.background}) == 3
+    assert all(s.first.kind in train and s.second.kind in train for s in scenes.sample_scenes(200, 0, "train"))
+
+
+def test_generator_is_deterministic_and_unambiguous():
+    a, b = scenes.make_dataset(16, seed=3), scenes.make_dataset(16, seed=3)
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    assert scenes.eval_prompts(8, "heldout", 1) == scenes.eval_prompts(8, "heldout", 1)
+    with pytest.raises(ValueError, match="unknown split"):
+        scenes.sample_scenes(1, 0, "validation")
+
+
+def test_checker_is_exact_on_500_ground_truth_renders_and_robust_to_blur_and_noise():
+    sc, images = _ground_truth(500, 11)
+    caps = [s.caption for s in sc]
+    res = checker.check_batch(images, caps)
+    for key in checker.ATTRIBUTES + ("all",):
+        assert res[key] >= 0.99, (key, res[key])
+    rng = np.random.default_rng(0)
+    blurred = ndimage.gaussian_filter(images[:200].numpy(), sigma=(0, 0, 1, 1))
+    noisy = torch.from_numpy(blurred + 0.06 * rng.standard_normal(blurred.shape).astype(np.float32)).clamp(0, 1)
+    res = checker.check_batch(noisy, caps[:200])
+    for key in checker.ATTRIBUTES + ("all",):
+        assert res[key] >= 0.97, (key, res[key])
+
+
+def _corrupt(s: scenes.Scene, what: str, rnd: random.Random) -> str:
+    a, b = s.first, s.second
+    if what == "relation":
+        return scenes.caption(a.kind, rnd.choice([r for r in scenes.RELATIONS if r != s.relation]), b.kind, s.background)
+    if what == "background":
+        other = rnd.choice([c for c in COLOUR_NAMES if c not in (a.colour, b.colour, s.background)])
+        return scenes.caption(a.kind, s.relation, b.kind, other)
+    objects = [a.kind, b.kind]
+    i = rnd.randrange(2)  # which object changes
+    size, colour, shape = objects[i]
+    if what == "size":
+        size = "large" if size == "small" else "small"
+    elif what == "colour":
+        colour = rnd.choice([c for c in COLOUR_NAMES if c not in (a.colour, b.colour, s.background)])
+    else:
+        shape = rnd.choice([x for x in SHAPES if x != shape])
+    objects[i] = (size, colour, shape)
+    return scenes.caption(objects[0], s.relation, objects[1], s.background)
+
+
+def test_checker_rejects_captions_with_one_attribute_or_the_relation_changed():
+    sc, images = _ground_truth(100, 5)
+    rnd = random.Random(0)
+    kinds = ("relation", "background", "size", "colour", "shape")
+    rejected = sum(not checker.check(im, _corrupt(s, kinds[i % 5], rnd))["all"]
+                   for i, (s, im) in enumerate(zip(sc, images)))
+    assert rejected >= 99
+
+
+def test_checker_parses_only_its_captions():
+    parsed = checker.parse_caption("a small red circle left of a large blue square on a green background")
+    assert parsed["relation"] == "left of" and parsed["objects"][1] == {"size": "large", "colour": "blue", "shape": "square"}
+    with pytest.raises(ValueError, match="compose-model caption"):
+        checker.parse_caption("a red circle on a blue background")
+    with pytest.raises(ValueError, match="unknown shape"):
+        checker.parse_caption("a small red blob left of a large blue square on a green background")
+    blank = torch.zeros(3, 128, 128)
+    assert checker.check(blank, scenes.sample_scenes(1, 0)[0].caption)["all"] is False
+
+
+def test_tokenizer_is_a_verified_clip_tokenizer(tmp_path):
+    from mixprec.compose.build import check_tokenizer, make_tokenizer
+
+    tok = make_tokenizer()
+    ids = [tok(w, add_special_tokens=False)["input_ids"] for w in scenes.VOCABULARY]
+    assert all(len(i) == 1 and i[0] != tok.unk_token_id for i in ids) and len({i[0] for i in ids}) == len(ids)
+    longest = scenes.longest_caption()
+    assert tok.decode(tok(longest)["input_ids"], skip_special_tokens=True) == longest
+    with pytest.raises(FileNotFoundError):
+        check_tokenizer(tmp_path)
+
+
+def test_pretokenized_encoding_equals_encode_prompt():
+    from mixprec.compose.build import MICRO_ARCH, build_pipeline
+    from mixprec.compose.train import encode_token_ids, tokenize
+
+    pipe = build_pipeline(MICRO_ARCH)
+    caps = [c for c, _ in scenes.eval_prompts(4, "train", 0)]
+    embeds, _, pooled, _ = pipe.encode_prompt(caps, device="cpu", num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
+    e2, p2 = encode_token_ids(pipe, tokenize(pipe.tokenizer, caps))
+    assert torch.equal(embeds, e2) and torch.equal(pooled, p2)
+
+
+def test_micro_training_resumes_to_the_same_weights(tmp_path):
+    from mixprec.compose.build import MICRO_ARCH, load_pipeline
+    from mixprec.compose.train import ComposeTrainConfig, train_compose
+
+    cfg = ComposeTrainConfig.from_dict({"arch": MICRO_ARCH, "dataset_size": 16, "vae_steps": 3, "vae_batch_size": 2,
+                                        "unet_steps": 4, "unet_batch_size": 2, "eval_prompts": 0, "warmup_steps": 1,
+                                        "checkpoint_every": 100})
+    logs = []
+    whole = train_compose(tmp_path / "a", cfg, device="cpu", progress=False, log_fn=lambda m, s: logs.append(m))
+    assert whole["finished"] and any("unet/loss" in m for m in logs) and any("vae/loss" in m for m in logs)
+    part = train_compose(tmp_path / "b", cfg, device="cpu", progress=False, stop_after=5)
+    assert not part["finished"]
+    assert train_compose(tmp_path / "b", cfg, device="cpu", progress=False)["finished"]
+    a, b = load_pipeline(tmp_path / "a").unet.state_dict(), load_pipeline(tmp_path / "b").unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = ComposeTrainConfig.from_dict({**{k: getattr(cfg, k) for k in ("dataset_size", "vae_steps", "unet_steps")},
+                                          "arch": MICRO_ARCH, "seed": 1})
+    with pytest.raises(ValueError, match="another training config"):
+        train_compose(tmp_path / "b", other, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="timesteps"):
+        ComposeTrainConfig.from_dict({"timesteps": "some"})
+
+
+def test_model_config_brings_its_prompts_and_checker():
+    from hydra import compose, initialize_config_dir
+    from pathlib import Path
+
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=["model=compose"])
+        assert cfg.prompts.name == "compose" and cfg.model.checker == "compose_scenes"
+        assert compose("config", overrides=["model=compose", "prompts=tiny"]).prompts.name == "tiny"
+        assert compose("config").prompts.name == "tiny"
+
+
+def test_selection_scores_adherence_with_the_scene_checker():
+    from mixprec.prompts import resolve_prompt_set
+    from mixprec.selection import image_scores
+
+    pairs = resolve_prompt_set({"generator": "compose", "split": "heldout", "n": 3, "seed": 0})
+    assert pairs == scenes.eval_prompts(3, "heldout", 0)
+    sc, images = _ground_truth(4, 2)
+    scores = image_scores(images, images, [s.caption for s in sc], "compose_scenes")
+    assert scores["adherence"] == 1.0 and set(scores["adherence_detail"]) == set(checker.ATTRIBUTES)
+    with pytest.raises(ValueError, match="unknown generator"):
+        resolve_prompt_set({"generator": "nope", "split": "train"})
+
+
+needs_assets = pytest.mark.skipif(not (scenes.__file__ and __import__("mixprec.compose.build", fromlist=["x"])
+                                       .ASSET_DIR.joinpath("model_index.json").exists()),
+                                  reason="no packaged compose model")
+
+
+@needs_assets
+def test_packaged_model_loads_offline_and_draws_its_captions():
+    from mixprec.models import ModelSpec, census, load_pipeline
+
+    spec = ModelSpec(name="compose", source="builtin", resolution=128, num_inference_steps=4, checker="compose_scenes")
+    pipe = load_pipeline(spec)
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    assert list(pipe.unet.config.down_block_types) == ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    assert pipe.unet.config.addition_embed_type == "text_time" and max(pipe.unet.config.transformer_layers_per_block) > 1
+    assert len(census(pipe.unet, ["attn2", "ff"])) >= 400
+    from mixprec.generation import Sampler
+
+    pairs = scenes.eval_prompts(4, "train", 0)
+    images = Sampler(pipe, 128, 4, batch_size=4).generate([p for p, _ in pairs], [s for _, s in pairs]).images
+    assert images.shape == (4, 3, 128, 128)
+    # Full precision gets most of these right; a broken model (random weights) gets none.
+    assert checker.check_batch(images, [p for p, _ in pairs])["background"] >= 0.75
+
+
+def test_train_compose_stage_at_micro_scale_saves_fp16_and_measures(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from pathlib import Path
+    from safetensors import safe_open
+
+    from mixprec.compose.build import MICRO_ARCH
+    from mixprec.runner import run_stage
+
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    micro = ["stage.dataset_size=16", "stage.vae_steps=2", "stage.vae_batch_size=2", "stage.unet_steps=2",
+             "stage.unet_batch_size=2", "stage.eval_prompts=0", "stage.eval_heldout_prompts=2", "stage.warmup_steps=1",
+             "stage.progress=false"]
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=["stage=train_compose", "model=compose", "tracking=disabled", "device=cpu",
+                                           f"paths.outputs={tmp_path}"] + micro)
+    OmegaConf.set_struct(cfg, False)
+    cfg.stage.arch = OmegaConf.create(MICRO_ARCH)
+    result = run_stage(cfg)
+    out = Path(result["output"])
+    assert 0.0 <= result["adherence_heldout_all"] <= 1.0 and (tmp_path / "compose" / "train_compose_metrics.json").exists()
+    with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
