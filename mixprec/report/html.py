@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from mixprec import artifacts
+
 from .data import FULL_PRECISION_BITS, Source, WorkspaceData, allocation_by_block, census_by_block, roles_of_block
 
 CSS = """
