@@ -19,6 +19,7 @@ from mixprec.kernels.latency_table import LatencyTable, measure_latency_table
 from mixprec.kernels.probing import denoiser_inputs
 from mixprec.models import latent_input_name, text_length
 from mixprec.quantizers import set_plan
+from mixprec.settings import is_forced
 
 log = logging.getLogger("mixprec")
 
@@ -30,7 +31,7 @@ def run(ctx: StageContext) -> dict:
     settings = {"resolution": int(s.resolution or cfg.model.resolution), "batch_size": int(s.batch_size),
                 "choices": [str(c) for c in s.choices], "dtype": str(s.dtype), "memory_format": str(s.memory_format),
                 "calibration": str(s.calibration), "compile": str(s.compile), "backend_options": backend.to_dict()}
-    if ws.exists(artifacts.LAYER_LATENCY) and not bool(s.force):
+    if ws.exists(artifacts.LAYER_LATENCY) and not is_forced(s.force, "latency_table"):
         old = LatencyTable.from_json(artifacts.read_latency_table(ws), str(ws.path(artifacts.LAYER_LATENCY)))
         if old.meta.get("settings") == settings and old.meta.get("fingerprints") == ws.fingerprints:
             log.info("latency_table: %s already holds this table (stage.force=true measures again)",
