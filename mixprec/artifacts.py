@@ -263,16 +263,22 @@ def latency_candidate_rows(root: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-def read_pareto_latency_csv(root: str | os.PathLike) -> list[dict[str, Any]]:
-    """``pareto_latency.csv`` with numbers parsed (empty when the file is missing)."""
-    p = Path(root) / PARETO_LATENCY_CSV
-    if not p.exists():
+def _read_csv_numbers(path: Path, numeric: Sequence[str]) -> list[dict[str, Any]]:
+    """A CSV's rows with the ``numeric`` columns parsed (empty when the file is missing)."""
+    if not path.exists():
         return []
-    with open(p, newline="") as f:
+    with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     for r in rows:
-        for key in ("budget_ms", "K", "predicted_ms", "score", "objective"):
+        for key in numeric:
             r[key] = number(r.get(key))
+    return rows
+
+
+def read_pareto_latency_csv(root: str | os.PathLike) -> list[dict[str, Any]]:
+    """``pareto_latency.csv`` with numbers parsed (empty when the file is missing)."""
+    rows = _read_csv_numbers(Path(root) / PARETO_LATENCY_CSV, ("budget_ms", "K", "predicted_ms", "score", "objective"))
+    for r in rows:
         r["pareto"] = _truthy(r.get("pareto"))
     return rows
 
@@ -542,15 +548,8 @@ def write_selection(ws: Workspace, rel: str, rows: Sequence[Mapping[str, Any]]) 
 
 
 def read_selection(root: str | os.PathLike) -> list[dict[str, Any]]:
-    p = Path(root) / SELECT_CANDIDATES_CSV
-    if not p.exists():
-        return []
-    with open(p, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        for key in ("rank", "target", "K", "seed", "mean_bits", "mib", "mse", "ssim", "psnr_db", "adherence"):
-            r[key] = number(r.get(key))
-    return rows
+    return _read_csv_numbers(Path(root) / SELECT_CANDIDATES_CSV,
+                             ("rank", "target", "K", "seed", "mean_bits", "mib", "mse", "ssim", "psnr_db", "adherence"))
 
 
 # ---------------------------------------------------------------------------- stage records and images
