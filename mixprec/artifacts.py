@@ -17,6 +17,9 @@ file                                      written by   read by
 ``pareto.csv`` / ``pareto.png``           allocate     report
 ``final_{weight,act}_mp.yaml``            select       infer, benchmark, report (:func:`final_plan_paths`)
 ``select_candidates.csv``                 select       report (:func:`read_selection`)
+``layer_latency.json``                    latency_table  allocate budget=latency (:func:`read_latency_table`)
+``plans/latency_<ms>ms_<K>/[act_]seed<s>.yaml``  allocate  benchmark (:func:`latency_plan_paths`)
+``pareto_latency.csv`` / ``.png``          allocate     report (:func:`read_pareto_latency_csv`)
 ``generated_images/``                     infer        report
 ``<stage>.json``                          the runner   pipeline, report (:func:`read_stage_records`)
 ========================================  ===========  =====================================================
@@ -73,6 +76,11 @@ IMAGES_DIR = "generated_images"
 INFER_DISPATCH = "infer_dispatch.json"
 BENCHMARK_DISPATCH = "benchmark_dispatch.json"
 CHECKPOINT_FILE = "quantized_denoiser.safetensors"
+LAYER_LATENCY = "layer_latency.json"
+LATENCY_PLANS_PREFIX = "latency_"
+PARETO_LATENCY_CSV = "pareto_latency.csv"
+PARETO_LATENCY_PNG = "pareto_latency.png"
+PARETO_LATENCY_COLUMNS = ["budget_ms", "K", "seed", "predicted_ms", "score", "objective", "status", "pareto", "path"]
 EVALUATE_MD = "evaluate.md"
 EVALUATE_SQNR_RECORDS = "evaluate/sqnr_content.jsonl"
 TRAIN_TINY_METRICS = "train_tiny_metrics.json"
@@ -226,9 +234,54 @@ def plan_path(kind: str, budget: Budget, K: float, seed: int) -> str:
 
 
 def plan_paths(root: str | os.PathLike, kind: str | None = None) -> list[Path]:
-    """Every candidate plan file (of one kind), in natural order."""
+    """Every candidate plan file (of one kind), in natural order. Plans under a latency budget form
+    their own family (:func:`latency_plan_paths`, ``kind="latency"``), not the mean-bit/bytes one."""
     pattern = f"{PLANS_DIR}/{kind}_*/seed*.yaml" if kind else f"{PLANS_DIR}/*/seed*.yaml"
-    return sorted(Path(root).glob(pattern), key=lambda p: natural_key(str(p)))
+    found = [p for p in Path(root).glob(pattern) if kind or not p.parent.name.startswith(LATENCY_PLANS_PREFIX)]
+    return sorted(found, key=lambda p: natural_key(str(p)))
+
+
+def latency_plan_paths(budget_ms: float, K: float, seed: int) -> tuple[str, str]:
+    """(weight plan, activation plan) of one latency-budget candidate, relative to the workspace."""
+    folder = f"{PLANS_DIR}/{LATENCY_PLANS_PREFIX}{float(budget_ms):g}ms_{float(K):g}"
+    return f"{folder}/seed{int(seed)}.yaml", f"{folder}/act_seed{int(seed)}.yaml"
+
+
+def read_latency_table(ws: Workspace, rel: str = LAYER_LATENCY) -> dict[str, Any]:
+    """The raw ``layer_latency.json`` (parse it with mixprec.kernels.latency_table.LatencyTable)."""
+    return ws.read_json(rel, "latency_table")
+
+
+def latency_candidate_rows(root: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every latency-budget candidate's header as a row of :data:`PARETO_LATENCY_COLUMNS` (no mark)."""
+    root = Path(root)
+    rows = []
+    for p in plan_paths(root, "latency"):
+        h = read_plan_header(p)
+        rows.append({"budget_ms": h.get("budget_ms"), "K": h.get("K"), "seed": h.get("seed"),
+                     "predicted_ms": h.get("predicted_ms"), "score": h.get("score"), "objective": h.get("objective"),
+                     "status": h.get("status"), "path": str(p.relative_to(root))})
+    return rows
+
+
+def _read_csv_numbers(path: Path, numeric: Sequence[str]) -> list[dict[str, Any]]:
+    """A CSV's rows with the ``numeric`` columns parsed (empty when the file is missing)."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for key in numeric:
+            r[key] = number(r.get(key))
+    return rows
+
+
+def read_pareto_latency_csv(root: str | os.PathLike) -> list[dict[str, Any]]:
+    """``pareto_latency.csv`` with numbers parsed (empty when the file is missing)."""
+    rows = _read_csv_numbers(Path(root) / PARETO_LATENCY_CSV, ("budget_ms", "K", "predicted_ms", "score", "objective"))
+    for r in rows:
+        r["pareto"] = _truthy(r.get("pareto"))
+    return rows
 
 
 def write_plan_file(ws: Workspace, rel: str, plan: Plan) -> Path:
@@ -496,15 +549,8 @@ def write_selection(ws: Workspace, rel: str, rows: Sequence[Mapping[str, Any]]) 
 
 
 def read_selection(root: str | os.PathLike) -> list[dict[str, Any]]:
-    p = Path(root) / SELECT_CANDIDATES_CSV
-    if not p.exists():
-        return []
-    with open(p, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        for key in ("rank", "target", "K", "seed", "mean_bits", "mib", "mse", "ssim", "psnr_db", "adherence"):
-            r[key] = number(r.get(key))
-    return rows
+    return _read_csv_numbers(Path(root) / SELECT_CANDIDATES_CSV,
+                             ("rank", "target", "K", "seed", "mean_bits", "mib", "mse", "ssim", "psnr_db", "adherence"))
 
 
 # ---------------------------------------------------------------------------- stage records and images

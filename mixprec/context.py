@@ -181,6 +181,36 @@ def load_calibrated(cfg: DictConfig, ws: Workspace, batch_size: int | None = Non
     return bundle
 
 
+def load_for_kernels(cfg: DictConfig, ws: Workspace, latent: int) -> tuple[ModelBundle, torch.dtype]:
+    """The model in ``stage.dtype``, calibrated from the workspace (``stage.calibration=workspace``) or
+    with observers on random denoiser inputs at ``latent`` size (``random``): what the stages that run
+    real kernels (benchmark, latency_table) start from."""
+    from mixprec.kernels.probing import cast_floating_, denoiser_inputs
+
+    s = cfg.stage
+    if s.calibration == "workspace":
+        bundle = load_calibrated(cfg, ws)
+    elif s.calibration == "random":
+        bundle = load_model(cfg)
+    else:
+        raise ValueError(f"stage.calibration must be 'workspace' or 'random', got {s.calibration!r}")
+    denoiser = bundle.denoiser
+    dtype = getattr(torch, str(s.dtype)) if s.dtype else next(denoiser.parameters()).dtype
+    if next(denoiser.parameters()).dtype != dtype:
+        # every component, so the end-to-end pipeline stays in one dtype
+        for comp in bundle.pipe.components.values():
+            if isinstance(comp, torch.nn.Module):
+                cast_floating_(comp, dtype)
+    if s.calibration == "random":
+        text_len = text_length(bundle.pipe)
+        calib = [denoiser_inputs(denoiser, 1, latent, text_len, seed=100 + i, device=bundle.device, dtype=dtype)
+                 for i in range(2)]
+        q = bundle.quant
+        calibration.calibrate_layers(bundle.layers, lambda: [denoiser(**c) for c in calib], q.weight_bits,
+                                     q.act_bits, momentum=q.act_momentum, weight_clip=q.weight_clip)
+    return bundle, dtype
+
+
 def prompt_set(cfg: DictConfig, name: str) -> list[tuple[str, int]]:
     if name not in cfg.prompts:
         raise KeyError(f"the prompts config {cfg.prompts.get('name')!r} has no {name!r} set")

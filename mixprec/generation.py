@@ -111,6 +111,10 @@ class Sampler:
             self._cache[prompt] = enc
         return self._cache[prompt]
 
+    def clear_prompt_cache(self) -> None:
+        """Forget cached text embeddings: the next encode runs the text encoders again."""
+        self._cache.clear()
+
     def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         parts = [self._encode_one(p) for p in prompts]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

@@ -22,7 +22,7 @@ from mixprec.workspace import Workspace
 log = logging.getLogger("mixprec")
 
 STAGES = ("inspect", "calibrate", "sensitivity", "allocate", "select", "infer", "evaluate", "report",
-          "benchmark", "train_tiny", "train_compose", "pipeline", "export")
+          "benchmark", "latency_table", "train_tiny", "train_compose", "pipeline", "export")
 
 
 def stage_module(name: str):

@@ -65,9 +65,11 @@ class SensitivitySettings(StageSettings):
 @dataclasses.dataclass
 class AllocateSettings(StageSettings):
     kind: Union[Literal["weight", "act"], list[Literal["weight", "act"]]] = "weight"
-    budget: Literal["mean_bits", "bytes"] = "mean_bits"
+    budget: Literal["mean_bits", "bytes", "latency"] = "mean_bits"
     target: Union[Number, list[Number], None] = 4.0
     budget_mib: Union[Number, list[Number], None] = None
+    budget_ms: Union[Number, list[Number], None] = None
+    latency_table: str = "layer_latency.json"
     K: Union[Number, list[Number]] = 1.0
     seed: Union[int, list[int]] = 0
     solver: Literal["cp-sat", "scip", "cbc"] = "cp-sat"
@@ -152,10 +154,25 @@ class BenchmarkSettings(StageSettings):
     warmup: Optional[int] = None
     end_to_end: bool = True
     end_to_end_repeats: Optional[int] = None
+    end_to_end_compile_vae: bool = True
     save_checkpoint: Optional[str] = None
     kernels: Optional[dict[str, Any]] = None
     # what resolutions/batch_sizes/iters/warmup/end_to_end_repeats left at null mean, per device type
     sizes: Optional[dict[str, Any]] = None
+
+
+@dataclasses.dataclass
+class LatencyTableSettings(StageSettings):
+    choices: list[str] = dataclasses.field(default_factory=list)
+    resolution: Optional[int] = None
+    batch_size: int = 1
+    calibration: Literal["workspace", "random"] = "workspace"
+    dtype: Optional[str] = None
+    memory_format: Literal["channels_last", "contiguous"] = "channels_last"
+    compile: str = "none"
+    iters: int = 20
+    warmup: int = 3
+    kernels: Optional[dict[str, Any]] = None
 
 
 @dataclasses.dataclass
@@ -228,8 +245,9 @@ class PipelineSettings(StageSettings):
 SCHEMAS: dict[str, type[StageSettings]] = {
     "inspect": InspectSettings, "calibrate": CalibrateSettings, "sensitivity": SensitivitySettings,
     "allocate": AllocateSettings, "select": SelectSettings, "infer": InferSettings, "report": ReportSettings,
-    "evaluate": EvaluateSettings, "benchmark": BenchmarkSettings, "train_tiny": TrainTinySettings,
-    "train_compose": TrainComposeSettings, "pipeline": PipelineSettings, "export": ExportSettings,
+    "evaluate": EvaluateSettings, "benchmark": BenchmarkSettings, "latency_table": LatencyTableSettings,
+    "train_tiny": TrainTinySettings, "train_compose": TrainComposeSettings, "pipeline": PipelineSettings,
+    "export": ExportSettings,
 }
 # pipeline entry -> the stage it runs (conf/stage/pipeline.yaml: allocate@allocate_weight, ...)
 PIPELINE_ENTRIES = {"calibrate": "calibrate", "sensitivity": "sensitivity", "allocate_weight": "allocate",

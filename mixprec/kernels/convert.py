@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -46,8 +47,12 @@ class BackendConfig:
     convs: bool = True            # convolutions on the implicit-GEMM kernel
     act_quant: str = "producer"   # "producer": plain torch ops before the GEMM (compile fuses them
                                   # into the op that made x); "kernel": quantize inside the GEMM
-    fp8_weight: str = "tensor"    # fp8 weight scales: "tensor" (cuBLAS) | "channel" (row-wise)
-    fp8_fast_accum: bool = True
+    fp8_weight: str = "channel"   # fp8 weight scales: "channel" (per output channel, applied after
+                                  # cuBLAS's tensor-wise GEMM / in the Triton epilogue) | "rowwise"
+                                  # (the same scales through _scaled_mm's row-wise kernel) | "tensor"
+    fp8_fast_accum: bool = False  # True: fp8 products accumulate in the tensor cores' reduced
+                                  # precision over the whole K (cuBLAS fast accum; Triton's sm90
+                                  # default); False: promoted to float32 every K block
     bos: str = "weight_only"      # cross-attn K/V BOS token: "weight_only" (quantized weight,
                                   # 16-bit activation) | "exact" (keeps a 16-bit weight copy)
     min_m: int = 1                # fewer GEMM rows than this run the reference path
@@ -58,7 +63,7 @@ class BackendConfig:
     def __post_init__(self) -> None:
         checks = {"w8a8": ("int8", "fp8", "reference"), "int8_impl": ("triton", "torch"),
                   "low_bit": ("triton", "reference"), "act_quant": ("producer", "kernel"),
-                  "fp8_weight": ("tensor", "channel"), "bos": ("weight_only", "exact"),
+                  "fp8_weight": ("tensor", "channel", "rowwise"), "bos": ("weight_only", "exact"),
                   "cpu": ("reference", "emulate")}
         for key, allowed in checks.items():
             if getattr(self, key) not in allowed:
@@ -290,6 +295,22 @@ def convert_(model: nn.Module, config: BackendConfig | Mapping[str, Any] | None 
     if example_args is not None or example_kwargs is not None:
         report.probe(model, *(example_args or ()), **dict(example_kwargs or {}))
     return report
+
+
+@contextmanager
+def reference_path(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block every KernelLayer of a converted ``model`` runs its reference path: fake
+    quantization from the stored codes and scales, the exact function its kernels compute (for fp8
+    layers the fp8 rounding, which a QuantLayer's integer fake quantization is not)."""
+    kernels = [m for m in model.modules() if isinstance(m, KernelLayer)]
+    saved = [m.min_m for m in kernels]
+    for m in kernels:
+        m.min_m = 1 << 62  # every call has fewer rows: route() answers "reference"
+    try:
+        yield model
+    finally:
+        for m, v in zip(kernels, saved):
+            m.min_m = v
 
 
 def timestep_groups_reason(groups: int) -> str:

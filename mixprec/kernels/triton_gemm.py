@@ -3,7 +3,10 @@
 What the kernel multiplies (``mma``):
   0 - 16-bit activations x weights decoded to 16 bit (weight-only 2/4/8-bit, fp32 accumulate);
   1 - int8 activations x int8 weights (W8A8 and W4A8/W2A8, int32 accumulate);
-  2 - fp8 e4m3 activations x fp8 e4m3 weights (fp32 accumulate).
+  2 - fp8 e4m3 activations x fp8 e4m3 weights, fp32 accumulate: the partial sum of every
+      BLOCK_K-deep step is promoted to a float32 accumulator (Hopper's fp8 wgmma otherwise keeps
+      about 14 accumulator bits over the whole K, which Triton allows by default on sm90);
+  3 - the same with Triton's default fast (imprecise) accumulation over the whole K.
 For ``mma`` 1 and 2 the activations either arrive already quantized (the producer did it, which is
 where torch.compile fuses it) or arrive in 16 bit and are quantized inside the kernel (``qa``),
 with the same static per-tensor scale and zero point.
@@ -41,7 +44,8 @@ except Exception:  # pragma: no cover - depends on the machine
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FP8_MAX = 448.0
-MMA_16, MMA_INT8, MMA_FP8 = 0, 1, 2
+MMA_16, MMA_INT8, MMA_FP8, MMA_FP8_FAST = 0, 1, 2, 3
+FP8_MMAS = (MMA_FP8, MMA_FP8_FAST)
 
 
 # --------------------------------------------------------------------------- the kernel
@@ -95,7 +99,7 @@ if HAS_TRITON:
             zp = tl.load(aq_ptr + 1)
             off = tl.load(aq_ptr + 2)
             a_pad = (zp - off).to(tl.int8)
-        if MMA == 2:
+        if MMA >= 2:
             inv_s = tl.load(aq_ptr)
 
         if MMA == 1:
@@ -157,6 +161,9 @@ if HAS_TRITON:
                     acc = tl.dot(a, tl.trans(wv), acc)
                 elif MMA == 1:
                     acc = tl.dot(a, tl.trans(wv), acc, out_dtype=tl.int32)
+                elif MMA == 2:
+                    # promote to float32 after each BLOCK_K step (a K of 11520 on SDXL's 3x3 convs)
+                    acc = tl.dot(a, tl.trans(wv), acc, max_num_imprecise_acc=BLOCK_K)
                 else:
                     acc = tl.dot(a, tl.trans(wv), acc)
 
@@ -240,7 +247,7 @@ def pick_tiles(m: int, n: int, cp: int, mma: int, w_bits: int, sms: int = 132) -
     if tiles(bm, bn) < sms:
         bn = 64
     p = 8 // w_bits
-    eight_bit = mma in (MMA_INT8, MMA_FP8)
+    eight_bit = mma in (MMA_INT8, *FP8_MMAS)
     unit = 32 if eight_bit else 16
     target = max((128 if eight_bit else 64) // p, unit)
     bk = next((b for b in (target, target // 2, target // 4) if b >= unit and cp % b == 0), target)
@@ -340,7 +347,7 @@ def emulate(a: torch.Tensor, w: torch.Tensor, row_scale: torch.Tensor, col_bias:
         if qa:
             a = quant_act_int(a, inv_s, zp, off, levels, inverse=True)
         pad_value = zp - off
-    elif mma == MMA_FP8 and qa:
+    elif mma in FP8_MMAS and qa:
         a = quant_act_fp8(a, float(aq[0]))
     a = a.double()
     if conv:

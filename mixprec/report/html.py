@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from mixprec import artifacts
+
 from .data import FULL_PRECISION_BITS, Source, WorkspaceData, allocation_by_block, census_by_block, roles_of_block
 
 CSS = """
@@ -69,6 +71,7 @@ SECTION_TITLES = {
     "images": "Images: full precision vs final plans vs uniform precision",
     "ablation": "Ablation at equal budgets",
     "benchmark": "Benchmark",
+    "latency": "Plans under latency budgets: quality vs predicted latency",
     # the comparison page
     "workspaces": "Workspaces and their finals",
     "fronts": "Pareto fronts",
@@ -528,6 +531,20 @@ def benchmark_section(d: WorkspaceData) -> str | None:
     return section("benchmark", "".join(parts), ["benchmark.json"], sources=_sources(d, "benchmark"))
 
 
+def latency_section(d: WorkspaceData) -> str | None:
+    """The latency-budget plans (stage=allocate stage.budget=latency) and their front."""
+    rows = artifacts.read_pareto_latency_csv(d.root)
+    if not rows:
+        return None
+    cols = ["budget_ms", "predicted_ms", "score", "K", "seed", "status", "pareto", "path"]
+    body = table(cols, [[r.get(c) for c in cols] for r in rows], [c in ("budget_ms", "predicted_ms", "score", "K")
+                                                                  for c in cols])
+    png = d.root / artifacts.PARETO_LATENCY_PNG
+    img = image_file(png, "score vs predicted latency", 720) if png.exists() else ""
+    return section("latency", img + body, [artifacts.PARETO_LATENCY_CSV, artifacts.PARETO_LATENCY_PNG,
+                                           artifacts.LAYER_LATENCY])
+
+
 def render_report(d: WorkspaceData, figs: Mapping[str, bytes | None], manifest: Mapping[str, Any] | None = None,
                   max_side: int = 256, images_note: str | None = None) -> tuple[str, list[str]]:
     """The page and the ids of the sections it has (``figs``: :func:`mixprec.report.plots.report_figures`)."""
@@ -536,7 +553,8 @@ def render_report(d: WorkspaceData, figs: Mapping[str, bytes | None], manifest: 
                 ("candidates", lambda: candidates_section(d, figs, max_side)),
                 ("allocation", lambda: allocation_section(d, figs)),
                 ("images", lambda: images_section(d, manifest, max_side, images_note)),
-                ("ablation", lambda: ablation_section(d, figs)), ("benchmark", lambda: benchmark_section(d))]
+                ("ablation", lambda: ablation_section(d, figs)), ("benchmark", lambda: benchmark_section(d)),
+                ("latency", lambda: latency_section(d))]
     sections = [(sid, s) for sid, build in builders if (s := build())]
     cfg = d.config() or {}
     model = (cfg.get("model") or {}).get("name", "")

@@ -31,6 +31,8 @@ from mixprec import artifacts
 from mixprec.allocation import AllocationRequest, allocate, kind_of, log_pareto, write_pareto
 from mixprec.artifacts import Budget
 from mixprec.context import StageContext, quant_recipe
+from mixprec.kernels.latency_table import LatencyTable
+from mixprec.latency_allocation import LatencyRequest, allocate_latency
 from mixprec.search import InfeasibleBudgetError
 
 log = logging.getLogger("mixprec")
@@ -50,7 +52,7 @@ def _budgets(mode: str, s: DictConfig) -> list[Budget]:
     elif mode == "mean_bits":
         values, missing = _as_list(s.target), "stage.budget=mean_bits needs stage.target (mean bits)"
     else:
-        raise ValueError(f"stage.budget must be mean_bits or bytes, got {mode!r}")
+        raise ValueError(f"stage.budget must be mean_bits, bytes or latency, got {mode!r}")
     if any(v is None for v in values):
         raise ValueError(missing)
     return [Budget.of(mode, v) for v in values]
@@ -65,6 +67,8 @@ def run(ctx: StageContext) -> dict:
     if not artifacts.check_sensitivity_fingerprints(ws):
         log.warning("allocate: no sensitivity.json in %s; cannot check that %s was made for this model and recipe",
                     ws.root, artifacts.PER_PROMPT_CSV)
+    if str(s.budget) == "latency":  # one program over weight and activation bits
+        return _latency(ctx, q, census, per_prompt)
     kinds = [kind_of(k) for k in _as_list(s.kind)]
     combos = list(itertools.product(kinds, _budgets(str(s.budget), s), _as_list(s.K), _as_list(s.seed)))
     protected_acts = artifacts.read_protected(ws) if "act" in kinds else []
@@ -94,6 +98,22 @@ def run(ctx: StageContext) -> dict:
         headline["pareto"] = {k: summary[k] for k in ("candidates", "pareto", "csv", "png")}
         log_pareto(track, summary, ws.root)
     return headline
+
+
+def _latency(ctx: StageContext, q, census, per_prompt) -> dict:
+    """stage.budget=latency: plans under the latency table's prediction (mixprec.latency_allocation)."""
+    s, ws = ctx.cfg.stage, ctx.workspace
+    if s.budget_ms is None:
+        raise ValueError("stage.budget=latency needs stage.budget_ms (milliseconds per denoiser call at the latency "
+                         "table's resolution and batch)")
+    rel = str(s.latency_table)
+    table = LatencyTable.from_json(artifacts.read_latency_table(ws, rel), str(ws.path(rel)))
+    bits = {"weight": q.bits_by_group("weight"), "act": q.bits_by_group("act")}
+    requests = [LatencyRequest(float(b), bits, float(K), int(seed), str(s.solver), float(s.time_limit_s),
+                               float(s.metric_cap))
+                for b, K, seed in itertools.product(_as_list(s.budget_ms), _as_list(s.K), _as_list(s.seed))]
+    protected = artifacts.read_protected(ws) if ws.exists(artifacts.PROTECTED_YAML) else []
+    return allocate_latency(ws, requests, table, census, per_prompt, protected, ctx.tracker, rel)
 
 
 def _record(track, request: AllocationRequest, h: Mapping[str, Any], solve_time_s: float) -> dict[str, Any]:

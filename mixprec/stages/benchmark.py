@@ -11,8 +11,14 @@ writes the returned dict to ``benchmark.json``; per-layer dispatch goes to
 timing) so the stage can be tested anywhere; its numbers then mean nothing for speed.
 
 Plans: ``final`` (final_weight_mp.yaml and, when present, final_act_mp.yaml of the workspace),
-``uniform:wXaY`` (e.g. ``uniform:w8a8``, ``uniform:w4a16``; ``a16`` = activations unquantized),
-``ff:wXaY`` (only the transformer feed-forward layers), or a path to a plan YAML file.
+a named family ``<scope>:wXaY[:fp8|int8]`` (:mod:`mixprec.kernels.named_plans`: ``uniform``,
+``linear``, ``conv``, ``ff``, ``attn``, ``inner``; e.g. ``linear:w8a8:fp8``, ``uniform:w4a16``), or a
+path to a plan YAML file (a latency-budget plan brings its activation plan along). The fake-quant
+reference of a plan is its converted model run on the reference path
+(:func:`mixprec.kernels.reference_path`): the exact function of the stored codes, fp8 rounding
+included. The end-to-end pipeline runs the same compiled denoiser (and, with
+``end_to_end_compile_vae``, a compiled VAE decoder) and reports its time split into text
+encoders, denoiser and VAE decode.
 """
 
 from __future__ import annotations
@@ -20,8 +26,6 @@ from __future__ import annotations
 import copy
 import gc
 import logging
-import re
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -31,42 +35,42 @@ from omegaconf import DictConfig, OmegaConf
 
 from mixprec import artifacts, search
 from mixprec.artifacts import CHECKPOINT_FILE
-from mixprec.kernels import BackendConfig, convert_, weight_bytes
+from mixprec.kernels import BackendConfig, convert_, reference_path, weight_bytes
+from mixprec.kernels.named_plans import parse_plan_name
+from mixprec.kernels.pipeline_timing import pipeline_components, time_pipeline
 from mixprec.kernels.probing import denoiser_inputs, sqnr_db
 from mixprec.kernels.timing import capture, env_info, summarize, time_graph
 from mixprec.models import latent_input_name, replace_denoiser, resolve_device, text_length
-from mixprec.context import StageContext, load_calibrated, load_model, prompt_set, to_dict
+from mixprec.context import StageContext, load_for_kernels, prompt_set, to_dict
 from mixprec.quantizers import QuantLayer, quant_layers, set_plan
 from mixprec.workspace import Workspace
 
 log = logging.getLogger("mixprec")
 
 MIB = 2 ** 20
-_SPEC = re.compile(r"^(uniform|ff):w(\d+)a(\d+)$")
-
-
-def resolve_plan(name: str, layers: dict[str, QuantLayer], ws: Workspace) -> tuple[dict, dict]:
-    """(weight bits, act bits) by layer for a plan name (see the module doc)."""
-    m = _SPEC.match(name.strip().lower())
-    if m:
-        scope, w, a = m.group(1), int(m.group(2)), int(m.group(3))
-        chosen = [n for n in layers if scope == "uniform" or ".ff." in f".{n}."]
-        wb = {n: (None if w >= 16 else w) for n in chosen}
-        ab = {n: (None if a >= 16 else a) for n in chosen}
-        return wb, ab
-    from mixprec import search
-
+def resolve_plan(name: str, layers: dict[str, QuantLayer], ws: Workspace) -> tuple[dict, dict, dict]:
+    """(weight bits, act bits, backend options over the stage's) by layer for a plan name (see the
+    module doc)."""
+    named = parse_plan_name(name)
+    if named is not None:
+        return (*named.bits(layers), named.kernel_overrides())
     if name == "final":
         wplan = artifacts.read_plan_file(ws, artifacts.FINAL_PLANS["weight"], "select")
         aplan = artifacts.read_plan_file(ws, artifacts.FINAL_PLANS["act"]) if ws.exists(artifacts.FINAL_PLANS["act"]) \
             else None
-        return dict(wplan.bits), dict(aplan.bits) if aplan else {}
+        return dict(wplan.bits), dict(aplan.bits) if aplan else {}, {}
     path = Path(name)
     if not path.exists():
-        raise ValueError(f"benchmark plan {name!r}: use 'final', 'uniform:wXaY', 'ff:wXaY' or a plan file path")
+        raise ValueError(f"benchmark plan {name!r}: use 'final', '<scope>:wXaY[:fp8|int8]' (scopes: uniform, "
+                         f"linear, conv, ff, attn, inner) or a plan file path")
     plan = search.read_plan(path)
     bits = dict(plan.bits)
-    return (bits, {}) if plan.header.get("kind", "weight") == "weight" else ({}, bits)
+    kind = plan.header.get("kind", "weight")
+    if kind == "latency":  # weight bits here, activation bits in the file the header names
+        return bits, dict(search.read_plan(path.parent / plan.header["act_plan"]).bits), {}
+    return ((bits, {}) if kind == "weight" else ({}, bits)) + ({},)
+
+
 
 
 def _time_cpu(fn, iters: int, warmup: int) -> dict:
@@ -105,8 +109,9 @@ def _compile(model, mode: str):
     return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
 
 
-def _measure(name: str, model, s, shapes, reference_denoiser, text_len: int, device, dtype, cuda: bool) -> dict:
-    fn_model = _compile(model, str(s.compile))
+def _measure(name: str, fn_model, model, s, shapes, reference_denoiser, text_len: int, device, dtype,
+             cuda: bool) -> dict:
+    """Latency of ``fn_model`` (``model``, compiled or not) at every resolution x batch."""
     latent_key = latent_input_name(reference_denoiser)
     timing = {}
     for res, batch in shapes:
@@ -136,7 +141,8 @@ def _measure(name: str, model, s, shapes, reference_denoiser, text_len: int, dev
 
 
 def _end_to_end(bundle, denoiser, cfg: DictConfig, batch: int, repeats: int) -> dict | None:
-    """Pipeline time (prompt encoding, all denoiser steps, VAE decode) with ``denoiser`` in place."""
+    """Pipeline time (prompt encoding, all denoiser steps, VAE decode) with ``denoiser`` in place,
+    split by component (:func:`mixprec.kernels.pipeline_timing.time_pipeline`)."""
     pairs = prompt_set(cfg, "inference") if "inference" in cfg.prompts else prompt_set(cfg, "calibration")
     pairs = (pairs * batch)[:batch]
     prompts, seeds = [p for p, _ in pairs], [sd for _, sd in pairs]
@@ -145,21 +151,23 @@ def _end_to_end(bundle, denoiser, cfg: DictConfig, batch: int, repeats: int) -> 
     try:
         sampler = type(bundle.sampler)(pipe, bundle.spec.resolution, bundle.spec.num_inference_steps,
                                        bundle.spec.guidance_scale, batch_size=batch)
-        sampler.encode(prompts)  # cached: the timing covers the sampler, not tokenizer warm-up
-        times = []
-        for i in range(repeats + 1):
-            if bundle.device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            sampler.generate(prompts, seeds)
-            if bundle.device.type == "cuda":
-                torch.cuda.synchronize()
-            if i:  # the first run warms up
-                times.append(time.perf_counter() - t)
-        return {"median_s": statistics.median(times), "runs": times, "batch": batch,
-                "resolution": bundle.spec.resolution, "steps": bundle.spec.num_inference_steps}
+        # the text encoders run in every timed call: embeddings are not reused between runs
+        out = time_pipeline(lambda: sampler.generate(prompts, seeds), pipeline_components(pipe, denoiser),
+                            repeats, warmup=1, before_each=sampler.clear_prompt_cache)
+        total = out["breakdown_ms"]["total"]
+        out.update(median_s=total["median_ms"] / 1000, p10_s=total["p10_ms"] / 1000, p90_s=total["p90_ms"] / 1000,
+                   batch=batch, resolution=bundle.spec.resolution, steps=bundle.spec.num_inference_steps)
+        return out
     finally:
         replace_denoiser(pipe, original)
+
+
+def _compile_vae_decoder(bundle, mode: str) -> None:
+    """Compile the VAE decoder in place (once: every plan shares the VAE)."""
+    vae = getattr(bundle.pipe, "vae", None)
+    if vae is None or mode in (None, "none", "") or isinstance(vae.decoder, torch._dynamo.eval_frame.OptimizedModule):
+        return
+    vae.decoder = _compile(vae.decoder, mode)
 
 
 SIZED = ("resolutions", "batch_sizes", "compile", "iters", "warmup", "end_to_end_repeats")
@@ -186,48 +194,16 @@ def _final_plans_digest(ws: Workspace) -> str:
                                 if ws.exists(f)})
 
 
-def _prepare(cfg: DictConfig, ws: Workspace, s: DictConfig):
-    """The model in the benchmark's dtype, calibrated from the workspace or on random denoiser inputs."""
-    if s.calibration == "workspace":
-        bundle = load_calibrated(cfg, ws)
-    elif s.calibration == "random":
-        bundle = load_model(cfg)
-    else:
-        raise ValueError(f"stage.calibration must be 'workspace' or 'random', got {s.calibration!r}")
-    denoiser = bundle.denoiser
-    text_len = text_length(bundle.pipe)
-    device = bundle.device
-    dtype = getattr(torch, str(s.dtype)) if s.dtype else next(denoiser.parameters()).dtype
-    if next(denoiser.parameters()).dtype != dtype:
-        from mixprec.kernels.probing import cast_floating_
-
-        # every component, so the end-to-end pipeline stays in one dtype
-        for comp in bundle.pipe.components.values():
-            if isinstance(comp, torch.nn.Module):
-                cast_floating_(comp, dtype)
-    layers = bundle.layers
-    res_list = [int(r) for r in (s.resolutions or [bundle.spec.resolution])]
-    latent0 = res_list[0] // 8
-    if s.calibration == "random":
-        from mixprec.calibration import calibrate_layers
-
-        calib = [denoiser_inputs(denoiser, 1, latent0, text_len, seed=100 + i, device=device, dtype=dtype)
-                 for i in range(2)]
-        q = bundle.quant
-        calibrate_layers(layers, lambda: [denoiser(**c) for c in calib], q.weight_bits, q.act_bits,
-                         momentum=q.act_momentum, weight_clip=q.weight_clip)
-    return bundle, dtype, res_list
-
-
 def run(ctx: StageContext) -> dict:
     cfg, ws, track = ctx.cfg, ctx.workspace, ctx.tracker
     s = sized_settings(cfg.stage, resolve_device(str(cfg.device)).type)
-    bundle, dtype, res_list = _prepare(cfg, ws, s)
+    res_list = [int(r) for r in (s.resolutions or [cfg.model.resolution])]
+    shapes = [(r, int(b)) for r in res_list for b in s.batch_sizes]
+    latent0 = res_list[0] // 8
+    bundle, dtype = load_for_kernels(cfg, ws, latent0)
     denoiser, layers, device = bundle.denoiser, bundle.layers, bundle.device
     text_len = text_length(bundle.pipe)
     cuda = device.type == "cuda"
-    shapes = [(r, int(b)) for r in res_list for b in s.batch_sizes]
-    latent0 = res_list[0] // 8
     backend = BackendConfig.merged(bundle.quant.kernels, to_dict(s.get("kernels")))
     x0 = denoiser_inputs(denoiser, 1, latent0, text_len, seed=7, device=device, dtype=dtype)
     set_plan(layers)
@@ -237,62 +213,74 @@ def run(ctx: StageContext) -> dict:
     result: dict[str, Any] = {"env": env_info(), "device": str(device), "dtype": str(dtype),
                               "compile": str(s.compile), "memory_format": str(s.memory_format),
                               "shapes": [f"{r}x{b}" for r, b in shapes], "kernels": backend.to_dict(),
-                              "plans": {}}
-    if "final" in s.plans:  # what the report checks against the final plans of the day
-        result["plans_digest"] = _final_plans_digest(ws)
+                              "settings": to_dict(s), "plans": {}}
     if "final" in s.plans:  # what the report checks against the final plans of the day
         result["plans_digest"] = _final_plans_digest(ws)
     dispatch_detail: dict[str, Any] = {}
     names = ["bf16" if dtype == torch.bfloat16 else "fp16" if dtype == torch.float16 else str(dtype)]
     names += list(s.plans)
     for name in names:
-        rec: dict[str, Any] = {}
-        result["plans"][name] = rec
-        full = name == names[0]
-        wb, ab = ({}, {}) if full else resolve_plan(name, layers, ws)
-        for layer in layers.values():
-            layer.drop_cache()
-        model = copy.deepcopy(denoiser)
-        mlayers = quant_layers(model)
-        set_plan(mlayers, wb, ab)
-        rec["quantized_layers"] = sum(1 for n in mlayers if wb.get(n) or ab.get(n))
-        ref = None
-        if not full:
-            with torch.no_grad():
-                ref = model(**x0).sample.float()
-            for layer in mlayers.values():
-                layer.drop_cache()
-        report = convert_(model, backend, example_kwargs=x0)
-        rec["dispatch"] = report.summary()
-        dispatch_detail[name] = report.to_dict()
-        if s.memory_format == "channels_last":
-            model = model.to(memory_format=torch.channels_last)
-        with torch.no_grad():
-            out = model(**x0).sample.float()
-        rec["sqnr_vs_16bit_db"] = sqnr_db(fp_out, out)
-        if ref is not None:
-            rec["sqnr_vs_fake_quant_db"] = sqnr_db(ref, out)
-        rec["weight_mib"] = weight_bytes(model) / MIB
-        rec["timing"] = _measure(name, model, s, shapes, denoiser, text_len, device, dtype, cuda)
-        if s.end_to_end:
-            rec["end_to_end"] = _end_to_end(bundle, model, cfg, int(s.batch_sizes[0]), int(s.end_to_end_repeats))
-        if s.save_checkpoint and name == s.save_checkpoint:
-            from mixprec.checkpoint import save_quantized
-            rec["checkpoint"] = save_quantized(model, ws.path(CHECKPOINT_FILE),
-                                               extra={"plan": name})
-        track.log({f"benchmark/{name}/{k}/median_ms": v["median_ms"] for k, v in rec["timing"].items()})
-        del model, out, ref
-        torch._dynamo.reset()
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
+        result["plans"][name] = _run_plan(name, name == names[0], bundle, layers, s, shapes, x0, fp_out, text_len,
+                                          dtype, backend, cfg, ws, track, dispatch_detail)
     base = result["plans"][names[0]]["timing"]
     for name in names[1:]:
         rec = result["plans"][name]
         rec["speedup"] = {k: base[k]["median_ms"] / v["median_ms"] for k, v in rec["timing"].items()}
         rec["weight_ratio_vs_16bit"] = result["plans"][names[0]]["weight_mib"] / rec["weight_mib"]
     ws.write_json(artifacts.BENCHMARK_DISPATCH, dispatch_detail)
+    _log_summary(result)
+    return result
+
+
+def _run_plan(name, full, bundle, layers, s, shapes, x0, fp_out, text_len, dtype, backend, cfg, ws, track,
+              dispatch_detail) -> dict[str, Any]:
+    """Convert, check and time one plan (the 16-bit baseline when ``full``)."""
+    denoiser, device = bundle.denoiser, bundle.device
+    cuda = device.type == "cuda"
+    rec: dict[str, Any] = {}
+    wb, ab, overrides = ({}, {}, {}) if full else resolve_plan(name, layers, ws)
+    for layer in layers.values():
+        layer.drop_cache()
+    model = copy.deepcopy(denoiser)
+    mlayers = quant_layers(model)
+    set_plan(mlayers, wb, ab)
+    rec["quantized_layers"] = sum(1 for n in mlayers if wb.get(n) or ab.get(n))
+    report = convert_(model, BackendConfig.from_mapping({**backend.to_dict(), **overrides}), example_kwargs=x0)
+    rec["kernels"] = overrides or None
+    rec["dispatch"] = report.summary()
+    dispatch_detail[name] = report.to_dict()
+    if s.memory_format == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = model(**x0).sample.float()
+        rec["sqnr_vs_16bit_db"] = sqnr_db(fp_out, out)
+        if not full:  # the fake-quant function of the stored codes (fp8 rounding for fp8 layers)
+            with reference_path(model):
+                rec["sqnr_vs_fake_quant_db"] = sqnr_db(model(**x0).sample.float(), out)
+    rec["weight_mib"] = weight_bytes(model) / MIB
+    fn_model = _compile(model, str(s.compile))
+    rec["timing"] = _measure(name, fn_model, model, s, shapes, denoiser, text_len, device, dtype, cuda)
+    if s.end_to_end:
+        if s.end_to_end_compile_vae:
+            _compile_vae_decoder(bundle, str(s.compile))
+        rec["end_to_end"] = _end_to_end(bundle, fn_model, cfg, int(s.batch_sizes[0]), int(s.end_to_end_repeats))
+    if s.save_checkpoint and name == s.save_checkpoint:
+        from mixprec.checkpoint import save_quantized
+        rec["checkpoint"] = save_quantized(model, ws.path(CHECKPOINT_FILE), extra={"plan": name})
+    track.log({f"benchmark/{name}/{k}/median_ms": v["median_ms"] for k, v in rec["timing"].items()})
+    del model, out, fn_model
+    torch._dynamo.reset()
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return rec
+
+
+def _log_summary(result: dict) -> None:
     for name, rec in result["plans"].items():
+        if rec.get("end_to_end"):
+            parts = rec["end_to_end"]["breakdown_ms"]
+            log.info("benchmark %-16s end to end %s", name,
+                     "  ".join(f"{k} {v['median_ms']:.1f} ms" for k, v in parts.items()))
         log.info("benchmark %-16s weights %8.1f MiB  %s  sqnr(16-bit) %.1f dB", name, rec["weight_mib"],
                  "  ".join(f"{k}: {v['median_ms']:.2f} ms" for k, v in rec["timing"].items()), rec["sqnr_vs_16bit_db"])
-    return result

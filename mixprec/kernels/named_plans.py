@@ -1,0 +1,75 @@
+"""Plans by name: the uniform families the docs and benchmarks quote, without a plan file.
+
+A name is ``<scope>:w<W>a<A>[:<format>]``:
+
+- ``scope`` picks the layers that get the bits (all others stay 16-bit):
+  ``uniform`` every quantizable layer; ``linear`` Linear layers only (convolutions 16-bit);
+  ``conv`` convolutions only; ``ff`` the transformer feed-forward layers; ``attn`` the attention
+  projections (self- and cross-attention Q/K/V/out); ``inner`` every layer but the first and the
+  last (``conv_in``/``conv_out``, or a transformer's patch embedding and final projection), the
+  layers that see the latents themselves.
+- ``W``/``A`` are weight/activation bits; 16 (or more) means unquantized.
+- ``format`` (optional) sets ``kernels.w8a8`` for this plan only: ``fp8`` or ``int8``; without it
+  the stage's kernel options decide.
+
+Examples: ``linear:w8a8:fp8`` (the Linear-only fp8 plan), ``ff:w8a8:fp8``, ``uniform:w8a8:int8``,
+``uniform:w4a16``, ``inner:w8a8:fp8``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+FORMATS = ("fp8", "int8")
+_NAME = re.compile(r"^(?P<scope>[a-z_]+):w(?P<w>\d+)a(?P<a>\d+)(?::(?P<fmt>[a-z0-9]+))?$")
+_FIRST_LAST = {"conv_in", "conv_out", "pos_embed.proj", "proj_out"}
+
+
+def _inner(module: nn.Module) -> nn.Module:
+    return getattr(module, "inner", module)  # a QuantLayer wraps the Linear/Conv2d
+
+
+SCOPES: dict[str, Callable[[str, nn.Module], bool]] = {
+    "uniform": lambda name, m: True,
+    "linear": lambda name, m: isinstance(_inner(m), nn.Linear),
+    "conv": lambda name, m: isinstance(_inner(m), nn.Conv2d),
+    "ff": lambda name, m: ".ff." in f".{name}.",
+    "attn": lambda name, m: bool(re.search(r"\.attn\d?\.(to_q|to_k|to_v|to_out\.0)$", f".{name}")),
+    "inner": lambda name, m: name not in _FIRST_LAST,
+}
+
+
+@dataclass(frozen=True)
+class NamedPlan:
+    scope: str
+    w_bits: int | None
+    a_bits: int | None
+    w8a8: str | None = None
+
+    def kernel_overrides(self) -> dict:
+        """Backend options this plan sets over the stage's (``kernels.w8a8`` when named)."""
+        return {"w8a8": self.w8a8} if self.w8a8 else {}
+
+    def bits(self, layers: Mapping[str, nn.Module]) -> tuple[dict, dict]:
+        """(weight bits, activation bits) by layer name for ``layers`` (QuantLayers or plain layers)."""
+        chosen = [n for n, m in layers.items() if SCOPES[self.scope](n, m)]
+        return {n: self.w_bits for n in chosen}, {n: self.a_bits for n in chosen}
+
+
+def parse_plan_name(name: str) -> NamedPlan | None:
+    """The :class:`NamedPlan` for ``name``, or None when ``name`` is not of the named form (a file
+    path, ``final``). A name of that form with an unknown scope or format raises ValueError."""
+    m = _NAME.match(name.strip().lower())
+    if not m:
+        return None
+    scope, fmt = m.group("scope"), m.group("fmt")
+    if scope not in SCOPES:
+        raise ValueError(f"plan {name!r}: unknown scope {scope!r}; use one of {sorted(SCOPES)}")
+    if fmt is not None and fmt not in FORMATS:
+        raise ValueError(f"plan {name!r}: unknown format {fmt!r}; use one of {FORMATS} (or leave it out)")
+    w, a = int(m.group("w")), int(m.group("a"))
+    return NamedPlan(scope, None if w >= 16 else w, None if a >= 16 else a, fmt)

@@ -1,0 +1,65 @@
+"""stage=latency_table: per-layer latency of every (weight bits, activation bits) choice -> layer_latency.json.
+
+At ``stage.resolution`` and ``stage.batch_size`` (see :mod:`mixprec.kernels.latency_table` for how
+each row is measured and how a plan's latency is predicted from the table). ``stage=allocate
+stage.budget=latency`` reads the file. A rerun with the same settings on the same device finds the
+table and keeps it (``stage.force=true`` measures again).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from mixprec import artifacts
+from mixprec.context import StageContext, load_for_kernels, quant_recipe, to_dict
+from mixprec.kernels import BackendConfig
+from mixprec.kernels.latency_table import LatencyTable, measure_latency_table
+from mixprec.kernels.probing import denoiser_inputs
+from mixprec.models import latent_input_name, text_length
+from mixprec.quantizers import set_plan
+from mixprec.settings import is_forced
+
+log = logging.getLogger("mixprec")
+
+
+def run(ctx: StageContext) -> dict:
+    cfg, ws = ctx.cfg, ctx.workspace
+    s = cfg.stage
+    backend = BackendConfig.merged(quant_recipe(cfg).kernels, to_dict(s.get("kernels")))
+    settings = {"resolution": int(s.resolution or cfg.model.resolution), "batch_size": int(s.batch_size),
+                "choices": [str(c) for c in s.choices], "dtype": str(s.dtype), "memory_format": str(s.memory_format),
+                "calibration": str(s.calibration), "compile": str(s.compile), "backend_options": backend.to_dict()}
+    if ws.exists(artifacts.LAYER_LATENCY) and not is_forced(s.force, "latency_table"):
+        old = LatencyTable.from_json(artifacts.read_latency_table(ws), str(ws.path(artifacts.LAYER_LATENCY)))
+        if old.meta.get("settings") == settings and old.meta.get("fingerprints") == ws.fingerprints:
+            log.info("latency_table: %s already holds this table (stage.force=true measures again)",
+                     artifacts.LAYER_LATENCY)
+            return _headline(old, reused=True)
+    latent = settings["resolution"] // 8
+    bundle, dtype = load_for_kernels(cfg, ws, latent)
+    denoiser = bundle.denoiser
+    if s.memory_format == "channels_last":
+        denoiser = denoiser.to(memory_format=torch.channels_last)
+    x = denoiser_inputs(denoiser, settings["batch_size"], latent, text_length(bundle.pipe), seed=11,
+                        device=bundle.device, dtype=dtype)
+    if s.memory_format == "channels_last":
+        key = latent_input_name(denoiser)
+        x[key] = x[key].contiguous(memory_format=torch.channels_last)
+    set_plan(bundle.layers)
+    compile_backend = None if str(s.compile) in ("none", "None", "") else str(s.compile)
+    table = measure_latency_table(denoiser, bundle.layers, x, settings["choices"], backend, int(s.iters),
+                                  int(s.warmup), meta={"settings": settings, "fingerprints": ws.fingerprints},
+                                  compile_backend=compile_backend)
+    ws.write_json(artifacts.LAYER_LATENCY, table.to_json())
+    log.info("latency_table: %d layers x %d choices, 16-bit denoiser %.3f ms (%.3f ms outside the layers)",
+             len(table.ms), len(table.choices), table.model_ms, table.rest_ms)
+    return _headline(table, reused=False)
+
+
+def _headline(table: LatencyTable, reused: bool) -> dict:
+    sums = {c: sum(row.get(c, float("nan")) for row in table.ms.values()) for c in table.choices}
+    return {"file": artifacts.LAYER_LATENCY, "layers": len(table.ms), "choices": table.choices,
+            "model_ms": table.model_ms, "rest_ms": table.rest_ms,
+            "uniform_predicted_ms": {c: table.rest_ms + v for c, v in sums.items()}, "reused": reused}

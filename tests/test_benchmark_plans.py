@@ -1,0 +1,58 @@
+"""Named plan families and stage=benchmark's end-to-end breakdown, on the tiny SDXL-architecture model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch.nn as nn
+
+from mixprec.kernels.named_plans import SCOPES, parse_plan_name
+from mixprec.models.toy import build_unet
+from mixprec.quantizers import quantize_
+from mixprec.runner import run_stage
+
+
+def test_plan_names_parse_and_pick_their_layers():
+    layers = quantize_(build_unet("tiny"))
+    assert parse_plan_name("final") is None and parse_plan_name("plans/x.yaml") is None
+    p = parse_plan_name("linear:w8a8:fp8")
+    assert (p.scope, p.w_bits, p.a_bits, p.kernel_overrides()) == ("linear", 8, 8, {"w8a8": "fp8"})
+    assert parse_plan_name("uniform:w4a16").a_bits is None and parse_plan_name("uniform:w4a16").kernel_overrides() == {}
+    with pytest.raises(ValueError, match="unknown scope"):
+        parse_plan_name("every:w8a8")
+    with pytest.raises(ValueError, match="unknown format"):
+        parse_plan_name("uniform:w8a8:fp4")
+    picked = {s: set(parse_plan_name(f"{s}:w8a8").bits(layers)[0]) for s in SCOPES}
+    convs = {n for n, m in layers.items() if isinstance(m.inner, nn.Conv2d)}
+    assert picked["uniform"] == set(layers) and picked["conv"] == convs
+    assert picked["linear"] == set(layers) - convs
+    assert picked["ff"] and all(".ff." in n for n in picked["ff"])
+    assert picked["attn"] and all(n.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "0") for n in picked["attn"])
+    assert picked["inner"] == set(layers) - {"conv_in", "conv_out"}
+
+
+def test_benchmark_names_plans_and_splits_the_pipeline_time(make_cfg, tmp_path):
+    head = run_stage(make_cfg("model=tiny_random", "prompts.inference.n=2", "stage=benchmark",
+                              "stage.calibration=random", "stage.resolutions=[32]", "stage.batch_sizes=[1]",
+                              "stage.compile=none", "stage.iters=2", "stage.warmup=0", "stage.end_to_end_repeats=2",
+                              "stage.plans=[linear:w8a8:fp8,inner:w8a8:int8]"))
+    plans = head["plans"]
+    fp8, int8 = plans["linear:w8a8:fp8"], plans["inner:w8a8:int8"]
+    assert fp8["kernels"] == {"w8a8": "fp8"} and set(fp8["dispatch"]["backends"]) == {"fp", "fp8"}
+    assert int8["dispatch"]["backends"] == {"fp": 2, "int8": int8["dispatch"]["layers"] - 2}
+    # on CPU the kernels run their reference path: the same function as the fake-quant reference
+    assert fp8["sqnr_vs_fake_quant_db"] > 100
+    e2e = fp8["end_to_end"]
+    parts = e2e["breakdown_ms"]
+    assert set(parts) == {"total", "text_encoder", "text_encoder_2", "denoiser", "vae_decode", "other"}
+    assert all(parts[k]["median_ms"] > 0 for k in ("text_encoder", "text_encoder_2", "denoiser", "vae_decode"))
+    for i in range(2):  # each run's components and the rest add up to its wall time
+        runs = e2e["runs_ms"]
+        assert abs(sum(runs[k][i] for k in parts if k != "total") - runs["total"][i]) < 1e-6
+    assert e2e["p10_s"] <= e2e["median_s"] <= e2e["p90_s"] and e2e["steps"] == 2
+    saved = json.loads((tmp_path / "tiny_random" / "benchmark.json").read_text()) \
+        if (tmp_path / "tiny_random" / "benchmark.json").exists() else None
+    if saved is not None:
+        assert saved["headline"]["settings"]["compile"] == "none"
+    assert head["settings"]["plans"] == ["linear:w8a8:fp8", "inner:w8a8:int8"] and head["env"]["torch"]

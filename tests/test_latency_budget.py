@@ -1,0 +1,141 @@
+"""The per-layer latency table (measured on the tiny model, CPU) and allocation under a latency budget
+(the integer program on an SDXL-sized synthetic workspace)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from mixprec.kernels import BackendConfig, convert_
+from mixprec.kernels.latency_table import (FULL, LatencyTable, measure_latency_table, model_latency_ms, parse_choice,
+                                          time_module)
+from mixprec.kernels.probing import calibrate_random, denoiser_inputs
+from mixprec.models.toy import build_unet
+from mixprec.quantizers import set_plan
+from mixprec.runner import run_stage
+from mixprec.search import InfeasibleBudgetError, read_plan
+from mixprec.search.latency import solve_latency
+from mixprec.search.synthetic import sdxl_census, write_synthetic_workspace
+from mixprec.artifacts import collect_candidates, read_layers
+
+CHOICES = ["w16a16", "w8a8", "w4a16", "w4a8"]
+
+
+def synthetic_table(census_rows, seed: int = 0) -> dict:
+    """Layer times shaped like the H100's: 8-bit faster than 16-bit on big layers, 4-bit weights slower."""
+    g = torch.Generator().manual_seed(seed)
+    ms = {}
+    for r in census_rows:
+        base = 0.002 + r["params"] * 2e-9
+        jitter = 1 + 0.1 * torch.rand(4, generator=g)
+        ms[r["name"]] = {"w16a16": base * float(jitter[0]), "w8a8": 0.75 * base * float(jitter[1]) + 0.001,
+                         "w4a16": 2.5 * base * float(jitter[2]), "w4a8": 1.9 * base * float(jitter[3])}
+    return {"meta": {"choices": CHOICES, "settings": {"resolution": 512, "batch_size": 1}}, "model_ms": 9.5, "ms": ms}
+
+
+def test_latency_table_on_the_tiny_model_predicts_the_plans_it_times():
+    torch.manual_seed(0)
+    unet = build_unet("tiny")
+    calib = [denoiser_inputs(unet, 1, seed=s) for s in range(2)]
+    layers = calibrate_random(unet, lambda: [unet(**c) for c in calib], weight_bits=(4, 8), act_bits=(8,))
+    x = denoiser_inputs(unet, 1, seed=3)
+    set_plan(layers)
+    table = measure_latency_table(unet, layers, x, ["w8a8", "w4a16"], BackendConfig(w8a8="int8"), iters=3, warmup=1)
+    assert table.choices == ["w16a16", "w8a8", "w4a16"] and set(table.ms) == set(layers)
+    assert all(v > 0 for row in table.ms.values() for v in row.values())
+    assert table.meta["paths"]["conv_in"] == {"w16a16": "fp", "w8a8": "int8", "w4a16": "wonly"}
+    again = LatencyTable.from_json(json.loads(json.dumps(table.to_json())))
+    assert again.ms == table.ms and again.rest_ms == pytest.approx(table.rest_ms)
+    # the 16-bit plan is predicted at the measured whole-model time, by construction
+    assert table.predict_ms({}, {}) == pytest.approx(table.model_ms)
+    with pytest.raises(KeyError, match="rerun stage=latency_table with w4a8"):
+        table.predict_ms({n: 4 for n in layers}, {n: 8 for n in layers})
+    assert parse_choice("w16a16") == (None, None) and parse_choice("W4a16") == (4, None)
+    with pytest.raises(ValueError, match="wXaY"):
+        parse_choice("int8")
+    # a converted plan is measured the way the table is (host clock on CPU: loose)
+    set_plan(layers, {n: 8 for n in layers}, {n: 8 for n in layers})
+    convert_(unet, BackendConfig(w8a8="int8"))
+    measured = model_latency_ms(unet, x, iters=3, warmup=1)
+    predicted = table.predict_ms({n: 8 for n in layers}, {n: 8 for n in layers})
+    assert 0.2 < measured / predicted < 5
+
+
+def test_compiled_layer_timing_subtracts_its_producer():
+    torch.manual_seed(0)
+    mod = torch.nn.Linear(64, 32)
+    x = torch.randn(4, 64)
+    ms = time_module(mod, x, iters=3, warmup=1, compile_backend="eager")
+    assert ms >= 0 and time_module(mod, x, iters=3, warmup=1) > 0
+    torch._dynamo.reset()
+
+
+def test_latency_program_stays_within_budget_and_uses_it():
+    census = [{"name": r.name, "group": r.group, "params": r.params, "act_elems": r.act_elems,
+               "out_channels": r.out_channels} for r in sdxl_census()]
+    table = LatencyTable.from_json(synthetic_table(census))
+    groups = {r["name"]: r["group"] for r in census}
+    metric = {g: {l: {b: 6.0 * b + (i % 7) for b in (2, 4, 8)} for i, l in enumerate(groups) if groups[l] == g}
+              for g in ("content", "quality")}
+    bits = {"content": (2, 4, 8), "quality": (4, 8)}
+    full = table.predict_ms({}, {})
+    fastest = table.rest_ms + sum(min(r.values()) for r in table.ms.values())
+    last_score = -1.0
+    for budget in (fastest + 0.01, (fastest + full) / 2, full + 0.001):  # + the rounding up to ns
+        sol = solve_latency(metric, metric, groups, table.ms, table.rest_ms, budget, weight_bits=bits, act_bits=bits,
+                            act_protected=["conv_in"], time_limit_s=5)
+        assert sol.predicted_ms <= budget + 1e-9
+        assert sol.predicted_ms == pytest.approx(table.predict_ms(sol.weight_bits, sol.act_bits))
+        assert sol.act_bits["conv_in"] == 16
+        assert sol.objective >= last_score - 1e-9  # a looser budget never scores lower
+        last_score = sol.objective
+    # at the 16-bit time every layer can stay unquantized: the best score there is (1 per part and group)
+    assert sol.objective == pytest.approx(4.0)
+    with pytest.raises(InfeasibleBudgetError, match="below the fastest plan"):
+        solve_latency(metric, metric, groups, table.ms, table.rest_ms, fastest - 0.1, weight_bits=bits, act_bits=bits)
+
+
+def test_allocate_stage_with_latency_budgets_writes_both_plans_and_the_front(make_cfg, tmp_path):
+    ws = write_synthetic_workspace(tmp_path / "ws", n_prompts=4)
+    table = synthetic_table([{"name": c.name, "params": c.params} for c in read_layers(ws / "layers.csv")])
+    (ws / "layer_latency.json").write_text(json.dumps(table))
+    lt = LatencyTable.from_json(table)
+    full, fastest = lt.model_ms, lt.rest_ms + sum(min(r.values()) for r in lt.ms.values())
+    budgets = [round(fastest + f * (full - fastest), 3) for f in (0.2, 0.5, 0.8)]
+    head = run_stage(make_cfg("stage=allocate", f"paths.workspace={ws}", "stage.budget=latency",
+                              f"stage.budget_ms=[{','.join(map(str, budgets))}]", "stage.time_limit_s=5"))
+    assert len(head["plans"]) == 3
+    for row, budget in zip(head["plans"], budgets):
+        wplan = read_plan(ws / row["plan"])
+        aplan = read_plan(ws / row["plan"]).header["act_plan"]
+        acts = read_plan((ws / row["plan"]).parent / aplan).bits
+        assert wplan.header["kind"] == "latency" and wplan.header["predicted_ms"] <= budget
+        assert wplan.header["predicted_ms"] == pytest.approx(lt.predict_ms(wplan.bits, acts))
+        protected = (ws / "protected_layers.yaml").read_text().split()
+        assert all(acts[l] == 16 for l in acts if f"{l}" in protected)
+    rows = list(csv.DictReader(open(ws / "pareto_latency.csv")))
+    assert len(rows) == 3 and any(r["pareto"] == "True" for r in rows) and (ws / "pareto_latency.png").exists()
+    # the report shows the front; the mean-bit Pareto family leaves these plans out
+    from mixprec.report import load_workspace
+    from mixprec.report.html import latency_section
+
+    html = latency_section(load_workspace(ws))
+    assert "pareto_latency.csv" in html and "<img" in html and str(budgets[0]) in html
+    assert not any(r["path"].startswith("plans/latency_") for r in collect_candidates(ws))
+    # the same request gives the same files
+    before = (ws / head["plans"][0]["plan"]).read_text()
+    run_stage(make_cfg("stage=allocate", f"paths.workspace={ws}", "stage.budget=latency",
+                       f"stage.budget_ms={budgets[0]}", "stage.time_limit_s=5"))
+    assert (ws / head["plans"][0]["plan"]).read_text() == before
+
+
+def test_latency_table_stage_writes_and_reuses_its_file(make_cfg, tmp_path):
+    args = ("model=tiny_random", "stage=latency_table", "stage.calibration=random", "stage.dtype=float32",
+            "stage.iters=2", "stage.warmup=0", "stage.choices=[w8a8]")
+    head = run_stage(make_cfg(*args))
+    assert head["layers"] > 0 and head["choices"] == [FULL, "w8a8"] and not head["reused"]
+    assert run_stage(make_cfg(*args))["reused"]
+    assert not run_stage(make_cfg(*args, "stage.choices=[w4a16]"))["reused"]
