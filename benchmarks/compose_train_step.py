@@ -1,63 +1,81 @@
-"""Seconds per training step of the compose model's UNet + text encoders at several batch sizes
-(forward under bf16 autocast on CUDA, backward, AdamW step), written as JSON.
+"""Seconds per training step of the compose model's denoiser phase (UNet + both text encoders:
+forward under bf16 autocast, backward, clipping, AdamW, EMA) for each launch path
+(`ComposeTrainConfig.accelerate`) and batch size, measured through the trainer itself on random
+latents, written as JSON (median and p10-p90 of single steps, each synchronised).
 
-    python benchmarks/compose_train_step.py --out step_time.json [--device cuda] [--batches 64,128,256]
+    python benchmarks/compose_train_step.py --out step_time.json [--modes none,cuda_graph,compile] [--batches 256,1024]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
+import statistics
 import time
+from pathlib import Path
 
 import torch
 
-from mixprec.compose.build import build_pipeline
+from mixprec.compose import scenes
+from mixprec.compose.train import ComposeTrainConfig, _DenoiserTrainer, _EMA, _Run
 
 
-def step_seconds(pipe, batch: int, device: torch.device, repeats: int = 5) -> float:
-    unet = pipe.unet
-    opt = torch.optim.AdamW(list(unet.parameters()) + list(pipe.text_encoder.parameters())
-                            + list(pipe.text_encoder_2.parameters()), lr=1e-4)
-    x = torch.randn(batch, 4, 32, 32, device=device)
-    t = torch.full((batch,), 749, device=device)
-    caps = ["a small red circle left of a large blue square on a green background"] * batch
-    ids = torch.zeros(batch, 6, device=device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    best = float("inf")
-    for i in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+def _quantiles(xs: list[float]) -> dict[str, float]:
+    xs = sorted(xs)
+    pick = lambda q: xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))]  # noqa: E731
+    return {"median_s": statistics.median(xs), "p10_s": pick(0.1), "p90_s": pick(0.9), "n": len(xs)}
+
+
+def measure(mode: str, batch: int, steps: int, device: torch.device, work: Path) -> dict:
+    cfg = ComposeTrainConfig(unet_batch_size=batch, accelerate=mode, eval_prompts=0)
+    run = _Run(cfg, device, work / f"{mode}_{batch}.pt")
+    run.phase = "unet"
+    run.ema = _EMA(run.modules, cfg.ema_decay)
+    captions = [c for c, _ in scenes.eval_prompts(4096, "train", seed=1)]
+    latents = torch.randn(len(captions), 4, 32, 32, device=device)
+    trainer = _DenoiserTrainer(run, latents, captions)
+    for m in run.modules.values():
+        m.train()
+    times, first = [], None
+    for i in range(steps + 5):
+        torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        with amp:
-            emb, _, pooled, _ = pipe.encode_prompt(caps, device=device, do_classifier_free_guidance=False)
-            out = unet(x, t, encoder_hidden_states=emb, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
-        out.float().pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i:  # the first step pays for kernel selection
-            best = min(best, time.perf_counter() - t0)
-    return best
+        trainer.step()
+        torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        if i == 0:
+            first = dt
+        if i >= 5:  # warm-up steps, the capture (cuda_graph) and the compile (compile) excluded
+            times.append(dt)
+    return {"mode": mode, "batch": batch, "first_step_s": first, **_quantiles(times),
+            "samples_per_s": batch / statistics.median(times)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batches", default="64,128,256")
+    ap.add_argument("--modes", default="none,cuda_graph,compile")
+    ap.add_argument("--batches", default="256,1024")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--work", default="/tmp/compose_step_bench")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    device = torch.device(args.device)
-    pipe = build_pipeline().to(device)
-    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "threads": torch.get_num_threads(), "seconds_per_step": {}}
-    for b in (int(v) for v in args.batches.split(",")):
-        result["seconds_per_step"][b] = step_seconds(pipe, b, device)
-        print(json.dumps({"batch": b, "s": result["seconds_per_step"][b]}), flush=True)
+    device = torch.device("cuda")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
+              "steps": args.steps, "runs": []}
+    for mode in args.modes.split(","):
+        for batch in (int(b) for b in args.batches.split(",")):
+            try:
+                row = measure(mode, batch, args.steps, device, work)
+            except Exception as e:  # a launch path that fails is a result too
+                row = {"mode": mode, "batch": batch, "error": f"{type(e).__name__}: {e}"[:2000]}
+            result["runs"].append(row)
+            print(json.dumps(row), flush=True)
+            torch.cuda.empty_cache()
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        Path(args.out).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

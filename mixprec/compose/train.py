@@ -36,6 +36,7 @@ from .build import COMPOSE_ARCH, NUM_INFERENCE_STEPS, build_pipeline
 from .checker import ATTRIBUTES, check_batch
 
 TIMESTEP_MODES = ("inference", "uniform")
+ACCELERATE_MODES = ("cuda_graph", "compile", "none")
 
 
 @dataclass
@@ -64,13 +65,22 @@ class ComposeTrainConfig(TrainConfig):
     bf16: bool = True
     # Deterministic CUDA kernels (slower); off by default: runs repeat to within run-to-run noise.
     deterministic: bool = False
+    # How a denoiser step runs on CUDA (same arithmetic, only the launch path differs, so it is not
+    # part of the fingerprint): "cuda_graph" captures forward + backward + clipping + AdamW once and
+    # replays it (an eager step of this small model is bound by ~10^4 kernel launches from Python,
+    # not by the GPU); "compile" runs the UNet through torch.compile; "none" is plain eager.
+    accelerate: str = "cuda_graph"
     sample_every: int = 500
     eval_prompts: int = 64
     checkpoint_every: int = 500
 
+    FINGERPRINT_SKIP = TrainConfig.FINGERPRINT_SKIP | {"accelerate"}
+
     def __post_init__(self) -> None:
         if self.timesteps not in TIMESTEP_MODES:
             raise ValueError(f"timesteps must be one of {TIMESTEP_MODES}, got {self.timesteps!r}")
+        if self.accelerate not in ACCELERATE_MODES:
+            raise ValueError(f"accelerate must be one of {ACCELERATE_MODES}, got {self.accelerate!r}")
 
 
 def evaluate_adherence(pipe, prompts: list[tuple[str, int]], num_inference_steps: int,
@@ -126,7 +136,8 @@ class _Run:
 
     def autocast(self):
         if self.dev.type == "cuda" and self.cfg.bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            # No cast cache: the weights change every step anyway, and a CUDA graph capture needs it off.
+            return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
         return contextlib.nullcontext()
 
     def load(self) -> None:
@@ -199,6 +210,59 @@ class _Run:
         return latents
 
 
+def _set_lr(group: dict, value: float) -> None:
+    # A captured optimizer step reads its learning rate from a device tensor (updated in place);
+    # a plain one from a float.
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(value)
+    else:
+        group["lr"] = value
+
+
+def _make_capturable(opt: torch.optim.Optimizer, dev: torch.device) -> None:
+    """Make AdamW replayable from a CUDA graph: learning rates and step counts as device tensors
+    (also after loading a checkpoint that a plain optimizer wrote)."""
+    for g in opt.param_groups:
+        g["capturable"] = True
+        g["lr"] = torch.tensor(float(g["lr"]), device=dev)
+        for p in g["params"]:
+            st = opt.state.get(p)
+            if st and "step" in st:
+                st["step"] = st["step"].to(device=dev, dtype=torch.float32)
+
+
+class _CudaGraphStep:
+    """Calls `fn(*inputs)` as a CUDA graph: a few eager warm-up calls on a side stream (real
+    training steps: they initialise the optimizer state and the lazy CUDA handles), then one capture
+    (which runs nothing), then each call copies its inputs into the captured ones and replays.
+    `fn` must keep shapes fixed and never read values on the host."""
+
+    def __init__(self, fn, warmup: int = 3):
+        self.fn, self.warmup_left = fn, warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_inputs: tuple[torch.Tensor, ...] = ()
+        self.static_outputs = None
+
+    def __call__(self, *inputs: torch.Tensor):
+        if self.graph is None and self.warmup_left > 0:
+            self.warmup_left -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.fn(*inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if self.graph is None:
+            self.static_inputs = tuple(x.clone() for x in inputs)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_outputs = self.fn(*self.static_inputs)
+        for dst, src in zip(self.static_inputs, inputs):
+            dst.copy_(src)
+        self.graph.replay()
+        return tuple(o.clone() for o in self.static_outputs)
+
+
 class _DenoiserTrainer:
     """Phase 2: one UNet + text-encoder step at a time, at the sampler's timesteps."""
 
@@ -216,43 +280,65 @@ class _DenoiserTrainer:
         self.add_time_ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), dtype=torch.float32,
                                                    text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim
                                                    ).to(dev)
+        self.params = [p for m in run.modules.values() for p in m.parameters()]
+        mode = cfg.accelerate if dev.type == "cuda" else "none"
+        self.unet = torch.compile(pipe.unet) if mode == "compile" else pipe.unet
+        if mode == "cuda_graph":
+            _make_capturable(run.opt, dev)
+            self.runner = _CudaGraphStep(self.update)
+        else:
+            for g in run.opt.param_groups:  # a checkpoint of a captured run stores tensor rates
+                g["lr"], g["capturable"] = float(g["lr"]), False
+            self.runner = self.update
 
     def timesteps(self, gen: torch.Generator, n: int) -> torch.Tensor:
         if self.run.cfg.timesteps == "inference":
             return self.train_timesteps[torch.randint(0, len(self.train_timesteps), (n,), generator=gen)]
         return torch.randint(0, self.noise_sched.config.num_train_timesteps, (n,), generator=gen)
 
-    def step(self) -> dict[str, float]:
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x0, noise, timesteps, token ids) of the current step: a function of (seed, step) only."""
         run, cfg, dev = self.run, self.run.cfg, self.run.dev
         rng = np.random.default_rng(_step_seed(cfg.seed, "unet", run.step))
-        idx = rng.integers(0, self.latents.shape[0], cfg.unet_batch_size)
-        x0 = self.latents[torch.from_numpy(idx).to(self.latents.device)].to(dev)
+        idx = torch.from_numpy(rng.integers(0, self.latents.shape[0], cfg.unet_batch_size)).to(dev)
         gen = torch.Generator().manual_seed(_step_seed(cfg.seed, "unet-noise", run.step))
+        x0 = self.latents[idx.to(self.latents.device)].to(dev)
         noise = torch.randn(x0.shape, generator=gen).to(dev)
-        t = self.timesteps(gen, x0.shape[0]).to(dev)
+        return x0, noise, self.timesteps(gen, x0.shape[0]).to(dev), self.token_ids[idx]
+
+    def update(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, ids: torch.Tensor):
+        """One optimizer update from a batch; returns (loss, grad norm) as device tensors. No host
+        synchronisation, no host-side branching on values: this is what the CUDA graph captures."""
+        run, cfg = self.run, self.run.cfg
         xt = self.noise_sched.add_noise(x0, noise, t)
         target = self.noise_sched.get_velocity(x0, noise, t)
+        run.opt.zero_grad(set_to_none=True)
         with run.autocast():
-            embeds, pooled = encode_token_ids(run.pipe, self.token_ids[torch.from_numpy(idx).to(dev)])
+            embeds, pooled = encode_token_ids(run.pipe, ids)
             cond = {"text_embeds": pooled, "time_ids": self.add_time_ids.expand(x0.shape[0], -1)}
-            pred = run.pipe.unet(xt, t, encoder_hidden_states=embeds, added_cond_kwargs=cond).sample.float()
+            pred = self.unet(xt, t, encoder_hidden_states=embeds, added_cond_kwargs=cond).sample.float()
         per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
         if cfg.min_snr_gamma > 0:
-            a = self.noise_sched.alphas_cumprod.to(dev)[t]
+            a = self.noise_sched.alphas_cumprod[t]
             snr = a / (1 - a).clamp_min(1e-8)
             per_sample = per_sample * snr.clamp(max=cfg.min_snr_gamma) / (snr + 1)
         loss = per_sample.mean()
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        run.opt.step()
+        return loss.detach(), grad_norm.detach()
+
+    def step(self) -> dict[str, torch.Tensor | float]:
+        """One training step; the losses come back as device tensors (read them only when logging:
+        reading forces the host to wait for the GPU)."""
+        run, cfg = self.run, self.run.cfg
         f = _lr_factor(run.step, cfg.unet_steps, cfg.warmup_steps)
         for g, base in zip(run.opt.param_groups, run.base_lrs):
-            g["lr"] = base * f
-        run.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for m in run.modules.values() for p in m.parameters()],
-                                                   cfg.grad_clip)
-        run.opt.step()
+            _set_lr(g, base * f)
+        loss, grad_norm = self.runner(*self.batch())
         run.ema.update(run.modules, run.step)
         run.step += 1
-        return {"unet/loss": loss.item(), "unet/grad_norm": float(grad_norm), "unet/lr": run.opt.param_groups[0]["lr"]}
+        return {"unet/loss": loss, "unet/grad_norm": grad_norm, "unet/lr": run.base_lrs[0] * f}
 
     def sample_and_log(self, tag_step: int, log: LogFn, log_images: LogImagesFn | None) -> dict[str, float]:
         """Held-out adherence of the EMA weights (the live weights are put back afterwards)."""
@@ -274,12 +360,13 @@ class _DenoiserTrainer:
 
 
 def train_compose(out_dir, cfg: ComposeTrainConfig | None = None, *, work_dir=None, device="auto", resume: bool = True,
-                  stop_after: int | None = None, log_fn: LogFn | None = None, log_images_fn: LogImagesFn | None = None,
+                  stop_after: int | None = None, stop_after_s: float | None = None, log_fn: LogFn | None = None, log_images_fn: LogImagesFn | None = None,
                   progress: bool = True) -> dict[str, Any]:
     """Train the compose model and save it as a diffusers folder at out_dir (float32; see
     `save_dtype` of the stage for fp16). work_dir holds the resumable checkpoint (default:
     out_dir + ".work"); stop_after stops after that many global steps (VAE + UNet) with a
-    checkpoint written, as an interruption would. Returns a summary dict."""
+    checkpoint written, as an interruption would; stop_after_s does the same after that many seconds
+    (a GPU job with a wall-clock limit). Returns a summary dict."""
     cfg = cfg or ComposeTrainConfig()
     dev = resolve_device(device)
     out_dir = Path(out_dir)
@@ -287,12 +374,14 @@ def train_compose(out_dir, cfg: ComposeTrainConfig | None = None, *, work_dir=No
     work.mkdir(parents=True, exist_ok=True)
     ctx = _deterministic(dev) if cfg.deterministic else contextlib.nullcontext()
     with ctx:
-        return _train(out_dir, cfg, dev, work / CHECKPOINT_NAME, resume, stop_after, log_fn or (lambda m, s: None),
+        deadline = None if stop_after_s is None else time.time() + float(stop_after_s)
+        return _train(out_dir, cfg, dev, work / CHECKPOINT_NAME, resume, (stop_after, deadline), log_fn or (lambda m, s: None),
                       log_images_fn, progress)
 
 
 def _train(out_dir: Path, cfg: ComposeTrainConfig, dev: torch.device, ckpt_path: Path, resume: bool,
-           stop_after: int | None, log: LogFn, log_images: LogImagesFn | None, progress: bool) -> dict[str, Any]:
+           stop_at: tuple[int | None, float | None], log: LogFn, log_images: LogImagesFn | None,
+           progress: bool) -> dict[str, Any]:
     t_start = time.time()
     run = _Run(cfg, dev, ckpt_path)
     if resume and ckpt_path.exists():
@@ -305,7 +394,9 @@ def _train(out_dir: Path, cfg: ComposeTrainConfig, dev: torch.device, ckpt_path:
     offset = lambda: run.step if run.phase == "vae" else cfg.vae_steps + run.step  # noqa: E731
     bar = tqdm(total=cfg.vae_steps + cfg.unet_steps, initial=offset(), disable=not progress, desc="train_compose",
                dynamic_ncols=True)
-    stop = lambda: stop_after is not None and offset() >= stop_after  # noqa: E731
+    stop_after, deadline = stop_at
+    stop = lambda: ((stop_after is not None and offset() >= stop_after)  # noqa: E731
+                    or (deadline is not None and time.time() >= deadline))
     if run.phase == "vae" and not _vae_phase(run, images_u8, bar, log, stop, summary):
         return summary
     latents = run.encode_latents(images_u8, captions, log)
@@ -358,6 +449,7 @@ def _unet_phase(run: _Run, trainer: _DenoiserTrainer, bar, log: LogFn, log_image
         bar.update(1)
         global_step = cfg.vae_steps + run.step
         if run.step % cfg.log_every == 0 or run.step == cfg.unet_steps:
+            metrics = {k: float(v) for k, v in metrics.items()}
             bar.set_postfix(phase="unet", loss=f"{metrics['unet/loss']:.4f}")
             log(metrics | {"unet/steps_per_s": (run.step - start) / max(1e-9, time.time() - t0)}, global_step)
             summary["final_loss"] = metrics["unet/loss"]
@@ -383,9 +475,11 @@ def main(argv=None) -> None:
     ap.add_argument("--config", default="{}", help="JSON object of ComposeTrainConfig overrides")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--stop-after", type=int, default=None)
+    ap.add_argument("--stop-after-s", type=float, default=None, help="stop (checkpoint written) after this many seconds")
     args = ap.parse_args(argv)
     cfg = ComposeTrainConfig.from_dict(json.loads(args.config))
-    summary = train_compose(args.out, cfg, device=args.device, stop_after=args.stop_after, progress=False,
+    summary = train_compose(args.out, cfg, device=args.device, stop_after=args.stop_after,
+                            stop_after_s=args.stop_after_s, progress=False,
                             log_fn=lambda metrics, step: print(json.dumps({"step": step} | metrics), flush=True))
     print(json.dumps({"summary": summary, "fingerprint": cfg.fingerprint()}, default=str), flush=True)
 
