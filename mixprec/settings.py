@@ -224,6 +224,7 @@ class TrainComposeSettings(TrainTinySettings):
     timesteps: Literal["inference", "uniform"] = "inference"
     bf16: bool = True
     deterministic: bool = False
+    accelerate: Literal["cuda_graph", "compile", "none"] = "cuda_graph"
     sample_every: int = 500
     eval_prompts: int = 64
 

@@ -190,6 +190,18 @@ def test_packaged_model_loads_offline_and_draws_its_captions():
     assert checker.check_batch(images, [p for p, _ in pairs])["background"] >= 0.75
 
 
+@needs_assets
+def test_packaged_denoiser_draws_heldout_scenes_from_noised_ground_truth():
+    # A quality gate on the shipped weights: one denoiser call at the last sampling timestep,
+    # from held-out ground truth noised to t=249, must give back scenes the checker accepts
+    # (measured: 0.906 on 64 prompts). Random or broken weights give 0.
+    from mixprec.compose.build import load_pipeline
+    from mixprec.compose.eval import teacher_forced_adherence
+
+    res = teacher_forced_adherence(load_pipeline(None), n_prompts=16, timesteps=(249,))
+    assert res[249]["all"] >= 0.75 and res[249]["relation"] >= 0.9
+
+
 def test_train_compose_stage_at_micro_scale_saves_fp16_and_measures(tmp_path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
