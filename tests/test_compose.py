@@ -139,6 +139,32 @@ def test_micro_training_resumes_to_the_same_weights(tmp_path):
         train_compose(tmp_path / "b", other, device="cpu", progress=False)
     with pytest.raises(ValueError, match="timesteps"):
         ComposeTrainConfig.from_dict({"timesteps": "some"})
+    with pytest.raises(ValueError, match="accelerate"):
+        ComposeTrainConfig.from_dict({"accelerate": "fast"})
+    # The launch path does not change the arithmetic, so it does not change the fingerprint.
+    assert ComposeTrainConfig(accelerate="none").fingerprint() == ComposeTrainConfig().fingerprint()
+
+
+@pytest.mark.gpu
+def test_cuda_graph_training_matches_eager_and_resumes_across_launch_paths(tmp_path):
+    from mixprec.compose.build import MICRO_ARCH, load_pipeline
+    from mixprec.compose.train import ComposeTrainConfig, train_compose
+
+    base = {"arch": MICRO_ARCH, "dataset_size": 64, "vae_steps": 3, "vae_batch_size": 4, "unet_steps": 12,
+            "unet_batch_size": 8, "eval_prompts": 0, "warmup_steps": 2, "checkpoint_every": 100, "bf16": False}
+    for mode in ("none", "cuda_graph"):
+        cfg = ComposeTrainConfig.from_dict(base | {"accelerate": mode})
+        assert train_compose(tmp_path / mode, cfg, device="cuda", progress=False)["finished"]
+    # Stopped in a captured run, finished eagerly (tensor learning rates in the checkpoint).
+    graph_cfg = ComposeTrainConfig.from_dict(base | {"accelerate": "cuda_graph"})
+    assert not train_compose(tmp_path / "mixed", graph_cfg, device="cuda", progress=False, stop_after=10)["finished"]
+    eager_cfg = ComposeTrainConfig.from_dict(base | {"accelerate": "none"})
+    assert train_compose(tmp_path / "mixed", eager_cfg, device="cuda", progress=False)["finished"]
+    ref = load_pipeline(tmp_path / "none").unet.state_dict()
+    for other in ("cuda_graph", "mixed"):
+        got = load_pipeline(tmp_path / other).unet.state_dict()
+        for k in ref:  # fp32, same batches and noise: only kernel-order rounding may differ
+            assert torch.allclose(ref[k], got[k], rtol=1e-3, atol=1e-4), (other, k)
 
 
 def test_model_config_brings_its_prompts_and_checker():
