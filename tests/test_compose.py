@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import random
 
 import numpy as np
@@ -129,7 +131,10 @@ def test_micro_training_resumes_to_the_same_weights(tmp_path):
     whole = train_compose(tmp_path / "a", cfg, device="cpu", progress=False, log_fn=lambda m, s: logs.append(m))
     assert whole["finished"] and any("unet/loss" in m for m in logs) and any("vae/loss" in m for m in logs)
     part = train_compose(tmp_path / "b", cfg, device="cpu", progress=False, stop_after=5)
-    assert not part["finished"]
+    assert not part["finished"] and not (tmp_path / "b").exists()
+    # An interrupted UNet phase leaves its EMA weights beside, never in, the output folder.
+    assert json.loads((tmp_path / "b.partial" / "partial.json").read_text())["unet_step"] == 2
+    assert load_pipeline(tmp_path / "b.partial").unet is not None
     assert train_compose(tmp_path / "b", cfg, device="cpu", progress=False)["finished"]
     a, b = load_pipeline(tmp_path / "a").unet.state_dict(), load_pipeline(tmp_path / "b").unet.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

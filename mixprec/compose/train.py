@@ -16,6 +16,7 @@ bf16 autocast (weights and optimizer state stay float32).
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mixprec.tiny.build import generate, merge_arch
+from mixprec.workspace import atomic_write_text
 from mixprec.tiny.train import (CHECKPOINT_NAME, LogFn, LogImagesFn, TrainConfig, _atomic_torch_save, _deterministic,
                                 _EMA, _lr_factor, _noise_scheduler, _step_seed, _to_model_range, resolve_device,
                                 save_pipeline)
@@ -403,6 +405,7 @@ def _train(out_dir: Path, cfg: ComposeTrainConfig, dev: torch.device, ckpt_path:
     del images_u8
     trainer = _DenoiserTrainer(run, latents, captions)
     if run.phase == "unet" and not _unet_phase(run, trainer, bar, log, log_images, stop, summary):
+        summary["snapshot"] = str(_save_snapshot(run, out_dir))
         return summary
     bar.close()
     run.ema.copy_to(run.modules)
@@ -415,6 +418,22 @@ def _train(out_dir: Path, cfg: ComposeTrainConfig, dev: torch.device, ckpt_path:
     run.save()
     summary.update(finished=True, total_time_s=time.time() - t_start)
     return summary
+
+
+def _save_snapshot(run: _Run, out_dir: Path) -> Path:
+    """The EMA weights of an interrupted UNet phase as a loadable pipeline in `<out>.partial`, with
+    `partial.json` saying how far it got: a GPU job that hits its time limit still hands back
+    something to inspect (its checkpoint, ~300 MB with the optimizer, may not leave the machine).
+    Never written to `out_dir` itself, so it cannot pass for the finished model."""
+    snap = out_dir.with_name(out_dir.name + ".partial")
+    live = {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in run.modules.items()}
+    run.ema.copy_to(run.modules)
+    save_pipeline(run.pipe, snap)
+    for n, m in run.modules.items():
+        m.load_state_dict(live[n])
+    atomic_write_text(snap / "partial.json", json.dumps({"fingerprint": run.fp, "unet_step": run.step,
+                                                         "unet_steps": run.cfg.unet_steps, "weights": "EMA"}))
+    return snap
 
 
 def _vae_phase(run: _Run, images_u8, bar, log: LogFn, stop, summary: dict) -> bool:
@@ -468,7 +487,6 @@ def main(argv=None) -> None:
     """`python -m mixprec.compose.train OUT [--config JSON]`: the same training without Hydra (for a
     GPU machine with only torch, diffusers and transformers); metrics go to stdout as JSON lines."""
     import argparse
-    import json
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("out", help="folder for the trained pipeline")
