@@ -225,6 +225,7 @@ class TrainComposeSettings(TrainTinySettings):
     bf16: bool = True
     deterministic: bool = False
     accelerate: Literal["cuda_graph", "compile", "none"] = "cuda_graph"
+    init_from: Optional[str] = None
     sample_every: int = 500
     eval_prompts: int = 64
 

@@ -144,6 +144,16 @@ def test_micro_training_resumes_to_the_same_weights(tmp_path):
         train_compose(tmp_path / "b", other, device="cpu", progress=False)
     with pytest.raises(ValueError, match="timesteps"):
         ComposeTrainConfig.from_dict({"timesteps": "some"})
+    # Started from a saved pipeline (a later GPU session): its weights and latent scale carry over.
+    started = ComposeTrainConfig.from_dict({**{k: getattr(cfg, k) for k in ("arch", "dataset_size", "unet_batch_size",
+                                                                             "eval_prompts", "warmup_steps")},
+                                            "vae_steps": 0, "unet_steps": 1, "init_from": str(tmp_path / "a")})
+    assert train_compose(tmp_path / "c", started, device="cpu", progress=False)["finished"]
+    c = load_pipeline(tmp_path / "c")
+    assert c.vae.config.scaling_factor == load_pipeline(tmp_path / "a").vae.config.scaling_factor
+    assert torch.equal(c.vae.state_dict()["decoder.conv_out.weight"], load_pipeline(tmp_path / "a").vae.state_dict()["decoder.conv_out.weight"])
+    with pytest.raises(ValueError, match="another architecture"):
+        train_compose(tmp_path / "d", ComposeTrainConfig.from_dict({"init_from": str(tmp_path / "a")}), device="cpu")
     with pytest.raises(ValueError, match="accelerate"):
         ComposeTrainConfig.from_dict({"accelerate": "fast"})
     # The launch path does not change the arithmetic, so it does not change the fingerprint.

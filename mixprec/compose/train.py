@@ -72,6 +72,10 @@ class ComposeTrainConfig(TrainConfig):
     # replays it (an eager step of this small model is bound by ~10^4 kernel launches from Python,
     # not by the GPU); "compile" runs the UNet through torch.compile; "none" is plain eager.
     accelerate: str = "cuda_graph"
+    # A saved compose pipeline (folder) to start from instead of random weights: continues training
+    # across GPU sessions when the optimizer state cannot travel (its VAE and latent scale are kept;
+    # set vae_steps to 0 to train only the denoiser).
+    init_from: str | None = None
     sample_every: int = 500
     eval_prompts: int = 64
     checkpoint_every: int = 500
@@ -111,6 +115,21 @@ def encode_token_ids(pipe, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1), second.text_embeds
 
 
+def _load_weights(pipe, folder: str) -> None:
+    """Copy a saved compose pipeline's weights (VAE, UNet, both text encoders) and latent scale into
+    `pipe`, refusing one of another architecture."""
+    from .build import load_pipeline
+
+    saved = load_pipeline(folder)
+    for name in ("vae", "unet", "text_encoder", "text_encoder_2"):
+        mine, theirs = getattr(pipe, name).state_dict(), getattr(saved, name).state_dict()
+        if {k: tuple(v.shape) for k, v in mine.items()} != {k: tuple(v.shape) for k, v in theirs.items()}:
+            raise ValueError(f"init_from={folder}: its {name} has another architecture than this config's arch; "
+                             "start from a pipeline trained with the same arch, or set init_from: null")
+        getattr(pipe, name).load_state_dict(theirs)
+    pipe.vae.register_to_config(scaling_factor=float(saved.vae.config.scaling_factor))
+
+
 class _Run:
     """The state of one training run: pipeline, optimizers, EMA, phase and step, checkpointing."""
 
@@ -128,6 +147,8 @@ class _Run:
         with torch.no_grad():  # a sharp initial posterior (see mixprec.tiny.train.TrainConfig)
             moments.weight[lc:].zero_()
             moments.bias[lc:].fill_(cfg.vae_logvar_init)
+        if cfg.init_from:
+            _load_weights(p, cfg.init_from)
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=cfg.vae_lr, weight_decay=cfg.weight_decay)
         text = list(p.text_encoder.parameters()) + list(p.text_encoder_2.parameters())
         self.opt = torch.optim.AdamW([{"params": list(p.unet.parameters()), "lr": cfg.unet_lr},
@@ -202,7 +223,8 @@ class _Run:
                 parts.append(self.vae.encode(_to_model_range(images_u8[i:i + 256]).to(self.dev)).latent_dist.mean.float())
         latents = torch.cat(parts)
         if self.ema is None:
-            self.vae.register_to_config(scaling_factor=float(1.0 / latents.std().item()))
+            if not self.cfg.init_from:  # a started model keeps the latent scale it was trained with
+                self.vae.register_to_config(scaling_factor=float(1.0 / latents.std().item()))
             self.ema = _EMA(self.modules, self.cfg.ema_decay)
         latents = latents * self.vae.config.scaling_factor
         recon = self.vae.decode(latents[:256] / self.vae.config.scaling_factor).sample.float()
