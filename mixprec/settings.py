@@ -147,6 +147,8 @@ class BenchmarkSettings(StageSettings):
     calibration: Literal["workspace", "random"] = "workspace"
     resolutions: Optional[list[int]] = None
     batch_sizes: Optional[list[int]] = None
+    # explicit "RESxBATCH" pairs instead of resolutions x batch_sizes (e.g. ["512x1", "1024x1", "512x4"])
+    shapes: Optional[list[str]] = None
     dtype: Optional[str] = None
     compile: Optional[Literal["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"]] = None
     memory_format: Literal["channels_last", "contiguous"] = "channels_last"

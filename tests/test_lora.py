@@ -10,7 +10,7 @@ import torch
 
 from mixprec import lora
 from mixprec.kernels import BackendConfig, KernelLayer, convert_
-from mixprec.kernels.probing import calibrate_random, denoiser_inputs, sqnr_db
+from mixprec.kernels.probing import calibrate_random, denoiser_inputs, perturb_latent, sqnr_db
 from mixprec.models import ModelSpec, load_pipeline
 from mixprec.quantizers import quant_layers, quantize_, set_plan
 
@@ -152,22 +152,50 @@ def test_kernel_layer_with_lora_compiles_without_graph_breaks(calibrated):
         torch.testing.assert_close(compiled(xin), layer(xin), rtol=0, atol=0)
 
 
+def test_quantized_activations_make_the_reference_a_step_function(calibrated):
+    """Why the GPU test's bound depends on the model: a 1e-3 relative nudge of the latent moves the
+    tiny model's W4A8 output to ~30 dB (codes flip and the flips spread), the W4A16 output hardly."""
+    unet, x = calibrated
+    model = copy.deepcopy(unet)
+    nudged = perturb_latent(x, 1e-3)
+    assert not torch.equal(nudged["sample"], x["sample"])
+    assert all(nudged[k] is v for k, v in x.items() if k != "sample")
+    layers = quant_layers(model)
+    with_acts = sqnr_db(run(model, x), run(model, nudged))
+    set_plan(layers, {n: 4 for n in layers}, {})
+    weights_only = sqnr_db(run(model, x), run(model, nudged))
+    assert with_acts < 35 and weights_only > 50
+
+
+def agreement_floor_db(reference: torch.nn.Module, x: dict) -> float:
+    """What the kernels must reach against ``reference``: 30 dB, or, on a model whose quantized
+    reference is a step function so steep that a 1e-3 relative nudge of its latent already moves its
+    own output further (the tiny model: ~29 dB, docs/lora_export.md), 1.5 dB under that nudge's SQNR."""
+    nudged = min(sqnr_db(run(reference, x).float(), run(reference, perturb_latent(x, 1e-3, seed=s)).float())
+                 for s in (5, 6))
+    return min(30.0, nudged - 1.5)
+
+
 @pytest.mark.gpu
-def test_kernel_path_with_lora_under_inductor_on_gpu(tiny_pipe):
+@pytest.mark.parametrize("w_bits", [4, 8])
+def test_kernel_path_with_lora_under_inductor_on_gpu(tiny_pipe, w_bits):
     unet = copy.deepcopy(tiny_pipe.unet).cuda().half()
     calib = [denoiser_inputs(unet, 2, seed=s) for s in range(2)]
     with torch.no_grad():
-        layers = calibrate_random(unet, lambda: [unet(**c) for c in calib], weight_bits=(4, 8), act_bits=(8,))
-    set_plan(layers, {n: 4 for n in layers}, {n: 8 for n in layers})
+        layers = calibrate_random(unet, lambda: [unet(**c) for c in calib], weight_bits=(w_bits,), act_bits=(8,))
+    set_plan(layers, {n: w_bits for n in layers}, {n: 8 for n in layers})
     adapter = lora.random_lora_state_dict(unet, TARGETS, rank=8, relative_norm=0.05, seed=1)
     x = denoiser_inputs(unet, 2, seed=9)
     fake = copy.deepcopy(unet)
     lora.load_lora(fake, adapter, "a")
-    convert_(unet, BackendConfig(bos="exact"))
+    report = convert_(unet, BackendConfig(bos="exact"), example_kwargs=x)
+    assert "reference" not in report.summary()["paths"]  # every layer ran a kernel
     before = run(unet, x)
     lora.load_lora(unet, adapter, "a")
-    assert sqnr_db(run(fake, x).float(), run(unet, x).float()) >= 30
-    assert sqnr_db(run(fake, x).float(), run(torch.compile(unet), x).float()) >= 30
+    floor = agreement_floor_db(fake, x)
+    reference = run(fake, x).float()
+    assert sqnr_db(reference, run(unet, x).float()) >= floor
+    assert sqnr_db(reference, run(torch.compile(unet), x).float()) >= floor
     lora.unload_lora(unet)
     assert torch.equal(run(unet, x), before)
 

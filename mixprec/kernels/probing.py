@@ -29,6 +29,19 @@ def denoiser_inputs(denoiser: nn.Module, batch: int = 1, latent: int | None = No
                                    generator=torch.Generator("cpu").manual_seed(seed))
 
 
+def perturb_latent(inputs: dict[str, Any], relative: float, seed: int = 5) -> dict[str, Any]:
+    """``inputs`` with the latent (the 4-d tensor) multiplied by ``1 + relative * noise``.
+
+    The stability probe of a quantized reference: with quantized activations a denoiser is a step
+    function, so rounding-level differences before a quantizer move codes by one step and the moves
+    spread; the reference's output SQNR under this perturbation is about as close as any other
+    rounding of the same plan (another GEMM order, kernels, inductor's fusion) can get to it."""
+    key = "sample" if "sample" in inputs else next(k for k, v in inputs.items() if torch.is_tensor(v) and v.dim() == 4)
+    latent = inputs[key]
+    noise = torch.randn(latent.shape, generator=torch.Generator("cpu").manual_seed(seed)).to(latent.device)
+    return {**inputs, key: (latent.float() * (1 + relative * noise)).to(latent.dtype)}
+
+
 def calibrate_random(model: nn.Module, run: Callable[[], None], weight_bits=(2, 4, 8), act_bits=(4, 8),
                      skip_bos: bool = True) -> dict[str, QuantLayer]:
     """Wrap ``model`` with QuantLayers and calibrate them while ``run()`` drives it."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import gc
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,20 @@ def sized_settings(s: DictConfig, device_type: str) -> DictConfig:
     return out
 
 
+def benchmark_shapes(s: DictConfig, default_resolution: int) -> list[tuple[int, int]]:
+    """(resolution, batch) pairs to time: ``stage.shapes`` ("RESxBATCH" items) when set, else every
+    resolution x batch size (resolutions default to the model's)."""
+    if s.get("shapes"):
+        pairs = []
+        for item in s.shapes:
+            m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", str(item))
+            if not m:
+                raise ValueError(f"stage.shapes: {item!r} is not RESOLUTIONxBATCH (e.g. [512x1, 1024x1, 512x4])")
+            pairs.append((int(m.group(1)), int(m.group(2))))
+        return pairs
+    return [(int(r), int(b)) for r in (s.resolutions or [default_resolution]) for b in s.batch_sizes]
+
+
 def _final_plans_digest(ws: Workspace) -> str:
     return search.plans_digest({k: artifacts.read_plan_file(ws, f) for k, f in artifacts.FINAL_PLANS.items()
                                 if ws.exists(f)})
@@ -197,9 +212,8 @@ def _final_plans_digest(ws: Workspace) -> str:
 def run(ctx: StageContext) -> dict:
     cfg, ws, track = ctx.cfg, ctx.workspace, ctx.tracker
     s = sized_settings(cfg.stage, resolve_device(str(cfg.device)).type)
-    res_list = [int(r) for r in (s.resolutions or [cfg.model.resolution])]
-    shapes = [(r, int(b)) for r in res_list for b in s.batch_sizes]
-    latent0 = res_list[0] // 8
+    shapes = benchmark_shapes(s, int(cfg.model.resolution))
+    latent0 = shapes[0][0] // 8
     bundle, dtype = load_for_kernels(cfg, ws, latent0)
     denoiser, layers, device = bundle.denoiser, bundle.layers, bundle.device
     text_len = text_length(bundle.pipe)
@@ -263,7 +277,7 @@ def _run_plan(name, full, bundle, layers, s, shapes, x0, fp_out, text_len, dtype
     if s.end_to_end:
         if s.end_to_end_compile_vae:
             _compile_vae_decoder(bundle, str(s.compile))
-        rec["end_to_end"] = _end_to_end(bundle, fn_model, cfg, int(s.batch_sizes[0]), int(s.end_to_end_repeats))
+        rec["end_to_end"] = _end_to_end(bundle, fn_model, cfg, shapes[0][1], int(s.end_to_end_repeats))
     if s.save_checkpoint and name == s.save_checkpoint:
         from mixprec.checkpoint import save_quantized
         rec["checkpoint"] = save_quantized(model, ws.path(CHECKPOINT_FILE), extra={"plan": name})
