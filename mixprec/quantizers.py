@@ -275,7 +275,9 @@ class QuantLayer(nn.Module):
             rest = fake_quant_act(rest, scale, zero, self.a_bits)
         out = self._linear_or_conv(rest, self.quantized_weight())
         if split:
-            out = torch.cat([self._linear_or_conv(x[:, :1], self.inner.weight), out], dim=1)
+            # contiguous: on CPU a strided slice takes another GEMM (batched, not folded) when the
+            # weight does not require grad, and would round differently from the kernel modules
+            out = torch.cat([self._linear_or_conv(x[:, :1].contiguous(), self.inner.weight), out], dim=1)
         return out
 
 

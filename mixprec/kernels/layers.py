@@ -300,7 +300,8 @@ class KernelLayer(nn.Module):
         w = self.dequantized_weight(x.dtype)
         out = self._dense(self._fake_act(rest), w)
         if split:
-            out = torch.cat([self._dense(x[:, :1], self._bos_weight(x.dtype)), out], dim=1)
+            # contiguous, as in QuantLayer.forward: the same GEMM whether or not a weight requires grad
+            out = torch.cat([self._dense(x[:, :1].contiguous(), self._bos_weight(x.dtype)), out], dim=1)
         return out
 
     # ------------------------------------------------------------------ dispatch
