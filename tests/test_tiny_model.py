@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from mixprec.tiny import shapes
-from mixprec.tiny.build import MICRO_ARCH, TINY_ARCH, asset_path, build_pipeline, generate, load_pipeline
+from mixprec.models.toy import MICRO_ARCH, TINY_ARCH
+from mixprec.models.toy import build_tiny_sdxl_pipeline as build_pipeline
+from mixprec.tiny.build import asset_path, generate, load_pipeline
 from mixprec.tiny.eval import _fake_quant_weights_, adherence
 from mixprec.tiny.train import TrainConfig, train_tiny
 

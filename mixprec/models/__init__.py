@@ -36,8 +36,8 @@ from .random_builders import (  # noqa: F401
     build_random_pipeline, _family_configs, build_random_denoiser, family_text_length,
 )
 from .toy import (  # noqa: F401
-    TINY_SD_FAMILIES, TINY_SD_ARCH, build_tiny_sd_pipeline, build_tiny_pixart_pipeline, TINY_UNET, build_unet,
-    build_toy_pipeline,
+    TINY_SD_FAMILIES, TINY_SD_ARCH, build_tiny_sd_pipeline, build_tiny_pixart_pipeline, TINY_ARCH, MICRO_ARCH,
+    build_tiny_sdxl_pipeline, TINY_UNET, build_unet, build_toy_pipeline,
 )
 from .census import (  # noqa: F401
     LayerInfo, CENSUS_COLUMNS, _matches, layer_group, block_of, census,
