@@ -2,8 +2,10 @@
 quantizable model, prompt sets, and a tracker.
 
 The runner builds one :class:`StageContext` per stage and passes it in; there is no module-level
-state. This is the only place (with run.py and mixprec.runner) where stage code reads the Hydra
-config; everything it calls takes plain arguments.
+state. The Hydra config is read here, once, at the edge (:func:`run_settings`, :func:`fingerprints`,
+:func:`workspace`, :func:`open_tracker`): stages read their typed settings (``ctx.settings``,
+:mod:`mixprec.settings`) and the typed run settings (``ctx.run``: model spec, quantization recipe,
+prompt sets, device, seed), and everything they call takes plain arguments.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from mixprec.workspace import Workspace, check_safetensors, fingerprint
 
 
 def to_dict(node: Any) -> Any:
+    """A plain Python value of a config node (anything else as it is)."""
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
@@ -43,6 +46,37 @@ def quant_recipe(cfg: DictConfig) -> QuantRecipe:
     """The ``quant`` config as a checked :class:`~mixprec.recipe.QuantRecipe` (timestep groups checked
     against the model's sampler steps)."""
     return QuantRecipe.from_dict(to_dict(cfg.quant), num_inference_steps=int(cfg.model.num_inference_steps))
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What every stage may use besides its own settings, typed: the model, the quantization recipe,
+    the prompt sets, the device and the global seed (the config groups ``model``, ``quant``,
+    ``prompts`` and the keys ``device``, ``seed``). Built by the runner (:func:`run_settings`) or by
+    hand in a notebook."""
+
+    model: ModelSpec
+    quant: QuantRecipe
+    prompts: Mapping[str, Any] = field(default_factory=dict)  # prompt-set configs by name (mixprec.prompts)
+    device: str = "auto"
+    seed: int = 0
+    # the model config as given, recorded beside calibrations and checkpoints
+    model_config: Mapping[str, Any] = field(default_factory=dict)
+
+    def prompt_set(self, name: str) -> list[tuple[str, int]]:
+        """The (prompt, seed) pairs of one prompt set (``prompts.<name>``)."""
+        if name not in self.prompts:
+            raise KeyError(f"the prompts config {self.prompts.get('name')!r} has no {name!r} set")
+        return resolve_prompt_set(self.prompts[name], name)
+
+
+def run_settings(cfg: DictConfig | RunSettings) -> RunSettings:
+    """The typed :class:`RunSettings` of a composed config (a RunSettings is returned as it is)."""
+    if isinstance(cfg, RunSettings):
+        return cfg
+    model = to_dict(cfg.model)
+    return RunSettings(model=ModelSpec.from_dict(model), quant=quant_recipe(cfg), prompts=to_dict(cfg.prompts),
+                       device=str(cfg.device), seed=int(cfg.seed), model_config=model)
 
 
 def _device_type(device: str) -> str:
@@ -87,18 +121,16 @@ def open_tracker(cfg: DictConfig, ws: Workspace, job_type: str,
 
 @dataclass
 class StageContext:
-    """What the runner hands every stage: the composed config (read only at this edge), the
-    workspace the stage reads and writes, the stage's tracker (one W&B run per stage) and its typed
-    settings (:mod:`mixprec.settings`: ``stage.*`` checked for unknown keys and types)."""
+    """What the runner hands every stage: its typed settings (:mod:`mixprec.settings`: ``stage.*``
+    checked for unknown keys and types), the typed run settings, the workspace the stage reads and
+    writes and the stage's tracker (one W&B run per stage). ``cfg`` is the composed config the
+    runner records; stages read ``settings`` and ``run`` instead."""
 
-    cfg: DictConfig
+    settings: StageSettings
+    run: RunSettings
     workspace: Workspace
     tracker: Tracker
-    settings: StageSettings | None = None
-
-    @property
-    def stage(self) -> DictConfig:
-        return self.cfg.stage
+    cfg: DictConfig | None = None
 
 
 @dataclass
@@ -127,12 +159,13 @@ class ModelBundle:
         return rows
 
 
-def load_model(cfg: DictConfig, batch_size: int | None = None) -> ModelBundle:
-    spec = model_spec(cfg)
-    q = quant_recipe(cfg)
-    device = resolve_device(str(cfg.device))
+def load_model(run: RunSettings | DictConfig, batch_size: int | None = None) -> ModelBundle:
+    """The run's pipeline with its denoiser's quantizable layers wrapped (not calibrated)."""
+    run = run_settings(run)
+    spec, q = run.model, run.quant
+    device = resolve_device(run.device)
     pipe = load_pipeline(spec, device=device)
-    torch.manual_seed(int(cfg.seed))
+    torch.manual_seed(run.seed)
     excl = spec.exclude_patterns
     # A T5 prompt has no BOS token, so there is no outlier token to keep out of the K/V ranges.
     skip_bos = q.skip_bos and text_starts_with_bos(pipe)
@@ -155,22 +188,24 @@ class Calibration:
         return list(self.params)
 
 
-def read_calibration(cfg: DictConfig, ws: Workspace) -> Calibration:
+def read_calibration(run: RunSettings | DictConfig, ws: Workspace) -> Calibration:
+    run = run_settings(run)
     path = check_safetensors(ws.require(QUANT_PARAMS, "calibrate"), "`python run.py stage=calibrate`")
     params, meta = calibration.load_params(path)
     # Before the fingerprints: a grouping mismatch also changes them, and this says what to do.
-    calibration.check_timestep_groups(meta, quant_recipe(cfg).act_timestep_groups, path)
-    check_calibrated_adapters((meta.get("model") or {}).get("lora"), model_spec(cfg).lora, QUANT_PARAMS)
+    calibration.check_timestep_groups(meta, run.quant.act_timestep_groups, path)
+    check_calibrated_adapters((meta.get("model") or {}).get("lora"), run.model.lora, QUANT_PARAMS)
     ws.check_fingerprints(meta.get("fingerprints"), QUANT_PARAMS, "calibrate")
     return Calibration(path, params, meta)
 
 
-def load_calibrated(cfg: DictConfig, ws: Workspace, batch_size: int | None = None,
+def load_calibrated(run: RunSettings | DictConfig, ws: Workspace, batch_size: int | None = None,
                     calib: Calibration | None = None) -> ModelBundle:
     """The model with the workspace's calibration attached (checked against this run's fingerprints)."""
-    calib = calib or read_calibration(cfg, ws)
+    run = run_settings(run)
+    calib = calib or read_calibration(run, ws)
     path, params, meta = calib.path, calib.params, calib.meta
-    bundle = load_model(cfg, batch_size)
+    bundle = load_model(run, batch_size)
     q = bundle.quant
     calibration.check_bits_available(meta, q.weight_bits, q.act_bits, path)
     step_groups = calibration.step_groups_from_meta(meta)
@@ -181,27 +216,27 @@ def load_calibrated(cfg: DictConfig, ws: Workspace, batch_size: int | None = Non
     return bundle
 
 
-def load_for_kernels(cfg: DictConfig, ws: Workspace, latent: int) -> tuple[ModelBundle, torch.dtype]:
-    """The model in ``stage.dtype``, calibrated from the workspace (``stage.calibration=workspace``) or
-    with observers on random denoiser inputs at ``latent`` size (``random``): what the stages that run
-    real kernels (benchmark, latency_table) start from."""
+def load_for_kernels(run: RunSettings, ws: Workspace, latent: int, calibration_source: str,
+                     dtype_name: str | None) -> tuple[ModelBundle, torch.dtype]:
+    """The model in ``dtype_name`` (None: as loaded), calibrated from the workspace
+    (``calibration_source="workspace"``) or with observers on random denoiser inputs at ``latent`` size
+    (``"random"``): what the stages that run real kernels (benchmark, latency_table) start from."""
     from mixprec.kernels.probing import cast_floating_, denoiser_inputs
 
-    s = cfg.stage
-    if s.calibration == "workspace":
-        bundle = load_calibrated(cfg, ws)
-    elif s.calibration == "random":
-        bundle = load_model(cfg)
+    if calibration_source == "workspace":
+        bundle = load_calibrated(run, ws)
+    elif calibration_source == "random":
+        bundle = load_model(run)
     else:
-        raise ValueError(f"stage.calibration must be 'workspace' or 'random', got {s.calibration!r}")
+        raise ValueError(f"stage.calibration must be 'workspace' or 'random', got {calibration_source!r}")
     denoiser = bundle.denoiser
-    dtype = getattr(torch, str(s.dtype)) if s.dtype else next(denoiser.parameters()).dtype
+    dtype = getattr(torch, dtype_name) if dtype_name else next(denoiser.parameters()).dtype
     if next(denoiser.parameters()).dtype != dtype:
         # every component, so the end-to-end pipeline stays in one dtype
         for comp in bundle.pipe.components.values():
             if isinstance(comp, torch.nn.Module):
                 cast_floating_(comp, dtype)
-    if s.calibration == "random":
+    if calibration_source == "random":
         text_len = text_length(bundle.pipe)
         calib = [denoiser_inputs(denoiser, 1, latent, text_len, seed=100 + i, device=bundle.device, dtype=dtype)
                  for i in range(2)]
@@ -211,7 +246,5 @@ def load_for_kernels(cfg: DictConfig, ws: Workspace, latent: int) -> tuple[Model
     return bundle, dtype
 
 
-def prompt_set(cfg: DictConfig, name: str) -> list[tuple[str, int]]:
-    if name not in cfg.prompts:
-        raise KeyError(f"the prompts config {cfg.prompts.get('name')!r} has no {name!r} set")
-    return resolve_prompt_set(to_dict(cfg.prompts[name]), name)
+def prompt_set(run: RunSettings | DictConfig, name: str) -> list[tuple[str, int]]:
+    return run_settings(run).prompt_set(name)

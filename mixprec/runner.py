@@ -2,7 +2,8 @@
 
 Every stage is a module ``mixprec.stages.<name>`` with ``run(ctx) -> dict`` (its headline
 numbers), where ``ctx`` is the :class:`~mixprec.context.StageContext` the runner builds: the
-config, the workspace and the stage's tracker. The runner times the stage and writes
+stage's typed settings, the typed run settings (model, recipe, prompts, device, seed), the
+workspace and the stage's tracker. The Hydra config stops here. The runner times the stage and writes
 ``<stage>.json``; for ``stage=pipeline`` it sequences the sub-stages itself.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from mixprec.context import StageContext, open_tracker, to_dict, workspace
+from mixprec.context import StageContext, open_tracker, run_settings, to_dict, workspace
 from mixprec.settings import check_stage
 from mixprec.workspace import Workspace
 
@@ -75,7 +76,7 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     else:
         # One W&B run per stage, marked failed (and finished) when the stage raises.
         with open_tracker(cfg, ws, record) as track:
-            headline = module.run(StageContext(cfg, ws, track, settings)) or {}
+            headline = module.run(StageContext(settings, run_settings(cfg), ws, track, cfg)) or {}
             track.summary({k: v for k, v in headline.items() if isinstance(v, (int, float, str))})
     wall = time.perf_counter() - start
     ws.record_stage(record, to_dict(cfg), wall, headline)

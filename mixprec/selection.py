@@ -12,6 +12,7 @@ import hashlib
 import importlib
 import json
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,19 +145,48 @@ def load_candidates(ws: Workspace, kind: str, budget: float | None = None) -> li
     return out
 
 
-def generate_and_score(sampler, layers, prompts: Sequence[str], seeds: Sequence[int], reference: torch.Tensor | None,
-                       checker: str | None, weight_bits: Mapping[str, Any] | None = None,
-                       act_bits: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, dict[str, Any] | None]:
+@dataclass
+class Generation:
+    """One generation of a prompt set: the images, their scores against a reference (None without
+    one) and the wall time of the generation."""
+
+    images: torch.Tensor
+    scores: dict[str, Any] | None
+    seconds: float
+
+    def save(self, ws: Workspace, folder: str, pairs: Sequence[tuple[str, int]], slug_limit: int = 60,
+             metadata: bool = True) -> list[str]:
+        """One PNG per image under ``folder`` (:func:`image_names`); ``metadata``: prompt and seed in each."""
+        return save_images(ws, image_names(folder, pairs, slug_limit), self.images, pairs if metadata else None)
+
+
+def generate_and_score(sampler, layers, prompts: Sequence[str], seeds: Sequence[int],
+                       reference: torch.Tensor | None = None, checker: str | None = None,
+                       weight_bits: Mapping[str, Any] | None = None, act_bits: Mapping[str, Any] | None = None,
+                       adapters: Sequence[Mapping[str, Any]] = ()) -> Generation:
     """Set a plan on the quantized layers, generate, and score against ``reference`` (None: no scores).
 
-    The layers keep the plan: callers reset them (``set_plan(layers)``) when they are done.
+    What select, evaluate, infer and report all do with a plan. ``layers=None`` runs the model as it
+    is (kernel modules a plan was converted to, a loaded checkpoint); ``adapters`` (:mod:`mixprec.lora`
+    entries) sit beside the layers for this generation only. The layers keep the plan: callers reset
+    them (``set_plan(layers)``) when they are done.
     """
+    from mixprec.lora import loaded
     from mixprec.quantizers import set_plan
 
-    set_plan(layers, weight_bits=weight_bits, act_bits=act_bits)
-    images = sampler.generate(list(prompts), list(seeds)).images
+    if layers is not None:
+        set_plan(layers, weight_bits=weight_bits, act_bits=act_bits)
+    cuda = sampler.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with loaded(sampler.pipe, adapters):
+        images = sampler.generate(list(prompts), list(seeds)).images
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
     scores = image_scores(reference, images, list(prompts), checker) if reference is not None else None
-    return images, scores
+    return Generation(images, scores, seconds)
 
 
 def image_names(folder: str, pairs: Sequence[tuple[str, int]], slug_limit: int = 60) -> list[str]:

@@ -59,14 +59,15 @@ def test_benchmark_names_plans_and_splits_the_pipeline_time(make_cfg, tmp_path):
 
 
 def test_benchmark_shapes_are_explicit_pairs_or_the_product():
-    from omegaconf import OmegaConf
+    from dataclasses import replace
 
+    from mixprec.settings import BenchmarkSettings
     from mixprec.stages.benchmark import benchmark_shapes
 
-    product = OmegaConf.create({"resolutions": [512, 1024], "batch_sizes": [1, 4], "shapes": None})
+    product = BenchmarkSettings(name="benchmark", resolutions=[512, 1024], batch_sizes=[1, 4], shapes=None)
     assert benchmark_shapes(product, 64) == [(512, 1), (512, 4), (1024, 1), (1024, 4)]
-    assert benchmark_shapes(OmegaConf.create({"resolutions": None, "batch_sizes": [2]}), 64) == [(64, 2)]
-    explicit = OmegaConf.merge(product, {"shapes": ["512x1", "1024x1", " 512 x 4 "]})
+    assert benchmark_shapes(BenchmarkSettings(name="benchmark", batch_sizes=[2]), 64) == [(64, 2)]
+    explicit = replace(product, shapes=["512x1", "1024x1", " 512 x 4 "])
     assert benchmark_shapes(explicit, 64) == [(512, 1), (1024, 1), (512, 4)]
     with pytest.raises(ValueError, match="stage.shapes: '512' is not RESOLUTIONxBATCH"):
-        benchmark_shapes(OmegaConf.merge(product, {"shapes": ["512"]}), 64)
+        benchmark_shapes(replace(product, shapes=["512"]), 64)

@@ -199,13 +199,17 @@ def test_safetensors_check_names_file_cause_and_writer(tmp_path):
 
 
 def test_benchmark_is_cpu_sized_on_cpu(make_cfg):
+    from mixprec.context import to_dict
+    from mixprec.settings import check_stage
     from mixprec.stages.benchmark import sized_settings
 
-    s = make_cfg("stage=benchmark").stage
+    def settings(*overrides):
+        return check_stage(to_dict(make_cfg("stage=benchmark", *overrides).stage))
+    s = settings()
     cpu, cuda = sized_settings(s, "cpu"), sized_settings(s, "cuda")
     assert cpu.resolutions is None and list(cpu.batch_sizes) == [1] and cpu.iters <= 5 and cpu.compile == "none"
     assert list(cuda.resolutions) == [512, 1024] and cuda.iters == 50
-    assert list(sized_settings(make_cfg("stage=benchmark", "stage.resolutions=[64]").stage, "cpu").resolutions) == [64]
+    assert list(sized_settings(settings("stage.resolutions=[64]"), "cpu").resolutions) == [64]
 
 
 # ------------------------------------------------------------------ console

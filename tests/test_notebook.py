@@ -39,7 +39,7 @@ def test_sensitivity_allocate_select_without_hydra(tmp_path):
     full_precision = sampler.generate(prompts, seeds).images
     candidates = [Candidate(f"K={K}", p.header, p.bits) for K, p in plans.items()]
     for c in candidates:
-        _, c.scores = generate_and_score(sampler, layers, prompts, seeds, full_precision, None, weight_bits=c.bits)
+        c.scores = generate_and_score(sampler, layers, prompts, seeds, full_precision, None, weight_bits=c.bits).scores
     set_plan(layers)
     best = rank(candidates, "mse")[0]
     assert best.scores["mse"] == min(c.scores["mse"] for c in candidates) and best.bits

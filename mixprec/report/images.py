@@ -128,7 +128,7 @@ def generate(bundle, ws, vs: Sequence[Variant], pairs: Sequence[tuple[str, int]]
     """Generate every variant's images, score them against full precision, write them and the manifest."""
     from mixprec.calibration import extend_params
     from mixprec.quantizers import set_plan
-    from mixprec.selection import generate_and_score, image_names, image_scores, save_images
+    from mixprec.selection import generate_and_score, image_scores
 
     prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
     wb = sorted({b for v in vs for b in (v.weight_bits or {}).values() if b < FULL_PRECISION_BITS})
@@ -137,12 +137,12 @@ def generate(bundle, ws, vs: Sequence[Variant], pairs: Sequence[tuple[str, int]]
     entries, reference = [], None
     try:
         for v in vs:
-            images, _ = generate_and_score(bundle.sampler, bundle.layers, prompts, seeds, None, None,
+            generated = generate_and_score(bundle.sampler, bundle.layers, prompts, seeds, None, None,
                                            v.weight_bits, v.act_bits)
-            if reference is None:
-                reference = images
-            scores = image_scores(reference, images, prompts, bundle.spec.checker)
-            files = save_images(ws, image_names(f"{IMAGES_DIR}/{v.key}", pairs, slug_limit=40), images)
+            if reference is None:  # the first variant, full precision (its own adherence is reported too)
+                reference = generated.images
+            scores = image_scores(reference, generated.images, prompts, bundle.spec.checker)
+            files = generated.save(ws, f"{IMAGES_DIR}/{v.key}", pairs, slug_limit=40, metadata=False)
             entry = {"key": v.key, "label": v.label, "kind": v.kind, "description": v.description,
                      "digest": _digest(v), "files": files, **describe(v, layers)}
             if v.kind != "reference":

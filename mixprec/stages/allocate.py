@@ -25,15 +25,14 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from omegaconf import DictConfig
-
 from mixprec import artifacts
 from mixprec.allocation import AllocationRequest, allocate, kind_of, log_pareto, write_pareto
 from mixprec.artifacts import Budget
-from mixprec.context import StageContext, quant_recipe
+from mixprec.context import StageContext
 from mixprec.kernels.latency_table import LatencyTable
 from mixprec.latency_allocation import LatencyRequest, allocate_latency
 from mixprec.search import InfeasibleBudgetError
+from mixprec.settings import AllocateSettings
 
 log = logging.getLogger("mixprec")
 
@@ -46,7 +45,7 @@ def _as_list(v: Any) -> list:
     return [v]
 
 
-def _budgets(mode: str, s: DictConfig) -> list[Budget]:
+def _budgets(mode: str, s: AllocateSettings) -> list[Budget]:
     if mode == "bytes":
         values, missing = _as_list(s.budget_mib), "stage.budget=bytes needs stage.budget_mib (MiB of packed weights + scales)"
     elif mode == "mean_bits":
@@ -59,9 +58,8 @@ def _budgets(mode: str, s: DictConfig) -> list[Budget]:
 
 
 def run(ctx: StageContext) -> dict:
-    cfg, ws, track = ctx.cfg, ctx.workspace, ctx.tracker
-    s = cfg.stage
-    q = quant_recipe(cfg)
+    s, ws, track = ctx.settings, ctx.workspace, ctx.tracker
+    q = ctx.run.quant
     census = artifacts.read_census(ws)
     per_prompt = artifacts.read_per_prompt(ws)
     if not artifacts.check_sensitivity_fingerprints(ws):
@@ -102,7 +100,7 @@ def run(ctx: StageContext) -> dict:
 
 def _latency(ctx: StageContext, q, census, per_prompt) -> dict:
     """stage.budget=latency: plans under the latency table's prediction (mixprec.latency_allocation)."""
-    s, ws = ctx.cfg.stage, ctx.workspace
+    s, ws = ctx.settings, ctx.workspace
     if s.budget_ms is None:
         raise ValueError("stage.budget=latency needs stage.budget_ms (milliseconds per denoiser call at the latency "
                          "table's resolution and batch)")

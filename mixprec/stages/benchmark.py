@@ -24,6 +24,7 @@ encoders, denoiser and VAE decode.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import logging
 import re
@@ -32,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from mixprec import artifacts, search
 from mixprec.artifacts import CHECKPOINT_FILE
@@ -42,8 +42,9 @@ from mixprec.kernels.pipeline_timing import pipeline_components, time_pipeline
 from mixprec.kernels.probing import denoiser_inputs, sqnr_db
 from mixprec.kernels.timing import capture, env_info, summarize, time_graph
 from mixprec.models import latent_input_name, replace_denoiser, resolve_device, text_length
-from mixprec.context import StageContext, load_for_kernels, prompt_set, to_dict
+from mixprec.context import RunSettings, StageContext, load_for_kernels
 from mixprec.quantizers import QuantLayer, quant_layers, set_plan
+from mixprec.settings import BenchmarkSettings
 from mixprec.workspace import Workspace
 
 log = logging.getLogger("mixprec")
@@ -141,10 +142,10 @@ def _measure(name: str, fn_model, model, s, shapes, reference_denoiser, text_len
     return timing
 
 
-def _end_to_end(bundle, denoiser, cfg: DictConfig, batch: int, repeats: int) -> dict | None:
+def _end_to_end(bundle, denoiser, run: RunSettings, batch: int, repeats: int) -> dict | None:
     """Pipeline time (prompt encoding, all denoiser steps, VAE decode) with ``denoiser`` in place,
     split by component (:func:`mixprec.kernels.pipeline_timing.time_pipeline`)."""
-    pairs = prompt_set(cfg, "inference") if "inference" in cfg.prompts else prompt_set(cfg, "calibration")
+    pairs = run.prompt_set("inference" if "inference" in run.prompts else "calibration")
     pairs = (pairs * batch)[:batch]
     prompts, seeds = [p for p, _ in pairs], [sd for _, sd in pairs]
     pipe = bundle.pipe
@@ -174,26 +175,23 @@ def _compile_vae_decoder(bundle, mode: str) -> None:
 SIZED = ("resolutions", "batch_sizes", "compile", "iters", "warmup", "end_to_end_repeats")
 
 
-def sized_settings(s: DictConfig, device_type: str) -> DictConfig:
+def sized_settings(s: BenchmarkSettings, device_type: str) -> BenchmarkSettings:
     """The stage settings with every size left at null taken from ``stage.sizes.<device type>``."""
-    sizes = (to_dict(s.get("sizes")) or {}).get("cuda" if device_type == "cuda" else "cpu") or {}
-    out = OmegaConf.create(to_dict(s))
-    for key in SIZED:
-        if out.get(key) is None:
-            out[key] = sizes.get(key)
-    missing = [k for k in SIZED if out.get(k) is None and k != "resolutions"]
+    sizes = (s.sizes or {}).get("cuda" if device_type == "cuda" else "cpu") or {}
+    out = dataclasses.replace(s, **{k: sizes.get(k) for k in SIZED if getattr(s, k) is None})
+    missing = [k for k in SIZED if getattr(out, k) is None and k != "resolutions"]
     if missing:
         raise ValueError(f"stage={s.name}: set stage.{missing[0]} (or stage.sizes.{device_type}.{missing[0]})")
     if device_type != "cuda":
         log.info("benchmark on CPU: %s (stage.sizes.cpu; the reference kernels measure accuracy, not speed)",
-                 ", ".join(f"{k}={out[k]}" for k in SIZED))
+                 ", ".join(f"{k}={getattr(out, k)}" for k in SIZED))
     return out
 
 
-def benchmark_shapes(s: DictConfig, default_resolution: int) -> list[tuple[int, int]]:
+def benchmark_shapes(s: BenchmarkSettings, default_resolution: int) -> list[tuple[int, int]]:
     """(resolution, batch) pairs to time: ``stage.shapes`` ("RESxBATCH" items) when set, else every
     resolution x batch size (resolutions default to the model's)."""
-    if s.get("shapes"):
+    if s.shapes:
         pairs = []
         for item in s.shapes:
             m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", str(item))
@@ -210,15 +208,15 @@ def _final_plans_digest(ws: Workspace) -> str:
 
 
 def run(ctx: StageContext) -> dict:
-    cfg, ws, track = ctx.cfg, ctx.workspace, ctx.tracker
-    s = sized_settings(cfg.stage, resolve_device(str(cfg.device)).type)
-    shapes = benchmark_shapes(s, int(cfg.model.resolution))
+    ws, track = ctx.workspace, ctx.tracker
+    s = sized_settings(ctx.settings, resolve_device(ctx.run.device).type)
+    shapes = benchmark_shapes(s, int(ctx.run.model.resolution))
     latent0 = shapes[0][0] // 8
-    bundle, dtype = load_for_kernels(cfg, ws, latent0)
+    bundle, dtype = load_for_kernels(ctx.run, ws, latent0, str(s.calibration), s.dtype)
     denoiser, layers, device = bundle.denoiser, bundle.layers, bundle.device
     text_len = text_length(bundle.pipe)
     cuda = device.type == "cuda"
-    backend = BackendConfig.merged(bundle.quant.kernels, to_dict(s.get("kernels")))
+    backend = BackendConfig.merged(bundle.quant.kernels, s.kernels)
     x0 = denoiser_inputs(denoiser, 1, latent0, text_len, seed=7, device=device, dtype=dtype)
     set_plan(layers)
     with torch.no_grad():
@@ -227,7 +225,7 @@ def run(ctx: StageContext) -> dict:
     result: dict[str, Any] = {"env": env_info(), "device": str(device), "dtype": str(dtype),
                               "compile": str(s.compile), "memory_format": str(s.memory_format),
                               "shapes": [f"{r}x{b}" for r, b in shapes], "kernels": backend.to_dict(),
-                              "settings": to_dict(s), "plans": {}}
+                              "settings": dataclasses.asdict(s), "plans": {}}
     if "final" in s.plans:  # what the report checks against the final plans of the day
         result["plans_digest"] = _final_plans_digest(ws)
     dispatch_detail: dict[str, Any] = {}
@@ -235,7 +233,7 @@ def run(ctx: StageContext) -> dict:
     names += list(s.plans)
     for name in names:
         result["plans"][name] = _run_plan(name, name == names[0], bundle, layers, s, shapes, x0, fp_out, text_len,
-                                          dtype, backend, cfg, ws, track, dispatch_detail)
+                                          dtype, backend, ctx.run, ws, track, dispatch_detail)
     base = result["plans"][names[0]]["timing"]
     for name in names[1:]:
         rec = result["plans"][name]
@@ -246,7 +244,7 @@ def run(ctx: StageContext) -> dict:
     return result
 
 
-def _run_plan(name, full, bundle, layers, s, shapes, x0, fp_out, text_len, dtype, backend, cfg, ws, track,
+def _run_plan(name, full, bundle, layers, s, shapes, x0, fp_out, text_len, dtype, backend, run, ws, track,
               dispatch_detail) -> dict[str, Any]:
     """Convert, check and time one plan (the 16-bit baseline when ``full``)."""
     denoiser, device = bundle.denoiser, bundle.device
@@ -277,7 +275,7 @@ def _run_plan(name, full, bundle, layers, s, shapes, x0, fp_out, text_len, dtype
     if s.end_to_end:
         if s.end_to_end_compile_vae:
             _compile_vae_decoder(bundle, str(s.compile))
-        rec["end_to_end"] = _end_to_end(bundle, fn_model, cfg, shapes[0][1], int(s.end_to_end_repeats))
+        rec["end_to_end"] = _end_to_end(bundle, fn_model, run, shapes[0][1], int(s.end_to_end_repeats))
     if s.save_checkpoint and name == s.save_checkpoint:
         from mixprec.checkpoint import save_quantized
         rec["checkpoint"] = save_quantized(model, ws.path(CHECKPOINT_FILE), extra={"plan": name})

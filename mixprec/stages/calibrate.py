@@ -15,17 +15,17 @@ from mixprec.metrics import sqnr_db
 from mixprec.quantizers import fake_quant_weight
 from mixprec import artifacts
 from mixprec.artifacts import QUANT_PARAMS
-from mixprec.context import StageContext, load_model, prompt_set, to_dict
+from mixprec.context import StageContext, load_model
 from mixprec.timestep_groups import StepGroups
 
 log = logging.getLogger("mixprec")
 
 
 def run(ctx: StageContext) -> dict:
-    cfg, ws, track = ctx.cfg, ctx.workspace, ctx.tracker
-    bundle = load_model(cfg, batch_size=int(cfg.stage.batch_size))
+    ws, track = ctx.workspace, ctx.tracker
+    bundle = load_model(ctx.run, batch_size=int(ctx.settings.batch_size))
     q = bundle.quant
-    pairs = prompt_set(cfg, "calibration")
+    pairs = ctx.run.prompt_set("calibration")
     prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
     groups = q.act_timestep_groups
     step_groups = StepGroups(bundle.sampler.timesteps(), groups) if groups > 1 else None
@@ -39,7 +39,7 @@ def run(ctx: StageContext) -> dict:
     rows = bundle.census()
     artifacts.write_census(ws, [r.as_row() for r in rows])
     meta = {"fingerprints": ws.fingerprints, "weight_bits": list(q.weight_bits), "act_bits": list(q.act_bits),
-            "quant": q.to_dict(), "model": to_dict(cfg.model), "calibration_prompts": pairs,
+            "quant": q.to_dict(), "model": dict(ctx.run.model_config), "calibration_prompts": pairs,
             "act_timestep_groups": groups}
     if step_groups is not None:
         meta["step_groups"] = step_groups.to_json()

@@ -26,7 +26,7 @@ from mixprec import sensitivity as sens
 from mixprec.allocation import AllocationRequest, allocate
 from mixprec.artifacts import Budget
 from mixprec.calibration import extend_params
-from mixprec.context import ModelBundle, StageContext, load_calibrated, prompt_set, to_dict
+from mixprec.context import ModelBundle, StageContext, load_calibrated
 from mixprec.models import layer_group
 from mixprec.quantizers import set_plan
 from mixprec.search import InfeasibleBudgetError, mean_bits
@@ -102,14 +102,14 @@ class _Ablation:
 
     def __init__(self, ctx: StageContext, bundle: ModelBundle, census, per_prompt, protected: list[str],
                  single_metric) -> None:
-        cfg, s = ctx.cfg, ctx.stage
+        s = ctx.settings
         self.s, self.ws, self.bundle, self.census, self.protected = s, ctx.workspace, bundle, census, protected
         self.tables = {"decoupled": per_prompt, "sqnr_only": single_metric}
         self.names = [c.name for c in census]
         self.sizes = {"weight": {c.name: c.params for c in census}, "act": {c.name: c.act_elems for c in census}}
-        sel = prompt_set(cfg, "selection")
+        sel = ctx.run.prompt_set("selection")
         self.sel_prompts, self.sel_seeds = [p for p, _ in sel], [sd for _, sd in sel]
-        evalset = prompt_set(cfg, "evaluation")
+        evalset = ctx.run.prompt_set("evaluation")
         self.eval_prompts = [p for p, _ in evalset]
         self.seed_sets = [[sd + off for _, sd in evalset] for off in s.seed_offsets]
         self.metric = str(s.select_metric)
@@ -137,8 +137,8 @@ class _Ablation:
             return candidates[0]
         scored = []
         for i, (wp, ap) in enumerate(candidates):
-            _, scores = generate_and_score(self.bundle.sampler, self.bundle.layers, self.sel_prompts, self.sel_seeds,
-                                           self.sel_ref, self.bundle.spec.checker, wp, ap)
+            scores = generate_and_score(self.bundle.sampler, self.bundle.layers, self.sel_prompts, self.sel_seeds,
+                                        self.sel_ref, self.bundle.spec.checker, wp, ap).scores
             scored.append((sort_key(scores, self.metric), i))
         set_plan(self.bundle.layers)
         return candidates[min(scored)[1]]
@@ -163,7 +163,7 @@ class _Ablation:
         cands = [(p, fixed) if mixed == "weight" else (fixed, p) for p in plans]
         wp, ap = self.choose(cands)
         b = self.bundle
-        per_seed = [generate_and_score(b.sampler, b.layers, self.eval_prompts, seeds, ref, b.spec.checker, wp, ap)[1]
+        per_seed = [generate_and_score(b.sampler, b.layers, self.eval_prompts, seeds, ref, b.spec.checker, wp, ap).scores
                     for ref, seeds in zip(self.refs, self.seed_sets)]
         set_plan(b.layers)
         row = {"point": label, "method": method, "weight_mean_bits": _mean_bits(wp, self.sizes["weight"]),
@@ -178,21 +178,20 @@ class _Ablation:
 
 
 def run(ctx: StageContext) -> dict:
-    cfg, ws, track = ctx.cfg, ctx.workspace, ctx.tracker
-    s = cfg.stage
-    bundle = load_calibrated(cfg, ws, batch_size=int(s.batch_size))
+    s, ws, track = ctx.settings, ctx.workspace, ctx.tracker
+    bundle = load_calibrated(ctx.run, ws, batch_size=int(s.batch_size))
     q = bundle.quant
     census = artifacts.read_census(ws)
     per_prompt = artifacts.read_per_prompt(ws)
     protected = artifacts.read_protected(ws)
-    points = [to_dict(p) for p in s.points]
+    points = [dict(p) for p in s.points]
     # Uniform plans may use widths the calibration did not include (3 or 5 bits).
     extra_w = {round(p[k]) for p in points for k in ("weight", "weight_target") if p.get(k) is not None}
     extra_a = {round(p[k]) for p in points for k in ("act", "act_target") if p.get(k) is not None}
     extend_params(bundle.layers, sorted(extra_w | set(q.weight_bits)), sorted(extra_a | set(q.act_bits)),
                   weight_clip=q.weight_clip)
     # The same prompts as the sensitivity stage, so the two metrics rank the same images.
-    sens_pairs = prompt_set(cfg, "sensitivity")
+    sens_pairs = ctx.run.prompt_set("sensitivity")
     sqnr = content_sqnr(bundle, ws, [p for p, _ in sens_pairs], [sd for _, sd in sens_pairs], q.weight_bits,
                         q.act_bits, float(s.sqnr_cap_db), bool(s.progress))
     single_metric = {kind: {"content": sqnr[kind], "quality": per_prompt[kind]["quality"]} for kind in sqnr}

@@ -19,8 +19,8 @@ log = logging.getLogger("mixprec")
 
 
 def run(ctx: StageContext) -> dict:
-    ws, s = ctx.workspace, ctx.cfg.stage
-    _, weight_plan, act_plan = artifacts.read_checked_final_plans(ws, s.get("plan_dir"), bool(s.use_act_plan))
+    ws, s = ctx.workspace, ctx.settings
+    _, weight_plan, act_plan = artifacts.read_checked_final_plans(ws, s.plan_dir, bool(s.use_act_plan))
     act_bits = act_plan.bits if act_plan is not None else None
     kinds = {r.name: "conv" if r.type == "Conv2d" else "linear" for r in artifacts.read_census(ws)}
     export = torchao_export(weight_plan.bits, act_bits, kinds, activations=str(s.activations))

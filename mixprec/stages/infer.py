@@ -18,21 +18,20 @@ such a file instead of the plans, with no calibration at all.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
 from mixprec import artifacts, search
 from mixprec.artifacts import CHECKPOINT_FILE, IMAGES_DIR
+from mixprec.context import StageContext, load_calibrated
 from mixprec.generation import Sampler, to_pil
 from mixprec.lora import check_inference_entries
 from mixprec.models import denoiser_example_inputs, denoiser_of, latent_size, load_pipeline, resolve_device, \
     text_length
 from mixprec.quantizers import set_plan
-from mixprec.selection import adherence, image_names, image_scores, save_images
-from mixprec.context import StageContext, load_calibrated, model_spec, prompt_set, quant_recipe, to_dict
+from mixprec.selection import Generation, adherence, generate_and_score
+from mixprec.settings import InferSettings
 from mixprec.workspace import MissingArtifactError, Workspace, check_safetensors
 
 log = logging.getLogger("mixprec")
@@ -40,26 +39,13 @@ log = logging.getLogger("mixprec")
 EXECUTIONS = ("fake", "kernels")
 
 
-def _timed_generate(sampler, prompts, seeds, adapters=()):
-    from mixprec.lora import loaded
-
-    if sampler.device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    with loaded(sampler.pipe, adapters):  # stage.lora: beside the layers for this generation only
-        out = sampler.generate(prompts, seeds)
-    if sampler.device.type == "cuda":
-        torch.cuda.synchronize()
-    return out.images, time.perf_counter() - start
-
-
-def save_and_score(ws: Workspace, save_full_precision: bool, fp_images: torch.Tensor, q_images: torch.Tensor,
-                   pairs, checker) -> dict[str, Any]:
-    """Write the quantized (and full-precision) images; their scores against full precision."""
-    save_images(ws, image_names(IMAGES_DIR, pairs), q_images, pairs)
-    if save_full_precision:
-        save_images(ws, image_names(f"{IMAGES_DIR}/full_precision", pairs), fp_images, pairs)
-    return image_scores(fp_images, q_images, [p for p, _ in pairs], checker)
+def save_images(ws: Workspace, s: InferSettings, full_precision: Generation, quantized: Generation,
+                pairs: list[tuple[str, int]]) -> None:
+    """The quantized images under ``generated_images/``, the full-precision ones (``stage.save_full_precision``)
+    under ``generated_images/full_precision/``; prompt and seed in each file name and PNG metadata."""
+    quantized.save(ws, IMAGES_DIR, pairs)
+    if s.save_full_precision:
+        full_precision.save(ws, f"{IMAGES_DIR}/full_precision", pairs)
 
 
 def weight_bytes(layers, census_rows) -> dict[str, Any]:
@@ -73,11 +59,11 @@ def weight_bytes(layers, census_rows) -> dict[str, Any]:
             "compression": fp16 / packed if packed else None}
 
 
-def kernel_options(cfg: DictConfig):
+def kernel_options(recipe_kernels, stage_kernels):
     """mixprec.kernels options: the recipe's ``quant.kernels``, overridden by ``stage.kernels``."""
     from mixprec.kernels import BackendConfig
 
-    return BackendConfig.merged(quant_recipe(cfg).kernels, to_dict(cfg.stage.get("kernels")))
+    return BackendConfig.merged(recipe_kernels, stage_kernels)
 
 
 def probe_inputs(pipe, resolution: int, device: torch.device) -> dict[str, Any]:
@@ -89,35 +75,24 @@ def probe_inputs(pipe, resolution: int, device: torch.device) -> dict[str, Any]:
                                    dtype=dtype, generator=torch.Generator("cpu").manual_seed(7))
 
 
-def _check_options(s: DictConfig) -> str:
-    execution = str(s.get("execution") or "fake")
+def _check_options(s: InferSettings) -> str:
+    execution = str(s.execution or "fake")
     if execution not in EXECUTIONS:
         raise ValueError(f"stage.execution must be one of {EXECUTIONS}, got {execution!r}")
-    if s.get("save_checkpoint") and execution != "kernels":
+    if s.save_checkpoint and execution != "kernels":
         raise ValueError("stage.save_checkpoint=true needs stage.execution=kernels: a checkpoint holds the "
                          "converted kernel modules, which the fake-quantization run does not build")
-    if s.get("checkpoint") and s.get("save_checkpoint"):
+    if s.checkpoint and s.save_checkpoint:
         raise ValueError("stage.checkpoint (generate from a saved checkpoint) and stage.save_checkpoint=true "
                          "exclude each other: the loaded file is already the checkpoint")
     return execution
 
 
-def run(ctx: StageContext) -> dict:
-    cfg, ws, track = ctx.cfg, ctx.workspace, ctx.tracker
-    s = cfg.stage
-    execution = _check_options(s)
-    if s.get("checkpoint"):
-        return run_from_checkpoint(ctx)
-    final, weight_plan, act_plan = artifacts.read_checked_final_plans(ws, s.get("plan_dir"), bool(s.use_act_plan))
-    adapters = check_inference_entries(to_dict(s.get("lora")))
-    bundle = load_calibrated(cfg, ws, batch_size=int(s.batch_size))
-    pairs = prompt_set(cfg, "inference")
-    prompts, seeds = [p for p, _ in pairs], [sd for _, sd in pairs]
-
-    fp_images, fp_s = _timed_generate(bundle.sampler, prompts, seeds, adapters)
+def _apply_plans(bundle, weight_plan, act_plan, execution: str, options):
+    """Set the final plans on the quantized layers and, with ``kernels``, convert them to kernel modules.
+    Returns what ran where: the applied bits, the weight bytes and the dispatch report (kernels)."""
     set_plan(bundle.layers, weight_bits=weight_plan.bits, act_bits=act_plan.bits if act_plan else None)
-    dispatch = {"backend": "fake", "layers": {n: "fake" for n, l in bundle.layers.items()
-                                              if l.w_bits is not None or l.a_bits is not None}}
+    quantized = [n for n, l in bundle.layers.items() if l.w_bits is not None or l.a_bits is not None]
     applied = {n: {"w": l.w_bits, "a": l.a_bits} for n, l in bundle.layers.items()}
     weights = weight_bytes(bundle.layers, bundle.census())
     report = None
@@ -125,11 +100,30 @@ def run(ctx: StageContext) -> dict:
         from mixprec.kernels import convert_
 
         with torch.no_grad():
-            report = convert_(bundle.denoiser, kernel_options(cfg),
+            report = convert_(bundle.denoiser, options,
                               example_kwargs=probe_inputs(bundle.pipe, bundle.spec.resolution, bundle.device))
-    q_images, q_s = _timed_generate(bundle.sampler, prompts, seeds, adapters)
-    scores = save_and_score(ws, bool(s.save_full_precision), fp_images, q_images, pairs, bundle.spec.checker)
-    fp_check = adherence(fp_images, prompts, bundle.spec.checker)
+    return quantized, applied, weights, report
+
+
+def run(ctx: StageContext) -> dict:
+    s, ws, track = ctx.settings, ctx.workspace, ctx.tracker
+    execution = _check_options(s)
+    if s.checkpoint:
+        return run_from_checkpoint(ctx)
+    final, weight_plan, act_plan = artifacts.read_checked_final_plans(ws, s.plan_dir, bool(s.use_act_plan))
+    adapters = check_inference_entries(s.lora)
+    bundle = load_calibrated(ctx.run, ws, batch_size=int(s.batch_size))
+    pairs = ctx.run.prompt_set("inference")
+    prompts, seeds = [p for p, _ in pairs], [sd for _, sd in pairs]
+    checker = bundle.spec.checker
+
+    fp = generate_and_score(bundle.sampler, None, prompts, seeds, adapters=adapters)
+    quantized, applied, weights, report = _apply_plans(bundle, weight_plan, act_plan, execution,
+                                                       kernel_options(ctx.run.quant.kernels, s.kernels))
+    q = generate_and_score(bundle.sampler, None, prompts, seeds, fp.images, checker, adapters=adapters)
+    save_images(ws, s, fp, q, pairs)
+    scores = q.scores
+    fp_check = adherence(fp.images, prompts, checker)
     fp_adh = fp_check["all"] if fp_check else None
     headline = {
         "execution": execution,
@@ -143,28 +137,27 @@ def run(ctx: StageContext) -> dict:
         "act_plan": {"path": final["act"], "mean_bits": act_plan.header.get("achieved_mean_bits")} if act_plan else None,
         # what the numbers were computed from: the report marks them stale once the final plans change
         "plans_digest": search.plans_digest({"weight": weight_plan, "act": act_plan}),
-        "latency_s": {"full_precision": fp_s, "quantized": q_s, "device": str(bundle.device),
+        "latency_s": {"full_precision": fp.seconds, "quantized": q.seconds, "device": str(bundle.device),
                       "note": "fake quantization (quantize-dequantize in float) measures quality, not speed; "
                               "stage=benchmark measures real kernels"},
-        "dispatch_counts": {"fake": len(dispatch["layers"]),
-                            "full_precision": len(bundle.layers) - len(dispatch["layers"])},
+        "dispatch_counts": {"fake": len(quantized), "full_precision": len(bundle.layers) - len(quantized)},
         "applied_bits": applied,
         "per_image": scores["per_image"],
     }
     if report is not None:
-        _record_kernels(ws, headline, report, bundle.denoiser, q_s)
-        if s.get("save_checkpoint"):
+        _record_kernels(ws, headline, report, bundle.denoiser, q.seconds)
+        if s.save_checkpoint:
             from mixprec.checkpoint import save_quantized
 
             headline["checkpoint"] = save_quantized(
                 bundle.denoiser, ws.path(CHECKPOINT_FILE),
                 extra={"weight_plan": final["weight"], "act_plan": final["act"] if act_plan else None,
                        # what mixprec.load_quantized_pipeline checks a base model against
-                       "model_fingerprint": ws.fingerprints.get("model"), "model": to_dict(cfg.model),
+                       "model_fingerprint": ws.fingerprints.get("model"), "model": dict(ctx.run.model_config),
                        "device_type": bundle.device.type})
     track.summary({k: v for k, v in headline.items() if isinstance(v, (int, float))})
-    track.log_images("infer/quantized", to_pil(q_images), prompts)
-    track.log_images("infer/full_precision", to_pil(fp_images), prompts)
+    track.log_images("infer/quantized", to_pil(q.images), prompts)
+    track.log_images("infer/full_precision", to_pil(fp.images), prompts)
     if execution == "fake":
         set_plan(bundle.layers)
     log.info("infer: %d images, PSNR %.2f dB, SSIM %.4f%s; weights %.2f MiB (fp16 %.2f MiB)", len(pairs),
@@ -185,24 +178,27 @@ def _record_kernels(ws: Workspace, headline: dict, report, denoiser, seconds: fl
     ws.write_json(artifacts.INFER_DISPATCH, report.to_dict())
 
 
-def run_from_checkpoint(ctx: StageContext) -> dict:
-    """Generate with a saved quantized denoiser: no plans, no calibration."""
-    cfg, ws, track = ctx.cfg, ctx.workspace, ctx.tracker
-    from mixprec.checkpoint import load_quantized, read_info
-    from mixprec.kernels import BackendConfig
-
-    s = cfg.stage
-    path = ws.path(str(s.checkpoint))
+def _checkpoint_file(ws: Workspace, name: str):
+    path = ws.path(name)
     if not path.exists():
         raise MissingArtifactError(
             f"the quantized checkpoint {path} does not exist. Write one with `python run.py stage=infer "
             f"stage.execution=kernels stage.save_checkpoint=true` (it lands in the workspace as {CHECKPOINT_FILE}).")
-    check_safetensors(path, "`python run.py stage=infer stage.execution=kernels stage.save_checkpoint=true` "
-                            "(or stage=benchmark stage.save_checkpoint=<plan>)")
+    return check_safetensors(path, "`python run.py stage=infer stage.execution=kernels stage.save_checkpoint=true` "
+                                   "(or stage=benchmark stage.save_checkpoint=<plan>)")
+
+
+def run_from_checkpoint(ctx: StageContext) -> dict:
+    """Generate with a saved quantized denoiser: no plans, no calibration."""
+    s, ws, track = ctx.settings, ctx.workspace, ctx.tracker
+    from mixprec.checkpoint import load_quantized, read_info
+    from mixprec.kernels.convert import report_for
+
+    path = _checkpoint_file(ws, str(s.checkpoint))
     info = read_info(path)
-    adapters = check_inference_entries(to_dict(s.get("lora")))
-    spec = model_spec(cfg)
-    device = resolve_device(str(cfg.device))
+    adapters = check_inference_entries(s.lora)
+    spec = ctx.run.model
+    device = resolve_device(ctx.run.device)
     pipe = load_pipeline(spec, device=device)
     denoiser = denoiser_of(pipe)
     dtype = str(next(denoiser.parameters()).dtype)
@@ -211,31 +207,29 @@ def run_from_checkpoint(ctx: StageContext) -> dict:
                          f"load it with the model settings it was saved with")
     sampler = Sampler(pipe, spec.resolution, spec.num_inference_steps, spec.guidance_scale,
                       batch_size=int(s.batch_size))
-    pairs = prompt_set(cfg, "inference")
+    pairs = ctx.run.prompt_set("inference")
     prompts, seeds = [p for p, _ in pairs], [sd for _, sd in pairs]
-    fp_images, fp_s = _timed_generate(sampler, prompts, seeds, adapters)
+    fp = generate_and_score(sampler, None, prompts, seeds, adapters=adapters)
     # the options the file was saved with, then this stage's (the stored codes fix each format)
-    options = BackendConfig.merged(info.get("backend"), to_dict(s.get("kernels")))
-    load_quantized(denoiser, path, config=options, device=device)
-    from mixprec.kernels.convert import report_for
-
+    load_quantized(denoiser, path, config=kernel_options(info.get("backend"), s.kernels), device=device)
     report = report_for(denoiser)
     with torch.no_grad():
         report.probe(denoiser, **probe_inputs(pipe, spec.resolution, device))
-    q_images, q_s = _timed_generate(sampler, prompts, seeds, adapters)
-    scores = save_and_score(ws, bool(s.save_full_precision), fp_images, q_images, pairs, spec.checker)
+    q = generate_and_score(sampler, None, prompts, seeds, fp.images, spec.checker, adapters=adapters)
+    save_images(ws, s, fp, q, pairs)
+    scores = q.scores
     headline = {
         "execution": "checkpoint", "lora": adapters, "checkpoint": {"path": str(path), "file_bytes": path.stat().st_size,
                                                   "plan_files": (info.get("extra") or {})},
         "images": len(pairs), "psnr_db": scores["psnr_db"], "ssim": scores["ssim"], "mse": scores["mse"],
         "adherence": scores.get("adherence"), "adherence_detail": scores.get("adherence_detail"),
-        "latency_s": {"full_precision": fp_s, "quantized": q_s, "device": str(device)},
+        "latency_s": {"full_precision": fp.seconds, "quantized": q.seconds, "device": str(device)},
         "applied_bits": {d["name"]: {"w": d["w_bits"], "a": d["a_bits"]} for d in info["layers"]},
         "per_image": scores["per_image"],
     }
-    _record_kernels(ws, headline, report, denoiser, q_s)
+    _record_kernels(ws, headline, report, denoiser, q.seconds)
     track.summary({k: v for k, v in headline.items() if isinstance(v, (int, float))})
-    track.log_images("infer/quantized", to_pil(q_images), prompts)
+    track.log_images("infer/quantized", to_pil(q.images), prompts)
     log.info("infer (checkpoint %s): %d images, PSNR %.2f dB, SSIM %.4f; denoiser %.2f MiB", path.name, len(pairs),
              scores["psnr_db"], scores["ssim"], headline["denoiser_weight_bytes"] / search.MIB)
     return headline

@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 from mixprec import artifacts
 from mixprec.models import LayerInfo, build_random_denoiser, census, family_text_length, \
     measure_act_elems
-from mixprec.context import StageContext, load_model, model_spec
+from mixprec.context import StageContext, load_model
 
 log = logging.getLogger("mixprec")
 
@@ -49,8 +49,7 @@ def format_table(rows: list[LayerInfo]) -> str:
 
 
 def run(ctx: StageContext) -> dict:
-    cfg, ws = ctx.cfg, ctx.workspace
-    spec = model_spec(cfg)
+    ws, spec = ctx.workspace, ctx.run.model
     if spec.source == "diffusers" and spec.weights == "random":
         denoiser = build_random_denoiser(spec.family, device="meta")
         size = spec.resolution // 8
@@ -58,7 +57,7 @@ def run(ctx: StageContext) -> dict:
         rows = census(denoiser, spec.content_patterns, spec.exclude_patterns, acts)
         total = sum(p.numel() for p in denoiser.parameters())
     else:
-        bundle = load_model(cfg)
+        bundle = load_model(ctx.run)
         rows = bundle.census()
         total = sum(p.numel() for p in bundle.denoiser.parameters())
     artifacts.write_census(ws, [r.as_row() for r in rows])

@@ -13,7 +13,7 @@ import logging
 import torch
 
 from mixprec import artifacts
-from mixprec.context import StageContext, load_for_kernels, quant_recipe, to_dict
+from mixprec.context import StageContext, load_for_kernels
 from mixprec.kernels import BackendConfig
 from mixprec.kernels.latency_table import LatencyTable, measure_latency_table
 from mixprec.kernels.probing import denoiser_inputs
@@ -25,10 +25,9 @@ log = logging.getLogger("mixprec")
 
 
 def run(ctx: StageContext) -> dict:
-    cfg, ws = ctx.cfg, ctx.workspace
-    s = cfg.stage
-    backend = BackendConfig.merged(quant_recipe(cfg).kernels, to_dict(s.get("kernels")))
-    settings = {"resolution": int(s.resolution or cfg.model.resolution), "batch_size": int(s.batch_size),
+    s, ws = ctx.settings, ctx.workspace
+    backend = BackendConfig.merged(ctx.run.quant.kernels, s.kernels)
+    settings = {"resolution": int(s.resolution or ctx.run.model.resolution), "batch_size": int(s.batch_size),
                 "choices": [str(c) for c in s.choices], "dtype": str(s.dtype), "memory_format": str(s.memory_format),
                 "calibration": str(s.calibration), "compile": str(s.compile), "backend_options": backend.to_dict()}
     if ws.exists(artifacts.LAYER_LATENCY) and not is_forced(s.force, "latency_table"):
@@ -38,7 +37,7 @@ def run(ctx: StageContext) -> dict:
                      artifacts.LAYER_LATENCY)
             return _headline(old, reused=True)
     latent = settings["resolution"] // 8
-    bundle, dtype = load_for_kernels(cfg, ws, latent)
+    bundle, dtype = load_for_kernels(ctx.run, ws, latent, str(s.calibration), s.dtype)
     denoiser = bundle.denoiser
     if s.memory_format == "channels_last":
         denoiser = denoiser.to(memory_format=torch.channels_last)

@@ -15,32 +15,30 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
 from mixprec.report import build_compare, build_report, load_workspace
 from mixprec.report import images as rimages
 from mixprec.report.data import WorkspaceData
 from mixprec.report.wandb_views import log_compare, log_report
 from mixprec import artifacts
 from mixprec.artifacts import QUANT_PARAMS
-from mixprec.context import StageContext, load_calibrated, prompt_set, to_dict
-from mixprec.settings import is_forced
+from mixprec.context import RunSettings, StageContext, load_calibrated
+from mixprec.settings import ReportSettings, is_forced
 from mixprec.workspace import FingerprintMismatchError, Workspace
 
 log = logging.getLogger("mixprec")
 
 
-def comparison_images(cfg: DictConfig, ws: Workspace, data: WorkspaceData) -> tuple[dict | None, str | None]:
+def comparison_images(run: RunSettings, s: ReportSettings, ws: Workspace,
+                      data: WorkspaceData) -> tuple[dict | None, str | None]:
     """(manifest, None), or (None, why there are none) when the workspace cannot make them."""
-    s = cfg.stage
     if "weight" not in data.finals:
         return None, "no comparison images: final_weight_mp.yaml is missing (run stage=select)"
     if not ws.exists(QUANT_PARAMS):
         return None, f"no comparison images: {QUANT_PARAMS} is missing (run stage=calibrate)"
-    pairs = prompt_set(cfg, str(s.prompt_set))[: int(s.max_prompts)]
+    pairs = run.prompt_set(str(s.prompt_set))[: int(s.max_prompts)]
     vs = rimages.variants(data.finals)
     key = rimages.cache_key(vs, pairs, ws.fingerprints)
-    cached = None if is_forced(to_dict(s.get("force")), "report") else rimages.read_manifest(ws.root)
+    cached = None if is_forced(s.force, "report") else rimages.read_manifest(ws.root)
     if cached and cached.get("key") == key and all(ws.exists(f) for v in cached["variants"] for f in v["files"]):
         log.info("report: comparison images up to date (%s)", rimages.MANIFEST)
         by_key = {v.key: v for v in vs}
@@ -50,7 +48,7 @@ def comparison_images(cfg: DictConfig, ws: Workspace, data: WorkspaceData) -> tu
     try:
         for f in data.finals.values():
             artifacts.check_plan_fingerprints(ws, f.header, f.path)
-        bundle = load_calibrated(cfg, ws, batch_size=int(s.batch_size))
+        bundle = load_calibrated(run, ws, batch_size=int(s.batch_size))
     except FingerprintMismatchError as exc:
         # the rest of the report is still worth having; the page says why the images are missing
         log.warning("report: no comparison images: %s", exc)
@@ -58,8 +56,7 @@ def comparison_images(cfg: DictConfig, ws: Workspace, data: WorkspaceData) -> tu
     return rimages.generate(bundle, ws, vs, pairs, data.layers, key), None
 
 
-def _compare(cfg: DictConfig, ws: Workspace, track, roots: list[str]) -> dict[str, Any]:
-    s = cfg.stage
+def _compare(s: ReportSettings, ws: Workspace, track, roots: list[str]) -> dict[str, Any]:
     out = ws.path(str(s.compare_output))
     result = build_compare([Path(r) for r in roots], out)
     from mixprec.report.html import compare_names
@@ -74,16 +71,15 @@ def _compare(cfg: DictConfig, ws: Workspace, track, roots: list[str]) -> dict[st
 
 
 def run(ctx: StageContext) -> dict:
-    cfg, ws, track = ctx.cfg, ctx.workspace, ctx.tracker
-    s = cfg.stage
-    roots = [str(r) for r in (to_dict(s.get("compare")) or [])]
+    s, ws, track = ctx.settings, ctx.workspace, ctx.tracker
+    roots = [str(r) for r in (s.compare or [])]
     if roots:
-        return _compare(cfg, ws, track, roots)
+        return _compare(s, ws, track, roots)
     data = load_workspace(ws.root)
     manifest, note, images_s = None, None, 0.0
     if s.images:
         start = time.perf_counter()
-        manifest, note = comparison_images(cfg, ws, data)
+        manifest, note = comparison_images(ctx.run, s, ws, data)
         images_s = time.perf_counter() - start
     else:
         note = "comparison images off (stage.images=false)"

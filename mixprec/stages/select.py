@@ -16,7 +16,7 @@ from mixprec import artifacts, search
 from mixprec.artifacts import SELECT_COLUMNS
 from mixprec.quantizers import set_plan
 from mixprec.selection import METRICS, Candidate, generate_and_score, load_candidates, rank, save_grid, slug
-from mixprec.context import ModelBundle, StageContext, load_calibrated, model_spec, prompt_set
+from mixprec.context import ModelBundle, StageContext, load_calibrated
 from mixprec.workspace import MissingArtifactError, Workspace
 
 log = logging.getLogger("mixprec")
@@ -36,9 +36,9 @@ def evaluate(bundle: ModelBundle, candidates: list[Candidate], kind: str, fixed_
             cand.scores, cand.duplicate_of = dict(first.scores), first.path
             continue
         weight, act = (cand.bits, None) if kind == "weight" else (fixed_weight, cand.bits)
-        images, cand.scores = generate_and_score(bundle.sampler, bundle.layers, prompts, seeds, reference, checker,
-                                                 weight, act)
-        cand.scores["grid"] = save_grid(ws, f"{grids}/{kind}/{slug(cand.path)}.png", images)
+        generated = generate_and_score(bundle.sampler, bundle.layers, prompts, seeds, reference, checker, weight, act)
+        cand.scores = generated.scores
+        cand.scores["grid"] = save_grid(ws, f"{grids}/{kind}/{slug(cand.path)}.png", generated.images)
         seen[cand.digest] = cand
     set_plan(bundle.layers)
 
@@ -59,23 +59,22 @@ def _row(kind: str, i: int, c: Candidate) -> dict:
 
 
 def run(ctx: StageContext) -> dict:
-    cfg, ws, track = ctx.cfg, ctx.workspace, ctx.tracker
-    s = cfg.stage
+    s, ws, track = ctx.settings, ctx.workspace, ctx.tracker
     metric = str(s.metric)
     kinds = list(s.kinds)
-    spec = model_spec(cfg)
+    spec = ctx.run.model
     checker = spec.checker
     if metric not in METRICS:
         raise ValueError(f"unknown selection metric {metric!r}; stage.metric is one of {', '.join(METRICS)}")
     if metric == "adherence" and checker is None:  # before loading anything
         raise ValueError(f"stage.metric=adherence needs a model with a content checker; {spec.name} has none "
                          f"(use stage.metric=mse or ssim)")
-    pairs = prompt_set(cfg, "selection")
+    pairs = ctx.run.prompt_set("selection")
     prompts, seeds = [p for p, _ in pairs], [sd for _, sd in pairs]
     targets = {"weight": s.weight_target, "act": s.act_target}
     candidates = {k: load_candidates(ws, k, targets[k]) for k in kinds}  # fail early, before generating anything
-    out = artifacts.final_plan_paths(s.get("output_dir"))
-    bundle = load_calibrated(cfg, ws, batch_size=int(s.batch_size))
+    out = artifacts.final_plan_paths(s.output_dir)
+    bundle = load_calibrated(ctx.run, ws, batch_size=int(s.batch_size))
     reference = bundle.sampler.generate(prompts, seeds).images
     save_grid(ws, f"{out['grids']}/full_precision.png", reference)
     rows, headline = [], {"metric": metric, "images": len(pairs)}

@@ -14,14 +14,11 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from omegaconf import DictConfig
-
 from mixprec import shards
 from mixprec import sensitivity as sens
-from mixprec.context import (Calibration, ModelBundle, StageContext, load_calibrated, model_spec, prompt_set,
-                             quant_recipe, read_calibration)
+from mixprec.context import Calibration, ModelBundle, RunSettings, StageContext, load_calibrated, read_calibration
 from mixprec.models import _matches, layer_group
-from mixprec.settings import is_forced
+from mixprec.settings import SensitivitySettings, is_forced
 from mixprec.workspace import Workspace
 
 log = logging.getLogger("mixprec")
@@ -33,32 +30,31 @@ def _first_last_convs(layer_names: Sequence[str], layer_types: Mapping[str, bool
 
 
 def run(ctx: StageContext) -> dict:
-    cfg, ws, track = ctx.cfg, ctx.workspace, ctx.tracker
-    s = cfg.stage
+    s, ws, track = ctx.settings, ctx.workspace, ctx.tracker
     i, n = int(s.shard), int(s.num_shards)
     if not 0 <= i < n:
         raise shards.ShardError(f"stage.shard must be in [0, stage.num_shards), got shard={i} num_shards={n}")
     # The tasks, the shard's records and the merge need only the calibration file: the model is
     # loaded when there is work for it (a rerun of a finished shard just reports or merges).
-    calib = read_calibration(cfg, ws)
+    calib = read_calibration(ctx.run, ws)
     loaded: list[ModelBundle] = []
 
     def model() -> ModelBundle:
         if not loaded:
-            loaded.append(_load_model(cfg, ws, calib))
+            loaded.append(_load_model(ctx.run, s, ws, calib))
         return loaded[0]
 
-    q = quant_recipe(cfg)
-    pairs = prompt_set(cfg, "sensitivity")
+    q = ctx.run.quant
+    pairs = ctx.run.prompt_set("sensitivity")
     prompts, seeds = [p for p, _ in pairs], [sd for _, sd in pairs]
-    all_groups = {name: layer_group(name, model_spec(cfg).content_patterns) for name in calib.layer_names}
+    all_groups = {name: layer_group(name, ctx.run.model.content_patterns) for name in calib.layer_names}
     # stage.layers: a fixed slice of the layers (patterns as in model.exclude_patterns), e.g. to measure speed.
-    only = list(s.get("layers") or [])
+    only = list(s.layers or [])
     groups = {name: g for name, g in all_groups.items() if not only or _matches(name, only)}
     if not groups:
         raise ValueError(f"stage.layers={only} matches none of the {len(all_groups)} quantizable layers")
-    wbits = list(s.weight_bits) if s.get("weight_bits") else list(q.weight_bits)
-    abits = list(s.act_bits) if s.get("act_bits") else list(q.act_bits)
+    wbits = list(s.weight_bits) if s.weight_bits else list(q.weight_bits)
+    abits = list(s.act_bits) if s.act_bits else list(q.act_bits)
     tasks = sens.make_tasks(groups, wbits, abits, kinds=list(s.kinds))
     all_tasks = sens.make_tasks(all_groups, wbits, abits, kinds=list(s.kinds))
     cap = float(s.sqnr_cap_db)
@@ -71,7 +67,7 @@ def run(ctx: StageContext) -> dict:
             busy = (f"shard {i} of {n} is being run by another process in {ws.root} (lock "
                     f"{shards.shard_lock(i, n)}); a shard runs once at a time")
             with shards.flock(ws.path(shards.shard_lock(i, n)), wait=False, busy=busy):
-                shards.check_header(ws, i, identity, bool(s.restart), is_forced(s.get("force"), "sensitivity"))
+                shards.check_header(ws, i, identity, bool(s.restart), is_forced(s.force, "sensitivity"))
                 records_file = sens.RecordFile(ws.path(shards.shard_paths(i, n)[1]))
                 pending = [t for t in mine if t.key not in records_file.load()]
                 if pending and (s.max_tasks is None or int(s.max_tasks) > 0):
@@ -113,9 +109,8 @@ def run(ctx: StageContext) -> dict:
     return headline
 
 
-def _load_model(cfg: DictConfig, ws: Workspace, calib: Calibration) -> ModelBundle:
-    s = cfg.stage
-    bundle = load_calibrated(cfg, ws, batch_size=int(s.batch_size), calib=calib)
+def _load_model(run: RunSettings, s: SensitivitySettings, ws: Workspace, calib: Calibration) -> ModelBundle:
+    bundle = load_calibrated(run, ws, batch_size=int(s.batch_size), calib=calib)
     if list(bundle.layers) != calib.layer_names:
         raise ValueError(f"{calib.path} lists the quantizable layers in another order (or set) than model="
                          f"{bundle.spec.name} wraps them: rerun stage=calibrate")

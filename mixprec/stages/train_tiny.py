@@ -8,13 +8,14 @@ on held-out prompts. Losses, adherence and sample grids go to the tracker.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
 
 from mixprec.artifacts import TRAIN_TINY_METRICS
-from mixprec.context import StageContext, to_dict
+from mixprec.context import StageContext
 
 log = logging.getLogger("mixprec")
 
@@ -23,32 +24,32 @@ _STAGE_KEYS = {"name", "record", "force", "output", "device", "resume", "eval_he
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    cfg, ws, track = ctx.cfg, ctx.workspace, ctx.tracker
+    s, ws, track = ctx.settings, ctx.workspace, ctx.tracker
     from mixprec.tiny import shapes
     from mixprec.tiny.build import load_pipeline
     from mixprec.tiny.eval import adherence
     from mixprec.tiny.train import TrainConfig, train_tiny
 
-    st = to_dict(cfg.stage)
+    st = dataclasses.asdict(s)
     train_cfg = TrainConfig.from_dict({k: v for k, v in st.items() if k not in _STAGE_KEYS and v is not None})
-    out = Path(st["output"]) if st.get("output") else ws.path("tiny_model")
-    device = str(st.get("device") or "auto")
+    out = Path(s.output) if s.output else ws.path("tiny_model")
+    device = str(s.device or "auto")
     if device == "auto":
-        device = str(cfg.get("device", "auto"))
+        device = ctx.run.device
 
     track.update_config({"train_fingerprint": train_cfg.fingerprint()})
     summary = train_tiny(
         out, train_cfg,
         work_dir=out.with_name(out.name + ".work"),
         device=device,
-        resume=bool(st.get("resume", True)) and not st.get("force"),
+        resume=bool(s.resume) and not s.force,
         log_fn=lambda metrics, step: track.log(metrics, step=step),
         log_images_fn=lambda key, images, captions: track.log_images(key, images, captions),
-        progress=bool(st.get("progress", True)),
+        progress=bool(s.progress),
     )
     # Measured on the saved folder, on the CPU: what every later stage will load.
     pipe = load_pipeline(out)
-    n = int(st.get("eval_heldout_prompts", 64))
+    n = int(s.eval_heldout_prompts)
     result = {"output": str(out), "train_fingerprint": summary["fingerprint"], "device": summary["device"],
               "train_time_s": round(summary.get("total_time_s", 0.0), 1)}
     for split in ("heldout", "train"):
