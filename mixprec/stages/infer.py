@@ -90,7 +90,8 @@ def _check_options(s: InferSettings) -> str:
 
 def _apply_plans(bundle, weight_plan, act_plan, execution: str, options):
     """Set the final plans on the quantized layers and, with ``kernels``, convert them to kernel modules.
-    Returns what ran where: the applied bits, the weight bytes and the dispatch report (kernels)."""
+    Returns the quantized layers' names, the bits each layer runs with, the weight bytes and the
+    dispatch report (None with ``fake``)."""
     set_plan(bundle.layers, weight_bits=weight_plan.bits, act_bits=act_plan.bits if act_plan else None)
     quantized = [n for n, l in bundle.layers.items() if l.w_bits is not None or l.a_bits is not None]
     applied = {n: {"w": l.w_bits, "a": l.a_bits} for n, l in bundle.layers.items()}
