@@ -124,7 +124,7 @@ class StageContext:
     """What the runner hands every stage: its typed settings (:mod:`mixprec.settings`: ``stage.*``
     checked for unknown keys and types), the typed run settings, the workspace the stage reads and
     writes and the stage's tracker (one W&B run per stage). ``cfg`` is the composed config the
-    runner records; stages read ``settings`` and ``run`` instead."""
+    runner records; stages read ``settings`` and ``run`` instead (train_compose still reads ``cfg``)."""
 
     settings: StageSettings
     run: RunSettings
