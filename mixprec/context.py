@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -159,7 +159,9 @@ def read_calibration(cfg: DictConfig, ws: Workspace) -> Calibration:
     path = check_safetensors(ws.require(QUANT_PARAMS, "calibrate"), "`python run.py stage=calibrate`")
     params, meta = calibration.load_params(path)
     # Before the fingerprints: a grouping mismatch also changes them, and this says what to do.
-    calibration.check_timestep_groups(meta, quant_recipe(cfg).act_timestep_groups, path)
+    q = quant_recipe(cfg)
+    calibration.check_timestep_groups(meta, q.act_timestep_groups, path)
+    calibration.check_weight_recipe(meta, q.rounding, q.weight_group_sizes, asdict(q.gptq), path)
     check_calibrated_adapters((meta.get("model") or {}).get("lora"), model_spec(cfg).lora, QUANT_PARAMS)
     ws.check_fingerprints(meta.get("fingerprints"), QUANT_PARAMS, "calibrate")
     return Calibration(path, params, meta)
@@ -207,7 +209,9 @@ def load_for_kernels(cfg: DictConfig, ws: Workspace, latent: int) -> tuple[Model
                  for i in range(2)]
         q = bundle.quant
         calibration.calibrate_layers(bundle.layers, lambda: [denoiser(**c) for c in calib], q.weight_bits,
-                                     q.act_bits, momentum=q.act_momentum, weight_clip=q.weight_clip)
+                                     q.act_bits, momentum=q.act_momentum, weight_clip=q.weight_clip,
+                                     group_sizes=q.weight_group_sizes, rounding=q.rounding,
+                                     gptq_damp=q.gptq.damp, gptq_block=q.gptq.block_size)
     return bundle, dtype
 
 
