@@ -108,5 +108,5 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
 
 def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
     """Mean squared output error per input row, tr((W - Wq) H (W - Wq)^T) / out, with H = E[x x^T]."""
-    d = (weight.reshape(weight.shape[0], -1) - approx.reshape(approx.shape[0], -1)).double()
+    d = (weight.detach().reshape(weight.shape[0], -1) - approx.detach().reshape(approx.shape[0], -1)).double()
     return float(torch.einsum("oi,ij,oj->", d, hessian.double().to(d.device), d)) / d.shape[0]
