@@ -43,6 +43,7 @@ from typing import Any
 import yaml
 
 from mixprec.search.plan import Plan, natural_key, plan_dirname, read_plan, write_plan
+from mixprec.quant.options import table_key
 from mixprec.workspace import FingerprintMismatchError, Workspace
 
 try:  # the C loader is ~10x faster on 800-layer sensitivity tables and plans
@@ -462,7 +463,8 @@ def _parse_per_prompt(path: str, size: int, mtime_ns: int) -> PerPrompt:
     raw: dict[tuple, dict[int, float]] = {}
     with open(path, newline="") as f:
         for r in csv.DictReader(f):
-            raw.setdefault((r["kind"], r["group"], r["layer"], int(r["bits"])), {})[int(r["prompt"])] = float(r["value"])
+            raw.setdefault((r["kind"], r["group"], r["layer"], table_key(r["bits"])), {})[int(r["prompt"])] = \
+                float(r["value"])
     out: PerPrompt = {k: {g: {} for g in GROUPS} for k in KIND_CODES}
     for (code, group, layer, b), by_prompt in raw.items():
         kind = kind_name(code)
@@ -502,7 +504,7 @@ def write_sensitivity_table(ws: Workspace, code: str, group: str, table: Mapping
 
 
 def _clean_table(raw: Mapping[str, Mapping[Any, Any]] | None) -> dict[str, dict[int, float]]:
-    return {str(layer): {int(b): float(v) for b, v in (per_bits or {}).items() if number(v) is not None}
+    return {str(layer): {table_key(b): float(v) for b, v in (per_bits or {}).items() if number(v) is not None}
             for layer, per_bits in (raw or {}).items()}
 
 

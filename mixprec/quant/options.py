@@ -66,3 +66,21 @@ def weight_options(in_features: int, bits: Iterable[int], group_sizes: Iterable[
         if 0 < g < in_features:
             out += [WeightOption(b, g) for b in bits]
     return out
+
+
+def table_key(key: int | str) -> int | str:
+    """A sensitivity-table key as tables hold it: ``4`` (per channel, and every activation width) or
+    ``"4g64"`` (per group). Accepts the string forms records and CSV files carry."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    text = str(key).strip()
+    return int(text) if text.isdigit() else parse_weight_option(text).table_key
+
+
+def option_order(key: int | str) -> tuple[int, int]:
+    """Sort key for table keys: per-channel widths first (ascending), then each group size's widths."""
+    key = table_key(key)
+    if isinstance(key, int):
+        return (0, key)
+    opt = parse_weight_option(key)
+    return (opt.group_size, opt.bits)
