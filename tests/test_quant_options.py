@@ -240,3 +240,35 @@ def test_grouped_layers_fall_back_to_the_reference_path_with_a_reason(make, shap
     assert report.summary()["fallback_reasons"] == {reason: 1} and report.layers[0].w_group == 64
     assert torch.equal(model(x), ref) and not quant_layers(model)
     assert F.mse_loss(ref, mod(x)) > 0
+
+
+def test_a_checkpoint_keeps_grouped_and_gptq_layers(tmp_path):
+    from mixprec.checkpoint import load_quantized, save_quantized
+    from mixprec.kernels.probing import denoiser_inputs
+    from mixprec.models.toy import build_unet
+
+    unet = build_unet("tiny")
+    layers = quantize_(unet)
+    calib = [denoiser_inputs(unet, 2, seed=s) for s in range(2)]
+    params = calibrate_layers(layers, lambda: [unet(**c) for c in calib], [3, 5], [8], group_sizes=[64],
+                              rounding="gptq")
+    names = list(layers)
+    grouped = {n: 64 for n in names[::2] if (3, 64) in params[n].group_scales}
+    assert grouped
+    set_plan(layers, {n: (3 if i % 3 else 5) for i, n in enumerate(names)}, {n: 8 for n in names[::2]},
+             weight_groups=grouped)
+    x = denoiser_inputs(unet, 2, seed=9)
+    with torch.no_grad():
+        ref = unet(**x).sample
+    # bos="exact": the BOS row of cross-attention K/V in full precision, as the QuantLayer computes it
+    report = convert_(unet, BackendConfig(bos="exact"))
+    assert {d.name for d in report.fallbacks() if "per-group" in d.reason} == set(grouped)
+    with torch.no_grad():
+        out = unet(**x).sample
+    assert torch.equal(ref, out)  # CPU: every layer on the reference path, from the stored codes
+    save_quantized(unet, tmp_path / "q.safetensors")
+    fresh = build_unet("tiny", device="meta", seed=123)
+    back = load_quantized(fresh, tmp_path / "q.safetensors", device="cpu")
+    assert {d.name for d in back.layers if d.w_group == 64 and d.backend == "reference"} == set(grouped)
+    with torch.no_grad():
+        assert torch.equal(fresh(**x).sample, out)
