@@ -194,9 +194,10 @@ class DispatchReport:
         return json.dumps(self.to_dict(), indent=2)
 
     def table(self) -> str:
-        rows = [f"{'layer':60s} {'w':>2s} {'a':>2s} {'backend':9s} {'ran':9s} reason"]
+        rows = [f"{'layer':60s} {'w':>6s} {'a':>2s} {'backend':9s} {'ran':9s} reason"]
         for d in self.layers:
-            rows.append(f"{d.name[:60]:60s} {d.w_bits or '-':>2} {d.a_bits or '-':>2} {d.backend:9s} "
+            w = f"{d.w_bits}g{d.w_group}" if d.w_bits and d.w_group else (d.w_bits or "-")
+            rows.append(f"{d.name[:60]:60s} {w:>6} {d.a_bits or '-':>2} {d.backend:9s} "
                         f"{d.ran or '?':9s} {d.reason}")
         return "\n".join(rows)
 
