@@ -477,9 +477,16 @@ def _parse_per_prompt(path: str, size: int, mtime_ns: int) -> PerPrompt:
     return out
 
 
-def read_per_prompt(ws: Workspace) -> PerPrompt:
-    """The workspace's per-prompt sensitivity table (see :func:`parse_per_prompt`)."""
-    return parse_per_prompt(ws.require(PER_PROMPT_CSV, "sensitivity"))
+def read_per_prompt(ws: Workspace, grouped: bool = False) -> PerPrompt:
+    """The workspace's per-prompt sensitivity table (see :func:`parse_per_prompt`). Per-group weight
+    options (string keys ``"4g64"``, :mod:`mixprec.quant.options`) only with ``grouped=True``: readers
+    that take integer widths see the per-channel options, as before the options existed."""
+    table = parse_per_prompt(ws.require(PER_PROMPT_CSV, "sensitivity"))
+    if grouped:
+        return table
+    return {kind: {g: {layer: {b: v for b, v in by_bits.items() if isinstance(b, int)}
+                       for layer, by_bits in by_layer.items()} for g, by_layer in by_group.items()}
+            for kind, by_group in table.items()}
 
 
 def check_sensitivity_fingerprints(ws: Workspace) -> bool:
@@ -508,10 +515,20 @@ def _clean_table(raw: Mapping[str, Mapping[Any, Any]] | None) -> dict[str, dict[
             for layer, per_bits in (raw or {}).items()}
 
 
-def read_sensitivity_tables(root: str | os.PathLike) -> tuple[dict[tuple[str, str], dict[str, dict[int, float]]],
-                                                              str | None]:
+def read_sensitivity_tables(root: str | os.PathLike, grouped: bool = False
+                            ) -> tuple[dict[tuple[str, str], dict[str, dict[int, float]]], str | None]:
     """Mean tables ``{(code, group): {layer: {bits: metric}}}`` and where they came from: the
-    ``sensitivity_{w,a}_{group}.yaml`` files, else means over prompts of ``sensitivity_per_prompt.csv``."""
+    ``sensitivity_{w,a}_{group}.yaml`` files, else means over prompts of ``sensitivity_per_prompt.csv``.
+    Per-group weight options (``"4g64"`` keys) only with ``grouped=True``."""
+    tables, source = _read_sensitivity_tables(root)
+    if not grouped:
+        tables = {k: {layer: {b: v for b, v in row.items() if isinstance(b, int)} for layer, row in t.items()}
+                  for k, t in tables.items()}
+    return tables, source
+
+
+def _read_sensitivity_tables(root: str | os.PathLike) -> tuple[dict[tuple[str, str], dict[str, dict[int, float]]],
+                                                               str | None]:
     root = Path(root)
     tables = {}
     for code in KIND_CODES.values():

@@ -17,7 +17,7 @@ from mixprec.kernels import BackendConfig, KernelLayer, choose_backend, convert_
 from mixprec.kernels.probing import sqnr_db
 from mixprec.models import ModelSpec, denoiser_of, load_pipeline
 from mixprec.quant import (HessianAccumulator, WeightOption, dequantize_codes, gptq_codes, group_weight_scales,
-                           nearest_codes, parse_weight_option, weight_options)
+                           nearest_codes, option_order, parse_weight_option, weight_options)
 from mixprec.quant.gptq import output_error
 from mixprec.quantizers import (LayerQuantParams, QuantLayer, act_qparams, fake_quant_weight, quant_layers,
                                 quantize_, quantize_weight, set_plan, weight_scales)
@@ -272,3 +272,28 @@ def test_a_checkpoint_keeps_grouped_and_gptq_layers(tmp_path):
     assert {d.name for d in back.layers if d.w_group == 64 and d.backend == "reference"} == set(grouped)
     with torch.no_grad():
         assert torch.equal(fresh(**x).sample, out)
+
+
+def test_the_stages_measure_grouped_options_and_refuse_another_rounding(make_cfg):
+    from mixprec import artifacts
+    from mixprec.context import workspace
+    from mixprec.runner import run_stage
+
+    wide = ["model=tiny_random", "quant=wide", "quant.weight_bits=[3,4]", "quant.act_bits=[8]",
+            "quant.weight_bits_by_group.content=[3,4]", "quant.weight_bits_by_group.quality=[3,4]",
+            "quant.act_bits_by_group.content=[8]", "quant.act_bits_by_group.quality=[8]"]
+    run_stage(make_cfg(*wide, "stage=calibrate"))
+    layer = "up_blocks.0.resnets.0.conv1"  # 288 input columns: both group sizes apply
+    sweep = [*wide, "stage=sensitivity", "stage.kinds=[w]", f"stage.layers=[{layer}]", "prompts.sensitivity.n=2",
+             "stage.batch_size=2", "stage.progress=false"]
+    run_stage(make_cfg(*sweep))
+    ws = workspace(make_cfg(*wide))
+    grouped = artifacts.read_per_prompt(ws, grouped=True)["weight"]["quality"][layer]
+    assert sorted(grouped, key=option_order) == [3, 4, "3g64", "4g64", "3g128", "4g128"]
+    assert all(len(v) == 2 for v in grouped.values())
+    assert list(artifacts.read_per_prompt(ws)["weight"]["quality"][layer]) == [3, 4]
+    tables, _ = artifacts.read_sensitivity_tables(ws.root, grouped=True)
+    assert set(tables[("w", "quality")][layer]) == set(grouped)
+    with pytest.raises(ValueError, match=r"calibrated with quant.rounding=gptq but this run asks for "
+                                         r"quant.rounding=nearest"):
+        run_stage(make_cfg(*sweep, "quant.rounding=nearest"))
