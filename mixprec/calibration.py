@@ -31,11 +31,13 @@ def calibrate_layers(layers: Mapping[str, QuantLayer], run_calibration: Callable
                      weight_bits: Sequence[int], act_bits: Sequence[int], momentum: float = 0.95,
                      weight_clip: str = "minmax", progress: bool = False,
                      step_groups=None, group_sizes: Sequence[int] = (), rounding: str = "nearest",
-                     gptq_damp: float = 0.01, gptq_block: int = 128) -> dict[str, LayerQuantParams]:
+                     gptq_damp: float = 0.01, gptq_block: int = 128,
+                     gptq_max_columns: int | None = None) -> dict[str, LayerQuantParams]:
     """Observe input ranges while ``run_calibration()`` drives the model, then compute all parameters.
 
     ``group_sizes`` adds per-group weight scales (for layers with more input columns than the group
-    size); ``rounding="gptq"`` also accumulates each layer's input Hessian on the same run.
+    size); ``rounding="gptq"`` also accumulates each layer's input Hessian on the same run (not for
+    layers with more than ``gptq_max_columns`` input columns: they keep nearest rounding).
 
     Layers are left in full precision and get their ``params`` attached. With ``step_groups`` (a
     :class:`~mixprec.timestep_groups.StepGroups` installed on the denoiser of these layers) every
@@ -52,7 +54,8 @@ def calibrate_layers(layers: Mapping[str, QuantLayer], run_calibration: Callable
     for layer in layers.values():
         layer.w_bits = layer.a_bits = None
         layer.observer = RangeObserver(momentum) if step_groups is None else StepRangeObserver(step_groups, momentum)
-        layer.hessian_acc = HessianAccumulator(layer.inner) if rounding == "gptq" else None
+        layer.hessian_acc = HessianAccumulator(layer.inner) if _gptq_takes(layer, rounding, gptq_max_columns) \
+            else None
     try:
         with torch.no_grad():
             run_calibration()
@@ -83,7 +86,8 @@ def calibrate_layers(layers: Mapping[str, QuantLayer], run_calibration: Callable
             act_range=(obs.lo, obs.hi),
             act_params={b: act_qparams(obs.lo, obs.hi, b) for b in act_bits},
             group_scales=group_scales_of(layer.inner.weight, weight_bits, group_sizes, weight_clip),
-            rounding=rounding, gptq_damp=float(gptq_damp), gptq_block=int(gptq_block),
+            rounding="gptq" if hessians[name] is not None else "nearest",
+            gptq_damp=float(gptq_damp), gptq_block=int(gptq_block),
             hessian=hessians[name].hessian() if hessians[name] is not None else None,
         )
         if step_groups is not None:
@@ -93,6 +97,16 @@ def calibrate_layers(layers: Mapping[str, QuantLayer], run_calibration: Callable
         layer.params = params[name]
         layer.drop_cache()
     return params
+
+
+def _gptq_takes(layer: QuantLayer, rounding: str, max_columns: int | None) -> bool:
+    return rounding == "gptq" and (max_columns is None or layer.params_cols() <= max_columns)
+
+
+def gptq_nearest_layers(params: Mapping[str, LayerQuantParams]) -> list[str]:
+    """Layers of a GPTQ calibration that keep nearest rounding (more input columns than
+    ``quant.gptq.max_columns``); recorded in the file's metadata."""
+    return [n for n, p in params.items() if p.rounding != "gptq"]
 
 
 def group_scales_of(weight: torch.Tensor, weight_bits: Sequence[int], group_sizes: Sequence[int],
@@ -192,6 +206,7 @@ def load_params(path: str | os.PathLike) -> tuple[dict[str, LayerQuantParams], d
         params: dict[str, LayerQuantParams] = {}
         rounding = rounding_of(meta)
         gptq = (meta.get("quant") or {}).get("gptq") or {}
+        nearest = set(meta.get("gptq_nearest_layers") or [])
         for name in meta["layers"]:
             wscales, aparams = {}, {}
             for b in meta["weight_bits"]:
@@ -203,7 +218,7 @@ def load_params(path: str | os.PathLike) -> tuple[dict[str, LayerQuantParams], d
             params[name].group_scales = {(int(b), int(g)): f.get_tensor(f"{name}/w{b}g{g}/scale")
                                          for g in group_sizes_of(meta) for b in meta["weight_bits"]
                                          if f"{name}/w{b}g{g}/scale" in keys}
-            if rounding == "gptq":
+            if rounding == "gptq" and name not in nearest:
                 if f"{name}/hessian" not in keys:
                     raise ValueError(f"{path} declares quant.rounding=gptq but holds no Hessian for {name}; the "
                                      f"file is damaged: rerun stage=calibrate")

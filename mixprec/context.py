@@ -211,7 +211,8 @@ def load_for_kernels(cfg: DictConfig, ws: Workspace, latent: int) -> tuple[Model
         calibration.calibrate_layers(bundle.layers, lambda: [denoiser(**c) for c in calib], q.weight_bits,
                                      q.act_bits, momentum=q.act_momentum, weight_clip=q.weight_clip,
                                      group_sizes=q.weight_group_sizes, rounding=q.rounding,
-                                     gptq_damp=q.gptq.damp, gptq_block=q.gptq.block_size)
+                                     gptq_damp=q.gptq.damp, gptq_block=q.gptq.block_size,
+                                     gptq_max_columns=q.gptq.max_columns)
     return bundle, dtype
 
 

@@ -24,12 +24,16 @@ class Gptq:
 
     damp: float = 0.01          # added to the Hessian's diagonal, as a fraction of its mean
     block_size: int = 128       # columns updated together (speed only: the result is the same up to float rounding)
+    max_columns: int | None = None  # layers with more input columns keep nearest rounding (Hessian size cap)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.damp, (int, float)) and 0 < float(self.damp) < 1):
             raise ValueError(f"quant.gptq.damp must be a number in (0, 1), got {self.damp!r}")
         if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1:
             raise ValueError(f"quant.gptq.block_size must be a positive integer, got {self.block_size!r}")
+        m = self.max_columns
+        if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m < 1):
+            raise ValueError(f"quant.gptq.max_columns must be a positive integer or null, got {m!r}")
 
 
 @dataclass(frozen=True)

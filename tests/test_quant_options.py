@@ -297,3 +297,23 @@ def test_the_stages_measure_grouped_options_and_refuse_another_rounding(make_cfg
     with pytest.raises(ValueError, match=r"calibrated with quant.rounding=gptq but this run asks for "
                                          r"quant.rounding=nearest"):
         run_stage(make_cfg(*sweep, "quant.rounding=nearest"))
+
+
+def test_gptq_max_columns_keeps_wide_layers_at_nearest(tmp_path):
+    from mixprec.calibration import gptq_nearest_layers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 100), nn.ReLU(), nn.Linear(100, 8))
+    layers = quantize_(model)
+    x = torch.randn(64, 20)
+    params = calibrate_layers(layers, lambda: model(x), [4], [8], rounding="gptq", gptq_max_columns=50)
+    assert params["0"].uses_gptq and not params["2"].uses_gptq and params["2"].hessian is None
+    assert gptq_nearest_layers(params) == ["2"]
+    path = tmp_path / "q.safetensors"
+    save_params(path, params, {"weight_bits": [4], "act_bits": [8], "rounding": "gptq",
+                               "gptq_nearest_layers": gptq_nearest_layers(params)})
+    back, _ = load_params(path)
+    assert back["0"].uses_gptq and back["2"].rounding == "nearest"
+    layers["2"].set_bits(4)
+    codes, scale = layers["2"].weight_codes()
+    assert torch.equal(codes, quantize_weight(model[2].inner.weight, scale, 4))

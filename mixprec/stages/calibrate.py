@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 
-from mixprec.calibration import calibrate_layers, save_params
+from mixprec.calibration import calibrate_layers, gptq_nearest_layers, save_params
 from mixprec.metrics import sqnr_db
 from mixprec.quantizers import fake_quant_weight
 from mixprec import artifacts
@@ -35,14 +35,15 @@ def run(ctx: StageContext) -> dict:
         bundle.layers, lambda: bundle.sampler.generate(prompts, seeds, decode=False),
         q.weight_bits, q.act_bits, momentum=q.act_momentum, weight_clip=q.weight_clip,
         progress=True, step_groups=step_groups, group_sizes=q.weight_group_sizes, rounding=q.rounding,
-        gptq_damp=q.gptq.damp, gptq_block=q.gptq.block_size,
+        gptq_damp=q.gptq.damp, gptq_block=q.gptq.block_size, gptq_max_columns=q.gptq.max_columns,
     )
     rows = bundle.census()
     artifacts.write_census(ws, [r.as_row() for r in rows])
     meta = {"fingerprints": ws.fingerprints, "weight_bits": list(q.weight_bits), "act_bits": list(q.act_bits),
             "quant": q.to_dict(), "model": to_dict(cfg.model), "calibration_prompts": pairs,
             "act_timestep_groups": groups, "weight_group_sizes": list(q.weight_group_sizes),
-            "rounding": q.rounding}
+            "rounding": q.rounding,
+            "gptq_nearest_layers": gptq_nearest_layers(params) if q.rounding == "gptq" else []}
     if step_groups is not None:
         meta["step_groups"] = step_groups.to_json()
     with ws.atomic_path(QUANT_PARAMS) as tmp:
