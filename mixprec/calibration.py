@@ -100,7 +100,7 @@ def calibrate_layers(layers: Mapping[str, QuantLayer], run_calibration: Callable
 
 
 def _gptq_takes(layer: QuantLayer, rounding: str, max_columns: int | None) -> bool:
-    return rounding == "gptq" and (max_columns is None or layer.params_cols() <= max_columns)
+    return rounding == "gptq" and (max_columns is None or layer.input_columns() <= max_columns)
 
 
 def gptq_nearest_layers(params: Mapping[str, LayerQuantParams]) -> list[str]:

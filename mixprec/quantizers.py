@@ -245,7 +245,7 @@ class QuantLayer(nn.Module):
                 raise KeyError(f"{self.name}: no calibrated {w_bits}-bit weight scales with group size {w_group} "
                                f"(calibrated group sizes: {have}); rerun stage=calibrate with "
                                f"quant.weight_group_sizes including {w_group} (a group size must be smaller "
-                               f"than the layer's {self.params_cols()} input columns)")
+                               f"than the layer's {self.input_columns()} input columns)")
             raise KeyError(f"{self.name}: no calibrated weight parameters for {w_bits} bits "
                            f"(calibrated: {sorted(self.params.weight_scales)}); rerun stage=calibrate "
                            f"with quant.weight_bits including {w_bits}")
@@ -259,7 +259,7 @@ class QuantLayer(nn.Module):
         self.w_bits, self.a_bits = w_bits, a_bits
         self.w_group = w_group if w_bits is not None else 0
 
-    def params_cols(self) -> int:
+    def input_columns(self) -> int:
         """Input columns of the weight matrix (Conv2d: in_channels * kh * kw): the grouped dimension."""
         w = self.inner.weight
         return w[0].numel()

@@ -151,9 +151,9 @@ def test_gptq_improves_the_tiny_models_w3_output_on_another_prompt(tiny_gptq):
 def test_group_options_exist_only_below_the_input_width(tiny_gptq):
     _, layers, _, params = tiny_gptq
     for name, layer in layers.items():
-        cols = layer.params_cols()
+        cols = layer.input_columns()
         assert {g for _, g in params[name].group_scales} == {g for g in (64, 128) if g < cols}
-    narrow = next(n for n, layer in layers.items() if layer.params_cols() <= 64)
+    narrow = next(n for n, layer in layers.items() if layer.input_columns() <= 64)
     with pytest.raises(KeyError, match=r"no calibrated 3-bit weight scales with group size 64 .*rerun stage=calibrate"):
         layers[narrow].set_bits(3, None, 64)
 
