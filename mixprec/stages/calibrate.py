@@ -65,6 +65,12 @@ def run(ctx: StageContext) -> dict:
         "act_timestep_groups": groups,
         "calibration_images": len(pairs),
         "mean_weight_sqnr_db": {b: sum(v) / len(v) for b, v in wsqnr.items()},
+        "weight_group_sizes": list(q.weight_group_sizes),
+        "grouped_layers": {g: sum(1 for p in params.values() if (q.weight_bits[0], g) in p.group_scales)
+                           for g in q.weight_group_sizes},
+        "rounding": q.rounding,
+        "gptq_layers": sum(1 for p in params.values() if p.uses_gptq),
+        "hessian_mib": sum(p.hessian.numel() * 4 for p in params.values() if p.hessian is not None) / 2 ** 20,
     }
     log.info("calibrated %d layers on %d prompts; mean weight SQNR %s", len(params), len(pairs),
              {b: round(v, 1) for b, v in headline["mean_weight_sqnr_db"].items()})
