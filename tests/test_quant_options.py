@@ -317,3 +317,17 @@ def test_gptq_max_columns_keeps_wide_layers_at_nearest(tmp_path):
     layers["2"].set_bits(4)
     codes, scale = layers["2"].weight_codes()
     assert torch.equal(codes, quantize_weight(model[2].inner.weight, scale, 4))
+
+
+def test_kernel_coverage_of_every_option_the_wide_recipe_offers():
+    from mixprec.kernels import option_coverage
+
+    options = [o.key for o in weight_options(288, range(2, 9), [64, 128])]
+    rows = option_coverage(options, [None, 4, 5, 6, 7, 8])
+    assert len(rows) == 2 * len(options) * 6
+    per_channel = [r for r in rows if "g" not in r["weight"]]
+    assert all(r["kernel"] and r["backend"] in ("wonly", "int8") and not r["reason"] for r in per_channel)
+    assert {r["storage_bits"] for r in per_channel if r["weight"] in ("3", "4")} == {4}
+    assert {r["storage_bits"] for r in per_channel if r["weight"] in ("5", "6", "7", "8")} == {8}
+    grouped = [r for r in rows if "g" in r["weight"]]
+    assert all(r["backend"] == "reference" and r["reason"].startswith("per-group weight scales") for r in grouped)

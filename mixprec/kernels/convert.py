@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -362,3 +362,27 @@ def report_for(model: nn.Module) -> DispatchReport:
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of everything the model stores for inference (parameters and saved buffers)."""
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def option_coverage(weight_options: Iterable[Any], act_bits: Iterable[int | None],
+                    config: BackendConfig | None = None) -> list[dict[str, Any]]:
+    """Which backend each (weight option, activation bits) choice gets, for a Linear and a 3x3
+    convolution: the kernels' coverage of what a recipe lets the search pick. ``weight_options``:
+    keys or :class:`~mixprec.quant.options.WeightOption` (``4``, ``"3g64"``); ``act_bits``: widths,
+    None = 16-bit activations. One row per layer kind x option x activation width, with the packed
+    storage of the codes and, for a fallback, the reason."""
+    from mixprec.quant.options import parse_weight_option
+
+    from .layers import storage_bits_for
+
+    cfg = config or BackendConfig()
+    probes = {"linear": nn.Linear(64, 64, device="meta"), "conv3x3": nn.Conv2d(64, 64, 3, padding=1, device="meta")}
+    rows = []
+    for kind, probe in probes.items():
+        for opt in (parse_weight_option(o) for o in weight_options):
+            for a in act_bits:
+                backend, reason = choose_backend(probe, opt.bits, a, cfg, opt.group_size)
+                rows.append({"layer": kind, "weight": opt.key, "act": a or 16, "backend": backend,
+                             "storage_bits": storage_bits_for(opt.bits), "kernel": backend != "reference",
+                             "reason": reason})
+    return rows
