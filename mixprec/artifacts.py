@@ -43,6 +43,7 @@ from typing import Any
 import yaml
 
 from mixprec.search.plan import Plan, natural_key, plan_dirname, read_plan, write_plan
+from mixprec.quant.options import table_key
 from mixprec.workspace import FingerprintMismatchError, Workspace
 
 try:  # the C loader is ~10x faster on 800-layer sensitivity tables and plans
@@ -462,7 +463,8 @@ def _parse_per_prompt(path: str, size: int, mtime_ns: int) -> PerPrompt:
     raw: dict[tuple, dict[int, float]] = {}
     with open(path, newline="") as f:
         for r in csv.DictReader(f):
-            raw.setdefault((r["kind"], r["group"], r["layer"], int(r["bits"])), {})[int(r["prompt"])] = float(r["value"])
+            raw.setdefault((r["kind"], r["group"], r["layer"], table_key(r["bits"])), {})[int(r["prompt"])] = \
+                float(r["value"])
     out: PerPrompt = {k: {g: {} for g in GROUPS} for k in KIND_CODES}
     for (code, group, layer, b), by_prompt in raw.items():
         kind = kind_name(code)
@@ -475,9 +477,16 @@ def _parse_per_prompt(path: str, size: int, mtime_ns: int) -> PerPrompt:
     return out
 
 
-def read_per_prompt(ws: Workspace) -> PerPrompt:
-    """The workspace's per-prompt sensitivity table (see :func:`parse_per_prompt`)."""
-    return parse_per_prompt(ws.require(PER_PROMPT_CSV, "sensitivity"))
+def read_per_prompt(ws: Workspace, grouped: bool = False) -> PerPrompt:
+    """The workspace's per-prompt sensitivity table (see :func:`parse_per_prompt`). Per-group weight
+    options (string keys ``"4g64"``, :mod:`mixprec.quant.options`) only with ``grouped=True``: readers
+    that take integer widths see the per-channel options, as before the options existed."""
+    table = parse_per_prompt(ws.require(PER_PROMPT_CSV, "sensitivity"))
+    if grouped:
+        return table
+    return {kind: {g: {layer: {b: v for b, v in by_bits.items() if isinstance(b, int)}
+                       for layer, by_bits in by_layer.items()} for g, by_layer in by_group.items()}
+            for kind, by_group in table.items()}
 
 
 def check_sensitivity_fingerprints(ws: Workspace) -> bool:
@@ -502,14 +511,24 @@ def write_sensitivity_table(ws: Workspace, code: str, group: str, table: Mapping
 
 
 def _clean_table(raw: Mapping[str, Mapping[Any, Any]] | None) -> dict[str, dict[int, float]]:
-    return {str(layer): {int(b): float(v) for b, v in (per_bits or {}).items() if number(v) is not None}
+    return {str(layer): {table_key(b): float(v) for b, v in (per_bits or {}).items() if number(v) is not None}
             for layer, per_bits in (raw or {}).items()}
 
 
-def read_sensitivity_tables(root: str | os.PathLike) -> tuple[dict[tuple[str, str], dict[str, dict[int, float]]],
-                                                              str | None]:
+def read_sensitivity_tables(root: str | os.PathLike, grouped: bool = False
+                            ) -> tuple[dict[tuple[str, str], dict[str, dict[int, float]]], str | None]:
     """Mean tables ``{(code, group): {layer: {bits: metric}}}`` and where they came from: the
-    ``sensitivity_{w,a}_{group}.yaml`` files, else means over prompts of ``sensitivity_per_prompt.csv``."""
+    ``sensitivity_{w,a}_{group}.yaml`` files, else means over prompts of ``sensitivity_per_prompt.csv``.
+    Per-group weight options (``"4g64"`` keys) only with ``grouped=True``."""
+    tables, source = _read_sensitivity_tables(root)
+    if not grouped:
+        tables = {k: {layer: {b: v for b, v in row.items() if isinstance(b, int)} for layer, row in t.items()}
+                  for k, t in tables.items()}
+    return tables, source
+
+
+def _read_sensitivity_tables(root: str | os.PathLike) -> tuple[dict[tuple[str, str], dict[str, dict[int, float]]],
+                                                               str | None]:
     root = Path(root)
     tables = {}
     for code in KIND_CODES.values():

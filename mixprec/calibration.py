@@ -1,8 +1,11 @@
 """Post-training calibration: activation ranges from calibration prompts, weight scales per bit.
 
 The result is one safetensors file holding, for every quantizable layer, the weight scales of every
-candidate weight bit-width, the activation range and the activation (scale, zero point) of every
-candidate activation bit-width; its metadata records the bit sets, fingerprints and config.
+candidate weight bit-width (per output channel, and per group of input columns for each of
+``quant.weight_group_sizes``), the activation range and the activation (scale, zero point) of every
+candidate activation bit-width, and with ``quant.rounding=gptq`` the layer's input Hessian E[x x^T]
+(GPTQ codes are computed from it when an option is first used); its metadata records the bit sets,
+group sizes, rounding, fingerprints and config.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mixprec.quantizers import LayerQuantParams, QuantLayer, RangeObserver, StepRangeObserver, act_qparams, \
-    weight_scales
+from mixprec.quant.groups import group_weight_scales
+from mixprec.quantizers import HessianAccumulator, LayerQuantParams, QuantLayer, RangeObserver, StepRangeObserver, \
+    act_qparams, weight_scales
 
 FORMAT_VERSION = "1"
 
@@ -26,8 +30,14 @@ FORMAT_VERSION = "1"
 def calibrate_layers(layers: Mapping[str, QuantLayer], run_calibration: Callable[[], None],
                      weight_bits: Sequence[int], act_bits: Sequence[int], momentum: float = 0.95,
                      weight_clip: str = "minmax", progress: bool = False,
-                     step_groups=None) -> dict[str, LayerQuantParams]:
+                     step_groups=None, group_sizes: Sequence[int] = (), rounding: str = "nearest",
+                     gptq_damp: float = 0.01, gptq_block: int = 128,
+                     gptq_max_columns: int | None = None) -> dict[str, LayerQuantParams]:
     """Observe input ranges while ``run_calibration()`` drives the model, then compute all parameters.
+
+    ``group_sizes`` adds per-group weight scales (for layers with more input columns than the group
+    size); ``rounding="gptq"`` also accumulates each layer's input Hessian on the same run (not for
+    layers with more than ``gptq_max_columns`` input columns: they keep nearest rounding).
 
     Layers are left in full precision and get their ``params`` attached. With ``step_groups`` (a
     :class:`~mixprec.timestep_groups.StepGroups` installed on the denoiser of these layers) every
@@ -39,16 +49,21 @@ def calibrate_layers(layers: Mapping[str, QuantLayer], run_calibration: Callable
         if strays:
             raise ValueError(f"{len(strays)} layers (e.g. {strays[:3]}) do not follow the given step groups: "
                              f"call step_groups.install(denoiser, layers.values()) before calibrating")
+    if rounding not in ("nearest", "gptq"):
+        raise ValueError(f"rounding must be 'nearest' or 'gptq', got {rounding!r}")
     for layer in layers.values():
         layer.w_bits = layer.a_bits = None
         layer.observer = RangeObserver(momentum) if step_groups is None else StepRangeObserver(step_groups, momentum)
+        layer.hessian_acc = HessianAccumulator(layer.inner) if _gptq_takes(layer, rounding, gptq_max_columns) \
+            else None
     try:
         with torch.no_grad():
             run_calibration()
     finally:
         observers = {n: layer.observer for n, layer in layers.items()}
+        hessians = {n: layer.hessian_acc for n, layer in layers.items()}
         for layer in layers.values():
-            layer.observer = None
+            layer.observer = layer.hessian_acc = None
     unseen = [n for n, o in observers.items() if o.lo is None]
     if unseen:
         raise RuntimeError(f"{len(unseen)} layers saw no input during calibration (e.g. {unseen[:3]}); "
@@ -70,6 +85,10 @@ def calibrate_layers(layers: Mapping[str, QuantLayer], run_calibration: Callable
             weight_scales={b: weight_scales(layer.inner.weight, b, clip=weight_clip).cpu() for b in weight_bits},
             act_range=(obs.lo, obs.hi),
             act_params={b: act_qparams(obs.lo, obs.hi, b) for b in act_bits},
+            group_scales=group_scales_of(layer.inner.weight, weight_bits, group_sizes, weight_clip),
+            rounding="gptq" if hessians[name] is not None else "nearest",
+            gptq_damp=float(gptq_damp), gptq_block=int(gptq_block),
+            hessian=hessians[name].hessian() if hessians[name] is not None else None,
         )
         if step_groups is not None:
             params[name].step_ranges = [(g.lo, g.hi) for g in obs.groups]
@@ -80,8 +99,27 @@ def calibrate_layers(layers: Mapping[str, QuantLayer], run_calibration: Callable
     return params
 
 
+def _gptq_takes(layer: QuantLayer, rounding: str, max_columns: int | None) -> bool:
+    return rounding == "gptq" and (max_columns is None or layer.input_columns() <= max_columns)
+
+
+def gptq_nearest_layers(params: Mapping[str, LayerQuantParams]) -> list[str]:
+    """Layers of a GPTQ calibration that keep nearest rounding (more input columns than
+    ``quant.gptq.max_columns``); recorded in the file's metadata."""
+    return [n for n, p in params.items() if p.rounding != "gptq"]
+
+
+def group_scales_of(weight: torch.Tensor, weight_bits: Sequence[int], group_sizes: Sequence[int],
+                    clip: str = "minmax") -> dict[tuple[int, int], torch.Tensor]:
+    """Per-group scales by (bits, group size), for the group sizes smaller than the weight's input
+    columns (a group as wide as the row is the per-channel option)."""
+    cols = weight[0].numel()
+    return {(int(b), int(g)): group_weight_scales(weight, int(b), int(g), clip=clip).cpu()
+            for g in group_sizes if int(g) < cols for b in weight_bits}
+
+
 def extend_params(layers: Mapping[str, QuantLayer], weight_bits: Sequence[int], act_bits: Sequence[int],
-                  weight_clip: str = "minmax") -> None:
+                  weight_clip: str = "minmax", group_sizes: Sequence[int] = ()) -> None:
     """Add parameters for bit-widths the calibration did not include.
 
     Weight scales depend only on the weights and activation parameters only on the calibrated
@@ -93,6 +131,8 @@ def extend_params(layers: Mapping[str, QuantLayer], weight_bits: Sequence[int], 
         for b in weight_bits:
             if b not in p.weight_scales:
                 p.weight_scales[b] = weight_scales(layer.inner.weight, b, clip=weight_clip).cpu()
+        for key, scale in group_scales_of(layer.inner.weight, weight_bits, group_sizes, weight_clip).items():
+            p.group_scales.setdefault(key, scale)
         for b in act_bits:
             if b not in p.act_params:
                 if p.act_range is None:
@@ -129,6 +169,10 @@ def save_params(path: str | os.PathLike, params: Mapping[str, LayerQuantParams],
     for name, p in params.items():
         for b, s in p.weight_scales.items():
             tensors[f"{name}/w{b}/scale"] = s.float().contiguous()
+        for (b, g), s in p.group_scales.items():
+            tensors[f"{name}/w{b}g{g}/scale"] = s.float().contiguous()
+        if p.hessian is not None:
+            tensors[f"{name}/hessian"] = p.hessian.float().contiguous()
         lo, hi = p.act_range
         tensors[f"{name}/act/range"] = torch.tensor([lo, hi], dtype=torch.float64)
         for b, (scale, zero) in p.act_params.items():
@@ -160,6 +204,9 @@ def load_params(path: str | os.PathLike) -> tuple[dict[str, LayerQuantParams], d
         meta = {k: json.loads(v) for k, v in raw_meta.items() if k not in ("format", "version")}
         keys = set(f.keys())
         params: dict[str, LayerQuantParams] = {}
+        rounding = rounding_of(meta)
+        gptq = (meta.get("quant") or {}).get("gptq") or {}
+        nearest = set(meta.get("gptq_nearest_layers") or [])
         for name in meta["layers"]:
             wscales, aparams = {}, {}
             for b in meta["weight_bits"]:
@@ -168,6 +215,17 @@ def load_params(path: str | os.PathLike) -> tuple[dict[str, LayerQuantParams], d
                 aparams[int(b)] = (float(f.get_tensor(f"{name}/a{b}/scale")[0]), int(f.get_tensor(f"{name}/a{b}/zero")[0]))
             rng = f.get_tensor(f"{name}/act/range") if f"{name}/act/range" in keys else None
             params[name] = LayerQuantParams(wscales, (float(rng[0]), float(rng[1])) if rng is not None else None, aparams)
+            params[name].group_scales = {(int(b), int(g)): f.get_tensor(f"{name}/w{b}g{g}/scale")
+                                         for g in group_sizes_of(meta) for b in meta["weight_bits"]
+                                         if f"{name}/w{b}g{g}/scale" in keys}
+            if rounding == "gptq" and name not in nearest:
+                if f"{name}/hessian" not in keys:
+                    raise ValueError(f"{path} declares quant.rounding=gptq but holds no Hessian for {name}; the "
+                                     f"file is damaged: rerun stage=calibrate")
+                params[name].hessian = f.get_tensor(f"{name}/hessian")
+                params[name].rounding = "gptq"
+                params[name].gptq_damp = float(gptq.get("damp", 0.01))
+                params[name].gptq_block = int(gptq.get("block_size", 128))
             if int(meta.get("act_timestep_groups", 1)) > 1:
                 if f"{name}/act/step_ranges" not in keys:
                     raise ValueError(f"{path} declares {meta['act_timestep_groups']} timestep groups but has no "
@@ -179,6 +237,39 @@ def load_params(path: str | os.PathLike) -> tuple[dict[str, LayerQuantParams], d
                                                                   f.get_tensor(f"{name}/a{b}/step_zero").tolist())]
                     for b in meta["act_bits"]}
     return params, meta
+
+
+def rounding_of(meta: Mapping[str, Any]) -> str:
+    """The weight rounding a calibration file was made for ("nearest" for files from before the option)."""
+    return str(meta.get("rounding") or (meta.get("quant") or {}).get("rounding") or "nearest")
+
+
+def group_sizes_of(meta: Mapping[str, Any]) -> list[int]:
+    """The weight group sizes a calibration file holds scales for ([] = per channel only)."""
+    return [int(g) for g in (meta.get("weight_group_sizes") or (meta.get("quant") or {}).get("weight_group_sizes")
+                             or [])]
+
+
+def check_weight_recipe(meta: Mapping[str, Any], rounding: str, group_sizes: Sequence[int],
+                        gptq: Mapping[str, Any] | None, path: Path) -> None:
+    """Refuse a calibration made with another weight rounding, other GPTQ settings, or without the
+    group sizes this run asks for: the file's scales/Hessians cannot stand in for them."""
+    have = rounding_of(meta)
+    if have != rounding:
+        raise ValueError(
+            f"{path} was calibrated with quant.rounding={have} but this run asks for quant.rounding={rounding}. "
+            f"Rerun `python run.py stage=calibrate quant.rounding={rounding}` (the pipeline does it with "
+            f"stage.force=[calibrate]), or run with quant.rounding={have}.")
+    if rounding == "gptq":
+        have_g = dict((meta.get("quant") or {}).get("gptq") or {})
+        if gptq is not None and have_g and have_g != dict(gptq):
+            raise ValueError(f"{path} was calibrated with quant.gptq={have_g} but this run asks for quant.gptq="
+                             f"{dict(gptq)}; rerun stage=calibrate, or run with the file's settings")
+    lacking = sorted(set(int(g) for g in group_sizes) - set(group_sizes_of(meta)))
+    if lacking:
+        raise ValueError(f"{path} holds weight scales for group sizes {group_sizes_of(meta) or 'none'} (per channel "
+                         f"always); this run asks for quant.weight_group_sizes including {lacking}. Rerun "
+                         f"`python run.py stage=calibrate quant.weight_group_sizes=[...]` with them.")
 
 
 def timestep_groups_of(meta: Mapping[str, Any]) -> int:

@@ -145,7 +145,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, config: Any = None
             raise CheckpointMismatchError(f"{spec.name} is a {type(inner).__name__} in this model, not Linear/Conv2d")
         if spec.weight_format == "int":
             # the stored codes fix the format; the options only choose among compatible kernels
-            backend, _ = choose_backend(inner, spec.w_bits, spec.a_bits, cfg)
+            backend, _ = choose_backend(inner, spec.w_bits, spec.a_bits, cfg, spec.group_size)
             spec.backend = "int8" if backend == "fp8" else backend
         elif spec.weight_format == "fp8":
             spec.backend = "fp8" if cfg.w8a8 != "reference" else "reference"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -194,6 +194,7 @@ def read_calibration(run: RunSettings | DictConfig, ws: Workspace) -> Calibratio
     params, meta = calibration.load_params(path)
     # Before the fingerprints: a grouping mismatch also changes them, and this says what to do.
     calibration.check_timestep_groups(meta, run.quant.act_timestep_groups, path)
+    calibration.check_weight_recipe(meta, run.quant.rounding, run.quant.weight_group_sizes, asdict(run.quant.gptq), path)
     check_calibrated_adapters((meta.get("model") or {}).get("lora"), run.model.lora, QUANT_PARAMS)
     ws.check_fingerprints(meta.get("fingerprints"), QUANT_PARAMS, "calibrate")
     return Calibration(path, params, meta)
@@ -242,7 +243,10 @@ def load_for_kernels(run: RunSettings, ws: Workspace, latent: int, calibration_s
                  for i in range(2)]
         q = bundle.quant
         calibration.calibrate_layers(bundle.layers, lambda: [denoiser(**c) for c in calib], q.weight_bits,
-                                     q.act_bits, momentum=q.act_momentum, weight_clip=q.weight_clip)
+                                     q.act_bits, momentum=q.act_momentum, weight_clip=q.weight_clip,
+                                     group_sizes=q.weight_group_sizes, rounding=q.rounding,
+                                     gptq_damp=q.gptq.damp, gptq_block=q.gptq.block_size,
+                                     gptq_max_columns=q.gptq.max_columns)
     return bundle, dtype
 
 

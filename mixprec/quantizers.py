@@ -15,22 +15,24 @@ first use. This is the reference ("fake quantization") path; real kernels live i
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mixprec.quant.gptq import HessianAccumulator, gptq_codes
+from mixprec.quant.groups import dequantize_codes, nearest_codes, row_scales, weight_qmax
+
+__all__ = ["QUANTIZABLE_TYPES", "weight_qmax", "weight_scales", "quantize_weight", "dequantize_weight",
+           "fake_quant_weight", "act_qparams", "fake_quant_act", "RangeObserver", "StepRangeObserver",
+           "LayerQuantParams", "QuantLayer", "quantize_", "quant_layers", "set_plan", "reset_full_precision",
+           "HessianAccumulator"]
+
 QUANTIZABLE_TYPES = (nn.Linear, nn.Conv2d)
 
 
 # --------------------------------------------------------------------------- weights
-def weight_qmax(bits: int) -> int:
-    if bits < 2:
-        raise ValueError(f"weight bits must be >= 2, got {bits}")
-    return 2 ** (bits - 1) - 1
-
-
 def _per_channel(w: torch.Tensor) -> torch.Tensor:
     return w.detach().reshape(w.shape[0], -1).float()
 
@@ -40,25 +42,10 @@ def weight_scales(weight: torch.Tensor, bits: int, clip: str = "minmax",
     """Per-output-channel scales (float32, shape [out_channels]) for ``bits``.
 
     ``clip="mse"`` searches a clipping ratio per channel in [clip_min_ratio, 1] that minimises the
-    squared error of the fake-quantized weights (helps most at 2 and 4 bits).
+    squared error of the fake-quantized weights (helps most at 2 and 4 bits). Per-group scales:
+    :func:`mixprec.quant.groups.group_weight_scales`.
     """
-    qmax = weight_qmax(bits)
-    w = _per_channel(weight)
-    amax = w.abs().amax(dim=1).clamp_min(1e-12)
-    if clip == "minmax":
-        return amax / qmax
-    if clip != "mse":
-        raise ValueError(f"unknown weight clipping {clip!r}: use 'minmax' or 'mse'")
-    best_scale = amax / qmax
-    best_err = torch.full_like(amax, float("inf"))
-    for ratio in torch.linspace(1.0, clip_min_ratio, clip_grid).tolist():
-        scale = amax * ratio / qmax
-        q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
-        err = (q * scale[:, None] - w).pow(2).sum(dim=1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-    return best_scale
+    return row_scales(_per_channel(weight), bits, clip=clip, clip_grid=clip_grid, clip_min_ratio=clip_min_ratio)
 
 
 def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
@@ -149,7 +136,8 @@ class StepRangeObserver:
 # --------------------------------------------------------------------------- the layer
 @dataclass
 class LayerQuantParams:
-    """Calibrated parameters of one layer: weight scales per bit, activation range and qparams per bit."""
+    """Calibrated parameters of one layer: weight scales per bit (and per bit and group size),
+    activation range and qparams per bit, and what GPTQ rounding needs."""
 
     weight_scales: dict[int, torch.Tensor]
     act_range: tuple[float, float] | None
@@ -158,10 +146,32 @@ class LayerQuantParams:
     # group; act_range/act_params above stay the range over all steps.
     step_ranges: list[tuple[float, float]] | None = None
     step_params: dict[int, list[tuple[float, int]]] | None = None
+    # Per-group weight scales [out, groups] by (bits, group size) (quant.weight_group_sizes).
+    group_scales: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    # quant.rounding: "nearest", or "gptq" with E[x x^T] of the layer's calibration inputs.
+    rounding: str = "nearest"
+    hessian: torch.Tensor | None = None
+    gptq_damp: float = 0.01
+    gptq_block: int = 128
 
     @property
     def num_step_groups(self) -> int:
         return len(self.step_ranges) if self.step_ranges else 1
+
+    def has_weight_option(self, bits: int, group_size: int = 0) -> bool:
+        return bits in self.weight_scales if not group_size else (bits, group_size) in self.group_scales
+
+    def weight_scale(self, bits: int, group_size: int = 0) -> torch.Tensor:
+        """Scales [out] (per channel) or [out, groups] (per group) of one weight option."""
+        return self.weight_scales[bits] if not group_size else self.group_scales[(bits, group_size)]
+
+    def weight_options(self) -> list[tuple[int, int]]:
+        """Every calibrated (bits, group size); group size 0 = per channel."""
+        return sorted([(b, 0) for b in self.weight_scales] + list(self.group_scales))
+
+    @property
+    def uses_gptq(self) -> bool:
+        return self.rounding == "gptq" and self.hessian is not None
 
 
 _FORWARDED_ATTRS = frozenset({"in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride",
@@ -185,12 +195,16 @@ class QuantLayer(nn.Module):
         self.skip_first_token = skip_first_token
         self.w_bits: int | None = None
         self.a_bits: int | None = None
+        self.w_group = 0  # weight group size of the active option; 0 = one scale per output channel
         self.params: LayerQuantParams | None = None
         self.observer: RangeObserver | StepRangeObserver | None = None
+        # Set during calibration with quant.rounding=gptq: sums x x^T of this layer's inputs.
+        self.hessian_acc: HessianAccumulator | None = None
         # Shared with the denoiser's timestep hook when the calibration has timestep groups.
         self.step_groups = None
-        self._cached_bits: int | None = None
+        self._cached_bits: tuple[int, int] | None = None
         self._cached_weight: torch.Tensor | None = None
+        self._cached_codes: tuple[tuple[int, int], torch.Tensor] | None = None
 
     # Let code that inspects `.weight` (dtype/device lookups in diffusers) keep working.
     @property
@@ -215,12 +229,23 @@ class QuantLayer(nn.Module):
         return isinstance(self.inner, nn.Conv2d)
 
     def extra_repr(self) -> str:
-        return f"name={self.name}, w_bits={self.w_bits}, a_bits={self.a_bits}, skip_first_token={self.skip_first_token}"
+        group = f", w_group={self.w_group}" if self.w_group else ""
+        return (f"name={self.name}, w_bits={self.w_bits}{group}, a_bits={self.a_bits}, "
+                f"skip_first_token={self.skip_first_token}")
 
-    def set_bits(self, w_bits: int | None = None, a_bits: int | None = None) -> None:
+    def set_bits(self, w_bits: int | None = None, a_bits: int | None = None, w_group: int = 0) -> None:
+        """Switch the active option: weight bits (and weight group size, 0 = per channel) and
+        activation bits; None = full precision."""
         if w_bits is not None or a_bits is not None:
             self._require_params()
-        if w_bits is not None and w_bits not in self.params.weight_scales:
+        w_group = int(w_group or 0)
+        if w_bits is not None and not self.params.has_weight_option(w_bits, w_group):
+            if w_group:
+                have = sorted({g for _, g in self.params.group_scales}) or "none"
+                raise KeyError(f"{self.name}: no calibrated {w_bits}-bit weight scales with group size {w_group} "
+                               f"(calibrated group sizes: {have}); rerun stage=calibrate with "
+                               f"quant.weight_group_sizes including {w_group} (a group size must be smaller "
+                               f"than the layer's {self.input_columns()} input columns)")
             raise KeyError(f"{self.name}: no calibrated weight parameters for {w_bits} bits "
                            f"(calibrated: {sorted(self.params.weight_scales)}); rerun stage=calibrate "
                            f"with quant.weight_bits including {w_bits}")
@@ -232,6 +257,12 @@ class QuantLayer(nn.Module):
                            f"(calibrated: {sorted(self.params.act_params)}); rerun stage=calibrate "
                            f"with quant.act_bits including {a_bits}")
         self.w_bits, self.a_bits = w_bits, a_bits
+        self.w_group = w_group if w_bits is not None else 0
+
+    def input_columns(self) -> int:
+        """Input columns of the weight matrix (Conv2d: in_channels * kh * kw): the grouped dimension."""
+        w = self.inner.weight
+        return w[0].numel()
 
     def act_qparams(self) -> tuple[float, int]:
         """(scale, zero point) of the active activation bits for the current step group."""
@@ -244,18 +275,44 @@ class QuantLayer(nn.Module):
         if self.params is None:
             raise RuntimeError(f"{self.name}: not calibrated; run stage=calibrate (or mixprec.calibrate) first")
 
+    def weight_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(integer codes int8 in the weight's shape, scales [out] or [out, groups]) of the active weight
+        option, rounded as the calibration says (nearest, or GPTQ from its Hessian). What the fake-quant
+        path dequantizes and what the kernels pack, so both compute the same weights."""
+        if self.w_bits is None:
+            raise RuntimeError(f"{self.name}: weights are in full precision; no codes")
+        key = (self.w_bits, self.w_group)
+        scale = self.params.weight_scale(*key)
+        w = self.inner.weight
+        if self._cached_codes is None or self._cached_codes[0] != key or self._cached_codes[1].device != w.device:
+            p = self.params
+            if p.uses_gptq:
+                codes = gptq_codes(w, p.hessian, scale, self.w_bits, self.w_group, damp=p.gptq_damp,
+                                   block_size=p.gptq_block)
+            elif self.w_group:
+                codes = nearest_codes(w, scale, self.w_bits, self.w_group)
+            else:
+                codes = quantize_weight(w, scale, self.w_bits)
+            self._cached_codes = (key, codes)
+        return self._cached_codes[1], scale
+
     def quantized_weight(self) -> torch.Tensor:
         if self.w_bits is None:
             return self.inner.weight
-        if self._cached_bits != self.w_bits or self._cached_weight is None or \
+        key = (self.w_bits, self.w_group)
+        if self._cached_bits != key or self._cached_weight is None or \
                 self._cached_weight.device != self.inner.weight.device:
-            scale = self.params.weight_scales[self.w_bits]
-            self._cached_weight = fake_quant_weight(self.inner.weight, scale, self.w_bits)
-            self._cached_bits = self.w_bits
+            w = self.inner.weight
+            if not self.w_group and not self.params.uses_gptq:
+                self._cached_weight = fake_quant_weight(w, self.params.weight_scales[self.w_bits], self.w_bits)
+            else:
+                codes, scale = self.weight_codes()
+                self._cached_weight = dequantize_codes(codes, scale, self.w_group, w.dtype)
+            self._cached_bits = key
         return self._cached_weight
 
     def drop_cache(self) -> None:
-        self._cached_bits, self._cached_weight = None, None
+        self._cached_bits, self._cached_weight, self._cached_codes = None, None, None
 
     def _linear_or_conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.is_conv:
@@ -267,6 +324,8 @@ class QuantLayer(nn.Module):
         split = self.skip_first_token and x.dim() == 3 and x.shape[1] > 1
         if self.observer is not None:
             self.observer.update(x[:, 1:] if split else x)
+        if self.hessian_acc is not None:
+            self.hessian_acc.update(x[:, 1:] if split else x)
         if self.w_bits is None and self.a_bits is None:
             return self._linear_or_conv(x, self.inner.weight)
         rest = x[:, 1:] if split else x
@@ -322,12 +381,18 @@ def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
 
 
 def set_plan(layers: Mapping[str, QuantLayer], weight_bits: Mapping[str, int | None] | None = None,
-             act_bits: Mapping[str, int | None] | None = None, strict: bool = True) -> None:
-    """Apply a plan (layer -> bits; None or 16+ means full precision); layers not named go to full precision."""
+             act_bits: Mapping[str, int | None] | None = None, strict: bool = True,
+             weight_groups: Mapping[str, int] | None = None) -> None:
+    """Apply a plan (layer -> bits; None or 16+ means full precision); layers not named go to full precision.
+
+    ``weight_groups``: layer -> weight group size for layers with per-group scales (absent or 0 = per
+    output channel).
+    """
     weight_bits = dict(weight_bits or {})
     act_bits = dict(act_bits or {})
+    weight_groups = {k: int(v or 0) for k, v in dict(weight_groups or {}).items()}
     if strict:
-        unknown = (set(weight_bits) | set(act_bits)) - set(layers)
+        unknown = (set(weight_bits) | set(act_bits) | set(weight_groups)) - set(layers)
         if unknown:
             some = ", ".join(sorted(unknown)[:5])
             raise KeyError(f"the plan names {len(unknown)} layers this model does not have (e.g. {some}); "
@@ -337,9 +402,9 @@ def set_plan(layers: Mapping[str, QuantLayer], weight_bits: Mapping[str, int | N
         return None if b is None or int(b) >= 16 else int(b)
 
     for name, layer in layers.items():
-        layer.set_bits(norm(weight_bits.get(name)), norm(act_bits.get(name)))
+        layer.set_bits(norm(weight_bits.get(name)), norm(act_bits.get(name)), weight_groups.get(name, 0))
 
 
 def reset_full_precision(layers: Iterable[QuantLayer]) -> None:
     for layer in layers:
-        layer.w_bits, layer.a_bits = None, None
+        layer.w_bits, layer.a_bits, layer.w_group = None, None, 0

@@ -21,6 +21,7 @@ import torch
 
 from mixprec.generation import Sampler
 from mixprec.metrics import sqnr_db_per_sample, ssim_torch
+from mixprec.quant.options import option_order, parse_weight_option, table_key
 from mixprec.quantizers import QuantLayer
 
 KINDS = ("w", "a")
@@ -28,12 +29,13 @@ KINDS = ("w", "a")
 
 @dataclass(frozen=True)
 class Task:
-    """One layer, one kind (weights or input activations), every candidate bit-width."""
+    """One layer, one kind (weights or input activations), every candidate bit-width (weights: every
+    option, ``4`` per channel or ``"4g64"`` per group of 64 input columns)."""
 
     layer: str
     group: str  # content | quality
     kind: str  # w | a
-    bits: tuple[int, ...]
+    bits: tuple[int | str, ...]
 
     @property
     def key(self) -> str:
@@ -47,14 +49,20 @@ class Reference:
 
 
 def make_tasks(layer_groups: Mapping[str, str], weight_bits: Sequence[int], act_bits: Sequence[int],
-               kinds: Sequence[str] = KINDS) -> list[Task]:
-    """Tasks in a fixed order: every layer's weights, then every layer's activations (module order)."""
+               kinds: Sequence[str] = KINDS, weight_groups: Mapping[str, Sequence[int]] | None = None) -> list[Task]:
+    """Tasks in a fixed order: every layer's weights, then every layer's activations (module order).
+
+    ``weight_groups``: layer -> the weight group sizes calibrated for it; each adds one option per
+    weight width (``"4g64"``), measured after the per-channel ones.
+    """
     tasks = []
     for kind in kinds:
         if kind not in KINDS:
             raise ValueError(f"sensitivity kinds are 'w' and 'a', got {kind!r}")
         bits = tuple(sorted(int(b) for b in (weight_bits if kind == "w" else act_bits)))
-        tasks += [Task(name, group, kind, bits) for name, group in layer_groups.items()]
+        for name, group in layer_groups.items():
+            sizes = sorted((weight_groups or {}).get(name, ())) if kind == "w" else []
+            tasks.append(Task(name, group, kind, bits + tuple(f"{b}g{g}" for g in sizes for b in bits)))
     return tasks
 
 
@@ -85,11 +93,15 @@ def score(sampler: Sampler, group: str, ref: Reference, prompts: Sequence[str], 
 
 
 def evaluate_task(task: Task, layer: QuantLayer, sampler: Sampler, ref: Reference, prompts: Sequence[str],
-                  seeds: Sequence[int], sqnr_cap_db: float) -> dict[int, list[float]]:
-    values: dict[int, list[float]] = {}
+                  seeds: Sequence[int], sqnr_cap_db: float) -> dict[int | str, list[float]]:
+    values: dict[int | str, list[float]] = {}
     try:
         for b in task.bits:
-            layer.set_bits(w_bits=b if task.kind == "w" else None, a_bits=b if task.kind == "a" else None)
+            if task.kind == "w":
+                opt = parse_weight_option(b)
+                layer.set_bits(w_bits=opt.bits, w_group=opt.group_size)
+            else:
+                layer.set_bits(a_bits=int(b))
             values[b] = score(sampler, task.group, ref, prompts, seeds, sqnr_cap_db)
     finally:
         layer.set_bits(None, None)
@@ -178,19 +190,21 @@ def per_prompt_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]
     for rec in records:
         for b, vals in rec["values"].items():
             for i, v in enumerate(vals):
-                rows.append({"kind": rec["kind"], "group": rec["group"], "layer": rec["layer"], "bits": int(b),
+                rows.append({"kind": rec["kind"], "group": rec["group"], "layer": rec["layer"], "bits": table_key(b),
                              "prompt": i, "value": repr(float(v))})
     return rows
 
 
 def per_prompt_table(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, dict[int, list[float]]]]]:
     """``{"weight" | "act": {group: {layer: {bits: [value per prompt]}}}}``: per kind, what
-    :func:`mixprec.allocation.allocate` takes (the same table ``sensitivity_per_prompt.csv`` holds)."""
+    :func:`mixprec.allocation.allocate` takes (the same table ``sensitivity_per_prompt.csv`` holds).
+    Per-group weight options have string keys (``"4g64"``, :mod:`mixprec.quant.options`)."""
     out: dict[str, dict[str, dict[str, dict[int, list[float]]]]] = {
         kind: {"content": {}, "quality": {}} for kind in ("weight", "act")}
     for rec in records:
         kind = "weight" if rec["kind"] == "w" else "act"
-        out[kind][rec["group"]][rec["layer"]] = {int(b): [float(v) for v in vals] for b, vals in rec["values"].items()}
+        out[kind][rec["group"]][rec["layer"]] = {table_key(b): [float(v) for v in vals]
+                                                 for b, vals in rec["values"].items()}
     return out
 
 
@@ -199,18 +213,21 @@ def mean_table(records: Iterable[Mapping[str, Any]], kind: str, group: str) -> d
     out: dict[str, dict[int, float]] = {}
     for rec in records:
         if rec["kind"] == kind and rec["group"] == group:
-            out[rec["layer"]] = {int(b): float(sum(v) / len(v)) for b, v in sorted(rec["values"].items(), key=lambda kv: int(kv[0]))}
+            out[rec["layer"]] = {table_key(b): float(sum(v) / len(v))
+                                 for b, v in sorted(rec["values"].items(), key=lambda kv: option_order(kv[0]))}
     return out
 
 
 def monotone_fraction(table: Mapping[str, Mapping[int, float]], tol: float = 0.0) -> float:
-    """Fraction of layers whose metric does not decrease as bits increase (within ``tol``)."""
+    """Fraction of layers whose metric does not decrease as bits increase (within ``tol``), for each
+    granularity (per channel, each group size) on its own."""
     if not table:
         return float("nan")
     ok = 0
     for per_bit in table.values():
-        vals = [per_bit[b] for b in sorted(per_bit)]
-        ok += all(b >= a - tol for a, b in zip(vals, vals[1:]))
+        keys = sorted(per_bit, key=option_order)
+        ok += all(per_bit[k2] >= per_bit[k1] - tol for k1, k2 in zip(keys, keys[1:])
+                  if option_order(k1)[0] == option_order(k2)[0])
     return ok / len(table)
 
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mixprec.quant.options import option_order
 from mixprec import artifacts
 from mixprec import sensitivity as sens
 from mixprec.artifacts import SENSITIVITY_RECORDS_DIR
@@ -150,8 +151,9 @@ def _plots(ws: Workspace, tables, census_order: Sequence[str]) -> list[str]:
             continue
         fig, ax = plt.subplots(figsize=(10, 3.2))
         names = sorted(table, key=depth.get)
-        for b in sorted({b for v in table.values() for b in v}):
-            ax.plot([depth[n] for n in names], [table[n][b] for n in names], marker=".", lw=0.8,
+        for b in sorted({b for v in table.values() for b in v}, key=option_order):
+            have = [n for n in names if b in table[n]]  # grouped options exist only for wide layers
+            ax.plot([depth[n] for n in have], [table[n][b] for n in have], marker=".", lw=0.8,
                     label=f"{'W' if kind == 'w' else 'A'}{b}")
         ax.set_xlabel("layer depth (module order)")
         ax.set_ylabel("SSIM" if group == "content" else "SQNR (dB)")

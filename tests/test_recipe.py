@@ -14,8 +14,10 @@ def test_the_shipped_recipe_is_the_dataclass_default(make_cfg):
     assert recipe == QuantRecipe(kernels={"w8a8": "int8"}) and recipe.protect_act == ProtectAct()
     assert recipe.bits_by_group("weight") == {"content": (2, 4, 8), "quality": (4, 8)}
     # the recipe's identity is the config as it was fingerprinted before it was typed: workspaces stay valid
+    # (settings added later are left out at their neutral value)
+    neutral = {"act_timestep_groups": 1, "weight_group_sizes": [], "rounding": "nearest"}
     old = {k: v for k, v in OmegaConf.to_container(cfg.quant, resolve=True).items()
-           if k not in ("name", "kernels") and not (k == "act_timestep_groups" and v == 1)}
+           if k not in ("name", "kernels", "gptq") and not (k in neutral and v == neutral[k])}
     assert recipe.identity() == old
 
 
@@ -28,6 +30,28 @@ def test_unknown_or_impossible_settings_are_refused(make_cfg):
         QuantRecipe(act_bits_by_group={"content": (2, 8), "quality": (8,)})
     with pytest.raises(ValueError, match="more than the model's 2 sampler steps"):
         quant_recipe(make_cfg("model=tiny_random", "quant.act_timestep_groups=3"))
+    with pytest.raises(ValueError, match=r"quant.rounding must be one of \('nearest', 'gptq'\), got 'adaround'"):
+        QuantRecipe.from_dict({"rounding": "adaround"})
+    with pytest.raises(ValueError, match=r"quant.weight_group_sizes must be distinct integers >= 2.*got \[64, 64\]"):
+        QuantRecipe.from_dict({"weight_group_sizes": [64, 64]})
+    with pytest.raises(ValueError, match=r"weight_group_sizes must be a list such as \[64, 128\], got 64"):
+        QuantRecipe.from_dict({"weight_group_sizes": 64})
+    with pytest.raises(ValueError, match=r"unknown quant.gptq settings \['dampening'\]"):
+        QuantRecipe.from_dict({"gptq": {"dampening": 0.1}})
+    with pytest.raises(ValueError, match=r"quant.gptq.damp must be a number in \(0, 1\)"):
+        QuantRecipe.from_dict({"gptq": {"damp": 0}})
+
+
+def test_the_wide_recipe_offers_every_width_and_group_and_gptq(make_cfg):
+    recipe = quant_recipe(make_cfg("model=tiny_random", "quant=wide"))
+    assert recipe.weight_bits == (2, 3, 4, 5, 6, 7, 8) and recipe.act_bits == (4, 5, 6, 7, 8)
+    assert recipe.bits_by_group("weight")["quality"] == (2, 3, 4, 5, 6, 7, 8)
+    assert recipe.weight_group_sizes == (64, 128) and recipe.rounding == "gptq"
+    base = fingerprints(make_cfg("model=tiny_random"))["quant"]
+    assert fingerprints(make_cfg("model=tiny_random", "quant.rounding=gptq"))["quant"] != base
+    assert fingerprints(make_cfg("model=tiny_random", "quant.weight_group_sizes=[64]"))["quant"] != base
+    # GPTQ settings matter only with GPTQ rounding
+    assert fingerprints(make_cfg("model=tiny_random", "quant.gptq.damp=0.1"))["quant"] == base
 
 
 def test_kernel_options_do_not_change_the_recipe_fingerprint(make_cfg):

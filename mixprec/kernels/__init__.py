@@ -6,13 +6,13 @@
 returned :class:`DispatchReport` says which, per layer. See docs/kernels.md for numbers.
 """
 
-from .convert import (BackendConfig, DispatchReport, LayerDispatch, choose_backend, convert_, reference_path,
-                      report_for, weight_bytes)
+from .convert import (BackendConfig, DispatchReport, LayerDispatch, choose_backend, convert_, option_coverage,
+                      reference_path, report_for, weight_bytes)
 from .layers import KernelLayer, LayerSpec
 from .packing import pack, packed_cols, unpack
 from .triton_gemm import HAS_TRITON, TileConfig, pick_tiles
 
 __all__ = [
     "BackendConfig", "DispatchReport", "LayerDispatch", "KernelLayer", "LayerSpec", "HAS_TRITON", "TileConfig",
-    "choose_backend", "convert_", "reference_path", "report_for", "weight_bytes", "pack", "packed_cols", "unpack", "pick_tiles",
+    "choose_backend", "convert_", "option_coverage", "reference_path", "report_for", "weight_bytes", "pack", "packed_cols", "unpack", "pick_tiles",
 ]

@@ -4,6 +4,11 @@ Dispatch rules (:func:`choose_backend`), per QuantLayer with its plan bits (w, a
   - w = a = None                -> ``fp``: the original nn.Linear/Conv2d is put back;
   - w = None, a set             -> ``reference``: no kernel multiplies quantized activations with
                                    16-bit weights, fake-quant the activation (fused by compile);
+  - per-group weight scales     -> ``reference``: the kernels apply one weight scale per output
+                                   channel in their epilogue (codes and scales are stored all the same);
+  - w = 3, 5, 6, 7              -> stored in the next container (3 -> 4-bit, 5..7 -> 8-bit codes): the
+                                   codes are the same integers, so the kernels are exact w.r.t. the
+                                   fake quantization, with the container's storage;
   - grouped/dilated/odd convs, or ``convs=False`` -> ``reference``;
   - w = 8 (storage 8), a <= 8   -> ``w8a8`` option: ``int8`` (Triton, or torch._int_mm) or ``fp8``
                                    (e4m3: torch._scaled_mm for Linear, Triton for convs); fp8 needs
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -94,12 +99,16 @@ class BackendConfig:
 
 
 def choose_backend(inner: nn.Module, w_bits: int | None, a_bits: int | None,
-                   cfg: BackendConfig) -> tuple[str, str]:
-    """(backend, reason) for one layer; reason is empty when a kernel takes the layer."""
+                   cfg: BackendConfig, w_group: int = 0) -> tuple[str, str]:
+    """(backend, reason) for one layer; reason is empty when a kernel takes the layer. ``w_group``: the
+    weight group size (0 = per output channel)."""
     if w_bits is None and a_bits is None:
         return "fp", ""
     if w_bits is None:
         return "reference", "activation-only quantization (16-bit weights): fake-quant + dense GEMM"
+    if w_group:
+        return "reference", (f"per-group weight scales (group size {w_group}): the packed kernels apply one "
+                             f"scale per output channel")
     if isinstance(inner, nn.Conv2d):
         if inner.groups != 1 or any(d != 1 for d in inner.dilation):
             return "reference", "grouped or dilated convolution"
@@ -139,6 +148,7 @@ class LayerDispatch:
     weight_bytes: int = 0
     rows: int | None = None       # GEMM rows seen by a probe run
     ran: str | None = None        # execution path taken in the probe run
+    w_group: int = 0              # weight group size (0 = per output channel)
 
 
 @dataclass
@@ -184,9 +194,10 @@ class DispatchReport:
         return json.dumps(self.to_dict(), indent=2)
 
     def table(self) -> str:
-        rows = [f"{'layer':60s} {'w':>2s} {'a':>2s} {'backend':9s} {'ran':9s} reason"]
+        rows = [f"{'layer':60s} {'w':>6s} {'a':>2s} {'backend':9s} {'ran':9s} reason"]
         for d in self.layers:
-            rows.append(f"{d.name[:60]:60s} {d.w_bits or '-':>2} {d.a_bits or '-':>2} {d.backend:9s} "
+            w = f"{d.w_bits}g{d.w_group}" if d.w_bits and d.w_group else (d.w_bits or "-")
+            rows.append(f"{d.name[:60]:60s} {w:>6} {d.a_bits or '-':>2} {d.backend:9s} "
                         f"{d.ran or '?':9s} {d.reason}")
         return "\n".join(rows)
 
@@ -270,7 +281,7 @@ def convert_(model: nn.Module, config: BackendConfig | Mapping[str, Any] | None 
         shape = list(inner.weight.shape)
         kind = "conv" if isinstance(inner, nn.Conv2d) else "linear"
         plan[name] = [layer.w_bits, layer.a_bits]
-        backend, reason = choose_backend(inner, layer.w_bits, layer.a_bits, cfg)
+        backend, reason = choose_backend(inner, layer.w_bits, layer.a_bits, cfg, layer.w_group)
         if backend == "fp":
             _replace(model, name, inner)
             report.layers.append(LayerDispatch(name, kind, shape, None, None, "fp"))
@@ -288,7 +299,7 @@ def convert_(model: nn.Module, config: BackendConfig | Mapping[str, Any] | None 
         layer.drop_cache()
         _replace(model, name, new)
         report.layers.append(LayerDispatch(name, kind, shape, layer.w_bits, layer.a_bits, backend, reason,
-                                           new.weight_bytes()))
+                                           new.weight_bytes(), w_group=layer.w_group))
     model._mixprec_arch = arch
     model._mixprec_plan = plan
     model._mixprec_backend = cfg.to_dict()
@@ -330,9 +341,9 @@ def report_for(model: nn.Module) -> DispatchReport:
                 cfg = BackendConfig.from_mapping(report.config) if report.config else BackendConfig()
                 probe = nn.Conv2d(s.in_features, s.out_features, s.kernel_size, s.stride, s.padding, device="meta") \
                     if s.kind == "conv" else nn.Linear(s.in_features, s.out_features, device="meta")
-                reason = choose_backend(probe, s.w_bits, s.a_bits, cfg)[1] or "reference backend"
+                reason = choose_backend(probe, s.w_bits, s.a_bits, cfg, s.group_size)[1] or "reference backend"
             report.layers.append(LayerDispatch(name, s.kind, shape, s.w_bits, s.a_bits, s.backend, reason,
-                                               mod.weight_bytes()))
+                                               mod.weight_bytes(), w_group=s.group_size))
         elif isinstance(mod, QuantLayer) and (mod.w_bits is not None or mod.a_bits is not None):
             inner = mod.inner
             reason = (timestep_groups_reason(mod.params.num_step_groups)
@@ -351,3 +362,27 @@ def report_for(model: nn.Module) -> DispatchReport:
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of everything the model stores for inference (parameters and saved buffers)."""
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def option_coverage(weight_options: Iterable[Any], act_bits: Iterable[int | None],
+                    config: BackendConfig | None = None) -> list[dict[str, Any]]:
+    """Which backend each (weight option, activation bits) choice gets, for a Linear and a 3x3
+    convolution: the kernels' coverage of what a recipe lets the search pick. ``weight_options``:
+    keys or :class:`~mixprec.quant.options.WeightOption` (``4``, ``"3g64"``); ``act_bits``: widths,
+    None = 16-bit activations. One row per layer kind x option x activation width, with the packed
+    storage of the codes and, for a fallback, the reason."""
+    from mixprec.quant.options import parse_weight_option
+
+    from .layers import storage_bits_for
+
+    cfg = config or BackendConfig()
+    probes = {"linear": nn.Linear(64, 64, device="meta"), "conv3x3": nn.Conv2d(64, 64, 3, padding=1, device="meta")}
+    rows = []
+    for kind, probe in probes.items():
+        for opt in (parse_weight_option(o) for o in weight_options):
+            for a in act_bits:
+                backend, reason = choose_backend(probe, opt.bits, a, cfg, opt.group_size)
+                rows.append({"layer": kind, "weight": opt.key, "act": a or 16, "backend": backend,
+                             "storage_bits": storage_bits_for(opt.bits), "kernel": backend != "reference",
+                             "reason": reason})
+    return rows

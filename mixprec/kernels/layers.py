@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mixprec.quantizers import QuantLayer, dequantize_weight, fake_quant_act, quantize_weight, weight_qmax
+from mixprec.quant.groups import dequantize_codes, num_groups
+from mixprec.quantizers import QuantLayer, dequantize_weight, fake_quant_act, weight_qmax
 
 from . import packing
 from .triton_gemm import (FP8_MAX, FP8_MMAS, GEMV_MAX_ROWS, HAS_TRITON, MMA_16, MMA_FP8, MMA_FP8_FAST, MMA_INT8, gemv,
@@ -60,6 +61,9 @@ class LayerSpec:
     skip_first_token: bool = False
     bos: str = "weight_only"        # first (BOS) token of cross-attn K/V: "weight_only" | "exact"
     backend: str = "reference"
+    group_size: int = 0             # int weights: 0 = one scale per output channel; G = one per G input
+                                    # columns in PyTorch's (c, kh, kw) order (reference path only)
+    rounding: str = "nearest"       # how the codes were rounded: "nearest" | "gptq"
 
     @property
     def groups(self) -> int:
@@ -128,7 +132,8 @@ class KernelLayer(nn.Module):
             cols = packing.packed_cols(k, spec.storage_bits, spec.groups)
             code_dtype = torch.int8 if spec.storage_bits == 8 else torch.uint8
             self.register_buffer("qweight", torch.empty((n, cols), dtype=code_dtype, **kw))
-            self.register_buffer("wscale", torch.empty(n, dtype=torch.float32, **kw))
+            scale_shape = (n, num_groups(k, spec.group_size)) if spec.group_size else (n,)
+            self.register_buffer("wscale", torch.empty(scale_shape, dtype=torch.float32, **kw))
         elif spec.weight_format == "fp8":
             self.register_buffer("qweight", torch.empty((n, k), dtype=torch.float8_e4m3fn, **kw))
             self.register_buffer("wscale", torch.empty(n if spec.fp8_weight != "tensor" else 1,
@@ -170,6 +175,11 @@ class KernelLayer(nn.Module):
         else:
             spec.weight_format = "int"
             spec.storage_bits = storage_bits_for(layer.w_bits)
+            spec.group_size = int(layer.w_group)
+            spec.rounding = "gptq" if params.uses_gptq else "nearest"
+            if spec.group_size and backend != "reference":
+                raise ValueError(f"{layer.name}: per-group weight scales run on the reference backend only, "
+                                 f"not {backend!r} (choose_backend says so)")
         if layer.a_bits is not None:
             if backend == "fp8":
                 s, z = params.act_params[8] if 8 in params.act_params else params.act_params[layer.a_bits]
@@ -186,10 +196,10 @@ class KernelLayer(nn.Module):
             if spec.weight_format == "fp":
                 mod.weight.copy_(w)
             elif spec.weight_format == "int":
-                scale = params.weight_scales[layer.w_bits].to(w.device, torch.float32)
-                q = quantize_weight(w, scale, layer.w_bits)
+                # the QuantLayer's own codes (nearest or GPTQ): the kernels compute its fake quantization
+                q, scale = layer.weight_codes()
                 mod.qweight.copy_(packing.pack(_codes_layout(q), spec.storage_bits, spec.groups))
-                mod.wscale.copy_(scale)
+                mod.wscale.copy_(scale.to(w.device, torch.float32))
             else:
                 mod._fill_fp8(w, params.weight_scales[layer.w_bits].to(w.device, torch.float32))
             if spec.has_bias:
@@ -219,7 +229,7 @@ class KernelLayer(nn.Module):
         n = spec.out_features
         bias32 = self.bias.float() if self.bias is not None else torch.zeros(n, device=dev)
         derived: dict[str, torch.Tensor] = {}
-        if spec.weight_format != "fp":
+        if spec.weight_format != "fp" and not spec.group_size:  # grouped scales: reference path, no epilogue
             wscale_n = self.wscale.expand(n).contiguous() if self.wscale.numel() == 1 else self.wscale
             # weight-only epilogue: 16-bit activations times decoded codes (also the BOS path)
             derived["wo_row_scale"] = wscale_n.clone()
@@ -261,6 +271,8 @@ class KernelLayer(nn.Module):
         if spec.weight_format == "fp":
             return self.weight.to(dtype)
         codes = self.decode_codes()
+        if spec.group_size:
+            return self._dequantized_grouped(codes, dtype)
         if spec.weight_format == "int":
             w = dequantize_weight(codes, self.wscale, dtype)
         else:
@@ -273,6 +285,16 @@ class KernelLayer(nn.Module):
             w = w.reshape(spec.out_features, kh, kw, spec.in_features).permute(0, 3, 1, 2)
             w = w.clone(memory_format=torch.contiguous_format)
         return w
+
+    def _dequantized_grouped(self, codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Codes times per-group scales; groups run along the (c, kh, kw) columns of the original weight."""
+        spec = self.spec
+        if spec.kind == "conv":
+            kh, kw = spec.kernel_size
+            codes = codes.reshape(spec.out_features, kh, kw, spec.in_features).permute(0, 3, 1, 2)
+            w = dequantize_codes(codes.reshape(spec.out_features, -1), self.wscale, spec.group_size, dtype)
+            return w.reshape(spec.out_features, spec.in_features, kh, kw)
+        return dequantize_codes(codes, self.wscale, spec.group_size, dtype)
 
     def _fake_act(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec
@@ -487,8 +509,9 @@ class KernelLayer(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.spec
-        return (f"name={s.name}, kind={s.kind}, w_bits={s.w_bits}, a_bits={s.a_bits}, backend={s.backend}, "
-                f"format={s.weight_format}/{s.storage_bits}")
+        group = f", group_size={s.group_size}" if s.group_size else ""
+        return (f"name={s.name}, kind={s.kind}, w_bits={s.w_bits}{group}, a_bits={s.a_bits}, backend={s.backend}, "
+                f"format={s.weight_format}/{s.storage_bits}, rounding={s.rounding}")
 
 
 def _decode(qweight: torch.Tensor, spec: LayerSpec) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 
-from mixprec.calibration import calibrate_layers, save_params
+from mixprec.calibration import calibrate_layers, gptq_nearest_layers, save_params
 from mixprec.metrics import sqnr_db
 from mixprec.quantizers import fake_quant_weight
 from mixprec import artifacts
@@ -34,13 +34,16 @@ def run(ctx: StageContext) -> dict:
     params = calibrate_layers(
         bundle.layers, lambda: bundle.sampler.generate(prompts, seeds, decode=False),
         q.weight_bits, q.act_bits, momentum=q.act_momentum, weight_clip=q.weight_clip,
-        progress=True, step_groups=step_groups,
+        progress=True, step_groups=step_groups, group_sizes=q.weight_group_sizes, rounding=q.rounding,
+        gptq_damp=q.gptq.damp, gptq_block=q.gptq.block_size, gptq_max_columns=q.gptq.max_columns,
     )
     rows = bundle.census()
     artifacts.write_census(ws, [r.as_row() for r in rows])
     meta = {"fingerprints": ws.fingerprints, "weight_bits": list(q.weight_bits), "act_bits": list(q.act_bits),
             "quant": q.to_dict(), "model": dict(ctx.run.model_config), "calibration_prompts": pairs,
-            "act_timestep_groups": groups}
+            "act_timestep_groups": groups, "weight_group_sizes": list(q.weight_group_sizes),
+            "rounding": q.rounding,
+            "gptq_nearest_layers": gptq_nearest_layers(params) if q.rounding == "gptq" else []}
     if step_groups is not None:
         meta["step_groups"] = step_groups.to_json()
     with ws.atomic_path(QUANT_PARAMS) as tmp:
@@ -62,6 +65,12 @@ def run(ctx: StageContext) -> dict:
         "act_timestep_groups": groups,
         "calibration_images": len(pairs),
         "mean_weight_sqnr_db": {b: sum(v) / len(v) for b, v in wsqnr.items()},
+        "weight_group_sizes": list(q.weight_group_sizes),
+        "grouped_layers": {g: sum(1 for p in params.values() if (q.weight_bits[0], g) in p.group_scales)
+                           for g in q.weight_group_sizes},
+        "rounding": q.rounding,
+        "gptq_layers": sum(1 for p in params.values() if p.uses_gptq),
+        "hessian_mib": sum(p.hessian.numel() * 4 for p in params.values() if p.hessian is not None) / 2 ** 20,
     }
     log.info("calibrated %d layers on %d prompts; mean weight SQNR %s", len(params), len(pairs),
              {b: round(v, 1) for b, v in headline["mean_weight_sqnr_db"].items()})

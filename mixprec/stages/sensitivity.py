@@ -18,6 +18,7 @@ from mixprec import shards
 from mixprec import sensitivity as sens
 from mixprec.context import Calibration, ModelBundle, RunSettings, StageContext, load_calibrated, read_calibration
 from mixprec.models import _matches, layer_group
+from mixprec.quant.options import option_order
 from mixprec.settings import SensitivitySettings, is_forced
 from mixprec.workspace import Workspace
 
@@ -55,8 +56,9 @@ def run(ctx: StageContext) -> dict:
         raise ValueError(f"stage.layers={only} matches none of the {len(all_groups)} quantizable layers")
     wbits = list(s.weight_bits) if s.weight_bits else list(q.weight_bits)
     abits = list(s.act_bits) if s.act_bits else list(q.act_bits)
-    tasks = sens.make_tasks(groups, wbits, abits, kinds=list(s.kinds))
-    all_tasks = sens.make_tasks(all_groups, wbits, abits, kinds=list(s.kinds))
+    wgroups = _weight_groups(calib, q.weight_group_sizes)
+    tasks = sens.make_tasks(groups, wbits, abits, kinds=list(s.kinds), weight_groups=wgroups)
+    all_tasks = sens.make_tasks(all_groups, wbits, abits, kinds=list(s.kinds), weight_groups=wgroups)
     cap = float(s.sqnr_cap_db)
     identity = shards.identity(ws, pairs, tasks, n, cap)
     mine = sens.shard_tasks(tasks, i, n)
@@ -100,13 +102,19 @@ def run(ctx: StageContext) -> dict:
         headline["layers"] = {f"{k}_{g}": len(t) for (k, g), t in out["tables"].items()}
         for (k, g), table in out["tables"].items():
             if table:
-                bits = sorted({b for v in table.values() for b in v})
+                bits = sorted({b for v in table.values() for b in v}, key=option_order)
                 track.log_table(f"sensitivity/{k}_{g}", ["layer"] + [f"{k}{b}" for b in bits],
                                 [[name] + [v.get(b) for b in bits] for name, v in table.items()])
         for p in out["plots"]:
             track.log_file_image(p.replace("/", "_").removesuffix(".png"), ws.path(p))
         track.summary({k: v for k, v in headline.items() if isinstance(v, (int, float))})
     return headline
+
+
+def _weight_groups(calib: Calibration, group_sizes: Sequence[int]) -> dict[str, list[int]]:
+    """Per layer, the weight group sizes of the recipe that the calibration holds scales for (only
+    those smaller than the layer's input columns): each adds one weight option per width."""
+    return {name: sorted({g for _, g in p.group_scales if g in group_sizes}) for name, p in calib.params.items()}
 
 
 def _load_model(run: RunSettings, s: SensitivitySettings, ws: Workspace, calib: Calibration) -> ModelBundle:
