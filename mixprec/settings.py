@@ -72,7 +72,7 @@ class AllocateSettings(StageSettings):
     latency_table: str = "layer_latency.json"
     K: Union[Number, list[Number]] = 1.0
     seed: Union[int, list[int]] = 0
-    solver: Literal["cp-sat", "scip", "cbc"] = "cp-sat"
+    solver: Literal["cp-sat", "highs", "scip", "cbc"] = "cp-sat"
     time_limit_s: Number = 10.0
     tolerance: Number = 0.1
     bytes_tolerance: Number = 0.01
@@ -133,7 +133,7 @@ class EvaluateSettings(StageSettings):
     K: list[Number] = dataclasses.field(default_factory=list)
     select_metric: Literal["mse", "ssim", "adherence"] = "mse"
     seed_offsets: list[int] = dataclasses.field(default_factory=list)
-    solver: Literal["cp-sat", "scip", "cbc"] = "cp-sat"
+    solver: Literal["cp-sat", "highs", "scip", "cbc"] = "cp-sat"
     time_limit_s: Number = 10.0
     tolerance: Number = 0.25
     sqnr_cap_db: Number = 100.0

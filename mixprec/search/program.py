@@ -30,7 +30,7 @@ from functools import reduce
 from .plan import natural_key
 
 PROTECTED_BITS = 16
-SOLVERS = ("cp-sat", "scip", "cbc")
+SOLVERS = ("cp-sat", "highs", "scip", "cbc")
 GROUPS = ("content", "quality")
 MIB = 1 << 20
 
@@ -273,7 +273,8 @@ def _solve(p: _Program, solver: str, time_limit_s: float) -> tuple[dict[str, int
     if solver == "cp-sat":
         bits, status, det = _solve_cpsat(p, w, lo, hi, time_limit_s)
     else:
-        bits, status = _solve_mip(p, w, lo, hi, solver, time_limit_s)
+        once = _highs_once if solver == "highs" else _ortools_mip_once
+        bits, status = _solve_mip(p, w, lo, hi, solver, time_limit_s, once)
         det = None
     return bits, status, time.perf_counter() - t0, det
 
@@ -312,50 +313,95 @@ def _solve_cpsat(p: _Program, w, lo: int, hi: int, time_limit_s: float):
     return bits, name, s.deterministic_time
 
 
-def _solve_mip(p: _Program, w, lo: int, hi: int, solver: str, time_limit_s: float):
-    from ortools.linear_solver import pywraplp
-
+def _solve_mip(p: _Program, w, lo: int, hi: int, solver: str, time_limit_s: float, once):
+    """A float MIP (objective: regret vs each layer's best choice), re-solved with a tightened row
+    when the answer breaks the exact budget."""
     lo_cur, hi_cur = lo, hi
     # A MIP accepts a row violated within its (relative) feasibility tolerance; on big coefficients
     # that can exceed the exact budget by a few units. Tighten by the excess and solve again.
+    bits: dict[str, int] | None = None
     for _ in range(4):
-        s = pywraplp.Solver.CreateSolver(solver.upper())
-        if s is None:
-            raise AllocationError(f"OR-Tools in this environment has no {solver.upper()} backend")
-        s.SetNumThreads(1)
-        s.SetTimeLimit(max(1, int(time_limit_s * 1000)))
-        x = {(l, b): s.BoolVar(f"x{i}_{b}") for i, l in enumerate(p.layers) for b in p.choices[l]}
-        for l in p.layers:
-            s.Add(sum(x[l, b] for b in p.choices[l]) == 1)
-        s.Add(sum(w[l][b] * x[l, b] for l in p.layers for b in p.choices[l]) <= hi_cur)
-        s.Add(sum(w[l][b] * x[l, b] for l in p.layers for b in p.choices[l]) >= lo_cur)
-        obj = s.Objective()
-        for l in p.layers:
-            best = max(p.value[l].values())
-            for b in p.choices[l]:
-                obj.SetCoefficient(x[l, b], p.value[l][b] - best)
-        obj.SetMaximization()
-        params = pywraplp.MPSolverParameters()
-        # pywraplp's default relative gap is 1e-4: ask for a proven optimum instead.
-        params.SetDoubleParam(params.RELATIVE_MIP_GAP, 0.0)
-        st = s.Solve(params)
-        if st == pywraplp.Solver.INFEASIBLE:
+        bits, optimal = once(p, w, lo_cur, hi_cur, solver, time_limit_s)
+        if bits is None:
             return None, "INFEASIBLE"
-        if st not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
-            raise SolverError(f"{solver.upper()} returned status {st} (time limit {time_limit_s}s): no plan found; "
-                              f"raise stage.time_limit_s or widen stage.tolerance")
-        bits = {}
-        for l in p.layers:
-            chosen = [b for b in p.choices[l] if x[l, b].solution_value() > 0.5]
-            bits[l] = chosen[0] if len(chosen) == 1 else -1
+        status = "OPTIMAL" if optimal else "FEASIBLE"
         used = sum(w[l][bits[l]] for l in p.layers if bits[l] != -1)
         if lo <= used <= hi or -1 in bits.values():
-            return bits, "OPTIMAL" if st == pywraplp.Solver.OPTIMAL else "FEASIBLE"
+            return bits, status
         if used > hi:
             hi_cur -= used - hi
         else:
             lo_cur += lo - used
     return bits, "FEASIBLE"
+
+
+def _ortools_mip_once(p: _Program, w, lo: int, hi: int, solver: str, time_limit_s: float):
+    from ortools.linear_solver import pywraplp
+
+    s = pywraplp.Solver.CreateSolver(solver.upper())
+    if s is None:
+        raise AllocationError(f"OR-Tools in this environment has no {solver.upper()} backend")
+    s.SetNumThreads(1)
+    s.SetTimeLimit(max(1, int(time_limit_s * 1000)))
+    x = {(l, b): s.BoolVar(f"x{i}_{b}") for i, l in enumerate(p.layers) for b in p.choices[l]}
+    for l in p.layers:
+        s.Add(sum(x[l, b] for b in p.choices[l]) == 1)
+    s.Add(sum(w[l][b] * x[l, b] for l in p.layers for b in p.choices[l]) <= hi)
+    s.Add(sum(w[l][b] * x[l, b] for l in p.layers for b in p.choices[l]) >= lo)
+    obj = s.Objective()
+    for l in p.layers:
+        best = max(p.value[l].values())
+        for b in p.choices[l]:
+            obj.SetCoefficient(x[l, b], p.value[l][b] - best)
+    obj.SetMaximization()
+    params = pywraplp.MPSolverParameters()
+    # pywraplp's default relative gap is 1e-4: ask for a proven optimum instead.
+    params.SetDoubleParam(params.RELATIVE_MIP_GAP, 0.0)
+    st = s.Solve(params)
+    if st == pywraplp.Solver.INFEASIBLE:
+        return None, False
+    if st not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
+        raise SolverError(f"{solver.upper()} returned status {st} (time limit {time_limit_s}s): no plan found; "
+                          f"raise stage.time_limit_s or widen stage.tolerance")
+    return {l: _chosen(p, l, lambda b: x[l, b].solution_value()) for l in p.layers}, st == pywraplp.Solver.OPTIMAL
+
+
+def _chosen(p: _Program, layer: str, value) -> int:
+    """The one choice a solver set to 1 for ``layer``; -1 (caught by verification) otherwise."""
+    chosen = [b for b in p.choices[layer] if value(b) > 0.5]
+    return chosen[0] if len(chosen) == 1 else -1
+
+
+def _highs_once(p: _Program, w, lo: int, hi: int, solver: str, time_limit_s: float):
+    """HiGHS through scipy.optimize.milp: no OR-Tools needed (e.g. on a machine without its wheel).
+
+    HiGHS' branch and bound runs on one thread here and is deterministic for the same model, and the
+    variables are laid out in the program's canonical layer order, so the plan depends only on the data.
+    """
+    import numpy as np
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import lil_matrix
+
+    index = [(l, b) for l in p.layers for b in p.choices[l]]
+    cost = np.array([max(p.value[l].values()) - p.value[l][b] for l, b in index])  # regret: minimized
+    rows = lil_matrix((len(p.layers) + 1, len(index)))
+    start = 0
+    for r, l in enumerate(p.layers):
+        rows[r, start:start + len(p.choices[l])] = 1.0
+        start += len(p.choices[l])
+    rows[len(p.layers), :] = np.array([float(w[l][b]) for l, b in index])
+    lower = np.r_[np.ones(len(p.layers)), float(lo)]
+    upper = np.r_[np.ones(len(p.layers)), float(hi)]
+    res = milp(cost, constraints=LinearConstraint(rows.tocsr(), lower, upper), integrality=np.ones(len(index)),
+               bounds=Bounds(0, 1), options={"time_limit": float(time_limit_s), "mip_rel_gap": 0.0,
+                                             "presolve": True, "disp": False})
+    if res.x is None:
+        if res.status == 2:  # infeasible
+            return None, False
+        raise SolverError(f"HiGHS returned no plan ({res.message}; time limit {time_limit_s}s); raise "
+                          f"stage.time_limit_s or widen stage.tolerance")
+    x = dict(zip(index, res.x))
+    return {l: _chosen(p, l, lambda b: x[l, b]) for l in p.layers}, res.status == 0
 
 
 def _verify(p: _Program, bits: Mapping[str, int], what: str) -> None:
@@ -389,8 +435,8 @@ def solve_group(metric: Mapping[str, Mapping[int, float]], sizes: Mapping[str, i
         solver: ``"cp-sat"`` (integer objective ``round((metric - layer best) * objective_scale)``,
             one worker, fixed seed, ``time_limit_s`` as a *deterministic*-time limit, so even a
             time-limited FEASIBLE answer is reproducible; a wall-clock guard of 4x + 1 s only
-            catches a stalled machine) or ``"scip"`` / ``"cbc"`` (float objective, one thread,
-            relative gap 0, wall-clock limit). Layers are ordered canonically before modelling,
+            catches a stalled machine), ``"highs"`` (scipy.optimize.milp, no OR-Tools needed) or
+            ``"scip"`` / ``"cbc"`` (float objective, one thread, relative gap 0, wall-clock limit). Layers are ordered canonically before modelling,
             so the plan does not depend on the caller's dict order.
         what: a label for messages, e.g. ``"content weights"``.
 
