@@ -52,8 +52,6 @@ class AllocationRequest:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"stage.kind must be weight or act, got {self.kind!r}")
-        if self.budget.unit == "MiB" and self.kind != "weight":
-            raise ValueError("stage.budget=bytes budgets packed weights: use it with stage.kind=weight")
         if not self.bits:
             raise ValueError("an allocation request needs the bit-widths each group may use (bits=)")
 
@@ -66,6 +64,12 @@ class AllocationRequest:
 def _solve(request: AllocationRequest, metric, groups: Mapping[str, str], sizes: Mapping[str, int],
            params: Mapping[str, int], out_ch: Mapping[str, int], protected: list[str]) -> search.Solution:
     r = request
+    if r.budget.unit == "MiB" and r.kind == "act":  # activation bytes per image (mixprec.search.budget)
+        acts = search.LayerSizes({}, {}, sizes)
+        return search.solve_budget(metric, groups, lambda l, b: acts.layer_bytes("act", l, b), sizes,
+                                   r.budget.value * MIB, K=float(r.K), bits=r.bits, protected=protected,
+                                   tolerance_frac=r.bytes_tolerance, solver=r.solver, time_limit_s=r.time_limit_s,
+                                   metric_cap=r.metric_cap, what="input activations per image")
     if r.budget.unit == "MiB":
         return search.solve_bytes(metric, groups, params, out_ch, r.budget.value, K=float(r.K), bits=r.bits,
                                   protected=protected, tolerance_frac=r.bytes_tolerance, solver=r.solver,
@@ -92,10 +96,7 @@ def allocate(request: AllocationRequest, census: Sequence[CensusLayer],
     out_ch = {c.name: c.out_channels for c in census}
     sizes = params if r.kind == "weight" else {c.name: c.act_elems for c in census}
     sol = _solve(r, metric, groups, sizes, params, out_ch, prot)
-    if r.kind == "weight":
-        nbytes = search.plan_bytes(sol.bits, params, out_ch)
-    else:
-        nbytes = sum(-(-sizes[name] * b // 8) for name, b in sol.bits.items())
+    nbytes = search.LayerSizes.of(census).plan_bytes(r.kind, sol.bits)
     score = search.plan_objective(sol.bits, reference, groups, r.bits, 1.0, prot, r.metric_cap)
     header = _header(r, sol, nbytes, score, groups, prot, dict(fingerprints or {}))
     return Plan(header=header, bits=sol.bits), sol

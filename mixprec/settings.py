@@ -91,6 +91,8 @@ class SelectSettings(StageSettings):
     weight_target: Optional[Number] = 4
     act_target: Optional[Number] = 7
     output_dir: Optional[str] = None
+    guard: bool = True
+    refine: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
 
+from .budget import weight_layer_bytes, weight_plan_bytes
 from .plan import natural_key
 
 PROTECTED_BITS = 16
@@ -492,16 +493,13 @@ def solve_group(metric: Mapping[str, Mapping[int, float]], sizes: Mapping[str, i
 # ---------------------------------------------------------------------------- byte program
 
 def layer_bytes(params: int, bits: int, out_channels: int) -> int:
-    """Packed bytes of one layer's weights: ceil(params*bits/8) plus one fp16 scale per output
-    channel; at 16 bits or more the layer is stored as is (params*bits/8) with no scales."""
-    if bits >= 16:
-        return int(params) * bits // 8
-    return -(-int(params) * bits // 8) + 2 * int(out_channels)
+    """Packed bytes of one per-channel layer's weights (:func:`mixprec.search.budget.weight_layer_bytes`)."""
+    return weight_layer_bytes(params, out_channels, bits)
 
 
 def plan_bytes(bits: Mapping[str, int | None], params: Mapping[str, int], out_channels: Mapping[str, int]) -> int:
     """Packed bytes of a plan (``None`` bits count as 16: not quantized)."""
-    return sum(layer_bytes(params[l], PROTECTED_BITS if b is None else b, out_channels[l]) for l, b in bits.items())
+    return weight_plan_bytes(bits, params, out_channels)
 
 
 def normalized_tables(metric: Mapping[str, Mapping[str, Mapping[int, float]]], layers: Mapping[str, Sequence[str]],
@@ -549,6 +547,24 @@ def solve_bytes(metric: Mapping[str, Mapping[str, Mapping[int, float]]], groups:
     ``Solution.mean_bits`` has ``content``, ``quality`` and ``overall`` (parameter-weighted),
     ``objective_by_group`` the raw metric sum per group, ``bytes`` the packed size.
     """
+    for l in list(groups):
+        if l not in params or l not in out_channels:
+            raise AllocationError(f"layer {l!r} has no parameter count or out_channels; rerun the census")
+    return solve_budget(metric, groups, lambda l, b: layer_bytes(params[l], b, out_channels[l]), params,
+                        budget_mib * MIB, K=K, bits=bits, protected=protected, tolerance_frac=tolerance_frac,
+                        solver=solver, time_limit_s=time_limit_s, metric_cap=metric_cap,
+                        objective_scale=objective_scale, what="packed weights + scales")
+
+
+def solve_budget(metric: Mapping[str, Mapping[str, Mapping[int, float]]], groups: Mapping[str, str],
+                 cost: Callable[[str, int], int], sizes: Mapping[str, int], budget_bytes: float, *, K: float = 1.0,
+                 bits: Mapping[str, Sequence[int]] | None = None, protected: Iterable[str] = (),
+                 tolerance_frac: float = 0.01, solver: str = "cp-sat", time_limit_s: float = 10.0,
+                 metric_cap: float = 100.0, objective_scale: float = 1e9, what: str = "bytes") -> Solution:
+    """The joint byte program of :func:`solve_bytes` for any byte count: ``cost(layer, bits)`` is a
+    layer's bytes at ``bits`` (:mod:`mixprec.search.budget`: weights, or activations per image),
+    protected layers at 16 bits, and the plan's total lies in ``[(1 - tolerance_frac) * budget, budget]``.
+    ``sizes`` (parameters or activation elements) weigh the reported mean bits."""
     solver = _check_solver(solver)
     if not (K > 0 and math.isfinite(K)):
         raise AllocationError(f"K must be a positive finite number, got {K!r}")
@@ -563,27 +579,23 @@ def solve_bytes(metric: Mapping[str, Mapping[str, Mapping[int, float]]], groups:
     by_group = {g: sorted((l for l, gg in groups.items() if gg == g and l not in prot), key=natural_key)
                 for g in GROUPS}
     layers = by_group["content"] + by_group["quality"]
-    for l in list(groups):
-        if l not in params or l not in out_channels:
-            raise AllocationError(f"layer {l!r} has no parameter count or out_channels; rerun the census")
-    raw = {g: _table(metric.get(g, {}), by_group[g], allowed[g], metric_cap, f"{g} weights") for g in GROUPS}
+    raw = {g: _table(metric.get(g, {}), by_group[g], allowed[g], metric_cap, f"{g} {what}") for g in GROUPS}
     norm = normalized_tables(metric, by_group, allowed, metric_cap)
     wg = group_weights(K, {g: len(by_group[g]) for g in GROUPS})
     value = {l: {b: wg[g] * norm[g][l][b] for b in allowed[g]} for g in GROUPS for l in by_group[g]}
-    weight = {l: {b: layer_bytes(params[l], b, out_channels[l]) for b in allowed[g]} for g in GROUPS
-              for l in by_group[g]}
-    fixed = sum(layer_bytes(params[l], PROTECTED_BITS, out_channels[l]) for l in groups if l in prot)
-    budget = budget_mib * MIB
+    weight = {l: {b: int(cost(l, b)) for b in allowed[g]} for g in GROUPS for l in by_group[g]}
+    fixed = sum(int(cost(l, PROTECTED_BITS)) for l in groups if l in prot)
+    budget = float(budget_bytes)
     hi = math.floor(budget) - fixed
     lo = math.ceil((1.0 - tolerance_frac) * budget) - fixed
     reach_lo = fixed + sum(min(r.values()) for r in weight.values())
     reach_hi = fixed + sum(max(r.values()) for r in weight.values())
     if budget < reach_lo or (1.0 - tolerance_frac) * budget > reach_hi:
         raise InfeasibleBudgetError(
-            f"byte budget {budget_mib:.2f} MiB (window [{(1 - tolerance_frac) * budget_mib:.2f}, {budget_mib:.2f}] MiB) is "
-            f"outside the reachable packed size [{reach_lo / MIB:.2f}, {reach_hi / MIB:.2f}] MiB for content bits "
-            f"{list(allowed['content'])}, quality bits {list(allowed['quality'])} (scales included, "
-            f"{fixed / MIB:.2f} MiB of protected fp16 layers); choose stage.budget_mib in that range")
+            f"byte budget {budget / MIB:.4f} MiB ({what}; window [{(1 - tolerance_frac) * budget / MIB:.4f}, "
+            f"{budget / MIB:.4f}] MiB) is outside the reachable size [{reach_lo / MIB:.4f}, {reach_hi / MIB:.4f}] MiB "
+            f"for content bits {list(allowed['content'])}, quality bits {list(allowed['quality'])} "
+            f"({fixed / MIB:.4f} MiB of protected 16-bit layers); choose a budget in that range (stage.budget_mib)")
     if not layers:
         return Solution(bits={l: PROTECTED_BITS for l in groups}, status="OPTIMAL", objective=0.0,
                         mean_bits={}, solve_time_s=0.0, solver=solver, bytes=fixed)
@@ -592,11 +604,11 @@ def solve_bytes(metric: Mapping[str, Mapping[str, Mapping[int, float]]], groups:
     plan, status, dt, det = _solve(prog, solver, time_limit_s)
     if plan is None:
         raise InfeasibleBudgetError(
-            f"no combination of bit-widths lands in [{(1 - tolerance_frac) * budget_mib:.4f}, {budget_mib:.4f}] MiB "
-            f"(reachable [{reach_lo / MIB:.4f}, {reach_hi / MIB:.4f}] MiB, but layer sizes are too coarse for the "
-            f"window); widen the tolerance or move the budget")
+            f"no combination of bit-widths lands in [{(1 - tolerance_frac) * budget / MIB:.4f}, {budget / MIB:.4f}] "
+            f"MiB ({what}; reachable [{reach_lo / MIB:.4f}, {reach_hi / MIB:.4f}] MiB, but layer sizes are too "
+            f"coarse for the window); widen the tolerance or move the budget")
     _verify(prog, plan, "byte budget")
-    psz = {l: int(params[l]) for l in layers}
+    psz = {l: int(sizes[l]) for l in layers}
     mean = {g: _mean({l: plan[l] for l in by_group[g]}, psz) for g in GROUPS if by_group[g]}
     mean["overall"] = _mean(plan, psz)
     full = {**plan, **{l: PROTECTED_BITS for l in groups if l in prot}}
