@@ -56,15 +56,10 @@ class RefineOptions:
 
 def budget_bytes(kind: str, budget: Budget, sizes: LayerSizes, layers: Sequence[str],
                  protected: Sequence[str] = ()) -> int:
-    """The budget in bytes: MiB as given, or a mean-bit target as the bytes of that target on every
-    non-protected layer (linear between the uniform plans of the neighbouring integer widths)."""
+    """The budget in bytes: MiB as given, or a mean-bit target as :meth:`LayerSizes.target_bytes`."""
     if budget.unit == "MiB":
-        return int(math.floor(budget.value * search.MIB))
-    t = float(budget.value)
-    lo_b, hi_b = math.floor(t), math.ceil(t)
-    lo = sizes.plan_bytes(kind, search.uniform_plan(layers, lo_b, protected))
-    hi = sizes.plan_bytes(kind, search.uniform_plan(layers, hi_b, protected))
-    return int(math.floor(lo + (hi - lo) * (t - lo_b)))
+        return int(math.floor(budget.value * search.MIB + 1e-6))  # MiB of an exact byte count round-trips
+    return sizes.target_bytes(kind, float(budget.value), layers, protected)
 
 
 def uniform_width(kind: str, budget: Budget, sizes: LayerSizes, layers: Sequence[str],
@@ -124,23 +119,31 @@ class JointScorer:
     evaluations: int = 0
     wall_s: float = 0.0
     cache: dict[tuple, tuple[tuple, dict[str, Any]]] = field(default_factory=dict)
+    seconds: dict[tuple, float] = field(default_factory=dict)
 
     def __call__(self, bits: Mapping[str, int]) -> tuple[tuple, dict[str, Any]]:
-        digest = tuple(sorted(bits.items()))
-        if digest in self.cache:
+        digest = _digest(bits)
+        if digest in self.cache:  # a plan scored before (another variant's candidate): same images, same score
             return self.cache[digest]
         t0 = time.perf_counter()
         weight, act = (bits, self.fixed) if self.kind == "weight" else (self.fixed, bits)
         _, scores = generate_and_score(self.sampler, self.layers, self.prompts, self.seeds, self.reference,
                                        self.checker, weight, act)
         scores = {k: v for k, v in scores.items() if k != "per_image"}
+        self.seconds[digest] = time.perf_counter() - t0
         self.evaluations += 1
-        self.wall_s += time.perf_counter() - t0
+        self.wall_s += self.seconds[digest]
         self.cache[digest] = (sort_key(scores, self.metric), scores)
         return self.cache[digest]
 
-    def cost(self) -> dict[str, Any]:
-        return {"evaluations": self.evaluations, "wall_s": self.wall_s}
+    def cost_of(self, plans: Sequence[Mapping[str, int]]) -> dict[str, Any]:
+        """What scoring these plans costs on its own (distinct plans, the seconds each took when first scored)."""
+        distinct = {_digest(p) for p in plans}
+        return {"evaluations": len(distinct), "wall_s": sum(self.seconds.get(d, 0.0) for d in distinct)}
+
+
+def _digest(bits: Mapping[str, int]) -> tuple:
+    return tuple(sorted((k, int(v)) for k, v in bits.items()))
 
 
 def sensitivity_prior(per_prompt: Mapping[str, Mapping[str, Mapping[Any, list[float]]]],

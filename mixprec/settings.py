@@ -69,6 +69,7 @@ class AllocateSettings(StageSettings):
     target: Union[Number, list[Number], None] = 4.0
     budget_mib: Union[Number, list[Number], None] = None
     budget_ms: Union[Number, list[Number], None] = None
+    program: Literal["split", "joint"] = "split"
     latency_table: str = "layer_latency.json"
     K: Union[Number, list[Number]] = 1.0
     seed: Union[int, list[int]] = 0
@@ -137,8 +138,9 @@ class EvaluateSettings(StageSettings):
     seed_offsets: list[int] = dataclasses.field(default_factory=list)
     solver: Literal["cp-sat", "highs", "scip", "cbc"] = "cp-sat"
     time_limit_s: Number = 10.0
-    tolerance: Number = 0.25
+    bytes_tolerance: Number = 0.01
     sqnr_cap_db: Number = 100.0
+    variants: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     batch_size: int = 16
     progress: bool = True
 

@@ -106,6 +106,14 @@ class LayerSizes:
         total = sum(s for s, _ in items)
         return sum(s * b for s, b in items) / total if total else None
 
+    def target_bytes(self, kind: str, target_bits: float, layers: Sequence[str], protected: Sequence[str] = ()) -> int:
+        """A mean-bit target in bytes: every non-protected layer at ``target_bits`` (between two integer
+        widths: linear between their uniform plans), protected ones at 16 bits."""
+        lo_b, hi_b = math.floor(target_bits), math.ceil(target_bits)
+        lo = self.plan_bytes(kind, uniform_plan(layers, lo_b, protected))
+        hi = self.plan_bytes(kind, uniform_plan(layers, hi_b, protected))
+        return int(math.floor(lo + (hi - lo) * (target_bits - lo_b)))
+
     def describe(self, kind: str, bits: Mapping[str, int | None], group_size: Mapping[str, int] | None = None
                  ) -> dict[str, Any]:
         """``{"bytes", "mib", "mean_bits"}`` of a plan: what every comparison prints."""

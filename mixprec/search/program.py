@@ -586,7 +586,7 @@ def solve_budget(metric: Mapping[str, Mapping[str, Mapping[int, float]]], groups
     weight = {l: {b: int(cost(l, b)) for b in allowed[g]} for g in GROUPS for l in by_group[g]}
     fixed = sum(int(cost(l, PROTECTED_BITS)) for l in groups if l in prot)
     budget = float(budget_bytes)
-    hi = math.floor(budget) - fixed
+    hi = math.floor(budget + 1e-6) - fixed  # a byte count given in MiB comes back a hair below itself
     lo = math.ceil((1.0 - tolerance_frac) * budget) - fixed
     reach_lo = fixed + sum(min(r.values()) for r in weight.values())
     reach_hi = fixed + sum(max(r.values()) for r in weight.values())
