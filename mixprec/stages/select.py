@@ -112,9 +112,10 @@ def run(ctx: StageContext) -> dict:
             cost["refinement"] = {k: refined.summary()[k] for k in ("evaluations", "operating_point_evaluations",
                                                                      "wall_s")}
             ranked = [best] + ranked if best is not ranked[0] else ranked
+        # the plan file holds no wall-clock time (identical inputs -> identical bytes): that is in select.json
         write_final(ws, kind, best, metric, len(cands), out["weight"] if kind == "act" else None, out[kind],
-                    extra={"guard": search_ctx.guard, "refinement": refined.summary() if refined else None,
-                           "cost": cost})
+                    extra={"guard": search_ctx.guard, "refinement": _timeless(refined.summary()) if refined else None,
+                           "evaluations": {k: v["evaluations"] for k, v in cost.items()}})
         set_plan(bundle.layers)
         if kind == "weight":
             fixed_weight = best.bits
@@ -134,6 +135,10 @@ def run(ctx: StageContext) -> dict:
     track.log_artifact("final_plans", "plan", [ws.path(out[k]) for k in kinds])
     headline["final_plans"] = {k: out[k] for k in kinds}
     return headline
+
+
+def _timeless(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "wall_s"}
 
 
 class _SearchInputs:
