@@ -81,7 +81,8 @@ def reachable_error(kind: str, budget: Budget, census: Sequence[CensusLayer], bi
         lo, hi = sizes.plan_bytes(kind, low) / MIB, sizes.plan_bytes(kind, high) / MIB
         if lo <= budget.value:  # above the largest plan: the solver's window check says by how much
             return None
-        return (f"budget {budget.value:g} MiB is below the smallest {kind} plan ({lo:.4f} MiB; the largest is {hi:.4f} MiB) "
+        return (f"budget {budget.value:g} MiB is below the smallest {kind} plan ({lo:.4f} MiB; the largest is "
+                f"{hi:.4f} MiB) "
                 f"with content bits {list(bits['content'])} and quality bits {list(bits['quality'])}")
     size = {c.name: (c.params if kind == "weight" else c.act_elems) for c in layers}
     group = {g: sum(size[c.name] for c in layers if c.group == g) for g in search.GROUPS}

@@ -61,7 +61,8 @@ def test_pipeline_leaves_final_plans_images_and_metrics(pipeline_run):
         best, uniform = rows[[r["kind"] for r in rows].index(kind)], next(r for r in rows if r["path"].startswith(
             f"uniform/{kind}"))
         assert float(best["mse"]) <= float(uniform["mse"])  # the guard: never worse than uniform on selection
-    assert weight["header"]["selected_from"] == rows[0]["path"]
+    assert weight["header"]["selected_from"] == rows[0]["path"].removesuffix("+refined")
+    assert weight["header"]["refined"] == rows[0]["path"].endswith("+refined")
     select = json.loads((ws / "select.json").read_text())["headline"]
     assert select["cost"]["weight"]["selection"]["evaluations"] >= 2
     assert select["cost"]["weight"]["refinement"]["evaluations"] <= 3
@@ -124,7 +125,7 @@ def test_evaluate_ablation_table(pipeline_run):
     assert set(rows) == {(p, m) for p in ("W3A8", "W4A8", "W8A5") for m in methods}
     # tiny_random's quality layers hold most parameters and never go below 4 bits: W3 is out of reach.
     assert "reachable range" in rows[("W3A8", "decoupled")]["infeasible"]
-    assert "reachable size" in rows[("W3A8", "all")]["infeasible"]
+    assert "reachable packed size" in rows[("W3A8", "all")]["infeasible"]
     assert rows[("W3A8", "uniform")]["weight_mean_bits"] == 3.0
     assert rows[("W4A8", "uniform")]["weight_mean_bits"] == 4.0
     for point, kind in (("W4A8", "weight"), ("W8A5", "act")):

@@ -437,8 +437,8 @@ def solve_group(metric: Mapping[str, Mapping[int, float]], sizes: Mapping[str, i
             one worker, fixed seed, ``time_limit_s`` as a *deterministic*-time limit, so even a
             time-limited FEASIBLE answer is reproducible; a wall-clock guard of 4x + 1 s only
             catches a stalled machine), ``"highs"`` (scipy.optimize.milp, no OR-Tools needed) or
-            ``"scip"`` / ``"cbc"`` (float objective, one thread, relative gap 0, wall-clock limit). Layers are ordered canonically before modelling,
-            so the plan does not depend on the caller's dict order.
+            ``"scip"`` / ``"cbc"`` (float objective, one thread, relative gap 0, wall-clock limit). Layers
+            are ordered canonically before modelling, so the plan does not depend on the caller's dict order.
         what: a label for messages, e.g. ``"content weights"``.
 
     Raises:
@@ -593,7 +593,8 @@ def solve_budget(metric: Mapping[str, Mapping[str, Mapping[int, float]]], groups
     if budget < reach_lo or (1.0 - tolerance_frac) * budget > reach_hi:
         raise InfeasibleBudgetError(
             f"byte budget {budget / MIB:.4f} MiB ({what}; window [{(1 - tolerance_frac) * budget / MIB:.4f}, "
-            f"{budget / MIB:.4f}] MiB) is outside the reachable size [{reach_lo / MIB:.4f}, {reach_hi / MIB:.4f}] MiB "
+            f"{budget / MIB:.4f}] MiB) is outside the reachable packed size "
+            f"[{reach_lo / MIB:.4f}, {reach_hi / MIB:.4f}] MiB "
             f"for content bits {list(allowed['content'])}, quality bits {list(allowed['quality'])} "
             f"({fixed / MIB:.4f} MiB of protected 16-bit layers); choose a budget in that range (stage.budget_mib)")
     if not layers:

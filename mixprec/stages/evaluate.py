@@ -25,7 +25,7 @@ import logging
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from mixprec import artifacts, search
@@ -86,8 +86,11 @@ def markdown(rows: list[dict[str, Any]], fp_adherence: float | None) -> str:
 
         def fmt(k, digits):
             return f"{s[k]['mean']:.{digits}f} ± {s[k]['std']:.{digits}f}" if k in s else "-"
-        cells = [r["point"], r["method"], f"{r['weight_bytes'] / MIB:.4f}", f"{r['weight_mean_bits']:.2f}",
-                 f"{r['act_bytes'] / 1024:.1f}", f"{r['act_mean_bits']:.2f}", f"{100 * r['bytes_ratio'] - 100:+.2f}%"]
+        def num(key, scale, fmt):  # rows of evaluate.json files from before byte accounting lack the bytes
+            return format(r[key] / scale, fmt) if r.get(key) is not None else "-"
+        cells = [r["point"], r["method"], num("weight_bytes", MIB, ".4f"), f"{r['weight_mean_bits']:.2f}",
+                 num("act_bytes", 1024, ".1f"), f"{r['act_mean_bits']:.2f}",
+                 f"{100 * r['bytes_ratio'] - 100:+.2f}%" if r.get("bytes_ratio") is not None else "-"]
         if has_adh:
             cells.append(fmt("adherence", 3))
         cells += [fmt("ssim", 4), fmt("psnr_db", 2)]
@@ -114,17 +117,20 @@ class Variant:
     program: str = "split"
     guard: bool = False
     refine: RefineOptions = RefineOptions()
+    metric: str = "decoupled"  # or sqnr_only: the same pieces on the single-metric table
 
     @classmethod
     def of(cls, node: Mapping[str, Any]) -> "Variant":
         node = dict(node)
-        unknown = sorted(set(node) - {"name", "program", "guard", "refine"})
+        unknown = sorted(set(node) - {"name", "program", "guard", "refine", "metric"})
         if unknown or "name" not in node:
-            raise ValueError(f"stage.variants entries take name, program, guard, refine; got {sorted(node)}")
-        program = str(node.get("program", "split"))
-        if program not in PROGRAMS:
-            raise ValueError(f"stage.variants {node['name']}: program is one of {PROGRAMS}, got {program!r}")
-        return cls(str(node["name"]), program, bool(node.get("guard", False)), RefineOptions.of(node.get("refine")))
+            raise ValueError(f"stage.variants entries take name, program, guard, refine, metric; got {sorted(node)}")
+        program, metric = str(node.get("program", "split")), str(node.get("metric", "decoupled"))
+        if program not in PROGRAMS or metric not in METHODS[1:]:
+            raise ValueError(f"stage.variants {node['name']}: program is one of {PROGRAMS} (got {program!r}), "
+                             f"metric one of {METHODS[1:]} (got {metric!r})")
+        return cls(str(node["name"]), program, bool(node.get("guard", False)), RefineOptions.of(node.get("refine")),
+                   metric)
 
 
 @dataclass
@@ -208,7 +214,10 @@ class _Ablation:
         best = cands[min(scored)[1]]
         cost: dict[str, Any] = {"selection": pt.scorer.cost_of(cands), "selected_uniform": best is pt.uniform}
         if variant.refine.evaluations:
-            result = refine_plan(best, pt.scorer(best), pt.scorer, pt.kind, pt.budget, self.census,
+            # a scorer of its own: the refinement's recorded time is what it costs alone, not what another
+            # row's cached generations saved it
+            scorer = replace(pt.scorer, cache={}, seconds={}, evaluations=0, wall_s=0.0)
+            result = refine_plan(best, pt.scorer(best), scorer, pt.kind, pt.budget, self.census,
                                  self.bundle.quant.bits_by_group(pt.kind), variant.refine, self.priors[pt.kind],
                                  self.protected, float(self.s.bytes_tolerance), bool(self.s.progress))
             best = result.bits
@@ -277,7 +286,7 @@ def run(ctx: StageContext) -> dict:
     for point in points:
         pt = ablation.point(point)
         rows += [ablation.row(pt, method) for method in METHODS]
-        rows += [ablation.row(pt, "decoupled", v) for v in variants]
+        rows += [ablation.row(pt, v.metric, v) for v in variants]
     table_md = markdown(rows, ablation.fp_adherence)
     ws.write_text(artifacts.EVALUATE_MD, table_md)
     track.log_table("evaluate/ablation", ["point", "method", "weight_bits", "act_bits", "weight_bytes", "act_bytes",

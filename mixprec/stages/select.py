@@ -56,7 +56,10 @@ def evaluate(bundle: ModelBundle, candidates: list[Candidate], kind: str, fixed_
 def write_final(ws: Workspace, kind: str, best: Candidate, metric: str, n_candidates: int,
                 weight_plan: str | None = None, path: str | None = None, extra: dict | None = None) -> None:
     header = dict(best.header)
-    header.update({"selected_from": best.path, "selected_by": metric, "candidates": n_candidates,
+    # selected_from names the candidate (a file under plans/, or the guard's uniform plan); a refined
+    # final plan says so with refined: true, its moves in the refinement record
+    header.update({"selected_from": header.pop("refined_from", best.path), "refined": best.path.endswith("+refined"),
+                   "selected_by": metric, "candidates": n_candidates,
                    "selection_scores": {k: best.scores.get(k) for k in ("mse", "ssim", "psnr_db", "adherence")
                                         if best.scores.get(k) is not None}})
     if weight_plan:
