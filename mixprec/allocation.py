@@ -23,6 +23,7 @@ from mixprec.search import MIB, PROTECTED_BITS, Plan
 from mixprec.workspace import atomic_path
 
 KINDS = tuple(artifacts.KIND_CODES)
+PROGRAMS = ("split", "joint")
 
 
 def kind_of(v: Any) -> str:
@@ -48,14 +49,18 @@ class AllocationRequest:
     tolerance: float = 0.1                   # mean bits a group may fall below its target
     bytes_tolerance: float = 0.01            # fraction of the MiB budget the plan may fall below it
     metric_cap: float = 100.0                # per-prompt metric values clamped to [-cap, cap]
+    # mean-bit budgets: "split" = the published program (the target split between the groups by K,
+    # one program per group, each within `tolerance` bits below its share); "joint" = the target's bytes
+    # (mixprec.search.budget) as one program over both groups, within `bytes_tolerance` below it
+    program: str = "split"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"stage.kind must be weight or act, got {self.kind!r}")
-        if self.budget.unit == "MiB" and self.kind != "weight":
-            raise ValueError("stage.budget=bytes budgets packed weights: use it with stage.kind=weight")
         if not self.bits:
             raise ValueError("an allocation request needs the bit-widths each group may use (bits=)")
+        if self.program not in PROGRAMS:
+            raise ValueError(f"stage.program must be one of {PROGRAMS}, got {self.program!r}")
 
     @property
     def path(self) -> str:
@@ -63,9 +68,51 @@ class AllocationRequest:
         return artifacts.plan_path(self.kind, self.budget, self.K, self.seed)
 
 
+def reachable_error(kind: str, budget: Budget, census: Sequence[CensusLayer], bits: Mapping[str, Sequence[int]],
+                    protected: Sequence[str] = ()) -> str | None:
+    """Why no plan of ``kind`` can meet ``budget`` with these widths (None when one can): the check
+    the solvers make, done once per budget before any program is built."""
+    prot = set(protected)
+    layers = [c for c in census if c.name not in prot]
+    sizes = search.LayerSizes.of(census)
+    if budget.unit == "MiB":
+        low = {c.name: min(bits[c.group]) for c in layers} | {p: PROTECTED_BITS for p in prot}
+        high = {c.name: max(bits[c.group]) for c in layers} | {p: PROTECTED_BITS for p in prot}
+        lo, hi = sizes.plan_bytes(kind, low) / MIB, sizes.plan_bytes(kind, high) / MIB
+        if lo <= budget.value:  # above the largest plan: the solver's window check says by how much
+            return None
+        return (f"budget {budget.value:g} MiB is below the smallest {kind} plan ({lo:.4f} MiB; the largest is "
+                f"{hi:.4f} MiB) "
+                f"with content bits {list(bits['content'])} and quality bits {list(bits['quality'])}")
+    size = {c.name: (c.params if kind == "weight" else c.act_elems) for c in layers}
+    group = {g: sum(size[c.name] for c in layers if c.group == g) for g in search.GROUPS}
+    total = sum(group.values())
+    if not total:
+        return None
+    lo = sum(group[g] * min(bits[g]) for g in search.GROUPS if group[g]) / total
+    hi = sum(group[g] * max(bits[g]) for g in search.GROUPS if group[g]) / total
+    if lo - 1e-9 <= budget.value <= hi + 1e-9:
+        return None
+    return (f"target {budget.value:g} mean bits is outside the reachable range [{lo:.4f}, {hi:.4f}] of {kind} plans "
+            f"(content bits {list(bits['content'])} on {group['content']} elements, quality bits "
+            f"{list(bits['quality'])} on {group['quality']} elements); choose targets in that range "
+            f"(stage.target) or widen the recipe's {kind}_bits_by_group")
+
+
 def _solve(request: AllocationRequest, metric, groups: Mapping[str, str], sizes: Mapping[str, int],
-           params: Mapping[str, int], out_ch: Mapping[str, int], protected: list[str]) -> search.Solution:
+           params: Mapping[str, int], out_ch: Mapping[str, int], protected: list[str],
+           layer_sizes: search.LayerSizes) -> search.Solution:
     r = request
+    if r.budget.unit == "MiB" and r.kind == "act" or r.budget.unit == "mean_bits" and r.program == "joint":
+        if r.budget.unit == "MiB":
+            budget = r.budget.value * MIB
+        else:
+            budget = layer_sizes.target_bytes(r.kind, r.budget.value, list(groups), protected)
+        what = "input activations per image" if r.kind == "act" else "packed weights + scales"
+        return search.solve_budget(metric, groups, lambda l, b: layer_sizes.layer_bytes(r.kind, l, b), sizes,
+                                   budget, K=float(r.K), bits=r.bits, protected=protected,
+                                   tolerance_frac=r.bytes_tolerance, solver=r.solver, time_limit_s=r.time_limit_s,
+                                   metric_cap=r.metric_cap, what=what)
     if r.budget.unit == "MiB":
         return search.solve_bytes(metric, groups, params, out_ch, r.budget.value, K=float(r.K), bits=r.bits,
                                   protected=protected, tolerance_frac=r.bytes_tolerance, solver=r.solver,
@@ -91,11 +138,9 @@ def allocate(request: AllocationRequest, census: Sequence[CensusLayer],
     params = {c.name: c.params for c in census}
     out_ch = {c.name: c.out_channels for c in census}
     sizes = params if r.kind == "weight" else {c.name: c.act_elems for c in census}
-    sol = _solve(r, metric, groups, sizes, params, out_ch, prot)
-    if r.kind == "weight":
-        nbytes = search.plan_bytes(sol.bits, params, out_ch)
-    else:
-        nbytes = sum(-(-sizes[name] * b // 8) for name, b in sol.bits.items())
+    layer_sizes = search.LayerSizes.of(census)
+    sol = _solve(r, metric, groups, sizes, params, out_ch, prot, layer_sizes)
+    nbytes = layer_sizes.plan_bytes(r.kind, sol.bits)
     score = search.plan_objective(sol.bits, reference, groups, r.bits, 1.0, prot, r.metric_cap)
     header = _header(r, sol, nbytes, score, groups, prot, dict(fingerprints or {}))
     return Plan(header=header, bits=sol.bits), sol
@@ -118,7 +163,9 @@ def _header(r: AllocationRequest, sol: search.Solution, nbytes: int, score: floa
         "status_by_group": sol.status_by_group or None,
         "deterministic_time": sol.deterministic_time,
         "time_limit_s": float(r.time_limit_s),
-        "tolerance": float(r.tolerance) if r.budget.unit == "mean_bits" else float(r.bytes_tolerance),
+        "tolerance": float(r.tolerance) if r.budget.unit == "mean_bits" and r.program == "split"
+        else float(r.bytes_tolerance),
+        "program": r.program if r.budget.unit == "mean_bits" else "joint",
         "bits_allowed": {g: [int(b) for b in r.bits[g]] for g in search.GROUPS},
         "metric_cap": float(r.metric_cap),
         "layers": {g: sum(1 for name, gg in groups.items() if gg == g and name not in prot) for g in search.GROUPS},

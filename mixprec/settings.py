@@ -69,10 +69,11 @@ class AllocateSettings(StageSettings):
     target: Union[Number, list[Number], None] = 4.0
     budget_mib: Union[Number, list[Number], None] = None
     budget_ms: Union[Number, list[Number], None] = None
+    program: Literal["split", "joint"] = "split"
     latency_table: str = "layer_latency.json"
     K: Union[Number, list[Number]] = 1.0
     seed: Union[int, list[int]] = 0
-    solver: Literal["cp-sat", "scip", "cbc"] = "cp-sat"
+    solver: Literal["cp-sat", "highs", "scip", "cbc"] = "cp-sat"
     time_limit_s: Number = 10.0
     tolerance: Number = 0.1
     bytes_tolerance: Number = 0.01
@@ -91,6 +92,8 @@ class SelectSettings(StageSettings):
     weight_target: Optional[Number] = 4
     act_target: Optional[Number] = 7
     output_dir: Optional[str] = None
+    guard: bool = True
+    refine: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -133,10 +136,11 @@ class EvaluateSettings(StageSettings):
     K: list[Number] = dataclasses.field(default_factory=list)
     select_metric: Literal["mse", "ssim", "adherence"] = "mse"
     seed_offsets: list[int] = dataclasses.field(default_factory=list)
-    solver: Literal["cp-sat", "scip", "cbc"] = "cp-sat"
+    solver: Literal["cp-sat", "highs", "scip", "cbc"] = "cp-sat"
     time_limit_s: Number = 10.0
-    tolerance: Number = 0.25
+    bytes_tolerance: Number = 0.01
     sqnr_cap_db: Number = 100.0
+    variants: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     batch_size: int = 16
     progress: bool = True
 

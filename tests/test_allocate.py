@@ -66,6 +66,25 @@ def test_infeasible_request_fails_with_the_reachable_range_or_is_skipped(make_cf
     assert head["plans"] == [] and "reachable range" in head["skipped"][0]["error"]
 
 
+def test_joint_program_meets_the_targets_bytes_and_unreachable_targets_are_said_once(make_cfg, synth_ws, caplog):
+    from mixprec.artifacts import read_census
+    from mixprec.search import LayerSizes, uniform_plan
+    from mixprec.workspace import Workspace
+    head = run_stage(_cfg(make_cfg, synth_ws, "stage.program=joint", "stage.target=[2.5,4]", "stage.K=[1,2]",
+                          "stage.on_infeasible=skip", "stage.solver=highs"))
+    census = read_census(Workspace(synth_ws))
+    sizes, names = LayerSizes.of(census), [c.name for c in census]
+    budget = sizes.plan_bytes("weight", uniform_plan(names, 4))
+    for K in (1, 2):
+        plan = read_plan(synth_ws / f"plans/weight_4_{K}/seed0.yaml")
+        assert plan.header["program"] == "joint" and plan.header["solver"] == "highs"
+        assert 0.99 * budget <= plan.header["bytes"] == sizes.plan_bytes("weight", plan.bits) <= budget
+    assert len(head["plans"]) == 2 and head["skipped"] == [head["skipped"][0]]
+    assert head["skipped"][0]["plans"] == 2 and "reachable range" in head["skipped"][0]["error"]
+    said = [r for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(said) == 1 and "2 plan(s)" in said[0].getMessage()
+
+
 def test_lists_solve_the_product_and_write_the_pareto_table(make_cfg, tmp_path):
     ws = write_synthetic_workspace(tmp_path / "ws", n_prompts=4)
     head = run_stage(_cfg(make_cfg, ws, "stage.target=[4,6]", "stage.K=[1,3]", "stage.seed=[0,1]"))

@@ -100,7 +100,7 @@ def test_typos_in_pipeline_entries_and_added_keys_fail_after_composition(make_cf
     settings.check_command_line(["stage.select.weight_target=5", "stage.allocate_weight.target=[3,4]"])
     # keys added another way (a sweep file, compose in a notebook) are refused by the runner, before any work
     with pytest.raises(settings.SettingsError, match=r"stage.weight_targt is not a setting of stage=select; valid "
-                                                     r"keys: act_target, batch_size, force, kinds"):
+                                                     r"keys: act_target, batch_size, force, guard, kinds"):
         run_stage(make_cfg("model=tiny_random", "stage=select", "+stage.weight_targt=5"))
     with pytest.raises(settings.SettingsError, match=r"stage.sensitivity.batchsize is not a setting of "
                                                      r"stage=sensitivity; valid keys"):

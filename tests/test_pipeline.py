@@ -13,7 +13,7 @@ PROMPTS = ["model=tiny_random", "prompts.calibration.n=3", "prompts.sensitivity.
            "prompts.inference.n=4"]
 SMALL = [*PROMPTS, "stage.sensitivity.progress=false", "stage.select.progress=false",
          "stage.allocate_weight.target=[4,5]", "stage.allocate_weight.seed=[0,1]",
-         "stage.allocate_act.target=[7]", "stage.allocate_act.seed=[0,1]"]
+         "stage.allocate_act.target=[7]", "stage.allocate_act.seed=[0,1]", "stage.select.refine.evaluations=3"]
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,29 @@ def test_pipeline_leaves_final_plans_images_and_metrics(pipeline_run):
     applied = infer["applied_bits"]
     assert all(applied[n]["w"] == b for n, b in weight["bits"].items())
     assert all(applied[n]["a"] is None for n in protected)
-    rows = (ws / "select_candidates.csv").read_text().splitlines()
-    assert rows[0].startswith("kind,rank,path") and len(rows) == 1 + 4 + 4  # K 1,2 x seeds 0,1, for weight and act
+    changes = infer["adherence_changes"]
+    assert len(changes["full_precision"]) == len(changes["plan"]) == 4
+    assert infer["adherence"] - infer["adherence_full_precision"] == pytest.approx(
+        (len(changes["fixed"]) - len(changes["broke"])) / 4)
+    assert all(changes["full_precision"][c["index"]] and not changes["plan"][c["index"]] for c in changes["broke"])
+    import csv
+    with open(ws / "select_candidates.csv") as f:
+        rows = list(csv.DictReader(f))
+    for kind in ("weight", "act"):
+        paths = [r["path"] for r in rows if r["kind"] == kind]
+        # K 1,2 x seeds 0,1, the guard's uniform plan, and the refined plan when refinement improved the winner
+        assert len([p for p in paths if p.startswith("plans/") and not p.endswith("+refined")]) == 4
+        assert f"uniform/{kind}_{4 if kind == 'weight' else 7}" in paths
+        best, uniform = rows[[r["kind"] for r in rows].index(kind)], next(r for r in rows if r["path"].startswith(
+            f"uniform/{kind}"))
+        assert float(best["mse"]) <= float(uniform["mse"])  # the guard: never worse than uniform on selection
+    assert weight["header"]["selected_from"] == rows[0]["path"].removesuffix("+refined")
+    assert weight["header"]["refined"] == rows[0]["path"].endswith("+refined")
+    select = json.loads((ws / "select.json").read_text())["headline"]
+    assert select["cost"]["weight"]["selection"]["evaluations"] >= 2
+    assert select["cost"]["weight"]["refinement"]["evaluations"] <= 3
+    assert weight["header"]["evaluations"] == {k: v["evaluations"] for k, v in select["cost"]["weight"].items()}
+    assert "wall_s" not in json.dumps(weight["header"])  # plan files hold nothing time-dependent
 
 
 def test_rerun_skips_up_to_date_stages_and_selection_is_deterministic(pipeline_run, tmp_path):
@@ -95,21 +116,29 @@ def test_evaluate_ablation_table(pipeline_run):
     head = run_stage(compose([f"paths.outputs={out}", "tracking=disabled", "device=cpu", *PROMPTS, "stage=evaluate",
                               "prompts.evaluation.n=3", "stage.seed_offsets=[0,7]", "stage.K=[1]",
                               "stage.progress=false",
+                              "stage.variants=[{name: joint, program: joint},"
+                              "{name: all, program: joint, guard: true, refine: {evaluations: 3}}]",
                               "stage.points=[{name: W3A8, weight_target: 3, act: 8},"
                               "{name: W4A8, weight_target: 4, act: 8},{name: W8A5, weight: 8, act_target: 5}]"]))
     rows = {(r["point"], r["method"]): r for r in head["rows"]}
-    assert set(rows) == {(p, m) for p in ("W3A8", "W4A8", "W8A5") for m in ("uniform", "sqnr_only", "decoupled")}
+    methods = ("uniform", "sqnr_only", "decoupled", "joint", "all")
+    assert set(rows) == {(p, m) for p in ("W3A8", "W4A8", "W8A5") for m in methods}
     # tiny_random's quality layers hold most parameters and never go below 4 bits: W3 is out of reach.
     assert "reachable range" in rows[("W3A8", "decoupled")]["infeasible"]
+    assert "reachable packed size" in rows[("W3A8", "all")]["infeasible"]
     assert rows[("W3A8", "uniform")]["weight_mean_bits"] == 3.0
     assert rows[("W4A8", "uniform")]["weight_mean_bits"] == 4.0
-    assert 3.75 <= rows[("W4A8", "decoupled")]["weight_mean_bits"] <= 4.0
+    for point, kind in (("W4A8", "weight"), ("W8A5", "act")):
+        budget = rows[(point, "uniform")][f"{kind}_bytes"]
+        for m in methods:  # equal bytes: within 1% below the uniform plan's
+            assert rows[(point, m)]["equal_bytes"] and 0.99 * budget <= rows[(point, m)][f"{kind}_bytes"] <= budget
+        assert "refinement" in rows[(point, "all")]["cost"] and rows[(point, "all")]["cost"]["selection"]["evaluations"] >= 2
     assert rows[("W8A5", "decoupled")]["act_mean_bits"] <= 5.0
     for r in head["rows"]:
         if "scores" in r:
             assert len(r["scores"]["ssim"]["values"]) == 2 and 0 < r["scores"]["ssim"]["mean"] <= 1
     table = (out / "tiny_random" / "evaluate.md").read_text()
-    assert "| W4A8 | decoupled | " in table and "infeasible" in table
+    assert "| W4A8 | decoupled | " in table and "infeasible" in table and "bytes vs uniform" in table
 
 
 def test_selections_for_several_budgets_run_in_parallel_jobs_without_sharing_files(pipeline_run, tmp_path):
@@ -124,7 +153,8 @@ def test_selections_for_several_budgets_run_in_parallel_jobs_without_sharing_fil
     shutil.copytree(out / "tiny_random", ws)
     r = subprocess.run([sys.executable, "run.py", "-cd", "sweeps", "-cn", "select_local", *PROMPTS,
                         f"paths.workspace={ws}", f"paths.outputs={tmp_path / 'out'}", "tracking=disabled",
-                        "device=cpu", "stage.weight_target=4,5", "hydra.launcher.gpus_per_node=0",
+                        "device=cpu", "stage.weight_target=4,5", "stage.refine.evaluations=3",
+                        "hydra.launcher.gpus_per_node=0",
                         "hydra.launcher.cpus_per_task=1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -137,7 +167,8 @@ def test_selections_for_several_budgets_run_in_parallel_jobs_without_sharing_fil
         assert act["header"]["with_weight_plan"] == f"select/W{target}_A7/final_weight_mp.yaml"
         assert json.loads((folder / "select.json").read_text())["headline"]["final_plans"]["weight"] == \
             f"select/W{target}_A7/final_weight_mp.yaml"
-        assert len((folder / "select_candidates.csv").read_text().splitlines()) == 1 + 4 + 4
+        # per kind: 4 allocated plans + the guard's uniform plan (+ the refined plan when it won)
+        assert 1 + 5 + 5 <= len((folder / "select_candidates.csv").read_text().splitlines()) <= 1 + 6 + 6
     assert (ws / "select" / "W4_A7" / "final_weight_mp.yaml").read_bytes() == (ws / "final_weight_mp.yaml").read_bytes()
     root_act = yaml.safe_load((ws / "final_act_mp.yaml").read_text())
     assert yaml.safe_load((ws / "select" / "W4_A7" / "final_act_mp.yaml").read_text())["bits"] == root_act["bits"]
@@ -291,7 +322,8 @@ def test_report_marks_numbers_from_other_plans_after_a_manual_select(pipeline_ru
 def test_pipeline_keeps_hand_selected_final_plans_unless_select_is_forced(pipeline_run, tmp_path, caplog):
     from tests.conftest import compose
     ws, base = _copy(pipeline_run, tmp_path)
-    run_stage(compose([*base, *PROMPTS, "stage=select", "stage.weight_target=5"]))
+    run_stage(compose([*base, *PROMPTS, "stage=select", "stage.weight_target=5",
+                       "stage.refine.evaluations=3"]))
     chosen = (ws / "final_weight_mp.yaml").read_bytes()
     with caplog.at_level("WARNING", logger="mixprec"):
         head = run_stage(compose([*base, *SMALL]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 import time
 
 import numpy as np
@@ -31,7 +32,7 @@ from mixprec.search import (
 )
 from mixprec.search import synthetic
 
-SOLVERS = ["cp-sat", "scip"]
+SOLVERS = ["cp-sat", "highs", "scip"]
 
 
 # ----------------------------------------------------------------------------- brute force
@@ -317,7 +318,8 @@ def test_sdxl_sized_instance_solves_fast():
     groups = {r.name: r.group for r in census}
     s = {g: sum(sizes[l] for l in sizes if groups[l] == g) for g in bits}
     worst = 0.0
-    for solver, cases in (("cp-sat", [(3.0, 2.0), (4.0, 1.0), (5.0, 3.0), (6.0, 1.5)]), ("scip", [(4.5, 2.0)])):
+    for solver, cases in (("cp-sat", [(3.0, 2.0), (4.0, 1.0), (5.0, 3.0), (6.0, 1.5)]), ("scip", [(4.5, 2.0)]),
+                          ("highs", [(4.0, 2.0)])):
         for target, K in cases:
             tc, tq = split_target(target, K, s["content"], s["quality"], bits["content"], bits["quality"])
             for g, t in (("content", tc), ("quality", tq)):
@@ -347,6 +349,23 @@ def test_sdxl_byte_budget_within_one_percent():
         assert size == sol.bytes and 0.99 * mib * MIB <= size <= mib * MIB
         # the joint objective is the documented one, recomputed from the plan
         assert sol.objective == pytest.approx(plan_objective(sol.bits, metric, groups, bits, K), abs=1e-9)
+
+
+def test_highs_needs_no_ortools_and_finds_the_cp_sat_optimum(monkeypatch):
+    """stage.solver=highs is for machines without the OR-Tools wheel: it must not import it."""
+    census, bits, metric = _sdxl_tables()
+    params = {r.name: r.params for r in census}
+    oc = {r.name: r.out_channels for r in census}
+    groups = {r.name: r.group for r in census}
+    reference = solve_bytes(metric, groups, params, oc, 1400.0, K=2.0, bits=bits, solver="cp-sat")
+    monkeypatch.setitem(sys.modules, "ortools", None)  # any import of ortools now raises ImportError
+    monkeypatch.setitem(sys.modules, "ortools.sat.python", None)
+    monkeypatch.setitem(sys.modules, "ortools.linear_solver", None)
+    sol = solve_bytes(metric, groups, params, oc, 1400.0, K=2.0, bits=bits, solver="highs")
+    again = solve_bytes(metric, groups, params, oc, 1400.0, K=2.0, bits=bits, solver="highs")
+    assert sol.bits == again.bits  # deterministic
+    assert sol.status == "OPTIMAL" and 0.99 * 1400 * MIB <= sol.bytes <= 1400 * MIB
+    assert sol.objective == pytest.approx(reference.objective, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- Pareto

@@ -480,10 +480,12 @@ def ablation_section(d: WorkspaceData, figs: Mapping[str, bytes | None]) -> str 
 
         def ms(s, k):
             return f"{fmt(s[k]['mean'], 4)} ± {fmt(s[k].get('std', 0.0), 2)}" if k in s else "–"
-        trs = [[r.get("point"), r.get("method"), r.get("weight_mean_bits"), r.get("act_mean_bits")] +
-               [ms(r["scores"], k) for k in keys] for r in good]
-        parts.append(table(["point", "method", "weight bits", "act bits"] + keys, trs,
-                           [False, False, True, True] + [True] * len(keys)))
+        def mib(r, key):  # evaluate.json rows from before byte accounting have no bytes
+            return None if r.get(key) is None else r[key] / (1 << 20)
+        trs = [[r.get("point"), r.get("method"), mib(r, "weight_bytes"), r.get("weight_mean_bits"),
+                r.get("act_mean_bits")] + [ms(r["scores"], k) for k in keys] for r in good]
+        parts.append(table(["point", "method", "weight MiB", "weight bits", "act bits"] + keys, trs,
+                           [False, False, True, True, True] + [True] * len(keys)))
         parts.append(chart(figs.get("ablation"), "ablation"))
         fpa = (d.evaluate or {}).get("full_precision_adherence")
         if fpa is not None:

@@ -7,6 +7,8 @@ Usable from a notebook::
     sol = solve_mean_bits(metric, sizes, groups, {"content": (2, 4, 8), "quality": (4, 8)}, target=4.0, K=2.0)
 """
 
+from .budget import (DEFAULT_BYTES_RTOL, FULL_PRECISION_BITS, LayerSizes, act_layer_bytes, act_plan_bytes,
+                     byte_window, same_bytes, uniform_plan, weight_layer_bytes, weight_plan_bytes)
 from .bootstrap import bootstrap_metric, resample_indices
 from .pareto import pareto_front, plot_pareto, write_pareto_csv
 from .plan import (Plan, atomic_write_text, natural_key, plan_dirname, plan_to_yaml, plans_digest, read_plan,
@@ -29,6 +31,7 @@ from .program import (
     plan_bytes,
     plan_objective,
     reachable_mean,
+    solve_budget,
     solve_bytes,
     solve_group,
     solve_mean_bits,
@@ -36,6 +39,8 @@ from .program import (
 )
 
 __all__ = [
+    "DEFAULT_BYTES_RTOL", "FULL_PRECISION_BITS", "LayerSizes", "act_layer_bytes", "act_plan_bytes", "byte_window",
+    "same_bytes", "solve_budget", "uniform_plan", "weight_layer_bytes", "weight_plan_bytes",
     "GROUPS", "MIB", "PROTECTED_BITS", "SOLVERS", "AllocationError", "InfeasibleBudgetError",
     "PlanVerificationError", "SensitivityError", "Solution", "SolverError", "Plan", "atomic_write_text",
     "bootstrap_metric", "group_weights", "layer_bytes", "mean_bits", "natural_key", "normalized_tables",

@@ -13,6 +13,8 @@
       conv_in: 16             # protected: full precision
       down_blocks.0.resnets.0.conv1: 8
       ...
+    group_size:               # optional: layers with per-group weight scales (64 / 128 input columns)
+      down_blocks.1.attentions.0.proj_in: 128
 
 Files are byte-identical for identical inputs: layers are in natural order (``blocks.2`` before
 ``blocks.10``) whatever order the caller used, the header's key order is the caller's (a fixed
@@ -41,6 +43,9 @@ from mixprec.workspace import atomic_write_text
 class Plan:
     header: dict[str, Any]
     bits: dict[str, int | None] = field(default_factory=dict)
+    # layer -> 64 / 128 for layers with per-group weight scales (absent: one scale per output channel);
+    # written only when not empty, so per-channel plans read and write as before
+    group_size: dict[str, int] = field(default_factory=dict)
 
 
 def natural_key(name: str) -> tuple:
@@ -65,8 +70,10 @@ def _plain(v: Any) -> Any:
 
 def plan_to_yaml(plan: Plan) -> str:
     bits = {l: (None if b is None else int(b)) for l, b in sorted(plan.bits.items(), key=lambda kv: natural_key(kv[0]))}
-    return yaml.safe_dump({"header": _plain(plan.header), "bits": bits}, sort_keys=False, width=120,
-                          default_flow_style=False)
+    data: dict[str, Any] = {"header": _plain(plan.header), "bits": bits}
+    if plan.group_size:
+        data["group_size"] = {l: int(g) for l, g in sorted(plan.group_size.items(), key=lambda kv: natural_key(kv[0]))}
+    return yaml.safe_dump(data, sort_keys=False, width=120, default_flow_style=False)
 
 
 def write_plan(path: str | os.PathLike, plan: Plan) -> Path:
@@ -77,7 +84,8 @@ def read_plan(path: str | os.PathLike) -> Plan:
     data = yaml.safe_load(Path(path).read_text())
     if not isinstance(data, dict) or "bits" not in data:
         raise ValueError(f"{path} is not a plan file (expected a mapping with 'header' and 'bits')")
-    return Plan(header=dict(data.get("header") or {}), bits=dict(data["bits"] or {}))
+    return Plan(header=dict(data.get("header") or {}), bits=dict(data["bits"] or {}),
+                group_size={str(l): int(g) for l, g in (data.get("group_size") or {}).items()})
 
 
 def plans_digest(plans: Mapping[str, Plan | None]) -> str:

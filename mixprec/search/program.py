@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
 
+from .budget import weight_layer_bytes, weight_plan_bytes
 from .plan import natural_key
 
 PROTECTED_BITS = 16
-SOLVERS = ("cp-sat", "scip", "cbc")
+SOLVERS = ("cp-sat", "highs", "scip", "cbc")
 GROUPS = ("content", "quality")
 MIB = 1 << 20
 
@@ -273,7 +274,8 @@ def _solve(p: _Program, solver: str, time_limit_s: float) -> tuple[dict[str, int
     if solver == "cp-sat":
         bits, status, det = _solve_cpsat(p, w, lo, hi, time_limit_s)
     else:
-        bits, status = _solve_mip(p, w, lo, hi, solver, time_limit_s)
+        once = _highs_once if solver == "highs" else _ortools_mip_once
+        bits, status = _solve_mip(p, w, lo, hi, solver, time_limit_s, once)
         det = None
     return bits, status, time.perf_counter() - t0, det
 
@@ -312,50 +314,95 @@ def _solve_cpsat(p: _Program, w, lo: int, hi: int, time_limit_s: float):
     return bits, name, s.deterministic_time
 
 
-def _solve_mip(p: _Program, w, lo: int, hi: int, solver: str, time_limit_s: float):
-    from ortools.linear_solver import pywraplp
-
+def _solve_mip(p: _Program, w, lo: int, hi: int, solver: str, time_limit_s: float, once):
+    """A float MIP (objective: regret vs each layer's best choice), re-solved with a tightened row
+    when the answer breaks the exact budget."""
     lo_cur, hi_cur = lo, hi
     # A MIP accepts a row violated within its (relative) feasibility tolerance; on big coefficients
     # that can exceed the exact budget by a few units. Tighten by the excess and solve again.
+    bits: dict[str, int] | None = None
     for _ in range(4):
-        s = pywraplp.Solver.CreateSolver(solver.upper())
-        if s is None:
-            raise AllocationError(f"OR-Tools in this environment has no {solver.upper()} backend")
-        s.SetNumThreads(1)
-        s.SetTimeLimit(max(1, int(time_limit_s * 1000)))
-        x = {(l, b): s.BoolVar(f"x{i}_{b}") for i, l in enumerate(p.layers) for b in p.choices[l]}
-        for l in p.layers:
-            s.Add(sum(x[l, b] for b in p.choices[l]) == 1)
-        s.Add(sum(w[l][b] * x[l, b] for l in p.layers for b in p.choices[l]) <= hi_cur)
-        s.Add(sum(w[l][b] * x[l, b] for l in p.layers for b in p.choices[l]) >= lo_cur)
-        obj = s.Objective()
-        for l in p.layers:
-            best = max(p.value[l].values())
-            for b in p.choices[l]:
-                obj.SetCoefficient(x[l, b], p.value[l][b] - best)
-        obj.SetMaximization()
-        params = pywraplp.MPSolverParameters()
-        # pywraplp's default relative gap is 1e-4: ask for a proven optimum instead.
-        params.SetDoubleParam(params.RELATIVE_MIP_GAP, 0.0)
-        st = s.Solve(params)
-        if st == pywraplp.Solver.INFEASIBLE:
+        bits, optimal = once(p, w, lo_cur, hi_cur, solver, time_limit_s)
+        if bits is None:
             return None, "INFEASIBLE"
-        if st not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
-            raise SolverError(f"{solver.upper()} returned status {st} (time limit {time_limit_s}s): no plan found; "
-                              f"raise stage.time_limit_s or widen stage.tolerance")
-        bits = {}
-        for l in p.layers:
-            chosen = [b for b in p.choices[l] if x[l, b].solution_value() > 0.5]
-            bits[l] = chosen[0] if len(chosen) == 1 else -1
+        status = "OPTIMAL" if optimal else "FEASIBLE"
         used = sum(w[l][bits[l]] for l in p.layers if bits[l] != -1)
         if lo <= used <= hi or -1 in bits.values():
-            return bits, "OPTIMAL" if st == pywraplp.Solver.OPTIMAL else "FEASIBLE"
+            return bits, status
         if used > hi:
             hi_cur -= used - hi
         else:
             lo_cur += lo - used
     return bits, "FEASIBLE"
+
+
+def _ortools_mip_once(p: _Program, w, lo: int, hi: int, solver: str, time_limit_s: float):
+    from ortools.linear_solver import pywraplp
+
+    s = pywraplp.Solver.CreateSolver(solver.upper())
+    if s is None:
+        raise AllocationError(f"OR-Tools in this environment has no {solver.upper()} backend")
+    s.SetNumThreads(1)
+    s.SetTimeLimit(max(1, int(time_limit_s * 1000)))
+    x = {(l, b): s.BoolVar(f"x{i}_{b}") for i, l in enumerate(p.layers) for b in p.choices[l]}
+    for l in p.layers:
+        s.Add(sum(x[l, b] for b in p.choices[l]) == 1)
+    s.Add(sum(w[l][b] * x[l, b] for l in p.layers for b in p.choices[l]) <= hi)
+    s.Add(sum(w[l][b] * x[l, b] for l in p.layers for b in p.choices[l]) >= lo)
+    obj = s.Objective()
+    for l in p.layers:
+        best = max(p.value[l].values())
+        for b in p.choices[l]:
+            obj.SetCoefficient(x[l, b], p.value[l][b] - best)
+    obj.SetMaximization()
+    params = pywraplp.MPSolverParameters()
+    # pywraplp's default relative gap is 1e-4: ask for a proven optimum instead.
+    params.SetDoubleParam(params.RELATIVE_MIP_GAP, 0.0)
+    st = s.Solve(params)
+    if st == pywraplp.Solver.INFEASIBLE:
+        return None, False
+    if st not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
+        raise SolverError(f"{solver.upper()} returned status {st} (time limit {time_limit_s}s): no plan found; "
+                          f"raise stage.time_limit_s or widen stage.tolerance")
+    return {l: _chosen(p, l, lambda b: x[l, b].solution_value()) for l in p.layers}, st == pywraplp.Solver.OPTIMAL
+
+
+def _chosen(p: _Program, layer: str, value) -> int:
+    """The one choice a solver set to 1 for ``layer``; -1 (caught by verification) otherwise."""
+    chosen = [b for b in p.choices[layer] if value(b) > 0.5]
+    return chosen[0] if len(chosen) == 1 else -1
+
+
+def _highs_once(p: _Program, w, lo: int, hi: int, solver: str, time_limit_s: float):
+    """HiGHS through scipy.optimize.milp: no OR-Tools needed (e.g. on a machine without its wheel).
+
+    HiGHS' branch and bound runs on one thread here and is deterministic for the same model, and the
+    variables are laid out in the program's canonical layer order, so the plan depends only on the data.
+    """
+    import numpy as np
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import lil_matrix
+
+    index = [(l, b) for l in p.layers for b in p.choices[l]]
+    cost = np.array([max(p.value[l].values()) - p.value[l][b] for l, b in index])  # regret: minimized
+    rows = lil_matrix((len(p.layers) + 1, len(index)))
+    start = 0
+    for r, l in enumerate(p.layers):
+        rows[r, start:start + len(p.choices[l])] = 1.0
+        start += len(p.choices[l])
+    rows[len(p.layers), :] = np.array([float(w[l][b]) for l, b in index])
+    lower = np.r_[np.ones(len(p.layers)), float(lo)]
+    upper = np.r_[np.ones(len(p.layers)), float(hi)]
+    res = milp(cost, constraints=LinearConstraint(rows.tocsr(), lower, upper), integrality=np.ones(len(index)),
+               bounds=Bounds(0, 1), options={"time_limit": float(time_limit_s), "mip_rel_gap": 0.0,
+                                             "presolve": True, "disp": False})
+    if res.x is None:
+        if res.status == 2:  # infeasible
+            return None, False
+        raise SolverError(f"HiGHS returned no plan ({res.message}; time limit {time_limit_s}s); raise "
+                          f"stage.time_limit_s or widen stage.tolerance")
+    x = dict(zip(index, res.x))
+    return {l: _chosen(p, l, lambda b: x[l, b]) for l in p.layers}, res.status == 0
 
 
 def _verify(p: _Program, bits: Mapping[str, int], what: str) -> None:
@@ -389,9 +436,9 @@ def solve_group(metric: Mapping[str, Mapping[int, float]], sizes: Mapping[str, i
         solver: ``"cp-sat"`` (integer objective ``round((metric - layer best) * objective_scale)``,
             one worker, fixed seed, ``time_limit_s`` as a *deterministic*-time limit, so even a
             time-limited FEASIBLE answer is reproducible; a wall-clock guard of 4x + 1 s only
-            catches a stalled machine) or ``"scip"`` / ``"cbc"`` (float objective, one thread,
-            relative gap 0, wall-clock limit). Layers are ordered canonically before modelling,
-            so the plan does not depend on the caller's dict order.
+            catches a stalled machine), ``"highs"`` (scipy.optimize.milp, no OR-Tools needed) or
+            ``"scip"`` / ``"cbc"`` (float objective, one thread, relative gap 0, wall-clock limit). Layers
+            are ordered canonically before modelling, so the plan does not depend on the caller's dict order.
         what: a label for messages, e.g. ``"content weights"``.
 
     Raises:
@@ -446,16 +493,13 @@ def solve_group(metric: Mapping[str, Mapping[int, float]], sizes: Mapping[str, i
 # ---------------------------------------------------------------------------- byte program
 
 def layer_bytes(params: int, bits: int, out_channels: int) -> int:
-    """Packed bytes of one layer's weights: ceil(params*bits/8) plus one fp16 scale per output
-    channel; at 16 bits or more the layer is stored as is (params*bits/8) with no scales."""
-    if bits >= 16:
-        return int(params) * bits // 8
-    return -(-int(params) * bits // 8) + 2 * int(out_channels)
+    """Packed bytes of one per-channel layer's weights (:func:`mixprec.search.budget.weight_layer_bytes`)."""
+    return weight_layer_bytes(params, out_channels, bits)
 
 
 def plan_bytes(bits: Mapping[str, int | None], params: Mapping[str, int], out_channels: Mapping[str, int]) -> int:
     """Packed bytes of a plan (``None`` bits count as 16: not quantized)."""
-    return sum(layer_bytes(params[l], PROTECTED_BITS if b is None else b, out_channels[l]) for l, b in bits.items())
+    return weight_plan_bytes(bits, params, out_channels)
 
 
 def normalized_tables(metric: Mapping[str, Mapping[str, Mapping[int, float]]], layers: Mapping[str, Sequence[str]],
@@ -503,6 +547,24 @@ def solve_bytes(metric: Mapping[str, Mapping[str, Mapping[int, float]]], groups:
     ``Solution.mean_bits`` has ``content``, ``quality`` and ``overall`` (parameter-weighted),
     ``objective_by_group`` the raw metric sum per group, ``bytes`` the packed size.
     """
+    for l in list(groups):
+        if l not in params or l not in out_channels:
+            raise AllocationError(f"layer {l!r} has no parameter count or out_channels; rerun the census")
+    return solve_budget(metric, groups, lambda l, b: layer_bytes(params[l], b, out_channels[l]), params,
+                        budget_mib * MIB, K=K, bits=bits, protected=protected, tolerance_frac=tolerance_frac,
+                        solver=solver, time_limit_s=time_limit_s, metric_cap=metric_cap,
+                        objective_scale=objective_scale, what="packed weights + scales")
+
+
+def solve_budget(metric: Mapping[str, Mapping[str, Mapping[int, float]]], groups: Mapping[str, str],
+                 cost: Callable[[str, int], int], sizes: Mapping[str, int], budget_bytes: float, *, K: float = 1.0,
+                 bits: Mapping[str, Sequence[int]] | None = None, protected: Iterable[str] = (),
+                 tolerance_frac: float = 0.01, solver: str = "cp-sat", time_limit_s: float = 10.0,
+                 metric_cap: float = 100.0, objective_scale: float = 1e9, what: str = "bytes") -> Solution:
+    """The joint byte program of :func:`solve_bytes` for any byte count: ``cost(layer, bits)`` is a
+    layer's bytes at ``bits`` (:mod:`mixprec.search.budget`: weights, or activations per image),
+    protected layers at 16 bits, and the plan's total lies in ``[(1 - tolerance_frac) * budget, budget]``.
+    ``sizes`` (parameters or activation elements) weigh the reported mean bits."""
     solver = _check_solver(solver)
     if not (K > 0 and math.isfinite(K)):
         raise AllocationError(f"K must be a positive finite number, got {K!r}")
@@ -517,27 +579,24 @@ def solve_bytes(metric: Mapping[str, Mapping[str, Mapping[int, float]]], groups:
     by_group = {g: sorted((l for l, gg in groups.items() if gg == g and l not in prot), key=natural_key)
                 for g in GROUPS}
     layers = by_group["content"] + by_group["quality"]
-    for l in list(groups):
-        if l not in params or l not in out_channels:
-            raise AllocationError(f"layer {l!r} has no parameter count or out_channels; rerun the census")
-    raw = {g: _table(metric.get(g, {}), by_group[g], allowed[g], metric_cap, f"{g} weights") for g in GROUPS}
+    raw = {g: _table(metric.get(g, {}), by_group[g], allowed[g], metric_cap, f"{g} {what}") for g in GROUPS}
     norm = normalized_tables(metric, by_group, allowed, metric_cap)
     wg = group_weights(K, {g: len(by_group[g]) for g in GROUPS})
     value = {l: {b: wg[g] * norm[g][l][b] for b in allowed[g]} for g in GROUPS for l in by_group[g]}
-    weight = {l: {b: layer_bytes(params[l], b, out_channels[l]) for b in allowed[g]} for g in GROUPS
-              for l in by_group[g]}
-    fixed = sum(layer_bytes(params[l], PROTECTED_BITS, out_channels[l]) for l in groups if l in prot)
-    budget = budget_mib * MIB
-    hi = math.floor(budget) - fixed
+    weight = {l: {b: int(cost(l, b)) for b in allowed[g]} for g in GROUPS for l in by_group[g]}
+    fixed = sum(int(cost(l, PROTECTED_BITS)) for l in groups if l in prot)
+    budget = float(budget_bytes)
+    hi = math.floor(budget + 1e-6) - fixed  # a byte count given in MiB comes back a hair below itself
     lo = math.ceil((1.0 - tolerance_frac) * budget) - fixed
     reach_lo = fixed + sum(min(r.values()) for r in weight.values())
     reach_hi = fixed + sum(max(r.values()) for r in weight.values())
     if budget < reach_lo or (1.0 - tolerance_frac) * budget > reach_hi:
         raise InfeasibleBudgetError(
-            f"byte budget {budget_mib:.2f} MiB (window [{(1 - tolerance_frac) * budget_mib:.2f}, {budget_mib:.2f}] MiB) is "
-            f"outside the reachable packed size [{reach_lo / MIB:.2f}, {reach_hi / MIB:.2f}] MiB for content bits "
-            f"{list(allowed['content'])}, quality bits {list(allowed['quality'])} (scales included, "
-            f"{fixed / MIB:.2f} MiB of protected fp16 layers); choose stage.budget_mib in that range")
+            f"byte budget {budget / MIB:.4f} MiB ({what}; window [{(1 - tolerance_frac) * budget / MIB:.4f}, "
+            f"{budget / MIB:.4f}] MiB) is outside the reachable packed size "
+            f"[{reach_lo / MIB:.4f}, {reach_hi / MIB:.4f}] MiB "
+            f"for content bits {list(allowed['content'])}, quality bits {list(allowed['quality'])} "
+            f"({fixed / MIB:.4f} MiB of protected 16-bit layers); choose a budget in that range (stage.budget_mib)")
     if not layers:
         return Solution(bits={l: PROTECTED_BITS for l in groups}, status="OPTIMAL", objective=0.0,
                         mean_bits={}, solve_time_s=0.0, solver=solver, bytes=fixed)
@@ -546,11 +605,11 @@ def solve_bytes(metric: Mapping[str, Mapping[str, Mapping[int, float]]], groups:
     plan, status, dt, det = _solve(prog, solver, time_limit_s)
     if plan is None:
         raise InfeasibleBudgetError(
-            f"no combination of bit-widths lands in [{(1 - tolerance_frac) * budget_mib:.4f}, {budget_mib:.4f}] MiB "
-            f"(reachable [{reach_lo / MIB:.4f}, {reach_hi / MIB:.4f}] MiB, but layer sizes are too coarse for the "
-            f"window); widen the tolerance or move the budget")
+            f"no combination of bit-widths lands in [{(1 - tolerance_frac) * budget / MIB:.4f}, {budget / MIB:.4f}] "
+            f"MiB ({what}; reachable [{reach_lo / MIB:.4f}, {reach_hi / MIB:.4f}] MiB, but layer sizes are too "
+            f"coarse for the window); widen the tolerance or move the budget")
     _verify(prog, plan, "byte budget")
-    psz = {l: int(params[l]) for l in layers}
+    psz = {l: int(sizes[l]) for l in layers}
     mean = {g: _mean({l: plan[l] for l in by_group[g]}, psz) for g in GROUPS if by_group[g]}
     mean["overall"] = _mean(plan, psz)
     full = {**plan, **{l: PROTECTED_BITS for l in groups if l in prot}}

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mixprec import artifacts
-from mixprec.allocation import AllocationRequest, allocate, kind_of, log_pareto, write_pareto
+from mixprec.allocation import AllocationRequest, allocate, kind_of, log_pareto, reachable_error, write_pareto
 from mixprec.artifacts import Budget
 from mixprec.context import StageContext
 from mixprec.kernels.latency_table import LatencyTable
@@ -70,12 +70,13 @@ def run(ctx: StageContext) -> dict:
     kinds = [kind_of(k) for k in _as_list(s.kind)]
     combos = list(itertools.product(kinds, _budgets(str(s.budget), s), _as_list(s.K), _as_list(s.seed)))
     protected_acts = artifacts.read_protected(ws) if "act" in kinds else []
-    results, failures = [], []
+    combos, failures = _reachable(combos, census, q, protected_acts, str(s.on_infeasible))
+    results = []
     for kind, budget, K, seed in combos:
         request = AllocationRequest(
             kind=kind, budget=budget, K=float(K), seed=int(seed), bits=q.bits_by_group(kind),
             solver=str(s.solver), time_limit_s=float(s.time_limit_s), tolerance=float(s.tolerance),
-            bytes_tolerance=float(s.bytes_tolerance), metric_cap=float(s.metric_cap))
+            bytes_tolerance=float(s.bytes_tolerance), metric_cap=float(s.metric_cap), program=str(s.program))
         try:
             plan, sol = allocate(request, census, per_prompt[kind], protected_acts if kind == "act" else [],
                                  ws.fingerprints)
@@ -96,6 +97,27 @@ def run(ctx: StageContext) -> dict:
         headline["pareto"] = {k: summary[k] for k in ("candidates", "pareto", "csv", "png")}
         log_pareto(track, summary, ws.root)
     return headline
+
+
+def _reachable(combos: list, census, q, protected_acts: list[str], on_infeasible: str) -> tuple[list, list[dict]]:
+    """Drop the requests whose budget the allowed widths cannot reach, saying so once per budget, up front
+    (or raise, with stage.on_infeasible=raise, before anything is solved)."""
+    keep, skipped = [], []
+    unreachable: dict[tuple[str, Budget], str] = {}
+    for kind, budget, *_ in combos:
+        if (kind, budget) not in unreachable:
+            unreachable[kind, budget] = reachable_error(kind, budget, census, q.bits_by_group(kind),
+                                                        protected_acts if kind == "act" else []) or ""
+    for kind, budget in [k for k, why in unreachable.items() if why]:
+        plans = [c for c in combos if c[:2] == (kind, budget)]
+        if on_infeasible != "skip":
+            raise InfeasibleBudgetError(unreachable[kind, budget])
+        log.warning("allocate: skipping %s %s %s (%d plan(s)): %s", kind, budget.value, budget.unit, len(plans),
+                    unreachable[kind, budget])
+        skipped.append({"kind": kind, "budget": budget.value, "unit": budget.unit, "plans": len(plans),
+                        "error": unreachable[kind, budget]})
+    keep = [c for c in combos if not unreachable[c[0], c[1]]]
+    return keep, skipped
 
 
 def _latency(ctx: StageContext, q, census, per_prompt) -> dict:

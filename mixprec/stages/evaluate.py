@@ -1,36 +1,44 @@
-"""stage=evaluate: the ablation at equal budgets — uniform vs single-metric vs metric-decoupled.
+"""stage=evaluate: the ablation at equal bytes — uniform vs single-metric vs metric-decoupled, and
+one row per new piece of the search.
 
-For every budget point (e.g. W3A8, W4A8, W5A8 and a W8A5-class point) three plans are compared:
+For every budget point (e.g. W3A8, W4A8, W5A8 and a W8A5-class point) the plans compared are:
 - ``uniform``: every layer at the same bit-width (any width: scales come from the weights and the
-  calibrated activation ranges, so 3 or 5 bits need no new calibration);
+  calibrated activation ranges, so 3 or 5 bits need no new calibration); its bytes are the point's
+  budget (:mod:`mixprec.search.budget`);
 - ``sqnr_only``: the integer program with one metric for all layers — content layers scored by
   the denoiser-output SQNR too (measured here, resumable, for content layers only);
-- ``decoupled``: the published method — SSIM for content layers, SQNR for quality layers.
-Both mixed methods get the same candidate grid (K values, seed 0) and the same selection on the
-selection prompts, so only the metric differs. Each plan generates the evaluation prompts under
-several seed sets; adherence (models with a checker), SSIM and PSNR against full precision are
-reported as mean and spread over the seed sets. Output: evaluate.json (via the runner) and
-evaluate.md.
+- ``decoupled``: the published method — SSIM for content layers, SQNR for quality layers;
+- one row per entry of ``stage.variants``: the decoupled method with the joint byte program, the
+  uniform guard and the refinement switched on one at a time (:mod:`mixprec.finalize`).
+Every mixed plan lies within ``stage.bytes_tolerance`` (1%) below the uniform plan's bytes; each row
+records its bytes and mean bits of both kinds. The mixed methods get the same candidate grid (K
+values, seed 0) and the same selection on the selection prompts. Each plan generates the
+evaluation prompts under several seed sets; adherence (models with a checker), SSIM and PSNR
+against full precision are reported as mean and spread over the seed sets. Each row records its
+cost (programs solved, selection and refinement evaluations and wall time), the headline the
+sensitivity sweep's. Output: evaluate.json (via the runner) and evaluate.md.
 """
 
 from __future__ import annotations
 
 import logging
 import statistics
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
-
-from mixprec import artifacts
+from mixprec import artifacts, search
 from mixprec import sensitivity as sens
-from mixprec.allocation import AllocationRequest, allocate
+from mixprec.allocation import PROGRAMS, AllocationRequest, allocate
 from mixprec.artifacts import Budget
 from mixprec.calibration import extend_params
 from mixprec.context import ModelBundle, StageContext, load_calibrated
 from mixprec.models import layer_group
 from mixprec.quantizers import set_plan
-from mixprec.search import InfeasibleBudgetError, mean_bits
-from mixprec.selection import adherence, generate_and_score, sort_key
+from mixprec.finalize import JointScorer, RefineOptions, refine_plan, sensitivity_prior
+from mixprec.search import MIB, InfeasibleBudgetError, LayerSizes, mean_bits
+from mixprec.selection import adherence, generate_and_score
 from mixprec.workspace import Workspace
 
 log = logging.getLogger("mixprec")
@@ -54,10 +62,6 @@ def content_sqnr(bundle: ModelBundle, ws: Workspace, prompts: list[str], seeds: 
     return out
 
 
-def uniform_plan(layers: Sequence[str], bits: int, protected: Sequence[str] = ()) -> dict[str, int]:
-    return {n: (16 if n in protected else int(bits)) for n in layers}
-
-
 def summarize(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and spread (population std over seed sets) of each score."""
     out = {}
@@ -71,7 +75,8 @@ def summarize(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
 
 def markdown(rows: list[dict[str, Any]], fp_adherence: float | None) -> str:
     has_adh = any("adherence" in r.get("scores", {}) for r in rows)
-    head = "| point | method | weight bits | act bits | " + ("adherence | " if has_adh else "") + "SSIM | PSNR (dB) |"
+    head = ("| point | method | weight MiB | weight bits | act KiB/image | act bits | bytes vs uniform | "
+            + ("adherence | " if has_adh else "") + "SSIM | PSNR (dB) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "infeasible" in r:
@@ -81,11 +86,18 @@ def markdown(rows: list[dict[str, Any]], fp_adherence: float | None) -> str:
 
         def fmt(k, digits):
             return f"{s[k]['mean']:.{digits}f} ± {s[k]['std']:.{digits}f}" if k in s else "-"
-        cells = [r["point"], r["method"], f"{r['weight_mean_bits']:.2f}", f"{r['act_mean_bits']:.2f}"]
+        def num(key, scale, fmt):  # rows of evaluate.json files from before byte accounting lack the bytes
+            return format(r[key] / scale, fmt) if r.get(key) is not None else "-"
+        cells = [r["point"], r["method"], num("weight_bytes", MIB, ".4f"), f"{r['weight_mean_bits']:.2f}",
+                 num("act_bytes", 1024, ".1f"), f"{r['act_mean_bits']:.2f}",
+                 f"{100 * r['bytes_ratio'] - 100:+.2f}%" if r.get("bytes_ratio") is not None else "-"]
         if has_adh:
             cells.append(fmt("adherence", 3))
         cells += [fmt("ssim", 4), fmt("psnr_db", 2)]
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("\nBytes: stored weights (codes at their width + fp16 scales, 16-bit layers at 2 bytes per weight) "
+                 "and input activations per image, as counted by mixprec.search.budget; \"bytes vs uniform\" is the "
+                 "mixed kind's bytes against the uniform plan of the point.")
     if fp_adherence is not None:
         lines.append(f"\nFull-precision adherence on the same prompts and seeds: {fp_adherence:.3f}")
     return "\n".join(lines) + "\n"
@@ -95,6 +107,43 @@ def _mean_bits(plan: Mapping[str, int], sizes: Mapping[str, int]) -> float:
     """Size-weighted mean over quantized layers; 16 when every layer is at full precision."""
     m = mean_bits(plan, sizes)
     return 16.0 if m is None else m
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One ablation row of the decoupled method: which new pieces it adds (``stage.variants``)."""
+
+    name: str
+    program: str = "split"
+    guard: bool = False
+    refine: RefineOptions = RefineOptions()
+    metric: str = "decoupled"  # or sqnr_only: the same pieces on the single-metric table
+
+    @classmethod
+    def of(cls, node: Mapping[str, Any]) -> "Variant":
+        node = dict(node)
+        unknown = sorted(set(node) - {"name", "program", "guard", "refine", "metric"})
+        if unknown or "name" not in node:
+            raise ValueError(f"stage.variants entries take name, program, guard, refine, metric; got {sorted(node)}")
+        program, metric = str(node.get("program", "split")), str(node.get("metric", "decoupled"))
+        if program not in PROGRAMS or metric not in METHODS[1:]:
+            raise ValueError(f"stage.variants {node['name']}: program is one of {PROGRAMS} (got {program!r}), "
+                             f"metric one of {METHODS[1:]} (got {metric!r})")
+        return cls(str(node["name"]), program, bool(node.get("guard", False)), RefineOptions.of(node.get("refine")),
+                   metric)
+
+
+@dataclass
+class _Point:
+    """One budget point: which kind is mixed, its byte budget (the uniform plan's bytes), the other kind's plan."""
+
+    label: str
+    kind: str
+    target: float
+    uniform: dict[str, int]
+    fixed: dict[str, int]
+    budget: Budget
+    scorer: JointScorer
 
 
 class _Ablation:
@@ -107,6 +156,7 @@ class _Ablation:
         self.tables = {"decoupled": per_prompt, "sqnr_only": single_metric}
         self.names = [c.name for c in census]
         self.sizes = {"weight": {c.name: c.params for c in census}, "act": {c.name: c.act_elems for c in census}}
+        self.bytes = LayerSizes.of(census)
         sel = ctx.run.prompt_set("selection")
         self.sel_prompts, self.sel_seeds = [p for p, _ in sel], [sd for _, sd in sel]
         evalset = ctx.run.prompt_set("evaluation")
@@ -117,68 +167,101 @@ class _Ablation:
         self.refs = [bundle.sampler.generate(self.eval_prompts, seeds).images for seeds in self.seed_sets]
         fp_checks = [adherence(r, self.eval_prompts, bundle.spec.checker) for r in self.refs]
         self.fp_adherence = statistics.fmean(c["all"] for c in fp_checks) if fp_checks[0] else None
+        groups = {c.name: c.group for c in census}
+        self.priors = {k: sensitivity_prior(per_prompt[k], bundle.quant.bits_by_group(k), groups,
+                                            protected if k == "act" else []) for k in ("weight", "act")}
+        self.plans: dict[tuple[str, str, str], tuple[list[dict[str, int]], dict[str, Any]]] = {}
 
-    def candidates(self, kind: str, target: float, table) -> list[dict[str, int]]:
-        """One plan per K of the grid (seed 0), the method's sensitivity table."""
-        s, plans = self.s, []
+    def point(self, point: Mapping[str, Any]) -> _Point:
+        label = point["name"]
+        kind = "weight" if point.get("weight_target") is not None else "act"
+        target = float(point["weight_target"] if kind == "weight" else point["act_target"])
+        if round(target) != target:
+            raise ValueError(f"evaluate point {label}: no uniform plan for {target} bits; give an integer target")
+        fixed = (search.uniform_plan(self.names, int(point["act"]), self.protected) if kind == "weight"
+                 else search.uniform_plan(self.names, int(point["weight"])))
+        uniform = search.uniform_plan(self.names, round(target), self.protected if kind == "act" else ())
+        budget = Budget(self.bytes.plan_bytes(kind, uniform) / MIB, "MiB")
+        scorer = JointScorer(self.bundle.sampler, self.bundle.layers, self.sel_prompts, self.sel_seeds, self.sel_ref,
+                             self.bundle.spec.checker, self.metric, kind, fixed)
+        return _Point(label, kind, target, uniform, fixed, budget, scorer)
+
+    def candidates(self, pt: _Point, method: str, program: str) -> tuple[list[dict[str, int]], dict[str, Any]]:
+        """One plan per K of the grid (seed 0) within the point's bytes, the method's table: the published
+        split program with each group within ``bytes_tolerance`` of its mean-bit share, or the joint one."""
+        if (pt.label, method, program) in self.plans:
+            return self.plans[pt.label, method, program]
+        s, plans, solve_s = self.s, [], 0.0
         for K in s.K:
             request = AllocationRequest(
-                kind=kind, budget=Budget(float(target)), K=float(K), seed=0, bits=self.bundle.quant.bits_by_group(kind),
-                solver=str(s.solver), time_limit_s=float(s.time_limit_s), tolerance=float(s.tolerance),
-                metric_cap=float(s.sqnr_cap_db))
-            plan, _ = allocate(request, self.census, table, self.protected if kind == "act" else [],
-                               self.ws.fingerprints)
+                kind=pt.kind, budget=Budget(pt.target), K=float(K), seed=0,
+                bits=self.bundle.quant.bits_by_group(pt.kind), solver=str(s.solver), time_limit_s=float(s.time_limit_s),
+                tolerance=float(s.bytes_tolerance) * pt.target, bytes_tolerance=float(s.bytes_tolerance),
+                metric_cap=float(s.sqnr_cap_db), program=program)
+            plan, sol = allocate(request, self.census, self.tables[method][pt.kind],
+                                 self.protected if pt.kind == "act" else [], self.ws.fingerprints)
             plans.append(plan.bits)
-        return plans
+            solve_s += sol.solve_time_s
+        self.plans[pt.label, method, program] = plans, {"program": program, "programs": len(plans),
+                                                        "solve_s": solve_s}
+        return self.plans[pt.label, method, program]
 
-    def choose(self, candidates: list[tuple[dict, dict]]) -> tuple[dict, dict]:
-        """Selection as in the method: best on the selection prompts (deterministic: first of ties)."""
-        if len(candidates) == 1:
-            return candidates[0]
-        scored = []
-        for i, (wp, ap) in enumerate(candidates):
-            scores = generate_and_score(self.bundle.sampler, self.bundle.layers, self.sel_prompts, self.sel_seeds,
-                                        self.sel_ref, self.bundle.spec.checker, wp, ap).scores
-            scored.append((sort_key(scores, self.metric), i))
-        set_plan(self.bundle.layers)
-        return candidates[min(scored)[1]]
+    def choose(self, pt: _Point, plans: list[dict[str, int]], variant: Variant) -> tuple[dict[str, int], dict]:
+        """Selection as in the method (best on the selection prompts; first of ties), the guard's
+        uniform plan among the candidates when the variant has it, then its refinement."""
+        cands = plans + ([pt.uniform] if variant.guard else [])
+        scored = [(pt.scorer(p)[0], i) for i, p in enumerate(cands)]
+        best = cands[min(scored)[1]]
+        cost: dict[str, Any] = {"selection": pt.scorer.cost_of(cands), "selected_uniform": best is pt.uniform}
+        if variant.refine.evaluations:
+            # a scorer of its own: the refinement's recorded time is what it costs alone, not what another
+            # row's cached generations saved it
+            scorer = replace(pt.scorer, cache={}, seconds={}, evaluations=0, wall_s=0.0)
+            result = refine_plan(best, pt.scorer(best), scorer, pt.kind, pt.budget, self.census,
+                                 self.bundle.quant.bits_by_group(pt.kind), variant.refine, self.priors[pt.kind],
+                                 self.protected, float(self.s.bytes_tolerance), bool(self.s.progress))
+            best = result.bits
+            cost["refinement"] = result.summary()
+        return best, cost
 
-    def row(self, point: Mapping[str, Any], method: str) -> dict[str, Any]:
+    def row(self, pt: _Point, method: str, variant: Variant | None = None) -> dict[str, Any]:
         """One method at one point: the mixed kind is allocated, the other uniform at the point's width."""
-        label = point["name"]
-        mixed = "weight" if point.get("weight_target") is not None else "act"
-        target = point["weight_target"] if mixed == "weight" else point["act_target"]
-        fixed = (uniform_plan(self.names, int(point["act"]), self.protected) if mixed == "weight"
-                 else uniform_plan(self.names, int(point["weight"])))
+        name = variant.name if variant else method
+        cost: dict[str, Any] = {}
         if method == "uniform":
-            if round(target) != target:
-                raise ValueError(f"evaluate point {label}: no uniform plan for {target} bits")
-            plans = [uniform_plan(self.names, round(target), self.protected if mixed == "act" else ())]
+            plans = [pt.uniform]
         else:
             try:
-                plans = self.candidates(mixed, target, self.tables[method][mixed])
+                plans, cost["allocation"] = self.candidates(pt, method, variant.program if variant else "split")
             except InfeasibleBudgetError as exc:
-                log.warning("evaluate %s %s: %s", label, method, exc)
-                return {"point": label, "method": method, "infeasible": str(exc)}
-        cands = [(p, fixed) if mixed == "weight" else (fixed, p) for p in plans]
-        wp, ap = self.choose(cands)
+                log.warning("evaluate %s %s: %s", pt.label, name, exc)
+                return {"point": pt.label, "method": name, "infeasible": str(exc)}
+        best, chosen = self.choose(pt, plans, variant or Variant(name))
+        cost.update(chosen)
+        wp, ap = (best, pt.fixed) if pt.kind == "weight" else (pt.fixed, best)
         b = self.bundle
         per_seed = [generate_and_score(b.sampler, b.layers, self.eval_prompts, seeds, ref, b.spec.checker, wp, ap).scores
                     for ref, seeds in zip(self.refs, self.seed_sets)]
         set_plan(b.layers)
-        row = {"point": label, "method": method, "weight_mean_bits": _mean_bits(wp, self.sizes["weight"]),
-               "act_mean_bits": _mean_bits(ap, self.sizes["act"]), "candidates": len(cands),
-               "scores": summarize(per_seed)}
+        size = {k: self.bytes.plan_bytes(k, p) for k, p in (("weight", wp), ("act", ap))}
+        row = {"point": pt.label, "method": name, "weight_mean_bits": _mean_bits(wp, self.sizes["weight"]),
+               "act_mean_bits": _mean_bits(ap, self.sizes["act"]), "weight_bytes": size["weight"],
+               "act_bytes": size["act"], "budget_bytes": self.bytes.plan_bytes(pt.kind, pt.uniform),
+               "candidates": len(plans), "scores": summarize(per_seed), "cost": cost}
+        row["bytes_ratio"] = size[pt.kind] / row["budget_bytes"]
+        row["equal_bytes"] = search.same_bytes(size[pt.kind], row["budget_bytes"], float(self.s.bytes_tolerance))
         if per_seed[0].get("adherence_detail"):
             row["adherence_detail"] = {k: statistics.fmean(p["adherence_detail"][k] for p in per_seed)
                                        for k in per_seed[0]["adherence_detail"]}
-        log.info("evaluate %s %-9s W%.2f A%.2f %s", label, method, row["weight_mean_bits"],
-                 row["act_mean_bits"], {k: round(v["mean"], 4) for k, v in row["scores"].items()})
+        log.info("evaluate %s %-9s W%.2f (%d B) A%.2f (%d B/image) %s", pt.label, name, row["weight_mean_bits"],
+                 size["weight"], row["act_mean_bits"], size["act"],
+                 {k: round(v["mean"], 4) for k, v in row["scores"].items()})
         return row
 
 
 def run(ctx: StageContext) -> dict:
     s, ws, track = ctx.settings, ctx.workspace, ctx.tracker
+    variants = [Variant.of(dict(v)) for v in (s.variants or [])]
     bundle = load_calibrated(ctx.run, ws, batch_size=int(s.batch_size))
     q = bundle.quant
     census = artifacts.read_census(ws)
@@ -192,18 +275,37 @@ def run(ctx: StageContext) -> dict:
                   weight_clip=q.weight_clip)
     # The same prompts as the sensitivity stage, so the two metrics rank the same images.
     sens_pairs = ctx.run.prompt_set("sensitivity")
+    t0 = time.perf_counter()
     sqnr = content_sqnr(bundle, ws, [p for p, _ in sens_pairs], [sd for _, sd in sens_pairs], q.weight_bits,
                         q.act_bits, float(s.sqnr_cap_db), bool(s.progress))
+    sqnr_s = time.perf_counter() - t0
     single_metric = {kind: {"content": sqnr[kind], "quality": per_prompt[kind]["quality"]} for kind in sqnr}
     ablation = _Ablation(ctx, bundle, census, per_prompt, protected, single_metric)
-    rows = [ablation.row(point, method) for point in points for method in METHODS]
+    rows = []
+    for point in points:
+        pt = ablation.point(point)
+        rows += [ablation.row(pt, method) for method in METHODS]
+        rows += [ablation.row(pt, v.metric, v) for v in variants]
     table_md = markdown(rows, ablation.fp_adherence)
     ws.write_text(artifacts.EVALUATE_MD, table_md)
-    track.log_table("evaluate/ablation", ["point", "method", "weight_bits", "act_bits", "adherence", "ssim", "psnr_db"],
-                    [[r["point"], r["method"], r["weight_mean_bits"], r["act_mean_bits"],
-                      r["scores"].get("adherence", {}).get("mean"), r["scores"]["ssim"]["mean"],
+    track.log_table("evaluate/ablation", ["point", "method", "weight_bits", "act_bits", "weight_bytes", "act_bytes",
+                                          "adherence", "ssim", "psnr_db"],
+                    [[r["point"], r["method"], r["weight_mean_bits"], r["act_mean_bits"], r["weight_bytes"],
+                      r["act_bytes"], r["scores"].get("adherence", {}).get("mean"), r["scores"]["ssim"]["mean"],
                       r["scores"]["psnr_db"]["mean"]] for r in rows if "scores" in r])
     print(table_md)
     return {"rows": rows, "full_precision_adherence": ablation.fp_adherence,
             "evaluation_images_per_seed_set": len(ablation.eval_prompts), "seed_sets": len(ablation.seed_sets),
-            "select_metric": ablation.metric}
+            "select_metric": ablation.metric, "bytes_tolerance": float(s.bytes_tolerance),
+            "cost": {"sensitivity": sensitivity_cost(ws), "content_sqnr": {"wall_s": sqnr_s}}}
+
+
+def sensitivity_cost(ws: Workspace) -> dict[str, Any] | None:
+    """Evaluations and wall time of the workspace's sensitivity sweep (its stage record)."""
+    if not ws.exists(artifacts.stage_record("sensitivity")):
+        return None
+    record = ws.read_json(artifacts.stage_record("sensitivity"), "sensitivity")
+    head = record.get("headline") or {}
+    evals = head.get("evals") or {}
+    return {"wall_s": record.get("wall_time_s"), "evaluations": sum(evals.values()) if evals else None,
+            "measured_eval_s": head.get("measured_eval_s")}

@@ -4,8 +4,9 @@ Loads ``final_weight_mp.yaml`` (and ``final_act_mp.yaml`` unless ``stage.use_act
 generates the inference prompts into ``generated_images/`` (full-precision references under
 ``generated_images/full_precision/``; prompt and seed in each file name and PNG metadata) and
 returns the numbers the runner writes to ``infer.json``: PSNR/SSIM against full precision,
-caption adherence where the model has a checker, weight bytes, latency, and the bits each layer
-actually ran with and on which kernel.
+caption adherence where the model has a checker (per image for full precision and the plan, and
+the images the plan broke and fixed: ``adherence_changes``), weight bytes, latency, and the bits
+each layer actually ran with and on which kernel.
 
 ``stage.execution`` chooses how the quantized images are made: ``fake`` (quantize-dequantize in
 float: the quality the search optimized) or ``kernels`` (the plan converted to mixprec.kernels
@@ -46,6 +47,22 @@ def save_images(ws: Workspace, s: InferSettings, full_precision: Generation, qua
     quantized.save(ws, IMAGES_DIR, pairs)
     if s.save_full_precision:
         full_precision.save(ws, f"{IMAGES_DIR}/full_precision", pairs)
+
+
+def adherence_changes(fp_check: dict[str, Any] | None, scores: dict[str, Any], pairs) -> dict[str, Any] | None:
+    """Per image, whether full precision and the plan follow the caption, and which images the plan
+    broke (full precision right, plan wrong) or fixed: equal rates can hide one of each."""
+    plan = scores.get("per_image", {}).get("adherence")
+    if not fp_check or plan is None:
+        return None
+    full = fp_check["per_image"]
+
+    def listed(which: list[int]) -> list[dict[str, Any]]:
+        return [{"index": i, "prompt": pairs[i][0], "seed": pairs[i][1]} for i in which]
+    broke = [i for i, (f, q) in enumerate(zip(full, plan)) if f and not q]
+    fixed = [i for i, (f, q) in enumerate(zip(full, plan)) if q and not f]
+    return {"full_precision": [bool(v) for v in full], "plan": [bool(v) for v in plan],
+            "broke": listed(broke), "fixed": listed(fixed)}
 
 
 def weight_bytes(layers, census_rows) -> dict[str, Any]:
@@ -126,6 +143,7 @@ def run(ctx: StageContext) -> dict:
     scores = q.scores
     fp_check = adherence(fp.images, prompts, checker)
     fp_adh = fp_check["all"] if fp_check else None
+    changes = adherence_changes(fp_check, scores, pairs)
     headline = {
         "execution": execution,
         "lora": adapters,
@@ -133,6 +151,7 @@ def run(ctx: StageContext) -> dict:
         "psnr_db": scores["psnr_db"], "ssim": scores["ssim"], "mse": scores["mse"],
         "adherence": scores.get("adherence"), "adherence_detail": scores.get("adherence_detail"),
         "adherence_full_precision": fp_adh,
+        "adherence_changes": changes,
         "weights": weights,
         "weight_plan": {"path": final["weight"], "mean_bits": weight_plan.header.get("achieved_mean_bits")},
         "act_plan": {"path": final["act"], "mean_bits": act_plan.header.get("achieved_mean_bits")} if act_plan else None,
@@ -163,7 +182,8 @@ def run(ctx: StageContext) -> dict:
         set_plan(bundle.layers)
     log.info("infer: %d images, PSNR %.2f dB, SSIM %.4f%s; weights %.2f MiB (fp16 %.2f MiB)", len(pairs),
              scores["psnr_db"], scores["ssim"],
-             f", adherence {scores['adherence']:.3f} (fp {fp_adh:.3f})" if scores.get("adherence") is not None else "",
+             f", adherence {scores['adherence']:.3f} (fp {fp_adh:.3f}; the plan broke {len(changes['broke'])} and "
+             f"fixed {len(changes['fixed'])} image(s))" if changes else "",
              headline["weights"]["quantized_layers_mib"], headline["weights"]["fp16_mib"])
     return headline
 

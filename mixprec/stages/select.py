@@ -5,17 +5,27 @@ best by ``stage.metric`` becomes ``final_weight_mp.yaml``. Then every activation
 with that weight plan applied -> ``final_act_mp.yaml``. Identical candidates (common across seeds
 and K at low targets) are generated once. Every candidate's images are kept as a grid under
 ``select/`` and listed in ``select_candidates.csv``; the same table goes to W&B with the images.
+
+``stage.guard`` (default on) adds the uniform plan of the same budget to the candidates
+(``uniform/<kind>_<target>`` in the table), so the final plan never loses to uniform on the
+selection prompts. ``stage.refine.evaluations`` > 0 then runs the local search of
+:mod:`mixprec.search.refine` from the winner, scored by the same generation; a refined plan that
+beats it becomes final (``<path>+refined``). The final plan's header records the refinement's
+moves and the cost (evaluations, wall time) of selection and refinement; so does ``select.json``.
+See :mod:`mixprec.finalize`.
 """
 
 from __future__ import annotations
 
 import logging
-
+import time
 
 from mixprec import artifacts, search
 from mixprec.artifacts import SELECT_COLUMNS
+from mixprec.finalize import (JointScorer, RefineOptions, refine_plan, sensitivity_prior, uniform_candidate,
+                              uniform_path)
 from mixprec.quantizers import set_plan
-from mixprec.selection import METRICS, Candidate, generate_and_score, load_candidates, rank, save_grid, slug
+from mixprec.selection import METRICS, Candidate, generate_and_score, load_candidates, rank, save_grid, slug, sort_key
 from mixprec.context import ModelBundle, StageContext, load_calibrated
 from mixprec.workspace import MissingArtifactError, Workspace
 
@@ -44,13 +54,17 @@ def evaluate(bundle: ModelBundle, candidates: list[Candidate], kind: str, fixed_
 
 
 def write_final(ws: Workspace, kind: str, best: Candidate, metric: str, n_candidates: int,
-                weight_plan: str | None = None, path: str | None = None) -> None:
+                weight_plan: str | None = None, path: str | None = None, extra: dict | None = None) -> None:
     header = dict(best.header)
-    header.update({"selected_from": best.path, "selected_by": metric, "candidates": n_candidates,
+    # selected_from names the candidate (a file under plans/, or the guard's uniform plan); a refined
+    # final plan says so with refined: true, its moves in the refinement record
+    header.update({"selected_from": header.pop("refined_from", best.path), "refined": best.path.endswith("+refined"),
+                   "selected_by": metric, "candidates": n_candidates,
                    "selection_scores": {k: best.scores.get(k) for k in ("mse", "ssim", "psnr_db", "adherence")
                                         if best.scores.get(k) is not None}})
     if weight_plan:
         header["with_weight_plan"] = weight_plan
+    header.update(extra or {})
     artifacts.write_plan_file(ws, path or artifacts.FINAL_PLANS[kind], search.Plan(header, best.bits))
 
 
@@ -69,15 +83,17 @@ def run(ctx: StageContext) -> dict:
     if metric == "adherence" and checker is None:  # before loading anything
         raise ValueError(f"stage.metric=adherence needs a model with a content checker; {spec.name} has none "
                          f"(use stage.metric=mse or ssim)")
+    refine_opts = RefineOptions.of(dict(s.refine or {}))
     pairs = ctx.run.prompt_set("selection")
     prompts, seeds = [p for p, _ in pairs], [sd for _, sd in pairs]
     targets = {"weight": s.weight_target, "act": s.act_target}
     candidates = {k: load_candidates(ws, k, targets[k]) for k in kinds}  # fail early, before generating anything
     out = artifacts.final_plan_paths(s.output_dir)
     bundle = load_calibrated(ctx.run, ws, batch_size=int(s.batch_size))
+    search_ctx = _SearchInputs(ws, bundle, bool(s.guard), refine_opts, bool(s.progress))
     reference = bundle.sampler.generate(prompts, seeds).images
     save_grid(ws, f"{out['grids']}/full_precision.png", reference)
-    rows, headline = [], {"metric": metric, "images": len(pairs)}
+    rows, headline = [], {"metric": metric, "images": len(pairs), "cost": {}}
     fixed_weight = None
     for kind in kinds:
         if kind == "act" and fixed_weight is None:
@@ -85,18 +101,32 @@ def run(ctx: StageContext) -> dict:
                 raise MissingArtifactError(f"{out['weight']} is missing: run stage=select with "
                                            f"stage.kinds=[weight,act] first")
             fixed_weight = artifacts.read_plan_file(ws, out["weight"]).bits
-        cands = candidates[kind]
+        scorer = JointScorer(bundle.sampler, bundle.layers, prompts, seeds, reference, checker, metric, kind,
+                             fixed_weight)
+        cands = candidates[kind] + search_ctx.guard_candidates(kind, candidates[kind])
+        t0 = time.perf_counter()
         evaluate(bundle, cands, kind, fixed_weight, reference, prompts, seeds, checker, ws, bool(s.progress),
                  out["grids"])
+        cost = {"selection": {"evaluations": len({c.digest for c in cands}), "wall_s": time.perf_counter() - t0}}
         ranked = rank(cands, metric)
-        best = ranked[0]
-        write_final(ws, kind, best, metric, len(cands), out["weight"] if kind == "act" else None, out[kind])
+        best, refined = search_ctx.refine(kind, ranked[0], scorer, metric)
+        if refined is not None:
+            cost["refinement"] = {k: refined.summary()[k] for k in ("evaluations", "operating_point_evaluations",
+                                                                     "wall_s")}
+            ranked = [best] + ranked if best is not ranked[0] else ranked
+        # the plan file holds no wall-clock time (identical inputs -> identical bytes): that is in select.json
+        write_final(ws, kind, best, metric, len(cands), out["weight"] if kind == "act" else None, out[kind],
+                    extra={"guard": search_ctx.guard, "refinement": _timeless(refined.summary()) if refined else None,
+                           "evaluations": {k: v["evaluations"] for k, v in cost.items()}})
+        set_plan(bundle.layers)
         if kind == "weight":
             fixed_weight = best.bits
         kind_rows = [_row(kind, i, c) for i, c in enumerate(ranked)]
         rows += kind_rows
+        headline["cost"][kind] = cost
         headline[kind] = {"candidates": len(cands), "unique": len({c.digest for c in cands}),
-                          "best": best.path, "scores": {k: best.scores.get(k) for k in ("mse", "ssim", "adherence")}}
+                          "best": best.path, "scores": {k: best.scores.get(k) for k in ("mse", "ssim", "adherence")},
+                          "refinement": refined.summary() if refined else None}
         from PIL import Image
         track.log_table(f"select/{kind}", SELECT_COLUMNS[:-1] + ["images"],
                         [[r[c] for c in SELECT_COLUMNS[:-1]] + [Image.open(ws.path(r["grid"])) if r["grid"] else None]
@@ -107,3 +137,54 @@ def run(ctx: StageContext) -> dict:
     track.log_artifact("final_plans", "plan", [ws.path(out[k]) for k in kinds])
     headline["final_plans"] = {k: out[k] for k in kinds}
     return headline
+
+
+def _timeless(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "wall_s"}
+
+
+class _SearchInputs:
+    """What the guard and the refinement need beyond the candidates: census, tables, calibrated widths."""
+
+    def __init__(self, ws: Workspace, bundle: ModelBundle, guard: bool, refine_opts: RefineOptions,
+                 progress: bool) -> None:
+        self.ws, self.bundle, self.guard, self.refine_opts, self.progress = ws, bundle, guard, refine_opts, progress
+        self.census = artifacts.read_census(ws)
+        self.protected = artifacts.read_protected(ws) if ws.exists(artifacts.PROTECTED_YAML) else []
+        self.per_prompt = artifacts.read_per_prompt(ws) if refine_opts.evaluations else None
+
+    def guard_candidates(self, kind: str, cands: list[Candidate]) -> list[Candidate]:
+        """The uniform plan of the candidates' budget (none without one budget, or with the guard off)."""
+        budgets = {artifacts.PlanHeader(c.header).budget for c in cands}
+        if not self.guard or len(budgets) != 1 or None in budgets:
+            return []
+        budget = budgets.pop()
+        q = self.bundle.quant
+        plan = uniform_candidate(kind, budget, self.census, self.protected, self.ws.fingerprints,
+                                 q.weight_bits if kind == "weight" else q.act_bits)
+        if plan is None:
+            log.info("select %s: no uniform plan within %s %s of the calibrated widths: no guard candidate",
+                     kind, budget.value, budget.unit)
+            return []
+        return [Candidate(uniform_path(kind, budget), plan.header, plan.bits)]
+
+    def refine(self, kind: str, best: Candidate, scorer: JointScorer, metric: str):
+        """(final candidate, refinement result or None): the refined plan when it beats ``best``."""
+        budget = artifacts.PlanHeader(best.header).budget
+        if not self.refine_opts.evaluations or budget is None:
+            return best, None
+        q = self.bundle.quant
+        groups = {c.name: c.group for c in self.census}
+        prior = sensitivity_prior(self.per_prompt[kind], q.bits_by_group(kind), groups,
+                                  self.protected if kind == "act" else [])
+        result = refine_plan(best.bits_or_full(), (sort_key(best.scores, metric), best.scores), scorer, kind, budget,
+                             self.census, q.bits_by_group(kind), self.refine_opts, prior, self.protected,
+                             progress=self.progress)
+        if not result.improved:
+            return best, result
+        size = search.LayerSizes.of(self.census).describe(kind, result.bits)
+        header = dict(best.header) | {"refined_from": best.path, "achieved_mean_bits": {"overall": size["mean_bits"]},
+                                      "bytes": size["bytes"], "mib": size["mib"]}
+        refined = Candidate(f"{best.path}+refined", header, result.bits)
+        refined.scores = dict(result.scores)
+        return refined, result
