@@ -124,7 +124,8 @@ class StageContext:
     """What the runner hands every stage: its typed settings (:mod:`mixprec.settings`: ``stage.*``
     checked for unknown keys and types), the typed run settings, the workspace the stage reads and
     writes and the stage's tracker (one W&B run per stage). ``cfg`` is the composed config the
-    runner records; stages read ``settings`` and ``run`` instead (train_compose still reads ``cfg``)."""
+    runner records (the pipeline stage, which builds sub-stage configs for the runner, reads it); every
+    other stage reads ``settings`` and ``run``."""
 
     settings: StageSettings
     run: RunSettings

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import torch
 from diffusers import StableDiffusionXLPipeline
 
+from mixprec.models import toy
 from mixprec.tiny import build as tiny_build
 from mixprec.tiny.tokenizer import build_tokenizer, load_tokenizer
 
@@ -43,28 +44,23 @@ COMPOSE_ARCH: dict[str, Any] = {
         "norm_num_groups": 8,
         "addition_time_embed_dim": 32,
     },
-    "vae": {
-        "block_out_channels": [32, 48, 48],
-        "layers_per_block": 1,
-        "latent_channels": 4,
-        # 8-16 channels per group: fewer would normalise a flat colour away (see docs/tiny_model.md).
-        "norm_num_groups": 4,
-        "mid_block_add_attention": False,
-    },
+    # The tiny model's VAE layout at more width; 8-16 channels per group: fewer would normalise a flat
+    # colour away (see docs/tiny_model.md).
+    "vae": toy.merge_arch(toy.TINY_ARCH["vae"], {"block_out_channels": [32, 48, 48], "norm_num_groups": 4}),
     "text_encoder": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 3, "num_attention_heads": 2},
     "text_encoder_2": {"hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 3,
                        "num_attention_heads": 3, "projection_dim": 192},
     "max_length": MODEL_MAX_LENGTH,
-    "scheduler": dict(tiny_build.TINY_ARCH["scheduler"]),
+    "scheduler": dict(toy.TINY_ARCH["scheduler"]),
 }
 
 # The same structure (three levels, 1/2/2 transformer layers) at the smallest width: for tests.
-MICRO_ARCH: dict[str, Any] = tiny_build.merge_arch(COMPOSE_ARCH, {
+MICRO_ARCH: dict[str, Any] = toy.merge_arch(COMPOSE_ARCH, {
     "unet": {"block_out_channels": [8, 16, 16], "layers_per_block": 1, "transformer_layers_per_block": [1, 1, 2],
              "attention_head_dim": [2, 2, 2], "norm_num_groups": 4, "addition_time_embed_dim": 4},
     "vae": {"block_out_channels": [8, 8, 8], "norm_num_groups": 4},
-    "text_encoder": tiny_build.MICRO_ARCH["text_encoder"],
-    "text_encoder_2": tiny_build.MICRO_ARCH["text_encoder_2"],
+    "text_encoder": toy.MICRO_ARCH["text_encoder"],
+    "text_encoder_2": toy.MICRO_ARCH["text_encoder_2"],
 })
 
 

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mixprec.tiny.build import generate, merge_arch
+from mixprec.models.toy import merge_arch
+from mixprec.tiny.build import generate
 from mixprec.workspace import atomic_write_text
 from mixprec.tiny.train import (CHECKPOINT_NAME, LogFn, LogImagesFn, TrainConfig, _atomic_torch_save, _deterministic,
                                 _EMA, _lr_factor, _noise_scheduler, _step_seed, _to_model_range, resolve_device,

@@ -163,34 +163,6 @@ TINY_ARCH: dict[str, Any] = {
     },
 }
 
-# Smallest arch with the same structure: builds in a fraction of a second, for tests.
-MICRO_ARCH: dict[str, Any] = {
-    "image_size": 64,
-    "unet": {
-        "block_out_channels": [8, 16],
-        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-        "layers_per_block": 1,
-        "transformer_layers_per_block": [1, 1],
-        "attention_head_dim": [2, 2],
-        "norm_num_groups": 4,
-        "addition_time_embed_dim": 4,
-    },
-    "vae": {
-        "block_out_channels": [8, 8, 8],
-        "layers_per_block": 1,
-        "latent_channels": 4,
-        "norm_num_groups": 4,
-        "mid_block_add_attention": False,
-    },
-    "text_encoder": {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2},
-    "text_encoder_2": {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "projection_dim": 8},
-    "max_length": 16,
-    "scheduler": dict(TINY_ARCH["scheduler"]),
-}
-
-
 def merge_arch(base: Mapping[str, Any], override: Mapping[str, Any] | None) -> dict[str, Any]:
     """Deep-merge override into a copy of base (nested dicts merge, everything else replaces)."""
     out = copy.deepcopy(dict(base))
@@ -201,6 +173,14 @@ def merge_arch(base: Mapping[str, Any], override: Mapping[str, Any] | None) -> d
             out[k] = copy.deepcopy(v)
     return out
 
+
+# Smallest arch with the same structure: builds in a fraction of a second, for tests.
+MICRO_ARCH: dict[str, Any] = merge_arch(TINY_ARCH, {
+    "unet": {"block_out_channels": [8, 16], "attention_head_dim": [2, 2], "addition_time_embed_dim": 4},
+    "vae": {"block_out_channels": [8, 8, 8], "norm_num_groups": 4},
+    "text_encoder": {"hidden_size": 8, "intermediate_size": 16},
+    "text_encoder_2": {"hidden_size": 8, "intermediate_size": 16, "projection_dim": 8},
+})
 
 def _vae_scale_factor(arch: Mapping[str, Any]) -> int:
     return 2 ** (len(arch["vae"]["block_out_channels"]) - 1)

@@ -14,7 +14,6 @@ from typing import Any, Callable
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 
-from mixprec.models.toy import MICRO_ARCH, TINY_ARCH, merge_arch  # noqa: F401  (the training code's imports)
 from mixprec.models.toy import build_tiny_sdxl_pipeline as build_pipeline  # noqa: F401
 
 from .tokenizer import load_tokenizer

@@ -36,7 +36,9 @@ from mixprec.workspace import atomic_path
 
 from . import shapes
 from .adherence import check_batch
-from .build import TINY_ARCH, build_pipeline, generate, merge_arch
+from mixprec.models.toy import TINY_ARCH, merge_arch
+
+from .build import build_pipeline, generate
 
 LogFn = Callable[[dict, int], None]
 LogImagesFn = Callable[[str, list, list], None]
