@@ -19,6 +19,7 @@ from typing import Any
 
 from mixprec import artifacts, search
 from mixprec.artifacts import Budget, CensusLayer
+from mixprec.quant.options import parse_weight_option
 from mixprec.search import MIB, PROTECTED_BITS, Plan
 from mixprec.workspace import atomic_path
 
@@ -53,6 +54,9 @@ class AllocationRequest:
     # one program per group, each within `tolerance` bits below its share); "joint" = the target's bytes
     # (mixprec.search.budget) as one program over both groups, within `bytes_tolerance` below it
     program: str = "split"
+    # weights: per-group scale options (quant.weight_group_sizes) the program may choose per layer. Group
+    # scales cost bytes, not mean bits, so such a request is solved as a byte program ("joint")
+    group_sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -103,6 +107,13 @@ def _solve(request: AllocationRequest, metric, groups: Mapping[str, str], sizes:
            params: Mapping[str, int], out_ch: Mapping[str, int], protected: list[str],
            layer_sizes: search.LayerSizes) -> search.Solution:
     r = request
+    if r.kind == "weight" and r.group_sizes:
+        budget = (r.budget.value * MIB if r.budget.unit == "MiB"
+                  else layer_sizes.target_bytes(r.kind, r.budget.value, list(groups), protected))
+        return search.solve_budget(metric, groups, lambda l, k: layer_sizes.layer_bytes(r.kind, l, *_option(k)), sizes,
+                                   budget, K=float(r.K), bits=r.bits, protected=protected,
+                                   tolerance_frac=r.bytes_tolerance, solver=r.solver, time_limit_s=r.time_limit_s,
+                                   metric_cap=r.metric_cap, what="packed weights + scales", group_sizes=r.group_sizes)
     if r.budget.unit == "MiB" and r.kind == "act" or r.budget.unit == "mean_bits" and r.program == "joint":
         if r.budget.unit == "MiB":
             budget = r.budget.value * MIB
@@ -124,6 +135,14 @@ def _solve(request: AllocationRequest, metric, groups: Mapping[str, str], sizes:
                                   metric_cap=r.metric_cap, kind=r.kind)
 
 
+def _option(key: int | str) -> tuple[int, int]:
+    """A program choice (``4``, ``"4g64"``, 16 for protected layers) -> (bits, group size)."""
+    if isinstance(key, str):
+        opt = parse_weight_option(key)
+        return opt.bits, opt.group_size
+    return int(key), 0
+
+
 def allocate(request: AllocationRequest, census: Sequence[CensusLayer],
              per_prompt: Mapping[str, Mapping[str, Mapping[int, list[float]]]], protected: Sequence[str] = (),
              fingerprints: Mapping[str, str] | None = None) -> tuple[Plan, search.Solution]:
@@ -140,10 +159,10 @@ def allocate(request: AllocationRequest, census: Sequence[CensusLayer],
     sizes = params if r.kind == "weight" else {c.name: c.act_elems for c in census}
     layer_sizes = search.LayerSizes.of(census)
     sol = _solve(r, metric, groups, sizes, params, out_ch, prot, layer_sizes)
-    nbytes = layer_sizes.plan_bytes(r.kind, sol.bits)
-    score = search.plan_objective(sol.bits, reference, groups, r.bits, 1.0, prot, r.metric_cap)
+    nbytes = layer_sizes.plan_bytes(r.kind, sol.bits, sol.group_size)
+    score = search.plan_objective(sol.bits, reference, groups, r.bits, 1.0, prot, r.metric_cap, sol.group_size)
     header = _header(r, sol, nbytes, score, groups, prot, dict(fingerprints or {}))
-    return Plan(header=header, bits=sol.bits), sol
+    return Plan(header=header, bits=sol.bits, group_size=dict(sol.group_size)), sol
 
 
 def _header(r: AllocationRequest, sol: search.Solution, nbytes: int, score: float, groups: Mapping[str, str],
@@ -165,10 +184,12 @@ def _header(r: AllocationRequest, sol: search.Solution, nbytes: int, score: floa
         "time_limit_s": float(r.time_limit_s),
         "tolerance": float(r.tolerance) if r.budget.unit == "mean_bits" and r.program == "split"
         else float(r.bytes_tolerance),
-        "program": r.program if r.budget.unit == "mean_bits" else "joint",
+        "program": r.program if r.budget.unit == "mean_bits" and not (r.kind == "weight" and r.group_sizes)
+        else "joint",
         "bits_allowed": {g: [int(b) for b in r.bits[g]] for g in search.GROUPS},
         "metric_cap": float(r.metric_cap),
         "layers": {g: sum(1 for name, gg in groups.items() if gg == g and name not in prot) for g in search.GROUPS},
+        **({"group_sizes_allowed": [int(g) for g in r.group_sizes]} if r.kind == "weight" and r.group_sizes else {}),
         "protected": len(prot),
         "protected_bits": PROTECTED_BITS,
         "model_fingerprint": fp.get("model"),

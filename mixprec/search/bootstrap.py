@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from mixprec.quant.options import table_key
+
 from .program import SensitivityError
 
 
@@ -53,5 +55,5 @@ def bootstrap_metric(per_prompt: Mapping[str, Mapping[int, Sequence[float]]], se
             if np.isposinf(a).any() and np.isneginf(a).any():
                 raise SensitivityError(f"sensitivity of layer {layer!r} at {b} bits is +inf for one prompt and -inf "
                                        "for another; pass a cap")
-            out[layer][int(b)] = float(a.mean())
+            out[layer][table_key(b)] = float(a.mean())  # "4g64" options stay strings
     return out

@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
 
+from mixprec.quant.options import parse_weight_option, table_key
+
 from .budget import weight_layer_bytes, weight_plan_bytes
 from .plan import natural_key
 
@@ -79,6 +81,8 @@ class Solution:
     objective_by_group: dict[str, float] = field(default_factory=dict)
     targets: dict[str, float] = field(default_factory=dict)
     status_by_group: dict[str, str] = field(default_factory=dict)
+    # layer -> group size for layers the byte program gave per-group weight scales (bits: their width)
+    group_size: dict[str, int] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -121,7 +125,7 @@ def _table(metric: Mapping[str, Mapping[int, float]], layers: Sequence[str], bit
     for l in layers:
         if l not in metric:
             continue
-        row = {int(k): v for k, v in metric[l].items()}
+        row = {table_key(k): v for k, v in metric[l].items()}
         gaps = [b for b in bits if b not in row]
         if gaps:
             missing_bits.append(f"{l} (no {', '.join(map(str, gaps))}-bit value; has {sorted(row)})")
@@ -503,21 +507,59 @@ def plan_bytes(bits: Mapping[str, int | None], params: Mapping[str, int], out_ch
 
 
 def normalized_tables(metric: Mapping[str, Mapping[str, Mapping[int, float]]], layers: Mapping[str, Sequence[str]],
-                      bits: Mapping[str, Sequence[int]], metric_cap: float = 100.0) -> dict[str, dict[str, dict[int, float]]]:
+                      bits: Mapping[str, Sequence[int]], metric_cap: float = 100.0,
+                      group_sizes: Sequence[int] = ()) -> dict[str, dict[str, dict[int | str, float]]]:
     """Per group, ``(metric - min) / (max - min)`` over that group's whole table (its layers x its bits).
 
     An affine map with a positive scale, so within a group it ranks plans exactly as the raw metric
     does; it puts SSIM (~0.9-1) and SQNR (tens of dB) on one 0..1 scale so that both can share an
     objective. A group whose table is constant maps to 0.
+
+    ``group_sizes``: per-group weight options (``"4g64"``) present in a layer's row join it, mapped
+    by the same affine map as the per-channel table (which alone sets min and max, so a recipe
+    without group sizes normalises exactly as before).
     """
     out = {}
     for g, ls in layers.items():
-        t = _table(metric[g], list(ls), _check_bits(bits[g], g), metric_cap, g)
+        allowed = _check_bits(bits[g], g)
+        t = _table(metric[g], list(ls), allowed, metric_cap, g)
         vals = [v for row in t.values() for v in row.values()]
         mn, mx = (min(vals), max(vals)) if vals else (0.0, 0.0)
         span = mx - mn
+        t = with_grouped_options(t, metric[g], allowed, group_sizes, metric_cap)
         out[g] = {l: {b: ((v - mn) / span if span > 0 else 0.0) for b, v in row.items()} for l, row in t.items()}
     return out
+
+
+def with_grouped_options(table: Mapping[str, Mapping[int, float]], metric: Mapping[str, Mapping[int | str, float]],
+                         allowed: Sequence[int], group_sizes: Sequence[int], metric_cap: float = 100.0
+                         ) -> dict[str, dict[int | str, float]]:
+    """``table`` (per-channel widths) plus each layer's measured per-group options ``"4g64"`` whose
+    width is allowed and whose group size is in ``group_sizes``: one more choice per layer each.
+    A layer without such a measurement (too few input columns for the group) keeps its row."""
+    sizes = {int(g) for g in group_sizes}
+    out: dict[str, dict[int | str, float]] = {}
+    for l, row in table.items():
+        out[l] = dict(row)
+        if not sizes:
+            continue
+        for k, v in sorted(metric.get(l, {}).items(), key=lambda kv: str(kv[0])):
+            key = table_key(k)
+            opt = parse_weight_option(key) if isinstance(key, str) else None
+            if opt is not None and opt.group_size in sizes and opt.bits in allowed:
+                out[l][key] = _capped(v, metric_cap, l, key)
+    return out
+
+
+def option_bits(plan: Mapping[str, int | str]) -> tuple[dict[str, int], dict[str, int]]:
+    """A program's choice per layer (``4`` or ``"4g64"``) -> (``bits``, ``group_size``) of a plan file."""
+    bits, groups = {}, {}
+    for l, k in plan.items():
+        opt = parse_weight_option(k) if isinstance(k, str) else None
+        bits[l] = opt.bits if opt else int(k)
+        if opt and opt.group_size:
+            groups[l] = opt.group_size
+    return bits, groups
 
 
 def group_weights(K: float, counts: Mapping[str, int]) -> dict[str, float]:
@@ -560,11 +602,16 @@ def solve_budget(metric: Mapping[str, Mapping[str, Mapping[int, float]]], groups
                  cost: Callable[[str, int], int], sizes: Mapping[str, int], budget_bytes: float, *, K: float = 1.0,
                  bits: Mapping[str, Sequence[int]] | None = None, protected: Iterable[str] = (),
                  tolerance_frac: float = 0.01, solver: str = "cp-sat", time_limit_s: float = 10.0,
-                 metric_cap: float = 100.0, objective_scale: float = 1e9, what: str = "bytes") -> Solution:
+                 metric_cap: float = 100.0, objective_scale: float = 1e9, what: str = "bytes",
+                 group_sizes: Sequence[int] = ()) -> Solution:
     """The joint byte program of :func:`solve_bytes` for any byte count: ``cost(layer, bits)`` is a
     layer's bytes at ``bits`` (:mod:`mixprec.search.budget`: weights, or activations per image),
     protected layers at 16 bits, and the plan's total lies in ``[(1 - tolerance_frac) * budget, budget]``.
-    ``sizes`` (parameters or activation elements) weigh the reported mean bits."""
+    ``sizes`` (parameters or activation elements) weigh the reported mean bits.
+
+    ``group_sizes`` (weights): each measured per-group option ``"4g64"`` of a layer is one more choice
+    (``cost`` is then called with that key: its bytes count the group scales); the chosen group sizes
+    come back in ``Solution.group_size``, their widths in ``Solution.bits``."""
     solver = _check_solver(solver)
     if not (K > 0 and math.isfinite(K)):
         raise AllocationError(f"K must be a positive finite number, got {K!r}")
@@ -579,11 +626,12 @@ def solve_budget(metric: Mapping[str, Mapping[str, Mapping[int, float]]], groups
     by_group = {g: sorted((l for l, gg in groups.items() if gg == g and l not in prot), key=natural_key)
                 for g in GROUPS}
     layers = by_group["content"] + by_group["quality"]
-    raw = {g: _table(metric.get(g, {}), by_group[g], allowed[g], metric_cap, f"{g} {what}") for g in GROUPS}
-    norm = normalized_tables(metric, by_group, allowed, metric_cap)
+    raw = {g: with_grouped_options(_table(metric.get(g, {}), by_group[g], allowed[g], metric_cap, f"{g} {what}"),
+                                   metric.get(g, {}), allowed[g], group_sizes, metric_cap) for g in GROUPS}
+    norm = normalized_tables(metric, by_group, allowed, metric_cap, group_sizes)
     wg = group_weights(K, {g: len(by_group[g]) for g in GROUPS})
-    value = {l: {b: wg[g] * norm[g][l][b] for b in allowed[g]} for g in GROUPS for l in by_group[g]}
-    weight = {l: {b: int(cost(l, b)) for b in allowed[g]} for g in GROUPS for l in by_group[g]}
+    value = {l: {b: wg[g] * v for b, v in norm[g][l].items()} for g in GROUPS for l in by_group[g]}
+    weight = {l: {b: int(cost(l, b)) for b in norm[g][l]} for g in GROUPS for l in by_group[g]}
     fixed = sum(int(cost(l, PROTECTED_BITS)) for l in groups if l in prot)
     budget = float(budget_bytes)
     hi = math.floor(budget + 1e-6) - fixed  # a byte count given in MiB comes back a hair below itself
@@ -600,7 +648,7 @@ def solve_budget(metric: Mapping[str, Mapping[str, Mapping[int, float]]], groups
     if not layers:
         return Solution(bits={l: PROTECTED_BITS for l in groups}, status="OPTIMAL", objective=0.0,
                         mean_bits={}, solve_time_s=0.0, solver=solver, bytes=fixed)
-    prog = _Program(layers=layers, choices={l: allowed[groups[l]] for l in layers}, weight=weight,
+    prog = _Program(layers=layers, choices={l: tuple(weight[l]) for l in layers}, weight=weight,
                     lo=max(lo, 0), hi=hi, value=value, int_value=_int_values(value, objective_scale))
     plan, status, dt, det = _solve(prog, solver, time_limit_s)
     if plan is None:
@@ -609,32 +657,40 @@ def solve_budget(metric: Mapping[str, Mapping[str, Mapping[int, float]]], groups
             f"MiB ({what}; reachable [{reach_lo / MIB:.4f}, {reach_hi / MIB:.4f}] MiB, but layer sizes are too "
             f"coarse for the window); widen the tolerance or move the budget")
     _verify(prog, plan, "byte budget")
+    plan_bits, plan_groups = option_bits(plan)
     psz = {l: int(sizes[l]) for l in layers}
-    mean = {g: _mean({l: plan[l] for l in by_group[g]}, psz) for g in GROUPS if by_group[g]}
-    mean["overall"] = _mean(plan, psz)
-    full = {**plan, **{l: PROTECTED_BITS for l in groups if l in prot}}
+    mean = {g: _mean({l: plan_bits[l] for l in by_group[g]}, psz) for g in GROUPS if by_group[g]}
+    mean["overall"] = _mean(plan_bits, psz)
+    full = {**plan_bits, **{l: PROTECTED_BITS for l in groups if l in prot}}
     return Solution(bits=full, status=status, objective=sum(value[l][plan[l]] for l in layers), mean_bits=mean,
                     solve_time_s=dt, solver=solver, deterministic_time=det,
                     bytes=fixed + sum(weight[l][plan[l]] for l in layers),
-                    objective_by_group={g: sum(raw[g][l][plan[l]] for l in by_group[g]) for g in GROUPS})
+                    objective_by_group={g: sum(raw[g][l][plan[l]] for l in by_group[g]) for g in GROUPS},
+                    group_size=plan_groups)
 
 
 # ---------------------------------------------------------------------------- both groups, mean bits
 
 def plan_objective(plan: Mapping[str, int], metric: Mapping[str, Mapping[str, Mapping[int, float]]],
                    groups: Mapping[str, str], bits: Mapping[str, Sequence[int]], K: float = 1.0,
-                   protected: Iterable[str] = (), metric_cap: float = 100.0) -> float:
+                   protected: Iterable[str] = (), metric_cap: float = 100.0,
+                   group_size: Mapping[str, int] | None = None) -> float:
     """The byte program's objective (normalised metric, K/N_c and 1/N_q weights) of any plan.
 
     With K = 1 and one reference table (the seed-0 mean) this is the score that makes candidates
-    of different K, targets and seeds comparable on one Pareto axis.
+    of different K, targets and seeds comparable on one Pareto axis. ``group_size``: the plan's
+    grouped layers, scored by their ``"4g64"`` entries.
     """
-    prot = set(protected)
+    prot, gs = set(protected), dict(group_size or {})
     by_group = {g: sorted((l for l, gg in groups.items() if gg == g and l not in prot), key=natural_key)
                 for g in GROUPS}
-    norm = normalized_tables(metric, by_group, bits, metric_cap)
+    norm = normalized_tables(metric, by_group, bits, metric_cap, sorted(set(gs.values())))
+
+    def key(l: str) -> int | str:
+        return f"{int(plan[l])}g{gs[l]}" if l in gs else int(plan[l])
+
     wg = group_weights(K, {g: len(v) for g, v in by_group.items()})
-    return sum(wg[g] * norm[g][l][int(plan[l])] for g in GROUPS for l in by_group[g])
+    return sum(wg[g] * norm[g][l][key(l)] for g in GROUPS for l in by_group[g])
 
 
 def solve_mean_bits(metric: Mapping[str, Mapping[str, Mapping[int, float]]], sizes: Mapping[str, int],

@@ -61,7 +61,8 @@ def run(ctx: StageContext) -> dict:
     s, ws, track = ctx.settings, ctx.workspace, ctx.tracker
     q = ctx.run.quant
     census = artifacts.read_census(ws)
-    per_prompt = artifacts.read_per_prompt(ws)
+    # per-group weight options (quant.weight_group_sizes) are choices of the byte programs, not of latency ones
+    per_prompt = artifacts.read_per_prompt(ws, grouped=bool(q.weight_group_sizes) and str(s.budget) != "latency")
     if not artifacts.check_sensitivity_fingerprints(ws):
         log.warning("allocate: no sensitivity.json in %s; cannot check that %s was made for this model and recipe",
                     ws.root, artifacts.PER_PROMPT_CSV)
@@ -76,7 +77,8 @@ def run(ctx: StageContext) -> dict:
         request = AllocationRequest(
             kind=kind, budget=budget, K=float(K), seed=int(seed), bits=q.bits_by_group(kind),
             solver=str(s.solver), time_limit_s=float(s.time_limit_s), tolerance=float(s.tolerance),
-            bytes_tolerance=float(s.bytes_tolerance), metric_cap=float(s.metric_cap), program=str(s.program))
+            bytes_tolerance=float(s.bytes_tolerance), metric_cap=float(s.metric_cap), program=str(s.program),
+            group_sizes=tuple(int(g) for g in q.weight_group_sizes) if kind == "weight" else ())
         try:
             plan, sol = allocate(request, census, per_prompt[kind], protected_acts if kind == "act" else [],
                                  ws.fingerprints)

@@ -1,0 +1,65 @@
+"""Issue 17: the search chooses per-group weight scales ("4g64") where they pay, end to end."""
+
+from __future__ import annotations
+
+from mixprec.allocation import AllocationRequest, allocate
+from mixprec.artifacts import Budget, CensusLayer
+from mixprec.search import MIB, LayerSizes, read_plan, solve_budget, write_plan
+from mixprec.search.plan import plan_to_yaml
+from mixprec.search.budget import weight_layer_bytes
+
+OUT, IN = 128, 256
+PARAMS = OUT * IN
+BYTES = {4: weight_layer_bytes(PARAMS, OUT, 4), "4g64": weight_layer_bytes(PARAMS, OUT, 4, 64, IN),
+         8: weight_layer_bytes(PARAMS, OUT, 8)}
+
+
+def _metric(grouped_value: float) -> dict:
+    row = {4: 10.0, 8: 30.0, "4g64": grouped_value}
+    return {"content": {"c0": dict(row)}, "quality": {"q0": dict(row)}}
+
+
+def _solve(grouped_value: float, group_sizes=(64,)):
+    def cost(layer, key):
+        return BYTES[key] if key in BYTES else weight_layer_bytes(PARAMS, OUT, int(key))
+
+    # room for both layers at 4g64 but not for one at 8 bits
+    budget = 2 * BYTES["4g64"]
+    return solve_budget(_metric(grouped_value), {"c0": "content", "q0": "quality"}, cost, {"c0": PARAMS, "q0": PARAMS},
+                        budget, bits={"content": (4, 8), "quality": (4, 8)}, tolerance_frac=0.05, solver="highs",
+                        group_sizes=group_sizes)
+
+
+def test_a_grouped_option_better_per_byte_is_chosen():
+    assert BYTES[4] < BYTES["4g64"] < BYTES[8]
+    sol = _solve(20.0)
+    assert sol.bits == {"c0": 4, "q0": 4}
+    assert sol.group_size == {"c0": 64, "q0": 64}
+    assert sol.bytes == 2 * BYTES["4g64"]
+
+
+def test_a_grouped_option_that_does_not_pay_or_is_not_offered_is_left():
+    worse = _solve(9.0)  # costs more bytes and scores lower than per channel: never worth it
+    assert worse.group_size == {} and worse.bits == {"c0": 4, "q0": 4}
+    ignored = _solve(20.0, group_sizes=())  # the default recipe: string keys are not choices
+    assert ignored.group_size == {} and ignored.bits == {"c0": 4, "q0": 4}
+
+
+def test_allocate_writes_the_chosen_group_sizes_into_the_plan_file(tmp_path):
+    census = [CensusLayer(n, "Linear", g, PARAMS, 1024, OUT, "blk", False, False) for n, g in
+              (("c0", "content"), ("q0", "quality"))]
+    per_prompt = {g: {l: {4: [10.0, 10.0], 8: [30.0, 30.0], "4g64": [20.0, 20.0]} for l in ls}
+                  for g, ls in (("content", ["c0"]), ("quality", ["q0"]))}
+    request = AllocationRequest(kind="weight", budget=Budget.of("bytes", 2 * BYTES["4g64"] / MIB), K=1.0,
+                                bits={"content": (4, 8), "quality": (4, 8)}, solver="highs", bytes_tolerance=0.05,
+                                group_sizes=(64, 128))
+    plan, sol = allocate(request, census, per_prompt)
+    assert plan.group_size == {"c0": 64, "q0": 64} and plan.bits == {"c0": 4, "q0": 4}
+    assert plan.header["bytes"] == LayerSizes.of(census).plan_bytes("weight", plan.bits, plan.group_size)
+    assert plan.header["group_sizes_allowed"] == [64, 128]
+    back = read_plan(write_plan(tmp_path / "p.yaml", plan))
+    assert back.group_size == plan.group_size and back.bits == plan.bits
+    # without group sizes in the request the same table gives a per-channel plan and no mapping
+    plain, _ = allocate(AllocationRequest(**{**request.__dict__, "group_sizes": ()}), census, per_prompt)
+    assert plain.group_size == {} and "group_size" not in plan_to_yaml(plain)
+    assert "group_size:" in plan_to_yaml(plan)
