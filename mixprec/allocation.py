@@ -19,7 +19,6 @@ from typing import Any
 
 from mixprec import artifacts, search
 from mixprec.artifacts import Budget, CensusLayer
-from mixprec.quant.options import parse_weight_option
 from mixprec.search import MIB, PROTECTED_BITS, Plan
 from mixprec.workspace import atomic_path
 
@@ -110,7 +109,7 @@ def _solve(request: AllocationRequest, metric, groups: Mapping[str, str], sizes:
     if r.kind == "weight" and r.group_sizes:
         budget = (r.budget.value * MIB if r.budget.unit == "MiB"
                   else layer_sizes.target_bytes(r.kind, r.budget.value, list(groups), protected))
-        return search.solve_budget(metric, groups, lambda l, k: layer_sizes.layer_bytes(r.kind, l, *_option(k)), sizes,
+        return search.solve_budget(metric, groups, lambda l, k: layer_sizes.layer_bytes(r.kind, l, *search.split_option(k)), sizes,
                                    budget, K=float(r.K), bits=r.bits, protected=protected,
                                    tolerance_frac=r.bytes_tolerance, solver=r.solver, time_limit_s=r.time_limit_s,
                                    metric_cap=r.metric_cap, what="packed weights + scales", group_sizes=r.group_sizes)
@@ -133,14 +132,6 @@ def _solve(request: AllocationRequest, metric, groups: Mapping[str, str], sizes:
     return search.solve_mean_bits(metric, sizes, groups, r.bits, r.budget.value, float(r.K), tolerance=r.tolerance,
                                   protected=protected, solver=r.solver, time_limit_s=r.time_limit_s,
                                   metric_cap=r.metric_cap, kind=r.kind)
-
-
-def _option(key: int | str) -> tuple[int, int]:
-    """A program choice (``4``, ``"4g64"``, 16 for protected layers) -> (bits, group size)."""
-    if isinstance(key, str):
-        opt = parse_weight_option(key)
-        return opt.bits, opt.group_size
-    return int(key), 0
 
 
 def allocate(request: AllocationRequest, census: Sequence[CensusLayer],

@@ -36,7 +36,7 @@ import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +219,8 @@ class PlanFile:
     path: str
     header: dict[str, Any]
     bits: dict[str, Any]
+    # layer -> 64 / 128: weight layers with per-group scales (the plan file's optional group_size mapping)
+    group_size: dict[str, int] = field(default_factory=dict)
 
     def bits_or_full(self) -> dict[str, int]:
         """Bits with full-precision layers (``null`` in the file) as 16."""
@@ -293,7 +295,7 @@ def read_plan_file(ws: Workspace, rel: str, producer: str | None = None) -> Plan
     """A plan of the workspace; with ``producer``, a missing file names the stage that writes it."""
     path = ws.require(rel, producer) if producer else ws.path(rel)
     plan = read_plan(path)
-    return PlanFile(rel, plan.header, plan.bits)
+    return PlanFile(rel, plan.header, plan.bits, plan.group_size)
 
 
 def read_plan_header(path: str | os.PathLike) -> dict[str, Any]:
@@ -344,7 +346,8 @@ def read_final_plans(root: str | os.PathLike) -> dict[str, PlanFile]:
         p = Path(root) / name
         if p.exists():
             data = _yaml(p) or {}
-            out[kind] = PlanFile(name, dict(data.get("header") or {}), dict(data.get("bits") or {}))
+            out[kind] = PlanFile(name, dict(data.get("header") or {}), dict(data.get("bits") or {}),
+                                 {str(l): int(g) for l, g in (data.get("group_size") or {}).items()})
     return out
 
 

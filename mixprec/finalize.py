@@ -25,6 +25,7 @@ from typing import Any
 
 from mixprec import artifacts, search
 from mixprec.artifacts import Budget, CensusLayer
+from mixprec.quant.options import option_order
 from mixprec.search import FULL_PRECISION_BITS, LayerSizes, Plan
 from mixprec.search.refine import RefineResult, refine
 from mixprec.selection import generate_and_score, sort_key
@@ -116,19 +117,23 @@ class JointScorer:
     metric: str
     kind: str
     fixed: Mapping[str, int] | None = None
+    fixed_groups: Mapping[str, int] | None = None  # the fixed weight plan's per-group layers (kind act)
     evaluations: int = 0
     wall_s: float = 0.0
     cache: dict[tuple, tuple[tuple, dict[str, Any]]] = field(default_factory=dict)
     seconds: dict[tuple, float] = field(default_factory=dict)
 
-    def __call__(self, bits: Mapping[str, int]) -> tuple[tuple, dict[str, Any]]:
+    def __call__(self, bits: Mapping[str, int | str]) -> tuple[tuple, dict[str, Any]]:
+        """``bits``: layer -> width, or a per-group weight option ``"4g64"`` (:func:`search.option_bits`)."""
         digest = _digest(bits)
         if digest in self.cache:  # a plan scored before (another variant's candidate): same images, same score
             return self.cache[digest]
         t0 = time.perf_counter()
-        weight, act = (bits, self.fixed) if self.kind == "weight" else (self.fixed, bits)
+        plan, groups = search.option_bits(bits)
+        weight, act = (plan, self.fixed) if self.kind == "weight" else (self.fixed, plan)
         scores = generate_and_score(self.sampler, self.layers, self.prompts, self.seeds, self.reference,
-                                    self.checker, weight, act).scores
+                                    self.checker, weight, act,
+                                    weight_groups=groups if self.kind == "weight" else self.fixed_groups).scores
         scores = {k: v for k, v in scores.items() if k != "per_image"}
         self.seconds[digest] = time.perf_counter() - t0
         self.evaluations += 1
@@ -142,20 +147,22 @@ class JointScorer:
         return {"evaluations": len(distinct), "wall_s": sum(self.seconds.get(d, 0.0) for d in distinct)}
 
 
-def _digest(bits: Mapping[str, int]) -> tuple:
-    return tuple(sorted((k, int(v)) for k, v in bits.items()))
+def _digest(bits: Mapping[str, int | str]) -> tuple:
+    return tuple(sorted((k, v if isinstance(v, str) else int(v)) for k, v in bits.items()))
 
 
 def sensitivity_prior(per_prompt: Mapping[str, Mapping[str, Mapping[Any, list[float]]]],
                       bits_by_group: Mapping[str, Sequence[int]], groups: Mapping[str, str],
-                      protected: Sequence[str] = (), metric_cap: float = 100.0) -> dict[str, dict[int, float]]:
+                      protected: Sequence[str] = (), metric_cap: float = 100.0,
+                      group_sizes: Sequence[int] = ()) -> dict[str, dict[int | str, float]]:
     """The allocation's view of each layer at each width: the normalised seed-0 table with K = 1
-    weights (what :func:`mixprec.search.plan_objective` sums), the refinement's move prior."""
+    weights (what :func:`mixprec.search.plan_objective` sums), the refinement's move prior.
+    ``group_sizes``: per-group weight options (``"4g64"``) in the table join their layers' rows."""
     prot = set(protected)
     metric = {g: search.bootstrap_metric(per_prompt[g], 0, cap=metric_cap) for g in search.GROUPS}
     by_group = {g: [l for l, gg in groups.items() if gg == g and l not in prot and l in metric[g]]
                 for g in search.GROUPS}
-    norm = search.normalized_tables(metric, by_group, bits_by_group, metric_cap)
+    norm = search.normalized_tables(metric, by_group, bits_by_group, metric_cap, group_sizes)
     weights = search.group_weights(1.0, {g: len(v) for g, v in by_group.items()})
     return {l: {b: weights[g] * v for b, v in row.items()} for g in search.GROUPS for l, row in norm[g].items()}
 
@@ -164,15 +171,26 @@ def refine_plan(bits: Mapping[str, int], start: tuple[tuple, dict[str, Any]], sc
                 budget: Budget, census: Sequence[CensusLayer], bits_by_group: Mapping[str, Sequence[int]],
                 options: RefineOptions, prior: Mapping[str, Mapping[int, float]] | None = None,
                 protected: Sequence[str] = (), bytes_rtol: float = search.DEFAULT_BYTES_RTOL,
-                progress: bool = False) -> RefineResult:
-    """Local search from ``bits`` within the budget's byte window (protected activations never move)."""
+                progress: bool = False, group_size: Mapping[str, int] | None = None) -> RefineResult:
+    """Local search from ``bits`` within the budget's byte window (protected activations never move).
+
+    ``group_size``: the start plan's per-group weight layers. Weight layers whose ``prior`` row holds
+    per-group options (``"4g64"``, :func:`sensitivity_prior` with group sizes) may also move to and from
+    them; the result's ``bits`` then hold such keys (:func:`mixprec.search.option_bits` splits them)."""
     sizes = LayerSizes.of(census)
     names = [c.name for c in census]
     prot = set(protected) if kind == "act" else set()
-    choices = {c.name: tuple(bits_by_group[c.group]) for c in census if c.name not in prot
+    bits, grouped = search.option_bits(bits)  # ``bits`` may already hold "4g64" choices
+    start_plan = search.option_keys(bits, {**grouped, **dict(group_size or {})})
+
+    def layer_choices(layer: str, group: str) -> tuple:
+        grouped = sorted((k for k in (prior or {}).get(layer, {}) if isinstance(k, str)), key=option_order)
+        return tuple(bits_by_group[group]) + (tuple(grouped) if kind == "weight" else ())
+
+    choices = {c.name: layer_choices(c.name, c.group) for c in census if c.name not in prot
                and int(bits[c.name]) < FULL_PRECISION_BITS}
     window = search.byte_window(budget_bytes(kind, budget, sizes, names, sorted(prot)), bytes_rtol)
-    return refine({l: int(b) for l, b in bits.items()}, scorer, choices,
-                  lambda l, b: sizes.layer_bytes(kind, l, b), window, evaluations=options.evaluations,
+    return refine(start_plan, scorer, choices,
+                  lambda l, k: sizes.layer_bytes(kind, l, *search.split_option(k)), window, evaluations=options.evaluations,
                   prior=prior, seed=options.seed, operating_point=options.operating_point, start=start,
                   progress=progress, desc=f"refine {kind}")

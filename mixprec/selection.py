@@ -91,7 +91,8 @@ class Candidate(PlanFile):
 
     @property
     def digest(self) -> str:
-        return bits_digest(self.bits)
+        # per-group layers change the plan: they join the identity (per-channel plans keep their digest)
+        return bits_digest(self.bits) + (bits_digest(self.group_size) if self.group_size else "")
 
 
 def rank(candidates: Sequence[Candidate], metric: str) -> list[Candidate]:
@@ -136,7 +137,7 @@ def load_candidates(ws: Workspace, kind: str, budget: float | None = None) -> li
         value = plan.typed.budget_value
         budgets.add(value)
         if budget is None or value == float(budget):
-            out.append(Candidate(plan.path, plan.header, plan.bits))
+            out.append(Candidate(plan.path, plan.header, plan.bits, plan.group_size))
     if not out:
         raise MissingArtifactError(
             f"no candidate {kind} plans for target {budget:g} (the workspace has targets "
@@ -163,19 +164,21 @@ class Generation:
 def generate_and_score(sampler, layers, prompts: Sequence[str], seeds: Sequence[int],
                        reference: torch.Tensor | None = None, checker: str | None = None,
                        weight_bits: Mapping[str, Any] | None = None, act_bits: Mapping[str, Any] | None = None,
-                       adapters: Sequence[Mapping[str, Any]] = ()) -> Generation:
+                       adapters: Sequence[Mapping[str, Any]] = (),
+                       weight_groups: Mapping[str, int] | None = None) -> Generation:
     """Set a plan on the quantized layers, generate, and score against ``reference`` (None: no scores).
 
     What select, evaluate, infer and report all do with a plan. ``layers=None`` runs the model as it
     is (kernel modules a plan was converted to, a loaded checkpoint); ``adapters`` (:mod:`mixprec.lora`
     entries) sit beside the layers for this generation only. The layers keep the plan: callers reset
-    them (``set_plan(layers)``) when they are done.
+    them (``set_plan(layers)``) when they are done. ``weight_groups``: the weight plan's per-group layers
+    (``Plan.group_size``, layer -> 64 / 128).
     """
     from mixprec.lora import loaded
     from mixprec.quantizers import set_plan
 
     if layers is not None:
-        set_plan(layers, weight_bits=weight_bits, act_bits=act_bits)
+        set_plan(layers, weight_bits=weight_bits, act_bits=act_bits, weight_groups=weight_groups)
     cuda = sampler.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()

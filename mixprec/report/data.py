@@ -175,7 +175,7 @@ def load_workspace(root: str | Path) -> WorkspaceData:
     d.candidates = sorted(read_candidates(root), key=lambda r: (r["kind"] != "weight", natural_key(str(r["path"]))))
     d.selection = artifacts.read_selection(root)
     raw_finals = artifacts.read_final_plans(root)  # bits as stored (null: full precision)
-    d.finals = {k: Finals(f.path, f.header, f.bits_or_full()) for k, f in raw_finals.items()}
+    d.finals = {k: Finals(f.path, f.header, f.bits_or_full(), f.group_size) for k, f in raw_finals.items()}
     d.plans_digest = plans_digest(raw_finals) if raw_finals else None
     d.infer = artifacts.read_headline(root, "infer")
     d.evaluate = artifacts.read_headline(root, "evaluate")

@@ -38,6 +38,7 @@ class Variant:
     description: str
     weight_bits: dict[str, int] | None = None
     act_bits: dict[str, int] | None = None
+    weight_groups: dict[str, int] | None = None  # the weight plan's per-group layers (Plan.group_size)
 
 
 def uniform_width(header: Mapping[str, Any]) -> int:
@@ -63,7 +64,7 @@ def variants(finals: Mapping[str, Finals]) -> list[Variant]:
     wb = uniform_width(w.header)
     mb = (w.header.get("achieved_mean_bits") or {}).get("overall")
     out.append(Variant("mixed_w", f"mixed W{mb:.2f}" if mb is not None else "mixed W", "mixed",
-                       f"{w.path}; activations full precision", w.bits, None))
+                       f"{w.path}; activations full precision", w.bits, None, w.group_size or None))
     out.append(Variant(f"uniform_w{wb}", f"uniform W{wb}", "uniform",
                        f"every layer at {wb} bits (the weight plan's budget); activations full precision",
                        _uniform(w.bits, wb), None))
@@ -72,7 +73,8 @@ def variants(finals: Mapping[str, Finals]) -> list[Variant]:
         ab = uniform_width(a.header)
         amb = (a.header.get("achieved_mean_bits") or {}).get("overall")
         out.append(Variant("mixed_wa", f"mixed W{mb:.2f}A{amb:.2f}" if mb is not None and amb is not None
-                           else "mixed W+A", "mixed", f"{w.path} + {a.path}", w.bits, a.bits))
+                           else "mixed W+A", "mixed", f"{w.path} + {a.path}", w.bits, a.bits,
+                           w.group_size or None))
         out.append(Variant(f"uniform_w{wb}a{ab}", f"uniform W{wb}A{ab}", "uniform",
                            f"weights at {wb} bits, activations at {ab} bits (protected layers stay full precision)",
                            _uniform(w.bits, wb), _uniform(a.bits, ab)))
@@ -81,7 +83,7 @@ def variants(finals: Mapping[str, Finals]) -> list[Variant]:
 
 def describe(v: Variant, layers: Sequence[Layer]) -> dict[str, Any]:
     """Mean bits and packed weight size of a variant, from the census."""
-    from mixprec.search import MIB, plan_bytes
+    from mixprec.search import MIB, weight_plan_bytes
 
     params = {l.name: l.params for l in layers}
     acts = {l.name: l.act_elems for l in layers}
@@ -96,14 +98,17 @@ def describe(v: Variant, layers: Sequence[Layer]) -> dict[str, Any]:
         "act_mean_bits": mean_bits(abits, acts) if sum(acts.values()) else None,
         "weight_fp_layers": sum(b >= FULL_PRECISION_BITS for b in wbits.values()),
         "act_fp_layers": sum(b >= FULL_PRECISION_BITS for b in abits.values()),
-        "weight_mib": plan_bytes(wbits, params, out_ch) / MIB if have_sizes else None,
+        "weight_mib": weight_plan_bytes(wbits, params, out_ch, v.weight_groups) / MIB if have_sizes else None,
     }
 
 
 def _digest(v: Variant) -> str:
     from mixprec.selection import bits_digest
 
-    return bits_digest({"w": bits_digest(v.weight_bits or {}), "a": bits_digest(v.act_bits or {})})
+    parts = {"w": bits_digest(v.weight_bits or {}), "a": bits_digest(v.act_bits or {})}
+    if v.weight_groups:  # per-channel variants keep their digest
+        parts["g"] = bits_digest(v.weight_groups)
+    return bits_digest(parts)
 
 
 def cache_key(vs: Sequence[Variant], pairs: Sequence[tuple[str, int]], fingerprints: Mapping[str, str]) -> str:
@@ -138,7 +143,7 @@ def generate(bundle, ws, vs: Sequence[Variant], pairs: Sequence[tuple[str, int]]
     try:
         for v in vs:
             generated = generate_and_score(bundle.sampler, bundle.layers, prompts, seeds, None, None,
-                                           v.weight_bits, v.act_bits)
+                                           v.weight_bits, v.act_bits, weight_groups=v.weight_groups)
             if reference is None:  # the first variant, full precision (its own adherence is reported too)
                 reference = generated.images
             scores = image_scores(reference, generated.images, prompts, bundle.spec.checker)

@@ -28,6 +28,8 @@ from .program import (
     layer_bytes,
     mean_bits,
     normalized_tables,
+    option_bits,
+    option_keys,
     plan_bytes,
     plan_objective,
     reachable_mean,
@@ -35,7 +37,9 @@ from .program import (
     solve_bytes,
     solve_group,
     solve_mean_bits,
+    split_option,
     split_target,
+    with_grouped_options,
 )
 
 __all__ = [
@@ -47,5 +51,5 @@ __all__ = [
     "pareto_front", "plan_bytes", "plan_dirname", "plan_objective", "plan_to_yaml", "plans_digest", "plot_pareto",
     "reachable_mean",
     "read_plan", "resample_indices", "solve_bytes", "solve_group", "solve_mean_bits", "split_target",
-    "write_pareto_csv", "write_plan",
+    "write_pareto_csv", "write_plan", "option_bits", "option_keys", "split_option", "with_grouped_options",
 ]

@@ -93,7 +93,11 @@ def plans_digest(plans: Mapping[str, Plan | None]) -> str:
     computed from. The report compares it with the final plans of the day to mark stale numbers."""
     from mixprec.workspace import fingerprint
 
-    return fingerprint({kind: {str(k): v for k, v in plan.bits.items()} for kind, plan in plans.items() if plan})
+    digest = {kind: {str(k): v for k, v in plan.bits.items()} for kind, plan in plans.items() if plan}
+    # per-group weight layers are part of what a result was computed from (absent: the digest as before)
+    digest.update({f"{kind}_group_size": dict(plan.group_size) for kind, plan in plans.items()
+                   if plan and getattr(plan, "group_size", None)})
+    return fingerprint(digest)
 
 
 def plan_dirname(kind: str, target: float, K: float, budget: str = "mean_bits") -> str:

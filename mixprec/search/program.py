@@ -551,6 +551,20 @@ def with_grouped_options(table: Mapping[str, Mapping[int, float]], metric: Mappi
     return out
 
 
+def split_option(key: int | str) -> tuple[int, int]:
+    """A program choice (``4``, ``"4g64"``, 16 for full precision) -> (bits, group size; 0 = per channel)."""
+    if isinstance(key, str):
+        opt = parse_weight_option(key)
+        return opt.bits, opt.group_size
+    return int(key), 0
+
+
+def option_keys(bits: Mapping[str, int], group_size: Mapping[str, int] | None = None) -> dict[str, int | str]:
+    """A plan's (``bits``, ``group_size``) -> one choice per layer (``4``, ``"4g64"``): :func:`option_bits` reversed."""
+    gs = group_size or {}
+    return {l: f"{int(b)}g{int(gs[l])}" if gs.get(l) else int(b) for l, b in bits.items()}
+
+
 def option_bits(plan: Mapping[str, int | str]) -> tuple[dict[str, int], dict[str, int]]:
     """A program's choice per layer (``4`` or ``"4g64"``) -> (``bits``, ``group_size``) of a plan file."""
     bits, groups = {}, {}

@@ -24,6 +24,8 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mixprec.quant.options import parse_weight_option
+
 # A scorer: plan -> (sort key, smaller is better; the scores to record)
 Scorer = Callable[[Mapping[str, int]], tuple[tuple, dict[str, Any]]]
 
@@ -42,9 +44,9 @@ class Move:
     def apply(self, bits: Mapping[str, int]) -> dict[str, int]:
         out = dict(bits)
         if self.up is not None:
-            out[self.up] = int(self.up_to)
+            out[self.up] = _choice(self.up_to)
         if self.down is not None:
-            out[self.down] = int(self.down_to)
+            out[self.down] = _choice(self.down_to)
         return out
 
     def as_dict(self, bits: Mapping[str, int]) -> dict[str, Any]:
@@ -75,11 +77,21 @@ class RefineResult:
                 "start_key": list(self.start_key), "final_key": list(self.key), "moves": self.accepted}
 
 
-def _neighbours(choices: Sequence[int], current: int) -> tuple[int | None, int | None]:
-    """The next allowed width above and below ``current`` (which need not be allowed itself)."""
-    above = [b for b in choices if b > current]
-    below = [b for b in choices if b < current]
-    return (min(above) if above else None), (max(below) if below else None)
+def _choice(key: Any) -> int | str:
+    """A layer's choice as plans hold it: an int width, or a per-group weight option ``"4g64"``."""
+    return key if isinstance(key, str) else int(key)
+
+
+def _neighbours(choices: Sequence[int | str], current: int | str, size: Callable[[Any], Any] | None = None
+                ) -> tuple[int | str | None, int | str | None]:
+    """The next allowed choice above and below ``current`` (which need not be allowed itself), in the
+    order of ``size`` (a layer's bytes at a choice; default the width itself). With per-group weight
+    options (``"4g64"``, a few more bytes than ``4``) a step may change the option rather than the width."""
+    size = size or (lambda b: b)
+    here = size(current)
+    above = [b for b in choices if size(b) > here]
+    below = [b for b in choices if size(b) < here]
+    return (min(above, key=size) if above else None), (max(below, key=size) if below else None)
 
 
 def prior_value(prior: Mapping[str, Mapping[int, float]] | None, layer: str, bits: int) -> float:
@@ -90,7 +102,9 @@ def prior_value(prior: Mapping[str, Mapping[int, float]] | None, layer: str, bit
         return 0.0
     if bits in row:
         return float(row[bits])
-    known = sorted(row)
+    if isinstance(bits, str):  # a per-group option the table lacks: its width's per-channel value
+        return prior_value(prior, layer, parse_weight_option(bits).bits)
+    known = sorted(b for b in row if not isinstance(b, str))
     lower = [b for b in known if b < bits]
     upper = [b for b in known if b > bits]
     if not lower:
@@ -111,7 +125,7 @@ def candidate_moves(bits: Mapping[str, int], choices: Mapping[str, Sequence[int]
     layers = sorted(choices)
     ups, downs = [], []
     for l in layers:
-        above, below = _neighbours(choices[l], bits[l])
+        above, below = _neighbours(choices[l], bits[l], lambda b, l=l: cost(l, b))
         here = prior_value(prior, l, bits[l])
         if above is not None:
             ups.append((l, above, cost(l, above) - cost(l, bits[l]), prior_value(prior, l, above) - here))
@@ -130,15 +144,15 @@ def candidate_moves(bits: Mapping[str, int], choices: Mapping[str, Sequence[int]
 
 
 def operating_point_prior(bits: Mapping[str, int], choices: Mapping[str, Sequence[int]], score: Scorer,
-                          base_key: tuple, budget: int, tick: Callable[[], None] = lambda: None
-                          ) -> tuple[dict[str, dict[int, float]], int]:
+                          base_key: tuple, budget: int, tick: Callable[[], None] = lambda: None,
+                          cost: Callable[[str, Any], int] | None = None) -> tuple[dict[str, dict[int, float]], int]:
     """Each layer's measured one-step change at this plan (the others at their widths): a prior of
     ``-(key[0] - base key[0])`` per neighbour width, at most ``budget`` evaluations (layers in order)."""
     prior: dict[str, dict[int, float]] = {}
     used = 0
     for l in sorted(choices):
         row = {bits[l]: 0.0}
-        for b in _neighbours(choices[l], bits[l]):
+        for b in _neighbours(choices[l], bits[l], (lambda b, l=l: cost(l, b)) if cost else None):
             if b is None or used >= budget:
                 continue
             key, _ = score({**bits, l: b})
@@ -176,7 +190,7 @@ def refine(bits: Mapping[str, int], score: Scorer, choices: Mapping[str, Sequenc
     op_used = 0
     if operating_point and used < evaluations:
         prior, op_used = operating_point_prior(current, choices, score, key, (evaluations - used) // 2,
-                                               lambda: bar.update(1))
+                                               lambda: bar.update(1), cost)
         used += op_used
     result = RefineResult(current, key, scores, start_key, used, 0.0, operating_point_evaluations=op_used)
     seen: set[Hashable] = {_digest(current)}

@@ -168,8 +168,13 @@ class _Ablation:
         fp_checks = [adherence(r, self.eval_prompts, bundle.spec.checker) for r in self.refs]
         self.fp_adherence = statistics.fmean(c["all"] for c in fp_checks) if fp_checks[0] else None
         groups = {c.name: c.group for c in census}
+        # weights: per-group options (quant.weight_group_sizes) are choices of the programs and the refinement;
+        # plans below hold one choice per layer (4 or "4g64", search.option_keys)
+        self.group_sizes = tuple(bundle.quant.weight_group_sizes)
         self.priors = {k: sensitivity_prior(per_prompt[k], bundle.quant.bits_by_group(k), groups,
-                                            protected if k == "act" else []) for k in ("weight", "act")}
+                                            protected if k == "act" else [],
+                                            group_sizes=self.group_sizes if k == "weight" else ())
+                       for k in ("weight", "act")}
         self.plans: dict[tuple[str, str, str], tuple[list[dict[str, int]], dict[str, Any]]] = {}
 
     def point(self, point: Mapping[str, Any]) -> _Point:
@@ -197,10 +202,11 @@ class _Ablation:
                 kind=pt.kind, budget=Budget(pt.target), K=float(K), seed=0,
                 bits=self.bundle.quant.bits_by_group(pt.kind), solver=str(s.solver), time_limit_s=float(s.time_limit_s),
                 tolerance=float(s.bytes_tolerance) * pt.target, bytes_tolerance=float(s.bytes_tolerance),
-                metric_cap=float(s.sqnr_cap_db), program=program)
+                metric_cap=float(s.sqnr_cap_db), program=program,
+                group_sizes=self.group_sizes if pt.kind == "weight" else ())
             plan, sol = allocate(request, self.census, self.tables[method][pt.kind],
                                  self.protected if pt.kind == "act" else [], self.ws.fingerprints)
-            plans.append(plan.bits)
+            plans.append(search.option_keys(plan.bits, plan.group_size))
             solve_s += sol.solve_time_s
         self.plans[pt.label, method, program] = plans, {"program": program, "programs": len(plans),
                                                         "solve_s": solve_s}
@@ -238,12 +244,14 @@ class _Ablation:
                 return {"point": pt.label, "method": name, "infeasible": str(exc)}
         best, chosen = self.choose(pt, plans, variant or Variant(name))
         cost.update(chosen)
+        best, groups = search.option_bits(best)
         wp, ap = (best, pt.fixed) if pt.kind == "weight" else (pt.fixed, best)
+        wg = groups if pt.kind == "weight" else None
         b = self.bundle
-        per_seed = [generate_and_score(b.sampler, b.layers, self.eval_prompts, seeds, ref, b.spec.checker, wp, ap).scores
-                    for ref, seeds in zip(self.refs, self.seed_sets)]
+        per_seed = [generate_and_score(b.sampler, b.layers, self.eval_prompts, seeds, ref, b.spec.checker, wp, ap,
+                                       weight_groups=wg).scores for ref, seeds in zip(self.refs, self.seed_sets)]
         set_plan(b.layers)
-        size = {k: self.bytes.plan_bytes(k, p) for k, p in (("weight", wp), ("act", ap))}
+        size = {"weight": self.bytes.plan_bytes("weight", wp, wg), "act": self.bytes.plan_bytes("act", ap)}
         row = {"point": pt.label, "method": name, "weight_mean_bits": _mean_bits(wp, self.sizes["weight"]),
                "act_mean_bits": _mean_bits(ap, self.sizes["act"]), "weight_bytes": size["weight"],
                "act_bytes": size["act"], "budget_bytes": self.bytes.plan_bytes(pt.kind, pt.uniform),
@@ -265,7 +273,7 @@ def run(ctx: StageContext) -> dict:
     bundle = load_calibrated(ctx.run, ws, batch_size=int(s.batch_size))
     q = bundle.quant
     census = artifacts.read_census(ws)
-    per_prompt = artifacts.read_per_prompt(ws)
+    per_prompt = artifacts.read_per_prompt(ws, grouped=bool(ctx.run.quant.weight_group_sizes))
     protected = artifacts.read_protected(ws)
     points = [dict(p) for p in s.points]
     # Uniform plans may use widths the calibration did not include (3 or 5 bits).

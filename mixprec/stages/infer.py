@@ -69,7 +69,8 @@ def weight_bytes(layers, census_rows) -> dict[str, Any]:
     params = {r.name: r.params for r in census_rows}
     out_ch = {r.name: r.out_channels for r in census_rows}
     applied = {n: (16 if l.w_bits is None else l.w_bits) for n, l in layers.items()}
-    packed = search.plan_bytes(applied, params, out_ch)
+    groups = {n: int(l.w_group) for n, l in layers.items() if l.w_bits is not None and getattr(l, "w_group", 0)}
+    packed = search.weight_plan_bytes(applied, params, out_ch, groups)
     fp16 = sum(2 * params[n] for n in applied)
     return {"quantized_layers_bytes": packed, "quantized_layers_fp16_bytes": fp16,
             "quantized_layers_mib": packed / search.MIB, "fp16_mib": fp16 / search.MIB,
@@ -109,9 +110,12 @@ def _apply_plans(bundle, weight_plan, act_plan, execution: str, options):
     """Set the final plans on the quantized layers and, with ``kernels``, convert them to kernel modules.
     Returns the quantized layers' names, the bits each layer runs with, the weight bytes and the
     dispatch report (None with ``fake``)."""
-    set_plan(bundle.layers, weight_bits=weight_plan.bits, act_bits=act_plan.bits if act_plan else None)
+    set_plan(bundle.layers, weight_bits=weight_plan.bits, act_bits=act_plan.bits if act_plan else None,
+             weight_groups=weight_plan.group_size)
     quantized = [n for n, l in bundle.layers.items() if l.w_bits is not None or l.a_bits is not None]
-    applied = {n: {"w": l.w_bits, "a": l.a_bits} for n, l in bundle.layers.items()}
+    # per-group weight layers say their group size ("g"); per-channel entries read as before
+    applied = {n: {"w": l.w_bits, "a": l.a_bits} | ({"g": l.w_group} if l.w_bits is not None and l.w_group else {})
+               for n, l in bundle.layers.items()}
     weights = weight_bytes(bundle.layers, bundle.census())
     report = None
     if execution == "kernels":

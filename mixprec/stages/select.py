@@ -34,7 +34,7 @@ log = logging.getLogger("mixprec")
 
 def evaluate(bundle: ModelBundle, candidates: list[Candidate], kind: str, fixed_weight: dict | None, reference,
              prompts: list[str], seeds: list[int], checker: str | None, ws: Workspace, progress: bool,
-             grids: str = artifacts.SELECT_GRIDS_DIR) -> None:
+             grids: str = artifacts.SELECT_GRIDS_DIR, fixed_groups: dict | None = None) -> None:
     seen: dict[str, Candidate] = {}
     items = candidates
     if progress:
@@ -46,7 +46,9 @@ def evaluate(bundle: ModelBundle, candidates: list[Candidate], kind: str, fixed_
             cand.scores, cand.duplicate_of = dict(first.scores), first.path
             continue
         weight, act = (cand.bits, None) if kind == "weight" else (fixed_weight, cand.bits)
-        generated = generate_and_score(bundle.sampler, bundle.layers, prompts, seeds, reference, checker, weight, act)
+        groups = cand.group_size if kind == "weight" else fixed_groups
+        generated = generate_and_score(bundle.sampler, bundle.layers, prompts, seeds, reference, checker, weight, act,
+                                       weight_groups=groups)
         cand.scores = generated.scores
         cand.scores["grid"] = save_grid(ws, f"{grids}/{kind}/{slug(cand.path)}.png", generated.images)
         seen[cand.digest] = cand
@@ -65,7 +67,7 @@ def write_final(ws: Workspace, kind: str, best: Candidate, metric: str, n_candid
     if weight_plan:
         header["with_weight_plan"] = weight_plan
     header.update(extra or {})
-    artifacts.write_plan_file(ws, path or artifacts.FINAL_PLANS[kind], search.Plan(header, best.bits))
+    artifacts.write_plan_file(ws, path or artifacts.FINAL_PLANS[kind], search.Plan(header, best.bits, best.group_size))
 
 
 def _row(kind: str, i: int, c: Candidate) -> dict:
@@ -94,19 +96,20 @@ def run(ctx: StageContext) -> dict:
     reference = bundle.sampler.generate(prompts, seeds).images
     save_grid(ws, f"{out['grids']}/full_precision.png", reference)
     rows, headline = [], {"metric": metric, "images": len(pairs), "cost": {}}
-    fixed_weight = None
+    fixed_weight, fixed_groups = None, None
     for kind in kinds:
         if kind == "act" and fixed_weight is None:
             if not ws.exists(out["weight"]):
                 raise MissingArtifactError(f"{out['weight']} is missing: run stage=select with "
                                            f"stage.kinds=[weight,act] first")
-            fixed_weight = artifacts.read_plan_file(ws, out["weight"]).bits
+            weight_plan = artifacts.read_plan_file(ws, out["weight"])
+            fixed_weight, fixed_groups = weight_plan.bits, weight_plan.group_size
         scorer = JointScorer(bundle.sampler, bundle.layers, prompts, seeds, reference, checker, metric, kind,
-                             fixed_weight)
+                             fixed_weight, fixed_groups)
         cands = candidates[kind] + search_ctx.guard_candidates(kind, candidates[kind])
         t0 = time.perf_counter()
         evaluate(bundle, cands, kind, fixed_weight, reference, prompts, seeds, checker, ws, bool(s.progress),
-                 out["grids"])
+                 out["grids"], fixed_groups)
         cost = {"selection": {"evaluations": len({c.digest for c in cands}), "wall_s": time.perf_counter() - t0}}
         ranked = rank(cands, metric)
         best, refined = search_ctx.refine(kind, ranked[0], scorer, metric)
@@ -120,7 +123,7 @@ def run(ctx: StageContext) -> dict:
                            "evaluations": {k: v["evaluations"] for k, v in cost.items()}})
         set_plan(bundle.layers)
         if kind == "weight":
-            fixed_weight = best.bits
+            fixed_weight, fixed_groups = best.bits, best.group_size
         kind_rows = [_row(kind, i, c) for i, c in enumerate(ranked)]
         rows += kind_rows
         headline["cost"][kind] = cost
@@ -151,7 +154,9 @@ class _SearchInputs:
         self.ws, self.bundle, self.guard, self.refine_opts, self.progress = ws, bundle, guard, refine_opts, progress
         self.census = artifacts.read_census(ws)
         self.protected = artifacts.read_protected(ws) if ws.exists(artifacts.PROTECTED_YAML) else []
-        self.per_prompt = artifacts.read_per_prompt(ws) if refine_opts.evaluations else None
+        self.group_sizes = tuple(bundle.quant.weight_group_sizes)
+        self.per_prompt = (artifacts.read_per_prompt(ws, grouped=bool(self.group_sizes))
+                           if refine_opts.evaluations else None)
 
     def guard_candidates(self, kind: str, cands: list[Candidate]) -> list[Candidate]:
         """The uniform plan of the candidates' budget (none without one budget, or with the guard off)."""
@@ -176,15 +181,17 @@ class _SearchInputs:
         q = self.bundle.quant
         groups = {c.name: c.group for c in self.census}
         prior = sensitivity_prior(self.per_prompt[kind], q.bits_by_group(kind), groups,
-                                  self.protected if kind == "act" else [])
+                                  self.protected if kind == "act" else [],
+                                  group_sizes=self.group_sizes if kind == "weight" else ())
         result = refine_plan(best.bits_or_full(), (sort_key(best.scores, metric), best.scores), scorer, kind, budget,
                              self.census, q.bits_by_group(kind), self.refine_opts, prior, self.protected,
-                             progress=self.progress)
+                             progress=self.progress, group_size=best.group_size)
         if not result.improved:
             return best, result
-        size = search.LayerSizes.of(self.census).describe(kind, result.bits)
+        bits, group_size = search.option_bits(result.bits)
+        size = search.LayerSizes.of(self.census).describe(kind, bits, group_size)
         header = dict(best.header) | {"refined_from": best.path, "achieved_mean_bits": {"overall": size["mean_bits"]},
                                       "bytes": size["bytes"], "mib": size["mib"]}
-        refined = Candidate(f"{best.path}+refined", header, result.bits)
+        refined = Candidate(f"{best.path}+refined", header, bits, group_size)
         refined.scores = dict(result.scores)
         return refined, result
