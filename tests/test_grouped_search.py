@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import torch
+
 from mixprec.allocation import AllocationRequest, allocate
 from mixprec.artifacts import Budget, CensusLayer
-from mixprec.search import MIB, LayerSizes, read_plan, solve_budget, write_plan
-from mixprec.search.plan import plan_to_yaml
+from mixprec.search import MIB, LayerSizes, Plan, read_plan, solve_budget, write_plan
 from mixprec.search.budget import weight_layer_bytes
+from mixprec.search.plan import plan_to_yaml
 
 OUT, IN = 128, 256
 PARAMS = OUT * IN
@@ -63,3 +65,57 @@ def test_allocate_writes_the_chosen_group_sizes_into_the_plan_file(tmp_path):
     plain, _ = allocate(AllocationRequest(**{**request.__dict__, "group_sizes": ()}), census, per_prompt)
     assert plain.group_size == {} and "group_size" not in plan_to_yaml(plain)
     assert "group_size:" in plan_to_yaml(plan)
+
+
+def test_refinement_may_move_a_layer_to_a_grouped_option_within_the_byte_window():
+    from mixprec.search.refine import refine
+
+    choices = {"c0": (4, 8, "4g64"), "q0": (4, 8, "4g64")}
+
+    def cost(layer, key):
+        return BYTES[key]
+
+    def score(plan):  # the joint score prefers c0 grouped; smaller key is better
+        return (0.0 if plan["c0"] == "4g64" else 1.0,), {}
+
+    lo, hi = BYTES[4] + BYTES["4g64"] - 10, BYTES[4] + BYTES["4g64"]  # one grouped layer fits, not two
+    result = refine({"c0": 4, "q0": 4}, score, choices, cost, (lo, hi), evaluations=6)
+    assert result.improved and result.bits == {"c0": "4g64", "q0": 4}
+    assert sum(cost(l, k) for l, k in result.bits.items()) <= hi
+
+
+def test_a_plan_files_group_sizes_are_applied_during_generation(tmp_path):
+    from mixprec.calibration import calibrate_layers
+    from mixprec.generation import Sampler
+    from mixprec.models import ModelSpec, denoiser_of, load_pipeline
+    from mixprec.quantizers import quantize_, set_plan
+    from mixprec.selection import generate_and_score
+
+    pipe = load_pipeline(ModelSpec.from_dict({"name": "tiny", "source": "builtin"}))
+    layers = quantize_(denoiser_of(pipe))
+    sampler = Sampler(pipe, resolution=32, num_inference_steps=2)
+    params = calibrate_layers(layers, lambda: sampler.generate(["a red circle"], [0], decode=False), weight_bits=[4],
+                              act_bits=[8], group_sizes=[64])
+    grouped = {n: 64 for n in layers if (4, 64) in params[n].group_scales}
+    assert grouped and len(grouped) < len(layers)
+    plan = read_plan(write_plan(tmp_path / "final_weight_mp.yaml",
+                                Plan({"kind": "weight"}, {n: 4 for n in layers}, grouped)))
+    assert plan.group_size == grouped
+
+    seen: list[dict[str, int]] = []
+    generate = sampler.generate
+
+    def spy(*args, **kwargs):  # the layers' group sizes while the images are made
+        seen.append({n: layer.w_group for n, layer in layers.items()})
+        return generate(*args, **kwargs)
+
+    sampler.generate = spy
+    try:
+        grouped_run = generate_and_score(sampler, layers, ["a blue square"], [1], weight_bits=plan.bits,
+                                         weight_groups=plan.group_size)
+        channel_run = generate_and_score(sampler, layers, ["a blue square"], [1], weight_bits=plan.bits)
+    finally:
+        set_plan(layers)
+    assert seen[0] == {n: grouped.get(n, 0) for n in layers}
+    assert set(seen[1].values()) == {0}
+    assert not torch.equal(grouped_run.images, channel_run.images)
