@@ -119,3 +119,14 @@ def test_a_plan_files_group_sizes_are_applied_during_generation(tmp_path):
     assert seen[0] == {n: grouped.get(n, 0) for n in layers}
     assert set(seen[1].values()) == {0}
     assert not torch.equal(grouped_run.images, channel_run.images)
+
+
+def test_evaluate_variants_opt_in_to_grouped_options():
+    import pytest
+
+    from mixprec.stages.evaluate import Variant
+
+    assert Variant.of({"name": "joint+groups", "program": "joint", "groups": True}).groups
+    assert not Variant.of({"name": "joint", "program": "joint"}).groups
+    with pytest.raises(ValueError, match="groups"):
+        Variant.of({"name": "x", "group": True})

@@ -118,19 +118,22 @@ class Variant:
     guard: bool = False
     refine: RefineOptions = RefineOptions()
     metric: str = "decoupled"  # or sqnr_only: the same pieces on the single-metric table
+    # per-group weight options (quant.weight_group_sizes) as choices of the program and the refinement
+    groups: bool = False
 
     @classmethod
     def of(cls, node: Mapping[str, Any]) -> "Variant":
         node = dict(node)
-        unknown = sorted(set(node) - {"name", "program", "guard", "refine", "metric"})
+        unknown = sorted(set(node) - {"name", "program", "guard", "refine", "metric", "groups"})
         if unknown or "name" not in node:
-            raise ValueError(f"stage.variants entries take name, program, guard, refine, metric; got {sorted(node)}")
+            raise ValueError(f"stage.variants entries take name, program, guard, refine, metric, groups; "
+                             f"got {sorted(node)}")
         program, metric = str(node.get("program", "split")), str(node.get("metric", "decoupled"))
         if program not in PROGRAMS or metric not in METHODS[1:]:
             raise ValueError(f"stage.variants {node['name']}: program is one of {PROGRAMS} (got {program!r}), "
                              f"metric one of {METHODS[1:]} (got {metric!r})")
         return cls(str(node["name"]), program, bool(node.get("guard", False)), RefineOptions.of(node.get("refine")),
-                   metric)
+                   metric, bool(node.get("groups", False)))
 
 
 @dataclass
@@ -175,7 +178,7 @@ class _Ablation:
                                             protected if k == "act" else [],
                                             group_sizes=self.group_sizes if k == "weight" else ())
                        for k in ("weight", "act")}
-        self.plans: dict[tuple[str, str, str], tuple[list[dict[str, int]], dict[str, Any]]] = {}
+        self.plans: dict[tuple, tuple[list[dict[str, int | str]], dict[str, Any]]] = {}
 
     def point(self, point: Mapping[str, Any]) -> _Point:
         label = point["name"]
@@ -191,11 +194,14 @@ class _Ablation:
                              self.bundle.spec.checker, self.metric, kind, fixed)
         return _Point(label, kind, target, uniform, fixed, budget, scorer)
 
-    def candidates(self, pt: _Point, method: str, program: str) -> tuple[list[dict[str, int]], dict[str, Any]]:
+    def candidates(self, pt: _Point, method: str, program: str,
+                   groups: bool = False) -> tuple[list[dict[str, int | str]], dict[str, Any]]:
         """One plan per K of the grid (seed 0) within the point's bytes, the method's table: the published
-        split program with each group within ``bytes_tolerance`` of its mean-bit share, or the joint one."""
-        if (pt.label, method, program) in self.plans:
-            return self.plans[pt.label, method, program]
+        split program with each group within ``bytes_tolerance`` of its mean-bit share, or the joint one;
+        ``groups``: the recipe's per-group weight options are choices too (a byte program)."""
+        group_sizes = self.group_sizes if groups and pt.kind == "weight" else ()
+        if (pt.label, method, program, group_sizes) in self.plans:
+            return self.plans[pt.label, method, program, group_sizes]
         s, plans, solve_s = self.s, [], 0.0
         for K in s.K:
             request = AllocationRequest(
@@ -203,14 +209,14 @@ class _Ablation:
                 bits=self.bundle.quant.bits_by_group(pt.kind), solver=str(s.solver), time_limit_s=float(s.time_limit_s),
                 tolerance=float(s.bytes_tolerance) * pt.target, bytes_tolerance=float(s.bytes_tolerance),
                 metric_cap=float(s.sqnr_cap_db), program=program,
-                group_sizes=self.group_sizes if pt.kind == "weight" else ())
+                group_sizes=group_sizes)
             plan, sol = allocate(request, self.census, self.tables[method][pt.kind],
                                  self.protected if pt.kind == "act" else [], self.ws.fingerprints)
             plans.append(search.option_keys(plan.bits, plan.group_size))
             solve_s += sol.solve_time_s
-        self.plans[pt.label, method, program] = plans, {"program": program, "programs": len(plans),
-                                                        "solve_s": solve_s}
-        return self.plans[pt.label, method, program]
+        self.plans[pt.label, method, program, group_sizes] = plans, {"program": program, "programs": len(plans),
+                                                                     "solve_s": solve_s}
+        return self.plans[pt.label, method, program, group_sizes]
 
     def choose(self, pt: _Point, plans: list[dict[str, int]], variant: Variant) -> tuple[dict[str, int], dict]:
         """Selection as in the method (best on the selection prompts; first of ties), the guard's
@@ -223,8 +229,11 @@ class _Ablation:
             # a scorer of its own: the refinement's recorded time is what it costs alone, not what another
             # row's cached generations saved it
             scorer = replace(pt.scorer, cache={}, seconds={}, evaluations=0, wall_s=0.0)
+            prior = self.priors[pt.kind]
+            if not variant.groups:  # per-group options ("4g64") are moves only in a variant with groups: true
+                prior = {l: {b: v for b, v in row.items() if not isinstance(b, str)} for l, row in prior.items()}
             result = refine_plan(best, pt.scorer(best), scorer, pt.kind, pt.budget, self.census,
-                                 self.bundle.quant.bits_by_group(pt.kind), variant.refine, self.priors[pt.kind],
+                                 self.bundle.quant.bits_by_group(pt.kind), variant.refine, prior,
                                  self.protected, float(self.s.bytes_tolerance), bool(self.s.progress))
             best = result.bits
             cost["refinement"] = result.summary()
@@ -238,7 +247,8 @@ class _Ablation:
             plans = [pt.uniform]
         else:
             try:
-                plans, cost["allocation"] = self.candidates(pt, method, variant.program if variant else "split")
+                plans, cost["allocation"] = self.candidates(pt, method, variant.program if variant else "split",
+                                                            bool(variant and variant.groups))
             except InfeasibleBudgetError as exc:
                 log.warning("evaluate %s %s: %s", pt.label, name, exc)
                 return {"point": pt.label, "method": name, "infeasible": str(exc)}
