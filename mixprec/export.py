@@ -75,11 +75,12 @@ class TorchaoExport:
 
 
 def torchao_config_for(kind: str, w_bits: int | None, a_bits: int | None,
-                       activations: str = "dynamic_int8") -> tuple[Any | None, str]:
-    """(config, reason): the torchao config for one layer, or None and why there is none."""
+                       activations: str = "dynamic_int8", group_size: int = 0) -> tuple[Any | None, str]:
+    """(config, reason): the torchao config for one layer, or None and why there is none.
+    ``group_size``: per-group weight scales (the plan's ``group_size``), torchao's ``PerGroup``."""
     _require_torchao()
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
-    from torchao.quantization.granularity import PerAxis
+    from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.quant_primitives import MappingType
 
     if activations not in ACTIVATION_MODES:
@@ -90,15 +91,19 @@ def torchao_config_for(kind: str, w_bits: int | None, a_bits: int | None,
         return None, f"activation-only quantization (A{a_bits}, 16-bit weights) has no torchao config"
     if w_bits not in TORCHAO_WEIGHT_BITS:
         return None, f"{w_bits}-bit weights: torchao's integer configs take 2..8 bits"
+    if group_size and kind != "linear":
+        return None, (f"per-group weight scales (group size {group_size}) on a convolution: torchao's per-group "
+                      f"granularity takes Linear (2-d) weights only")
     dtype = getattr(torch, f"int{w_bits}")
+    granularity = PerGroup(int(group_size)) if group_size else PerAxis(0)
     if a_bits is None or activations == "weight_only":
-        return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerAxis(0), mapping_type=MappingType.SYMMETRIC), ""
+        return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity, mapping_type=MappingType.SYMMETRIC), ""
     if kind != "linear":
         return None, (f"A{a_bits} on a convolution: torchao's dynamic-activation configs take Linear (2-d) weights "
                       f"only (activations='weight_only' exports its weights)")
     if a_bits != 8:
         return None, f"{a_bits}-bit activations: torchao quantizes activations to 8 bits only"
-    return Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=PerAxis(0),
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=granularity,
                                                  weight_mapping_type=MappingType.SYMMETRIC), ""
 
 
@@ -107,12 +112,14 @@ def _norm(bits: Any) -> int | None:
 
 
 def torchao_export(weight_bits: Mapping[str, int | None], act_bits: Mapping[str, int | None] | None,
-                   layer_kinds: Mapping[str, str], activations: str = "dynamic_int8") -> TorchaoExport:
+                   layer_kinds: Mapping[str, str], activations: str = "dynamic_int8",
+                   weight_groups: Mapping[str, int] | None = None) -> TorchaoExport:
     """Map a plan (layer -> weight bits, layer -> activation bits; None/16 = full precision) to torchao.
 
-    ``layer_kinds`` gives each layer's kind, ``"linear"`` or ``"conv"`` (:func:`layer_kinds`).
+    ``layer_kinds`` gives each layer's kind, ``"linear"`` or ``"conv"`` (:func:`layer_kinds`);
+    ``weight_groups`` the weight plan's per-group layers (``Plan.group_size``).
     """
-    act_bits = dict(act_bits or {})
+    act_bits, groups = dict(act_bits or {}), dict(weight_groups or {})
     unknown = sorted((set(weight_bits) | set(act_bits)) - set(layer_kinds))
     if unknown:
         raise KeyError(f"the plan names {len(unknown)} layers the model does not have (e.g. {unknown[:3]}); "
@@ -120,8 +127,9 @@ def torchao_export(weight_bits: Mapping[str, int | None], act_bits: Mapping[str,
     out = TorchaoExport(configs={})
     for name, kind in layer_kinds.items():
         w, a = _norm(weight_bits.get(name)), _norm(act_bits.get(name))
-        out.plan[name] = {"w": w, "a": a}
-        config, reason = torchao_config_for(kind, w, a, activations)
+        g = int(groups.get(name) or 0) if w is not None else 0
+        out.plan[name] = {"w": w, "a": a} | ({"g": g} if g else {})
+        config, reason = torchao_config_for(kind, w, a, activations, g)
         if config is not None:
             out.configs[name] = config
         elif w is None and a is None:

@@ -130,3 +130,18 @@ def test_evaluate_variants_opt_in_to_grouped_options():
     assert not Variant.of({"name": "joint", "program": "joint"}).groups
     with pytest.raises(ValueError, match="groups"):
         Variant.of({"name": "x", "group": True})
+
+
+def test_the_torchao_export_keeps_a_plans_group_sizes():
+    import pytest
+
+    pytest.importorskip("torchao")
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    from mixprec.export import torchao_export
+
+    kinds = {"lin": "linear", "lin2": "linear", "conv": "conv"}
+    export = torchao_export({"lin": 4, "lin2": 4, "conv": 4}, None, kinds, weight_groups={"lin": 64, "conv": 64})
+    assert export.configs["lin"].granularity == PerGroup(64) and export.plan["lin"] == {"w": 4, "a": None, "g": 64}
+    assert export.configs["lin2"].granularity == PerAxis(0) and export.plan["lin2"] == {"w": 4, "a": None}
+    assert "per-group weight scales" in export.unsupported["conv"]

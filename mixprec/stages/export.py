@@ -23,7 +23,8 @@ def run(ctx: StageContext) -> dict:
     _, weight_plan, act_plan = artifacts.read_checked_final_plans(ws, s.plan_dir, bool(s.use_act_plan))
     act_bits = act_plan.bits if act_plan is not None else None
     kinds = {r.name: "conv" if r.type == "Conv2d" else "linear" for r in artifacts.read_census(ws)}
-    export = torchao_export(weight_plan.bits, act_bits, kinds, activations=str(s.activations))
+    export = torchao_export(weight_plan.bits, act_bits, kinds, activations=str(s.activations),
+                            weight_groups=weight_plan.group_size)
     path = write_torchao_export(ws.path(str(s.output)), export)
     headline = {
         "path": str(path), "layers": len(kinds), "exported": len(export.configs),
