@@ -106,23 +106,20 @@ def _solve(request: AllocationRequest, metric, groups: Mapping[str, str], sizes:
            params: Mapping[str, int], out_ch: Mapping[str, int], protected: list[str],
            layer_sizes: search.LayerSizes) -> search.Solution:
     r = request
-    if r.kind == "weight" and r.group_sizes:
-        budget = (r.budget.value * MIB if r.budget.unit == "MiB"
-                  else layer_sizes.target_bytes(r.kind, r.budget.value, list(groups), protected))
-        return search.solve_budget(metric, groups, lambda l, k: layer_sizes.layer_bytes(r.kind, l, *search.split_option(k)), sizes,
-                                   budget, K=float(r.K), bits=r.bits, protected=protected,
-                                   tolerance_frac=r.bytes_tolerance, solver=r.solver, time_limit_s=r.time_limit_s,
-                                   metric_cap=r.metric_cap, what="packed weights + scales", group_sizes=r.group_sizes)
-    if r.budget.unit == "MiB" and r.kind == "act" or r.budget.unit == "mean_bits" and r.program == "joint":
+    grouped = r.kind == "weight" and bool(r.group_sizes)  # group scales cost bytes: a byte program
+    if grouped or r.budget.unit == "MiB" and r.kind == "act" or r.budget.unit == "mean_bits" and r.program == "joint":
         if r.budget.unit == "MiB":
             budget = r.budget.value * MIB
         else:
             budget = layer_sizes.target_bytes(r.kind, r.budget.value, list(groups), protected)
         what = "input activations per image" if r.kind == "act" else "packed weights + scales"
-        return search.solve_budget(metric, groups, lambda l, b: layer_sizes.layer_bytes(r.kind, l, b), sizes,
-                                   budget, K=float(r.K), bits=r.bits, protected=protected,
+
+        def cost(layer: str, key: int | str) -> int:  # key: 4, or a per-group weight option "4g64"
+            return layer_sizes.layer_bytes(r.kind, layer, *search.split_option(key))
+
+        return search.solve_budget(metric, groups, cost, sizes, budget, K=float(r.K), bits=r.bits, protected=protected,
                                    tolerance_frac=r.bytes_tolerance, solver=r.solver, time_limit_s=r.time_limit_s,
-                                   metric_cap=r.metric_cap, what=what)
+                                   metric_cap=r.metric_cap, what=what, group_sizes=r.group_sizes if grouped else ())
     if r.budget.unit == "MiB":
         return search.solve_bytes(metric, groups, params, out_ch, r.budget.value, K=float(r.K), bits=r.bits,
                                   protected=protected, tolerance_frac=r.bytes_tolerance, solver=r.solver,

@@ -184,13 +184,13 @@ def refine_plan(bits: Mapping[str, int], start: tuple[tuple, dict[str, Any]], sc
     start_plan = search.option_keys(bits, {**grouped, **dict(group_size or {})})
 
     def layer_choices(layer: str, group: str) -> tuple:
-        grouped = sorted((k for k in (prior or {}).get(layer, {}) if isinstance(k, str)), key=option_order)
-        return tuple(bits_by_group[group]) + (tuple(grouped) if kind == "weight" else ())
+        measured = sorted((k for k in (prior or {}).get(layer, {}) if isinstance(k, str)), key=option_order)
+        return tuple(bits_by_group[group]) + (tuple(measured) if kind == "weight" else ())
 
     choices = {c.name: layer_choices(c.name, c.group) for c in census if c.name not in prot
                and int(bits[c.name]) < FULL_PRECISION_BITS}
     window = search.byte_window(budget_bytes(kind, budget, sizes, names, sorted(prot)), bytes_rtol)
-    return refine(start_plan, scorer, choices,
-                  lambda l, k: sizes.layer_bytes(kind, l, *search.split_option(k)), window, evaluations=options.evaluations,
+    return refine(start_plan, scorer, choices, lambda l, k: sizes.layer_bytes(kind, l, *search.split_option(k)),
+                  window, evaluations=options.evaluations,
                   prior=prior, seed=options.seed, operating_point=options.operating_point, start=start,
                   progress=progress, desc=f"refine {kind}")
