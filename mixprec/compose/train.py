@@ -368,15 +368,9 @@ class _DenoiserTrainer:
     def sample_and_log(self, tag_step: int, log: LogFn, log_images: LogImagesFn | None) -> dict[str, float]:
         """Held-out adherence of the EMA weights (the live weights are put back afterwards)."""
         run = self.run
-        live = {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in run.modules.items()}
-        run.ema.copy_to(run.modules)
-        for m in run.modules.values():
-            m.eval()
-        res = evaluate_adherence(run.pipe, scenes.eval_prompts(run.cfg.eval_prompts, "heldout", seed=0),
-                                 run.cfg.num_inference_steps)
-        for n, m in run.modules.items():
-            m.load_state_dict(live[n])
-            m.train()
+        with run.ema.applied(run.modules):
+            res = evaluate_adherence(run.pipe, scenes.eval_prompts(run.cfg.eval_prompts, "heldout", seed=0),
+                                     run.cfg.num_inference_steps)
         metrics = {f"eval/heldout_{k}": res[k] for k in ATTRIBUTES + ("all",)}
         log(metrics, tag_step)
         if log_images is not None:
@@ -449,11 +443,8 @@ def _save_snapshot(run: _Run, out_dir: Path) -> Path:
     something to inspect (its checkpoint, ~300 MB with the optimizer, may not leave the machine).
     Never written to `out_dir` itself, so it cannot pass for the finished model."""
     snap = out_dir.with_name(out_dir.name + ".partial")
-    live = {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in run.modules.items()}
-    run.ema.copy_to(run.modules)
-    save_pipeline(run.pipe, snap)
-    for n, m in run.modules.items():
-        m.load_state_dict(live[n])
+    with run.ema.applied(run.modules):
+        save_pipeline(run.pipe, snap)
     atomic_write_text(snap / "partial.json", json.dumps({"fingerprint": run.fp, "unet_step": run.step,
                                                          "unet_steps": run.cfg.unet_steps, "weights": "EMA"}))
     return snap

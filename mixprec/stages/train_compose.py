@@ -9,7 +9,6 @@ Losses, adherence and sample grids go to the tracker.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -32,21 +31,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from mixprec.compose.build import load_pipeline
     from mixprec.compose.checker import ATTRIBUTES
     from mixprec.compose.train import ComposeTrainConfig, evaluate_adherence, train_compose
-    from mixprec.tiny.train import save_pipeline
+    from mixprec.tiny.train import save_pipeline, train_from_settings
 
-    st = dataclasses.asdict(s)
-    train_cfg = ComposeTrainConfig.from_dict({k: v for k, v in st.items() if k not in _STAGE_KEYS and v is not None})
     out = Path(s.output) if s.output else ws.path("compose_model")
-    device = str(s.device or "auto")
-    if device == "auto":
-        device = ctx.run.device
-
-    track.update_config({"train_fingerprint": train_cfg.fingerprint()})
-    summary = train_compose(out, train_cfg, work_dir=out.with_name(out.name + ".work"), device=device,
-                            resume=bool(s.resume) and not s.force,
-                            log_fn=lambda metrics, step: track.log(metrics, step=step),
-                            log_images_fn=lambda key, images, captions: track.log_images(key, images, captions),
-                            progress=bool(s.progress))
+    device = ctx.run.device if str(s.device or "auto") == "auto" else str(s.device)
+    train_cfg, summary = train_from_settings(s, ComposeTrainConfig, train_compose, out, device, track, _STAGE_KEYS)
     dtype = _DTYPES[str(s.save_dtype)]
     if dtype != torch.float32:
         save_pipeline(load_pipeline(out).to(dtype=dtype), out)

@@ -8,7 +8,6 @@ on held-out prompts. Losses, adherence and sample grids go to the tracker.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -28,25 +27,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from mixprec.tiny import shapes
     from mixprec.tiny.build import load_pipeline
     from mixprec.tiny.eval import adherence
-    from mixprec.tiny.train import TrainConfig, train_tiny
+    from mixprec.tiny.train import TrainConfig, train_from_settings, train_tiny
 
-    st = dataclasses.asdict(s)
-    train_cfg = TrainConfig.from_dict({k: v for k, v in st.items() if k not in _STAGE_KEYS and v is not None})
     out = Path(s.output) if s.output else ws.path("tiny_model")
-    device = str(s.device or "auto")
-    if device == "auto":
-        device = ctx.run.device
-
-    track.update_config({"train_fingerprint": train_cfg.fingerprint()})
-    summary = train_tiny(
-        out, train_cfg,
-        work_dir=out.with_name(out.name + ".work"),
-        device=device,
-        resume=bool(s.resume) and not s.force,
-        log_fn=lambda metrics, step: track.log(metrics, step=step),
-        log_images_fn=lambda key, images, captions: track.log_images(key, images, captions),
-        progress=bool(s.progress),
-    )
+    device = ctx.run.device if str(s.device or "auto") == "auto" else str(s.device)
+    train_cfg, summary = train_from_settings(s, TrainConfig, train_tiny, out, device, track, _STAGE_KEYS)
     # Measured on the saved folder, on the CPU: what every later stage will load.
     pipe = load_pipeline(out)
     n = int(s.eval_heldout_prompts)

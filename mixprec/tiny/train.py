@@ -160,6 +160,21 @@ class _EMA:
         live, shadow = self._pairs(modules)
         torch._foreach_lerp_(shadow, live, 1 - d)
 
+    @contextlib.contextmanager
+    def applied(self, modules: dict[str, torch.nn.Module]) -> Iterator[None]:
+        """The averaged weights in the modules, in eval mode, for the block; the live weights and
+        train mode put back afterwards (evaluation and snapshots in the middle of training)."""
+        live = {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in modules.items()}
+        self.copy_to(modules)
+        for m in modules.values():
+            m.eval()
+        try:
+            yield
+        finally:
+            for n, m in modules.items():
+                m.load_state_dict(live[n])
+                m.train()
+
     def copy_to(self, modules: dict[str, torch.nn.Module]) -> None:
         for n, m in modules.items():
             m.load_state_dict({k: self.shadow[f"{n}.{k}"].to(v.dtype) for k, v in m.state_dict().items()})
@@ -400,15 +415,8 @@ def _encode_latents(run: _Run) -> torch.Tensor:
 
 def _sample_and_log(run: _Run, eval_set: list[tuple[str, int]], tag_step: int) -> dict:
     """Held-out adherence with the EMA weights; the live weights are put back afterwards."""
-    modules = run.dm_modules
-    live = {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in modules.items()}
-    run.ema.copy_to(modules)
-    for m in modules.values():
-        m.eval()
-    res = evaluate_adherence(run.pipe, eval_set, run.cfg.num_inference_steps)
-    for n, m in modules.items():
-        m.load_state_dict(live[n])
-        m.train()
+    with run.ema.applied(run.dm_modules):
+        res = evaluate_adherence(run.pipe, eval_set, run.cfg.num_inference_steps)
     metrics = {f"eval/heldout_{k}": res[k] for k in ("all", "shape_colour", "background", "shape")}
     run.log(metrics, tag_step)
     if run.log_images_fn is not None:
@@ -571,3 +579,19 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def train_from_settings(settings: Any, config_cls: type[TrainConfig], train_fn: Callable[..., dict[str, Any]],
+                        out_dir: Path, device: str, tracker: Any, stage_keys: set[str]) -> tuple[TrainConfig, dict[str, Any]]:
+    """What the train_tiny and train_compose stages share: the training config built from the stage's
+    typed settings (every field but `stage_keys` is a config field: an unknown one is refused), then
+    one resumable run of `train_fn` into `out_dir`, its losses and sample grids sent to `tracker`."""
+    st = dataclasses.asdict(settings)
+    cfg = config_cls.from_dict({k: v for k, v in st.items() if k not in stage_keys and v is not None})
+    tracker.update_config({"train_fingerprint": cfg.fingerprint()})
+    summary = train_fn(out_dir, cfg, work_dir=out_dir.with_name(out_dir.name + ".work"), device=device,
+                       resume=bool(settings.resume) and not settings.force,
+                       log_fn=lambda metrics, step: tracker.log(metrics, step=step),
+                       log_images_fn=lambda key, images, captions: tracker.log_images(key, images, captions),
+                       progress=bool(settings.progress))
+    return cfg, summary
