@@ -1,7 +1,7 @@
 """Seconds per training step of the compose model's denoiser phase (UNet + both text encoders:
 forward under bf16 autocast, backward, clipping, AdamW, EMA) for each launch path
 (`ComposeTrainConfig.accelerate`) and batch size, measured through the trainer itself on random
-latents, written as JSON (median and p10-p90 of single steps, each synchronised).
+latents, written as JSON (milliseconds per single synchronised step: median, p10-p90, spread).
 
     python benchmarks/compose_train_step.py --out step_time.json [--modes none,cuda_graph,compile] [--batches 256,1024]
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -19,12 +18,7 @@ import torch
 
 from mixprec.compose import scenes
 from mixprec.compose.train import ComposeTrainConfig, _DenoiserTrainer, _EMA, _Run
-
-
-def _quantiles(xs: list[float]) -> dict[str, float]:
-    xs = sorted(xs)
-    pick = lambda q: xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))]  # noqa: E731
-    return {"median_s": statistics.median(xs), "p10_s": pick(0.1), "p90_s": pick(0.9), "n": len(xs)}
+from mixprec.kernels.timing import env_info, summarize
 
 
 def measure(mode: str, batch: int, steps: int, device: torch.device, work: Path) -> dict:
@@ -48,7 +42,7 @@ def measure(mode: str, batch: int, steps: int, device: torch.device, work: Path)
             first = dt
         if i >= 5:  # warm-up steps, the capture (cuda_graph) and the compile (compile) excluded
             times.append(dt)
-    return {"mode": mode, "batch": batch, "first_step_s": first, **_quantiles(times),
+    return {"mode": mode, "batch": batch, "first_step_s": first, **summarize([1000 * t for t in times]),
             "samples_per_s": batch / statistics.median(times)}
 
 
@@ -63,8 +57,7 @@ def main() -> None:
     device = torch.device("cuda")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
-              "steps": args.steps, "runs": []}
+    result = {**env_info(), "steps": args.steps, "runs": []}
     for mode in args.modes.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
             try:
