@@ -216,14 +216,16 @@ class TrainTinySettings(StageSettings):
 @dataclasses.dataclass
 class TrainComposeSettings(TrainTinySettings):
     save_dtype: Literal["float32", "float16"] = "float16"
-    dataset_size: int = 32768
+    dataset_size: int = 65536
+    layout: Literal["random", "centred"] = "centred"
+    layout_jitter: int = 4
     vae_steps: int = 1500
     vae_batch_size: int = 32
     vae_lr: Number = 0.002
-    unet_steps: int = 1200
+    unet_steps: int = 2000
     unet_batch_size: int = 256
-    unet_lr: Number = 0.001
-    text_lr: Number = 0.001
+    unet_lr: Number = 0.0005
+    text_lr: Number = 0.0005
     ema_decay: Number = 0.995
     min_snr_gamma: Number = 0.0
     num_inference_steps: int = 4

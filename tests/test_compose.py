@@ -13,7 +13,8 @@ import torch
 from scipy import ndimage
 
 from mixprec.compose import checker, scenes
-from mixprec.tiny.shapes import COLOUR_NAMES, SHAPES
+from mixprec.compose.scenes import COLOUR_NAMES
+from mixprec.tiny.shapes import SHAPES
 
 
 def _ground_truth(n: int, seed: int):
@@ -40,6 +41,46 @@ def test_generator_is_deterministic_and_unambiguous():
     assert scenes.eval_prompts(8, "heldout", 1) == scenes.eval_prompts(8, "heldout", 1)
     with pytest.raises(ValueError, match="unknown split"):
         scenes.sample_scenes(1, 0, "validation")
+
+
+def _gap_and_dominance(scene) -> tuple[float, float]:
+    """Pixels between the boxes along the relation's axis, and |main| - |cross| centre offset."""
+    a, b = scene.first, scene.second
+    horizontal = scene.relation in ("left of", "right of")
+    lo, hi = (a, b) if scene.relation in ("left of", "above") else (b, a)
+    pos = (lambda o: o.x0) if horizontal else (lambda o: o.y0)
+    other = (lambda o: o.y0) if horizontal else (lambda o: o.x0)
+    gap = pos(hi) - (pos(lo) + lo.extent)
+    main = abs((pos(b) + b.extent / 2) - (pos(a) + a.extent / 2))
+    cross = abs((other(b) + b.extent / 2) - (other(a) + a.extent / 2))
+    return gap, main - cross
+
+
+@pytest.mark.parametrize("layout", scenes.LAYOUTS)
+def test_every_layout_keeps_the_relation_unambiguous_and_the_checker_exact(layout):
+    sc = scenes.sample_scenes(300, 5, "all", layout=layout)
+    for s in sc:
+        for o in (s.first, s.second):
+            assert scenes.MARGIN <= min(o.x0, o.y0) and max(o.x0, o.y0) + o.extent <= scenes.IMAGE_SIZE - scenes.MARGIN
+        gap, dominance = _gap_and_dominance(s)
+        assert gap >= scenes.GAP and dominance >= scenes.DOMINANCE, s
+    res = checker.check_batch(scenes.render_batch(sc).float() / 255.0, [s.caption for s in sc])
+    assert res["all"] == 1.0
+
+
+def test_centred_layout_puts_each_object_near_its_slot():
+    for s in scenes.sample_scenes(200, 2, "train", layout="centred", jitter=4):
+        slots = scenes.CENTRED_SLOTS if s.relation in ("left of", "above") else scenes.CENTRED_SLOTS[::-1]
+        for o, slot in zip((s.first, s.second), slots):
+            main, cross = (o.x0, o.y0) if s.relation in ("left of", "right of") else (o.y0, o.x0)
+            assert abs(main + o.extent // 2 - slot) <= 4 and abs(cross + o.extent // 2 - scenes.IMAGE_SIZE // 2) <= 4
+    still = scenes.sample_scenes(50, 2, "train", layout="centred", jitter=0)
+    assert len({(s.relation, s.first.extent, s.first.x0, s.first.y0) for s in still}) == len(
+        {(s.relation, s.first.extent) for s in still})
+    with pytest.raises(ValueError, match="jitter"):
+        scenes.sample_scenes(1, 0, layout="centred", jitter=9)
+    with pytest.raises(ValueError, match="unknown layout"):
+        scenes.sample_scenes(1, 0, layout="grid")
 
 
 def test_checker_is_exact_on_500_ground_truth_renders_and_robust_to_blur_and_noise():
@@ -156,6 +197,10 @@ def test_micro_training_resumes_to_the_same_weights(tmp_path):
         train_compose(tmp_path / "d", ComposeTrainConfig.from_dict({"init_from": str(tmp_path / "a")}), device="cpu")
     with pytest.raises(ValueError, match="accelerate"):
         ComposeTrainConfig.from_dict({"accelerate": "fast"})
+    with pytest.raises(ValueError, match="layout"):
+        ComposeTrainConfig.from_dict({"layout": "grid"})
+    # The layout decides the training pictures, so it is part of what a checkpoint was made with.
+    assert ComposeTrainConfig(layout="random").fingerprint() != ComposeTrainConfig().fingerprint()
     # The launch path does not change the arithmetic, so it does not change the fingerprint.
     assert ComposeTrainConfig(accelerate="none").fingerprint() == ComposeTrainConfig().fingerprint()
 

@@ -27,9 +27,9 @@ import torch
 from scipy import ndimage
 
 from mixprec.tiny.adherence import check_batch as tiny_check_batch, to_array
-from mixprec.tiny.shapes import COLOUR_NAMES, COLOURS, SHAPES
+from mixprec.tiny.shapes import SHAPES
 
-from .scenes import RELATIONS, SIZE_NAMES, SIZE_THRESHOLD, coverage
+from .scenes import COLOUR_NAMES, COLOURS, RELATIONS, SIZE_NAMES, SIZE_THRESHOLD, coverage
 
 # Per image: both objects' colour / shape / size must be right for that attribute to count.
 ATTRIBUTES = ("background", "colour", "shape", "size", "relation")

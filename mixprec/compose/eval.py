@@ -171,6 +171,9 @@ def main(argv=None) -> None:
     ap.add_argument("--sensitivity-prompts", type=int, default=16, help="0 skips the sensitivity sweep")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--grids", default=None, help="folder for image grids")
+    ap.add_argument("--steps", type=int, default=NUM_INFERENCE_STEPS, help="sampler steps")
+    ap.add_argument("--points", default=",".join(UNIFORM_POINTS),
+                    help=f"comma-separated uniform plans to measure, of {', '.join(UNIFORM_POINTS)}")
     ap.add_argument("--out", default=None, help="write the report here as JSON")
     ap.add_argument("--teacher-forced", action="store_true",
                     help="only the per-timestep teacher-forced adherence (teacher_forced_adherence), not the full report")
@@ -183,8 +186,14 @@ def main(argv=None) -> None:
             with open(args.out, "w") as f:
                 f.write(json.dumps(report, indent=1) + "\n")
         return
+    unknown = [p for p in args.points.split(",") if p not in UNIFORM_POINTS]
+    if unknown:
+        ap.error(f"unknown --points {unknown}; known: {', '.join(UNIFORM_POINTS)}")
+    points = {p: UNIFORM_POINTS[p] for p in args.points.split(",")}
+    if args.grids:
+        os.makedirs(args.grids, exist_ok=True)
     report = full_report(pipe, args.prompts, n_sensitivity=args.sensitivity_prompts, batch_size=args.batch_size,
-                         grid_dir=args.grids)
+                         steps=args.steps, points=points, grid_dir=args.grids)
     text = json.dumps(report, indent=1)
     if args.out:
         with open(args.out, "w") as f:

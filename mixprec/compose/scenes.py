@@ -44,6 +44,15 @@ SUPERSAMPLE = 4
 TEMPLATE_WORDS: tuple[str, ...] = ("a", "of", "on", "background", "left", "right", "above", "below")
 VOCABULARY: tuple[str, ...] = TEMPLATE_WORDS + SIZE_NAMES + COLOUR_NAMES + SHAPES
 
+# Layouts of the training data. "random": anywhere on the canvas that realises the relation (the
+# image is far from a function of the caption). "centred": the pair centred on the canvas, each
+# object at a fixed slot of its relation's axis, moved by at most `jitter` pixels per coordinate and
+# sized within its class: the caption nearly decides the image, so a few-step model trained with
+# an MSE loss draws a scene instead of the blurred mean of all layouts (see docs/compose_model.md).
+LAYOUTS: tuple[str, ...] = ("random", "centred")
+# Centre of the first / second object along the relation's axis for "left of" (mirrored for the others).
+CENTRED_SLOTS = (36, 92)
+
 SPLIT_SEED = 20261201
 HELDOUT_OBJECTS = 8
 
@@ -196,6 +205,25 @@ def _layout(rng: np.random.Generator, relation: str, ext_a: int, ext_b: int) -> 
     return ca, ma, cb, mb
 
 
+def _centred_layout(rng: np.random.Generator, relation: str, ext_a: int, ext_b: int, jitter: int
+                    ) -> tuple[int, int, int, int]:
+    """(xa, ya, xb, yb) for the "centred" layout: slots CENTRED_SLOTS on the relation's axis, the
+    canvas centre across it, each coordinate moved by an integer in [-jitter, jitter]."""
+    if not 0 <= jitter <= 4:
+        # Wider jitter could break the GAP / DOMINANCE guarantees between two large objects.
+        raise ValueError(f"layout jitter must be in 0..4 pixels, got {jitter}")
+    first, second = CENTRED_SLOTS
+    if relation in ("right of", "below"):
+        first, second = second, first
+    mid = IMAGE_SIZE // 2
+    d = [int(v) for v in rng.integers(-jitter, jitter + 1, size=4)]
+    ma, mb = first + d[0] - ext_a // 2, second + d[1] - ext_b // 2
+    ca, cb = mid + d[2] - ext_a // 2, mid + d[3] - ext_b // 2
+    if relation in ("left of", "right of"):
+        return ma, ca, mb, cb
+    return ca, ma, cb, mb
+
+
 def _pick_objects(rng: np.random.Generator, split: str) -> tuple[ObjectKind, ObjectKind]:
     train, held = split_objects()
     pool_a = held if split == "heldout" else (train + held if split == "all" else train)
@@ -209,25 +237,31 @@ def _pick_objects(rng: np.random.Generator, split: str) -> tuple[ObjectKind, Obj
     return a, b
 
 
-def sample_scene(rng: np.random.Generator, split: str = "train") -> Scene:
+def sample_scene(rng: np.random.Generator, split: str = "train", layout: str = "random", jitter: int = 4) -> Scene:
     split = _check_split(split)
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; known: {LAYOUTS}")
     a, b = _pick_objects(rng, split)
     relation = RELATIONS[int(rng.integers(len(RELATIONS)))]
     backgrounds = [c for c in COLOUR_NAMES if c not in (a[1], b[1])]
     background = backgrounds[int(rng.integers(len(backgrounds)))]
     ext_a, ext_b = (int(rng.integers(SIZES[o[0]][0], SIZES[o[0]][1] + 1)) for o in (a, b))
-    xa, ya, xb, yb = _layout(rng, relation, ext_a, ext_b)
+    if layout == "random":
+        xa, ya, xb, yb = _layout(rng, relation, ext_a, ext_b)
+    else:
+        xa, ya, xb, yb = _centred_layout(rng, relation, ext_a, ext_b, jitter)
     return Scene(SceneObject(*a, xa, ya, ext_a), relation, SceneObject(*b, xb, yb, ext_b), background)
 
 
-def sample_scenes(n: int, seed: int, split: str = "train") -> list[Scene]:
+def sample_scenes(n: int, seed: int, split: str = "train", layout: str = "random", jitter: int = 4) -> list[Scene]:
     rng = np.random.default_rng(seed)
-    return [sample_scene(rng, split) for _ in range(n)]
+    return [sample_scene(rng, split, layout, jitter) for _ in range(n)]
 
 
-def make_dataset(n: int, seed: int, split: str = "train") -> tuple[torch.Tensor, list[str]]:
+def make_dataset(n: int, seed: int, split: str = "train", layout: str = "random", jitter: int = 4
+                 ) -> tuple[torch.Tensor, list[str]]:
     """uint8 (n, 3, 128, 128) images and their captions: the compact form training keeps in memory."""
-    scenes = sample_scenes(n, seed, split)
+    scenes = sample_scenes(n, seed, split, layout, jitter)
     return render_batch(scenes), [s.caption for s in scenes]
 
 
