@@ -57,7 +57,7 @@ class ComposeTrainConfig(TrainConfig):
     vae_lr: float = 2e-3
     unet_steps: int = 2000
     unet_batch_size: int = 256
-    # 1e-3 diverged in two of three runs (loss spikes, once NaN); 5e-4 descended smoothly.
+    # 1e-3 failed in three of five runs (twice NaN, once spikes it never recovered from); 5e-4 did not.
     unet_lr: float = 5e-4
     text_lr: float = 5e-4
     warmup_steps: int = 100
