@@ -4,7 +4,8 @@ Runs the SDXL UNet architecture (full size on a GPU, ``--width-div`` narrower on
 weights, calibrated on random inputs, and compares every variant's *fake-quant reference* (the
 KernelLayer reference path: exact function of the stored codes) and, on CUDA, its real kernels,
 against the unquantized model. Variants: int8 W8A8; fp8 with per-tensor or per-output-channel weight
-scales, on all layers / Linear layers only / convolutions only.
+scales, static (calibrated, per tensor) or per-token activation scales, on all layers / Linear layers
+only / convolutions only.
 
     python benchmarks/fp8_accuracy.py --width-div 4 --res 256 --dtype float32   # CPU, a few minutes
     python benchmarks/fp8_accuracy.py --out $OUT/fp8_accuracy.json              # GPU, full size, bf16
@@ -33,12 +34,16 @@ from mixprec.quantizers import quant_layers, set_plan  # noqa: E402
 # (name, backend options, which layers: all | linear | conv)
 VARIANTS = {
     "int8": ({"w8a8": "int8"}, "all"),
-    "fp8_tensor": ({"w8a8": "fp8", "fp8_weight": "tensor"}, "all"),
-    "fp8_channel": ({"w8a8": "fp8", "fp8_weight": "channel"}, "all"),
-    "fp8_channel_fastacc": ({"w8a8": "fp8", "fp8_weight": "channel", "fp8_fast_accum": True}, "all"),
-    "fp8_tensor_linear": ({"w8a8": "fp8", "fp8_weight": "tensor"}, "linear"),
-    "fp8_channel_linear": ({"w8a8": "fp8", "fp8_weight": "channel"}, "linear"),
-    "fp8_channel_conv": ({"w8a8": "fp8", "fp8_weight": "channel"}, "conv"),
+    "fp8_tensor": ({"w8a8": "fp8", "fp8_weight": "tensor", "fp8_act": "tensor"}, "all"),
+    "fp8_channel": ({"w8a8": "fp8", "fp8_weight": "channel", "fp8_act": "tensor"}, "all"),
+    "fp8_channel_fastacc": ({"w8a8": "fp8", "fp8_weight": "channel", "fp8_act": "tensor", "fp8_fast_accum": True},
+                            "all"),
+    "fp8_tensor_linear": ({"w8a8": "fp8", "fp8_weight": "tensor", "fp8_act": "tensor"}, "linear"),
+    "fp8_channel_linear": ({"w8a8": "fp8", "fp8_weight": "channel", "fp8_act": "tensor"}, "linear"),
+    "fp8_channel_conv": ({"w8a8": "fp8", "fp8_weight": "channel", "fp8_act": "tensor"}, "conv"),
+    # per-token activation scales (Linear layers; convs keep the static scale) with channel weight scales
+    "fp8_token_linear": ({"w8a8": "fp8", "fp8_weight": "channel", "fp8_act": "token"}, "linear"),
+    "fp8_token_all": ({"w8a8": "fp8", "fp8_weight": "channel", "fp8_act": "token"}, "all"),
 }
 
 

@@ -55,6 +55,9 @@ class BackendConfig:
     fp8_weight: str = "channel"   # fp8 weight scales: "channel" (per output channel, applied after
                                   # cuBLAS's tensor-wise GEMM / in the Triton epilogue) | "rowwise"
                                   # (the same scales through _scaled_mm's row-wise kernel) | "tensor"
+    fp8_act: str = "token"        # fp8 activation scales of Linear layers: "token" (per GEMM row,
+                                  # max|row| / 448 at run time) | "tensor" (the calibrated static
+                                  # scale); convolutions always take the static one
     fp8_fast_accum: bool = False  # True: fp8 products accumulate in the tensor cores' reduced
                                   # precision over the whole K (cuBLAS fast accum; Triton's sm90
                                   # default); False: promoted to float32 every K block
@@ -68,7 +71,8 @@ class BackendConfig:
     def __post_init__(self) -> None:
         checks = {"w8a8": ("int8", "fp8", "reference"), "int8_impl": ("triton", "torch"),
                   "low_bit": ("triton", "reference"), "act_quant": ("producer", "kernel"),
-                  "fp8_weight": ("tensor", "channel", "rowwise"), "bos": ("weight_only", "exact"),
+                  "fp8_weight": ("tensor", "channel", "rowwise"), "fp8_act": ("tensor", "token"),
+                  "bos": ("weight_only", "exact"),
                   "cpu": ("reference", "emulate")}
         for key, allowed in checks.items():
             if getattr(self, key) not in allowed:
@@ -92,6 +96,10 @@ class BackendConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def build_kwargs(self) -> dict:
+        """Keyword arguments of :meth:`KernelLayer.from_quant_layer` for these options."""
+        return dict(fp8_weight=self.fp8_weight, fp8_act=self.fp8_act, bos=self.bos, **self.layer_kwargs())
 
     def layer_kwargs(self) -> dict:
         return dict(cpu_path=self.cpu, min_m=self.min_m, int8_impl=self.int8_impl,
@@ -294,8 +302,7 @@ def convert_(model: nn.Module, config: BackendConfig | Mapping[str, Any] | None 
             report.layers.append(LayerDispatch(name, kind, shape, layer.w_bits, layer.a_bits, "reference",
                                                timestep_groups_reason(layer.params.num_step_groups), stored))
             continue
-        new = KernelLayer.from_quant_layer(layer, backend, fp8_weight=cfg.fp8_weight, bos=cfg.bos,
-                                           **cfg.layer_kwargs())
+        new = KernelLayer.from_quant_layer(layer, backend, **cfg.build_kwargs())
         layer.drop_cache()
         _replace(model, name, new)
         report.layers.append(LayerDispatch(name, kind, shape, layer.w_bits, layer.a_bits, backend, reason,

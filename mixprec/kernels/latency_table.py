@@ -138,8 +138,7 @@ def _module_for(layer: QuantLayer, w_bits: int | None, a_bits: int | None, backe
     saved = (layer.w_bits, layer.a_bits)
     layer.set_bits(w_bits, a_bits)
     try:
-        return KernelLayer.from_quant_layer(layer, name, fp8_weight=backend.fp8_weight, bos=backend.bos,
-                                            **backend.layer_kwargs())
+        return KernelLayer.from_quant_layer(layer, name, **backend.build_kwargs())
     finally:
         layer.set_bits(*saved)
         layer.drop_cache()

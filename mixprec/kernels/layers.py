@@ -32,7 +32,7 @@ from mixprec.quantizers import QuantLayer, dequantize_weight, fake_quant_act, we
 
 from . import packing
 from .triton_gemm import (FP8_MAX, FP8_MMAS, GEMV_MAX_ROWS, HAS_TRITON, MMA_16, MMA_FP8, MMA_FP8_FAST, MMA_INT8, gemv,
-                          qgemm, quant_act_fp8, quant_act_int)
+                          qgemm, quant_act_fp8, quant_act_fp8_token, quant_act_int)
 
 BACKENDS = ("reference", "int8", "fp8", "wonly")
 
@@ -58,6 +58,8 @@ class LayerSpec:
     fp8_weight: str = "tensor"      # fp8 weight scales: "tensor" | "channel" (per output channel, applied
                                     # after a tensor-wise GEMM) | "rowwise" (the same scales through
                                     # _scaled_mm's row-wise kernel)
+    fp8_act: str = "tensor"         # fp8 activation scales: "tensor" (the calibrated static scale) | "token"
+                                    # (one per GEMM row, max|row| / 448 at run time; Linear layers only)
     skip_first_token: bool = False
     bos: str = "weight_only"        # first (BOS) token of cross-attn K/V: "weight_only" | "exact"
     backend: str = "reference"
@@ -151,7 +153,7 @@ class KernelLayer(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_quant_layer(cls, layer: QuantLayer, backend: str, *, fp8_weight: str = "tensor",
-                         bos: str = "weight_only", **kwargs) -> "KernelLayer":
+                         fp8_act: str = "tensor", bos: str = "weight_only", **kwargs) -> "KernelLayer":
         inner = layer.inner
         w = inner.weight.detach()
         is_conv = isinstance(inner, nn.Conv2d)
@@ -166,6 +168,9 @@ class KernelLayer(nn.Module):
             stride=inner.stride[0] if is_conv else 1, padding=inner.padding[0] if is_conv else 0,
             has_bias=inner.bias is not None, w_bits=layer.w_bits, a_bits=layer.a_bits,
             skip_first_token=layer.skip_first_token, bos=bos, backend=backend, fp8_weight=fp8_weight,
+            # per-token scales for Linear layers only: in a conv each output row sums 9 input pixels,
+            # whose own scales would not factor out of the implicit GEMM's sum
+            fp8_act=fp8_act if backend == "fp8" and not is_conv and layer.a_bits is not None else "tensor",
         )
         params = layer.params
         if layer.w_bits is None:
@@ -254,6 +259,10 @@ class KernelLayer(nn.Module):
                                       else self.wscale.reshape(1, -1)).float().contiguous()
                 if spec.fp8_weight == "channel":  # the GEMM runs tensor-wise, the epilogue scales channels
                     derived["scale_b"] = torch.ones((), dtype=torch.float32, device=dev)
+                if spec.fp8_act == "token":  # activation scales come per row at run time
+                    derived["row_scale"] = wscale_n.float().clone()
+                    derived["scale_one"] = torch.ones((), dtype=torch.float32, device=dev)
+                    derived["scale_b_row"] = wscale_n.float().reshape(1, -1).contiguous()
                 self.levels = 0
         for name, t in derived.items():
             self.register_buffer(name, t, persistent=False)
@@ -300,6 +309,9 @@ class KernelLayer(nn.Module):
         spec = self.spec
         if spec.a_bits is None:
             return x
+        if spec.weight_format == "fp8" and spec.fp8_act == "token":
+            codes, scale = quant_act_fp8_token(x.reshape(-1, x.shape[-1]))
+            return (codes.float() * scale).to(x.dtype).reshape(x.shape)
         if spec.weight_format == "fp8":
             return (quant_act_fp8(x, 1.0 / spec.act_scale).float() * spec.act_scale).to(x.dtype)
         return fake_quant_act(x, spec.act_scale, spec.act_zero, spec.a_bits)
@@ -398,6 +410,8 @@ class KernelLayer(nn.Module):
         if spec.weight_format == "fp":  # activation-only quantization: fake-quant + dense
             return self._dense(self._fake_act(x), self.weight)
         mma = self._mma()
+        if spec.fp8_act == "token" and mma in FP8_MMAS:
+            return self._fp8_token(x, path, mma)
         if path == "gemv":
             return self.gemv(x, mma)
         if mma == MMA_16:
@@ -473,6 +487,8 @@ class KernelLayer(nn.Module):
 
     def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec
+        if spec.fp8_act == "token":
+            return self._scaled_mm_token(x)
         lead = x.shape[:-1]
         # cuBLASLt takes only row-major A: a strided view (channels-last input) must be copied
         xq = quant_act_fp8(x.reshape(-1, spec.k), 1.0 / spec.act_scale).contiguous()
@@ -492,6 +508,45 @@ class KernelLayer(nn.Module):
                                out_dtype=x.dtype, use_fast_accum=self.fp8_fast_accum)
         if self.bias is not None and bias is None:
             out = out + self.bias
+        return out.reshape(*lead, spec.out_features)
+
+    def _fp8_token(self, x: torch.Tensor, path: str, mma: int) -> torch.Tensor:
+        """fp8 with per-token activation scales ``sa[m]`` and weight scales ``sw[n]``:
+        ``y = sa[m] * sw[n] * sum_k xq[m, k] * Wq[n, k] + bias[n]``."""
+        spec = self.spec
+        if path == "scaled_mm":
+            return self._scaled_mm(x)
+        lead = x.shape[:-1]
+        xq, sa = quant_act_fp8_token(x.reshape(-1, spec.k))
+        zeros = torch.zeros_like(self.col_bias)
+        if path == "gemv" and torch.compiler.is_compiling():  # fused by inductor, as in gemv()
+            acc = (xq.float()[:, None, :] * self.qweight.float()[None, :, :]).sum(-1)
+        elif path == "gemv" and xq.shape[0] <= GEMV_MAX_ROWS:
+            acc = gemv(xq.float(), self.qweight, torch.ones_like(zeros), zeros, torch.float32)
+        else:  # the Triton GEMM (or its emulation) with unit scales; float32 out, scaled below
+            acc = qgemm(xq, self.qweight, torch.ones_like(zeros), None, None, spec.k, 8, mma, False, 0,
+                        torch.float32, [])
+        out = (acc * (sa * self.row_scale) + self.col_bias).to(x.dtype)
+        return out.reshape(*lead, spec.out_features)
+
+    def _scaled_mm_token(self, x: torch.Tensor) -> torch.Tensor:
+        """``_scaled_mm`` with per-token activation scales: ``fp8_weight=rowwise`` passes both scale
+        vectors to the row-wise kernel (scale_a [M, 1], scale_b [1, N], float32, contiguous);
+        otherwise the tensor-wise GEMM runs with unit scales and one pointwise op (fused by inductor
+        downstream) applies ``sa[m] * sw[n]`` and the bias."""
+        spec = self.spec
+        lead = x.shape[:-1]
+        xq, sa = quant_act_fp8_token(x.reshape(-1, spec.k))
+        if spec.fp8_weight == "rowwise":
+            bias = self.bias if self.bias is not None and x.dtype == torch.bfloat16 else None
+            out = torch._scaled_mm(xq, self.qweight.t(), scale_a=sa, scale_b=self.scale_b_row, bias=bias,
+                                   out_dtype=x.dtype, use_fast_accum=self.fp8_fast_accum)
+            if self.bias is not None and bias is None:
+                out = out + self.bias
+        else:
+            out = torch._scaled_mm(xq, self.qweight.t(), scale_a=self.scale_one, scale_b=self.scale_one,
+                                   out_dtype=x.dtype, use_fast_accum=self.fp8_fast_accum)
+            out = (out.float() * (sa * self.row_scale) + self.col_bias).to(x.dtype)
         return out.reshape(*lead, spec.out_features)
 
     def _int_mm(self, x: torch.Tensor) -> torch.Tensor:

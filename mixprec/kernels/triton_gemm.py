@@ -328,6 +328,20 @@ def quant_act_fp8(x: torch.Tensor, inv_scale: float | torch.Tensor) -> torch.Ten
     return torch.clamp(x.float() * inv_scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
+TOKEN_SCALE_MIN = 1e-12  # an all-zero row keeps a finite scale (its codes are 0 whatever the scale)
+
+
+def quant_act_fp8_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-row (per-token) fp8 e4m3 quantization of ``x`` [M, K]: (codes [M, K], scales [M, 1]
+    float32) with ``scale = max|row| / 448``, so every row spans e4m3's full range whatever the
+    calibration saw. The reference, the emulation and the kernels all quantize through this function
+    (plain ops: under compile inductor fuses the row max and the cast into the producer)."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(TOKEN_SCALE_MIN)
+    codes = torch.clamp(xf / scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return codes, scale
+
+
 def decode_weight(w: torch.Tensor, w_bits: int, k: int, groups: int = 1) -> torch.Tensor:
     """[N, K] int8 (or fp8) weight codes in (kh, kw, c) column order."""
     if w.dtype == torch.float8_e4m3fn:
