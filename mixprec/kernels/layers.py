@@ -347,10 +347,10 @@ class KernelLayer(nn.Module):
         spec = self.spec
         if spec.backend == "reference":
             return "reference"
+        if m < self.min_m:  # before the CPU choice: reference_path() forces the reference on CPU too
+            return "reference"
         if not is_cuda:
             return "emulate" if self.cpu_path == "emulate" else "reference"
-        if m < self.min_m:
-            return "reference"
         if self._gemv_takes(m):  # plain torch ops: needs no Triton
             return "gemv"
         if not HAS_TRITON and not (spec.backend in ("fp8", "int8") and spec.kind == "linear"):

@@ -1,0 +1,282 @@
+"""Issue 21's must-show matrix in ONE device call (<= 9 minutes), one process, under a wall-clock budget.
+
+Full-size SDXL UNet (``mixprec/reference/sdxl_unet_config.json``: the UNet of ``model=sdxl_turbo``,
+random weights, bf16, channels-last), calibrated once on two random-input passes. The 16-bit
+baseline is timed in the same process as every plan. Parts, in this order (each result is written to
+the JSON as soon as it exists, so a call cut short still returns everything before the cut):
+
+1. ``eager``: every plan (bf16, W8A8 fp8 with per-token activation scales and per-channel weight
+   scales -- tensor-wise GEMM + fused epilogue, and the row-wise ``_scaled_mm`` kernel -- the static
+   per-tensor fp8 plan it replaces, fp8 on all layers, W8A8 int8, W4A16, W4A8) converted, its output
+   SQNR vs bf16 (real kernels and fake-quant reference) at the first shape, then eager + CUDA-graph
+   replay latency (median, p10-p90) at every ``--eager-shapes`` item. No compile: seconds per plan.
+2. ``compiled``: ``torch.compile`` (inductor default mode, ``dynamic=False``, a CUDA graph captured
+   around the compiled call) for the baseline and ``--headline`` plans only, shape by shape in
+   ``--compiled-shapes`` order. One SDXL UNet compile took 113 s (bf16) / 190 s (fp8 Linear) on an
+   H100, so compiling all plans x shapes (~15 compiles) cannot fit one call: the eager part gives the
+   whole matrix and the accuracy, the compiled part the headline speed-ups. A (baseline, plan) pair
+   at a shape starts only when both compiles are predicted to finish inside the budget (prediction:
+   the compile times measured so far in this process; ``--compile-est`` before the first one); the
+   eager part leaves ``--reserve`` seconds for the first compiled pair.
+
+    python3 benchmarks/issue21_matrix.py --budget 480 --out $OUT/issue21_matrix.json      # device
+    python3 benchmarks/issue21_matrix.py --model tiny --budget 300 --compile-backend eager \\
+        --eager-shapes 64x1,64x2 --compiled-shapes 64x1 --out /tmp/m.json                 # CPU dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import Clock, capture, env_info, summarize, time_graph, write_json  # noqa: E402
+from mixprec.kernels import BackendConfig, convert_, reference_path, weight_bytes  # noqa: E402
+from mixprec.kernels.named_plans import parse_plan_name  # noqa: E402
+from mixprec.kernels.probing import calibrate_random, denoiser_inputs, sqnr_db  # noqa: E402
+from mixprec.models.toy import build_unet  # noqa: E402
+from mixprec.quantizers import quant_layers, set_plan  # noqa: E402
+
+BASELINE = "bf16"
+PLANS = {  # name -> (named plan, backend options); the baseline is the unquantized model
+    BASELINE: ("uniform:w16a16", {}),
+    "fp8_token_linear": ("linear:w8a8", {"w8a8": "fp8", "fp8_act": "token", "fp8_weight": "channel"}),
+    "fp8_token_rowwise_linear": ("linear:w8a8", {"w8a8": "fp8", "fp8_act": "token", "fp8_weight": "rowwise"}),
+    "fp8_static_linear": ("linear:w8a8", {"w8a8": "fp8", "fp8_act": "tensor", "fp8_weight": "channel"}),
+    "fp8_token_all": ("uniform:w8a8", {"w8a8": "fp8", "fp8_act": "token", "fp8_weight": "channel"}),
+    "int8_all": ("uniform:w8a8", {"w8a8": "int8"}),
+    "w4a16_all": ("uniform:w4a16", {}),
+    "w4a8_all": ("uniform:w4a8", {}),
+}
+MIB = 2 ** 20
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    out = []
+    for item in filter(None, text.split(",")):
+        res, _, batch = item.partition("x")
+        out.append((int(res), int(batch or 1)))
+    return out
+
+
+def inputs_for(unet, res: int, batch: int) -> dict:
+    x = denoiser_inputs(unet, batch, res // 8, seed=11)
+    x["sample"] = x["sample"].contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def build(model: str, calib_res: int):
+    cuda = torch.cuda.is_available()
+    unet = build_unet(model, device="cuda" if cuda else "cpu", dtype=torch.bfloat16 if cuda else torch.float32)
+    calib = [denoiser_inputs(unet, 1, calib_res // 8, seed=100 + i) for i in range(2)]
+    layers = calibrate_random(unet, lambda: [unet(**c) for c in calib], weight_bits=(4, 8), act_bits=(8,))
+    return unet.to(memory_format=torch.channels_last), layers
+
+
+def convert_plan(unet, layers, name: str):
+    """A converted copy of ``unet`` for plan ``name`` and its dispatch summary."""
+    spec, opts = PLANS[name]
+    for layer in layers.values():
+        layer.drop_cache()
+    model = copy.deepcopy(unet)
+    set_plan(quant_layers(model), *parse_plan_name(spec).bits(layers))
+    # without CUDA (dry runs) the kernel arithmetic runs emulated in torch, not the fake-quant path
+    report = convert_(model, BackendConfig.from_mapping({**opts, "cpu": "emulate"}))
+    return model.to(memory_format=torch.channels_last).requires_grad_(False), report.summary()
+
+
+def time_call(fn, iters: int, warmup: int) -> dict:
+    """CUDA-graph replays timed with CUDA events; host clock on a CPU (dry runs: says nothing of speed)."""
+    t = time.perf_counter()
+    if torch.cuda.is_available():
+        g = capture(fn)
+        warm = time.perf_counter() - t
+        out = time_graph(g, iters, warmup)
+        del g
+    else:
+        fn()
+        warm = time.perf_counter() - t
+        times = []
+        for _ in range(max(2, min(iters, 3))):
+            t1 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t1) * 1000)
+        out = summarize(times)
+    out["warmup_s"] = warm
+    return out
+
+
+def _no_grad(fn):
+    def call():
+        with torch.no_grad():
+            return fn()
+    return call
+
+
+def _free(*objs) -> None:
+    del objs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def accuracy(model, x: dict, fp: torch.Tensor) -> dict:
+    """SQNR of the plan's output vs 16 bit: real kernels, its fake-quant reference, and real vs reference."""
+    real = model(**x).sample.float()
+    with reference_path(model):
+        ref = model(**x).sample.float()
+    return {"real_vs_16bit_db": sqnr_db(fp, real), "reference_vs_16bit_db": sqnr_db(fp, ref),
+            "real_vs_reference_db": sqnr_db(ref, real)}
+
+
+def eager_part(unet, layers, shapes, out: dict, clock: Clock, args, accuracy_input: dict | None) -> None:
+    """Eager + CUDA-graph latency of every plan at ``shapes``; with ``accuracy_input`` also its SQNR."""
+    rec = out.setdefault("eager", {})
+    fp = None
+    if accuracy_input is not None:
+        set_plan(layers)  # no bits: the calibrated QuantLayers pass through (the 16-bit function)
+        with torch.no_grad():
+            fp = unet(**accuracy_input).sample.float()
+    for name in PLANS:
+        if clock.left() - args.reserve < args.eager_est:
+            rec.setdefault(name, {}).setdefault("skipped", []).append(
+                f"{','.join(f'{r}x{b}' for r, b in shapes)}: time budget ({clock.left():.0f}s left)")
+            continue
+        t = time.time()
+        model, summary = convert_plan(unet, layers, name)
+        r = rec.setdefault(name, {})
+        r.update(plan=PLANS[name][0], options=PLANS[name][1], dispatch=summary, weight_mib=weight_bytes(model) / MIB)
+        r.setdefault("timing", {})
+        if fp is not None and name != BASELINE:
+            r.update(accuracy(model, accuracy_input, fp))
+        for res, b in shapes:
+            x = inputs_for(unet, res, b)
+            r["timing"][f"{res}x{b}"] = time_call(_no_grad(lambda: model(**x, return_dict=False)[0]),
+                                                  args.iters, args.warmup)
+        r["seconds"] = r.get("seconds", 0) + time.time() - t
+        _speedups(rec, name)
+        print("eager", name, {k: round(v, 2) for k, v in r.items() if isinstance(v, float)},
+              {k: round(v["median_ms"], 3) for k, v in r["timing"].items()}, flush=True)
+        write_json(args.out, out)
+        _free(model)
+
+
+def _speedups(rec: dict, name: str) -> None:
+    base = rec.get(BASELINE, {}).get("timing", {})
+    r = rec[name]
+    r["speedup_vs_bf16"] = {k: base[k]["median_ms"] / v["median_ms"] for k, v in r["timing"].items()
+                            if k in base and "median_ms" in v}
+
+
+def _predicted_compile_s(plan: str, seen: dict, args) -> float:
+    if plan in seen:  # a new shape recompiles the whole graph (dynamic=False)
+        return seen[plan]
+    if BASELINE in seen:
+        return seen[BASELINE] * args.plan_compile_factor
+    return args.compile_est * (1 if plan == BASELINE else args.plan_compile_factor)
+
+
+def compiled_part(unet, layers, shapes, out: dict, clock: Clock, args) -> None:
+    """Compiled (inductor) + CUDA-graph latency of the baseline and the headline plans, shape by shape."""
+    rec = out.setdefault("compiled", {})
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    plans = [BASELINE] + [p for p in args.headline.split(",") if p]
+    compiled, seen = {}, {}
+    for res, b in shapes:
+        key = f"{res}x{b}"
+        need = sum(_predicted_compile_s(p, seen, args) for p in plans) * 1.05 + 10 * len(plans)
+        if clock.left() < need:
+            rec[key] = {"skipped": f"time budget: {clock.left():.0f}s left, ~{need:.0f}s predicted"}
+            write_json(args.out, out)
+            continue
+        x = inputs_for(unet, res, b)
+        row = rec[key] = {}
+        base_out = None
+        for p in plans:
+            if p not in compiled:
+                model, summary = convert_plan(unet, layers, p)
+                fn = torch.compile(model, backend=args.compile_backend, dynamic=False)
+                compiled[p] = (fn, model)
+                out.setdefault("compiled_dispatch", {})[p] = summary
+            fn = compiled[p][0]
+            call = _no_grad(lambda: fn(**x, return_dict=False)[0])
+            t = time.perf_counter()
+            y = call().float()
+            tm = {"compile_s": time.perf_counter() - t}
+            seen.setdefault(p, tm["compile_s"])
+            tm.update(time_call(call, args.iters, args.warmup))
+            if base_out is None:
+                base_out = y
+            else:
+                tm["sqnr_vs_compiled_bf16_db"] = sqnr_db(base_out, y)
+            row[p] = tm
+            print("compiled", key, p, f"median {tm['median_ms']:.3f} ms (p10 {tm['p10_ms']:.3f}, p90 {tm['p90_ms']:.3f})"
+                  f" compile {tm['compile_s']:.0f}s", flush=True)
+            write_json(args.out, out)
+        for p in plans[1:]:
+            row[p]["speedup_vs_bf16"] = row[BASELINE]["median_ms"] / row[p]["median_ms"]
+        write_json(args.out, out)
+    del compiled
+    torch._dynamo.reset()
+    _free()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--budget", type=float, default=450, help="seconds for the whole script (after imports)")
+    ap.add_argument("--model", default="sdxl", help="sdxl (full size) | tiny (CPU dry run)")
+    ap.add_argument("--eager-shapes", default="512x1,1024x1,512x4", help="RESxBATCH list; the first also "
+                    "gives the accuracy (SQNR) and is timed before the compiled part, the others after it")
+    ap.add_argument("--compiled-shapes", default="512x1,1024x1,512x4")
+    ap.add_argument("--headline", default="fp8_token_linear", help="plans compiled beside the baseline")
+    ap.add_argument("--compile-backend", default="inductor", help="inductor | eager (CPU dry run: Dynamo only)")
+    ap.add_argument("--compile-est", type=float, default=120, help="predicted first bf16 compile (s)")
+    ap.add_argument("--plan-compile-factor", type=float, default=1.7, help="plan compile / bf16 compile")
+    ap.add_argument("--reserve", type=float, default=330, help="seconds the eager part leaves for compiles")
+    ap.add_argument("--eager-est", type=float, default=15, help="seconds one plan's eager step needs")
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--plans", default=",".join(PLANS), help="subset of the plans (the baseline is always run)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    for name in [p for p in PLANS if p not in args.plans.split(",") and p != BASELINE]:
+        del PLANS[name]
+    clock = Clock(args.budget)
+    import torch._inductor.config as inductor_config
+    out = {"env": {**env_info(), "inductor_compile_threads": inductor_config.compile_threads},
+           "args": vars(args), "plans": {k: list(v) for k, v in PLANS.items()}}
+    print(out["env"], flush=True)
+    eager_shapes, compiled_shapes = parse_shapes(args.eager_shapes), parse_shapes(args.compiled_shapes)
+    try:
+        unet, layers = build(args.model, eager_shapes[0][0])
+        out["build_s"] = clock.elapsed()
+        steps = [("eager_first", lambda: eager_part(unet, layers, eager_shapes[:1], out, clock, args,
+                                                    inputs_for(unet, *eager_shapes[0]))),
+                 ("compiled", lambda: compiled_part(unet, layers, compiled_shapes, out, clock, args))]
+        if eager_shapes[1:]:
+            steps.append(("eager_rest", lambda: eager_part(unet, layers, eager_shapes[1:], out, clock,
+                                                           argparse.Namespace(**{**vars(args), "reserve": 0}), None)))
+        for name, step in steps:
+            try:
+                step()
+            except Exception as exc:  # keep what the other parts measured
+                traceback.print_exc()
+                out[f"{name}_error"] = repr(exc)[:600]
+            out[f"{name}_done_s"] = clock.elapsed()
+            write_json(args.out, out)
+    finally:
+        out["elapsed_s"] = clock.elapsed()
+        write_json(args.out, out)
+
+
+if __name__ == "__main__":
+    main()
