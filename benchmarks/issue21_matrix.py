@@ -202,6 +202,10 @@ def compiled_part(unet, layers, shapes, out: dict, clock: Clock, args) -> None:
         row = rec[key] = {}
         base_out = None
         for p in plans:
+            if p not in seen and clock.left() < _predicted_compile_s(p, seen, args) * 1.05 + 10:
+                row[p] = {"skipped": f"time budget: {clock.left():.0f}s left, "
+                                     f"~{_predicted_compile_s(p, seen, args):.0f}s predicted"}
+                continue
             if p not in compiled:
                 model, summary = convert_plan(unet, layers, p)
                 fn = torch.compile(model, backend=args.compile_backend, dynamic=False)
@@ -214,16 +218,17 @@ def compiled_part(unet, layers, shapes, out: dict, clock: Clock, args) -> None:
             tm = {"compile_s": time.perf_counter() - t}
             seen.setdefault(p, tm["compile_s"])
             tm.update(time_call(call, args.iters, args.warmup))
-            if base_out is None:
+            if p == BASELINE:
                 base_out = y
-            else:
+            elif base_out is not None:
                 tm["sqnr_vs_compiled_bf16_db"] = sqnr_db(base_out, y)
             row[p] = tm
             print("compiled", key, p, f"median {tm['median_ms']:.3f} ms (p10 {tm['p10_ms']:.3f}, p90 {tm['p90_ms']:.3f})"
                   f" compile {tm['compile_s']:.0f}s", flush=True)
             write_json(args.out, out)
         for p in plans[1:]:
-            row[p]["speedup_vs_bf16"] = row[BASELINE]["median_ms"] / row[p]["median_ms"]
+            if "median_ms" in row[p] and "median_ms" in row.get(BASELINE, {}):
+                row[p]["speedup_vs_bf16"] = row[BASELINE]["median_ms"] / row[p]["median_ms"]
         write_json(args.out, out)
     del compiled
     torch._dynamo.reset()
