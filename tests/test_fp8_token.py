@@ -94,6 +94,21 @@ def test_token_paths_compute_the_reference_function(gran, dtype):
     assert sqnr_db(ref[:, 1:3], few) > floor
 
 
+def test_token_tensorwise_gemm_keeps_float16_in_range():
+    """The tensor-wise GEMM's 16-bit output must not overflow float16 at large K (codes up to 448
+    per operand: with unit scales |acc| reaches ~1e5-1e6 here; float16 ends at 65504)."""
+    torch.manual_seed(0)
+    mod = nn.Linear(2560, 64).to(torch.float16)
+    x = torch.randn(32, 2560, dtype=torch.float16)
+    kl = KernelLayer.from_quant_layer(_layer(mod, x), "fp8", fp8_weight="channel", fp8_act="token")
+    unit = torch._scaled_mm(tg.quant_act_fp8_token(x)[0], kl.qweight.t(), scale_a=torch.tensor(1.0),
+                            scale_b=torch.tensor(1.0), out_dtype=torch.float32)
+    assert unit.abs().max() > 65504  # what unit scales would have written in float16
+    out = kl._scaled_mm(x)
+    assert torch.isfinite(out).all()
+    assert sqnr_db(kl.reference_forward(x), out) > 40
+
+
 def test_token_layer_compiles_without_graph_breaks():
     torch.manual_seed(0)
     mod = nn.Linear(64, 32)
@@ -138,13 +153,14 @@ def test_converted_unet_takes_token_scales_on_linear_layers_only(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gran", ["channel", "rowwise"])
-def test_token_scaled_mm_on_gpu(gran):
+@pytest.mark.parametrize("gran,dtype", [("channel", torch.bfloat16), ("rowwise", torch.bfloat16),
+                                        ("channel", torch.float16)])
+def test_token_scaled_mm_on_gpu(gran, dtype):
     """cuBLASLt's tensor-wise GEMM + epilogue (channel) and the row-wise kernel (scale_a [M, 1],
-    scale_b [1, N]) compute the reference function in bf16, eager and compiled by inductor."""
+    scale_b [1, N]) compute the reference function in 16 bit, eager and compiled by inductor."""
     torch.manual_seed(0)
-    mod = nn.Linear(1280, 640).cuda().to(torch.bfloat16)
-    x = torch.randn(2, 128, 1280, device="cuda", dtype=torch.bfloat16)
+    mod = nn.Linear(1280, 640).cuda().to(dtype)
+    x = torch.randn(2, 128, 1280, device="cuda", dtype=dtype)
     kl = KernelLayer.from_quant_layer(_layer(mod, x), "fp8", fp8_weight=gran, fp8_act="token")
     assert kl.route(256, True) == "scaled_mm"
     ref = kl.reference_forward(x)

@@ -261,8 +261,13 @@ class KernelLayer(nn.Module):
                     derived["scale_b"] = torch.ones((), dtype=torch.float32, device=dev)
                 if spec.fp8_act == "token":  # activation scales come per row at run time
                     derived["row_scale"] = wscale_n.float().clone()
-                    derived["scale_one"] = torch.ones((), dtype=torch.float32, device=dev)
                     derived["scale_b_row"] = wscale_n.float().reshape(1, -1).contiguous()
+                    # the tensor-wise GEMM's scalar scales put its 16-bit output at the layer's own size
+                    # (unit scales overflow float16: |acc| reaches 448^2 * K); the epilogue rescales
+                    w_max = wscale_n.double().max()
+                    derived["gemm_scale_a"] = torch.tensor(spec.act_scale, dtype=torch.float32, device=dev)
+                    derived["gemm_scale_b"] = w_max.float().to(dev)
+                    derived["token_rescale"] = (wscale_n.double() / (spec.act_scale * w_max)).float()
                 self.levels = 0
         for name, t in derived.items():
             self.register_buffer(name, t, persistent=False)
@@ -532,8 +537,9 @@ class KernelLayer(nn.Module):
     def _scaled_mm_token(self, x: torch.Tensor) -> torch.Tensor:
         """``_scaled_mm`` with per-token activation scales: ``fp8_weight=rowwise`` passes both scale
         vectors to the row-wise kernel (scale_a [M, 1], scale_b [1, N], float32, contiguous);
-        otherwise the tensor-wise GEMM runs with unit scales and one pointwise op (fused by inductor
-        downstream) applies ``sa[m] * sw[n]`` and the bias."""
+        otherwise the tensor-wise GEMM runs with scalar scales (the calibrated activation scale and the
+        largest weight scale, so its 16-bit output has the layer's size) and one pointwise op (fused by
+        inductor downstream) applies ``sa[m] * sw[n]`` relative to them, and the bias."""
         spec = self.spec
         lead = x.shape[:-1]
         xq, sa = quant_act_fp8_token(x.reshape(-1, spec.k))
@@ -544,9 +550,9 @@ class KernelLayer(nn.Module):
             if self.bias is not None and bias is None:
                 out = out + self.bias
         else:
-            out = torch._scaled_mm(xq, self.qweight.t(), scale_a=self.scale_one, scale_b=self.scale_one,
+            out = torch._scaled_mm(xq, self.qweight.t(), scale_a=self.gemm_scale_a, scale_b=self.gemm_scale_b,
                                    out_dtype=x.dtype, use_fast_accum=self.fp8_fast_accum)
-            out = (out.float() * (sa * self.row_scale) + self.col_bias).to(x.dtype)
+            out = (out.float() * (sa * self.token_rescale) + self.col_bias).to(x.dtype)
         return out.reshape(*lead, spec.out_features)
 
     def _int_mm(self, x: torch.Tensor) -> torch.Tensor:
