@@ -5,11 +5,12 @@ random weights, bf16, channels-last), calibrated once on two random-input passes
 baseline is timed in the same process as every plan. Parts, in this order (each result is written to
 the JSON as soon as it exists, so a call cut short still returns everything before the cut):
 
-1. ``eager``: every plan (bf16, W8A8 fp8 with per-token activation scales and per-channel weight
-   scales -- tensor-wise GEMM + fused epilogue, and the row-wise ``_scaled_mm`` kernel -- the static
-   per-tensor fp8 plan it replaces, fp8 on all layers, W8A8 int8, W4A16, W4A8) converted, its output
-   SQNR vs bf16 (real kernels and fake-quant reference) at the first shape, then eager + CUDA-graph
-   replay latency (median, p10-p90) at every ``--eager-shapes`` item. No compile: seconds per plan.
+1. ``eager`` at the first ``--eager-shapes`` item, plans in priority order (bf16; W8A8 fp8 on the
+   Linear layers with per-token activation and per-channel weight scales, tensor-wise GEMM + fused
+   epilogue; W8A8 int8; W4A16; W4A8; then the static per-tensor fp8 plan it replaces, the row-wise
+   ``_scaled_mm`` kernel, fp8 on all layers): converted, output SQNR vs bf16 (real kernels and
+   fake-quant reference), eager + CUDA-graph replay latency (median, p10-p90). No compile: seconds
+   per plan.
 2. ``compiled``: ``torch.compile`` (inductor default mode, ``dynamic=False``, a CUDA graph captured
    around the compiled call) for the baseline and ``--headline`` plans only, shape by shape in
    ``--compiled-shapes`` order. One SDXL UNet compile took 113 s (bf16) / 190 s (fp8 Linear) on an
@@ -17,11 +18,13 @@ the JSON as soon as it exists, so a call cut short still returns everything befo
    whole matrix and the accuracy, the compiled part the headline speed-ups. A (baseline, plan) pair
    at a shape starts only when both compiles are predicted to finish inside the budget (prediction:
    the compile times measured so far in this process; ``--compile-est`` before the first one); the
-   eager part leaves ``--reserve`` seconds for the first compiled pair.
+   first eager part leaves the first compiled pair's predicted time (``--reserve`` overrides it).
+3. ``eager`` again with the time left: the first shape (and accuracy) of any plan the reserve left
+   out, then the other ``--eager-shapes``.
 
-    python3 benchmarks/issue21_matrix.py --budget 480 --out $OUT/issue21_matrix.json      # device
+    python3 benchmarks/issue21_matrix.py --budget 455 --out $OUT/issue21_matrix.json  # device (docs/kernels.md)
     python3 benchmarks/issue21_matrix.py --model tiny --budget 300 --compile-backend eager \\
-        --eager-shapes 64x1,64x2 --compiled-shapes 64x1 --out /tmp/m.json                 # CPU dry run
+        --eager-shapes 64x1,64x2 --compiled-shapes 64x1 --compile-est 15 --out /tmp/m.json   # CPU dry run
 """
 
 from __future__ import annotations
@@ -46,15 +49,15 @@ from mixprec.models.toy import build_unet  # noqa: E402
 from mixprec.quantizers import quant_layers, set_plan  # noqa: E402
 
 BASELINE = "bf16"
-PLANS = {  # name -> (named plan, backend options); the baseline is the unquantized model
+PLANS = {  # name -> (named plan, backend options), in priority order; the baseline is the unquantized model
     BASELINE: ("uniform:w16a16", {}),
     "fp8_token_linear": ("linear:w8a8", {"w8a8": "fp8", "fp8_act": "token", "fp8_weight": "channel"}),
-    "fp8_token_rowwise_linear": ("linear:w8a8", {"w8a8": "fp8", "fp8_act": "token", "fp8_weight": "rowwise"}),
-    "fp8_static_linear": ("linear:w8a8", {"w8a8": "fp8", "fp8_act": "tensor", "fp8_weight": "channel"}),
-    "fp8_token_all": ("uniform:w8a8", {"w8a8": "fp8", "fp8_act": "token", "fp8_weight": "channel"}),
     "int8_all": ("uniform:w8a8", {"w8a8": "int8"}),
     "w4a16_all": ("uniform:w4a16", {}),
     "w4a8_all": ("uniform:w4a8", {}),
+    "fp8_static_linear": ("linear:w8a8", {"w8a8": "fp8", "fp8_act": "tensor", "fp8_weight": "channel"}),
+    "fp8_token_rowwise_linear": ("linear:w8a8", {"w8a8": "fp8", "fp8_act": "token", "fp8_weight": "rowwise"}),
+    "fp8_token_all": ("uniform:w8a8", {"w8a8": "fp8", "fp8_act": "token", "fp8_weight": "channel"}),
 }
 MIB = 2 ** 20
 
@@ -138,27 +141,29 @@ def accuracy(model, x: dict, fp: torch.Tensor) -> dict:
             "real_vs_reference_db": sqnr_db(ref, real)}
 
 
-def eager_part(unet, layers, shapes, out: dict, clock: Clock, args, accuracy_input: dict | None) -> None:
-    """Eager + CUDA-graph latency of every plan at ``shapes``; with ``accuracy_input`` also its SQNR."""
+def eager_part(unet, layers, shapes, out: dict, clock: Clock, args, accuracy_input: dict, reserve: float) -> None:
+    """Eager + CUDA-graph latency of every plan at ``shapes`` and its SQNR on ``accuracy_input``,
+    skipping what an earlier call already measured, while more than ``reserve`` seconds are left."""
     rec = out.setdefault("eager", {})
-    fp = None
-    if accuracy_input is not None:
-        set_plan(layers)  # no bits: the calibrated QuantLayers pass through (the 16-bit function)
-        with torch.no_grad():
-            fp = unet(**accuracy_input).sample.float()
+    set_plan(layers)  # no bits: the calibrated QuantLayers pass through (the 16-bit function)
+    with torch.no_grad():
+        fp = unet(**accuracy_input).sample.float()
     for name in PLANS:
-        if clock.left() - args.reserve < args.eager_est:
-            rec.setdefault(name, {}).setdefault("skipped", []).append(
-                f"{','.join(f'{r}x{b}' for r, b in shapes)}: time budget ({clock.left():.0f}s left)")
+        r = rec.setdefault(name, {"timing": {}})
+        todo = [(res, b) for res, b in shapes if f"{res}x{b}" not in r["timing"]]
+        needs_accuracy = name != BASELINE and "real_vs_16bit_db" not in r
+        if not todo and not needs_accuracy:
             continue
+        if clock.left() - reserve < args.eager_est:
+            r["skipped"] = f"{','.join(f'{a}x{b}' for a, b in todo)}: time budget ({clock.left():.0f}s left)"
+            continue
+        r.pop("skipped", None)
         t = time.time()
         model, summary = convert_plan(unet, layers, name)
-        r = rec.setdefault(name, {})
         r.update(plan=PLANS[name][0], options=PLANS[name][1], dispatch=summary, weight_mib=weight_bytes(model) / MIB)
-        r.setdefault("timing", {})
-        if fp is not None and name != BASELINE:
+        if needs_accuracy:
             r.update(accuracy(model, accuracy_input, fp))
-        for res, b in shapes:
+        for res, b in todo:
             x = inputs_for(unet, res, b)
             r["timing"][f"{res}x{b}"] = time_call(_no_grad(lambda: model(**x, return_dict=False)[0]),
                                                   args.iters, args.warmup)
@@ -185,15 +190,24 @@ def _predicted_compile_s(plan: str, seen: dict, args) -> float:
     return args.compile_est * (1 if plan == BASELINE else args.plan_compile_factor)
 
 
+def compiled_need_s(plans: list[str], seen: dict, args) -> float:
+    """Seconds predicted for compiling and timing ``plans`` at one more shape."""
+    return sum(_predicted_compile_s(p, seen, args) for p in plans) * 1.05 + 10 * len(plans)
+
+
+def compiled_plans(args) -> list[str]:
+    return [BASELINE] + [p for p in args.headline.split(",") if p]
+
+
 def compiled_part(unet, layers, shapes, out: dict, clock: Clock, args) -> None:
     """Compiled (inductor) + CUDA-graph latency of the baseline and the headline plans, shape by shape."""
     rec = out.setdefault("compiled", {})
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    plans = [BASELINE] + [p for p in args.headline.split(",") if p]
+    plans = compiled_plans(args)
     compiled, seen = {}, {}
     for res, b in shapes:
         key = f"{res}x{b}"
-        need = sum(_predicted_compile_s(p, seen, args) for p in plans) * 1.05 + 10 * len(plans)
+        need = compiled_need_s(plans, seen, args)
         if clock.left() < need:
             rec[key] = {"skipped": f"time budget: {clock.left():.0f}s left, ~{need:.0f}s predicted"}
             write_json(args.out, out)
@@ -244,9 +258,11 @@ def main() -> None:
     ap.add_argument("--compiled-shapes", default="512x1,1024x1,512x4")
     ap.add_argument("--headline", default="fp8_token_linear", help="plans compiled beside the baseline")
     ap.add_argument("--compile-backend", default="inductor", help="inductor | eager (CPU dry run: Dynamo only)")
-    ap.add_argument("--compile-est", type=float, default=120, help="predicted first bf16 compile (s)")
-    ap.add_argument("--plan-compile-factor", type=float, default=1.7, help="plan compile / bf16 compile")
-    ap.add_argument("--reserve", type=float, default=330, help="seconds the eager part leaves for compiles")
+    ap.add_argument("--compile-est", type=float, default=115, help="predicted first bf16 compile (s); H100: 113")
+    ap.add_argument("--plan-compile-factor", type=float, default=1.65, help="plan compile / bf16 compile "
+                    "(H100: 190 / 113 s for fp8 Linear)")
+    ap.add_argument("--reserve", type=float, default=None, help="seconds the first eager part leaves for the "
+                    "compiled part (default: the first compiled pair's prediction)")
     ap.add_argument("--eager-est", type=float, default=15, help="seconds one plan's eager step needs")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
@@ -264,12 +280,14 @@ def main() -> None:
     try:
         unet, layers = build(args.model, eager_shapes[0][0])
         out["build_s"] = clock.elapsed()
-        steps = [("eager_first", lambda: eager_part(unet, layers, eager_shapes[:1], out, clock, args,
-                                                    inputs_for(unet, *eager_shapes[0]))),
-                 ("compiled", lambda: compiled_part(unet, layers, compiled_shapes, out, clock, args))]
-        if eager_shapes[1:]:
-            steps.append(("eager_rest", lambda: eager_part(unet, layers, eager_shapes[1:], out, clock,
-                                                           argparse.Namespace(**{**vars(args), "reserve": 0}), None)))
+        x_acc = inputs_for(unet, *eager_shapes[0])
+        reserve = args.reserve if args.reserve is not None else compiled_need_s(compiled_plans(args), {}, args)
+        out["reserve_s"] = reserve
+        steps = [("eager_first", lambda: eager_part(unet, layers, eager_shapes[:1], out, clock, args, x_acc, reserve)),
+                 ("compiled", lambda: compiled_part(unet, layers, compiled_shapes, out, clock, args)),
+                 # then what the reserve left out: the first shape (accuracy) of every plan, then the others
+                 ("eager_first_rest", lambda: eager_part(unet, layers, eager_shapes[:1], out, clock, args, x_acc, 0)),
+                 ("eager_rest", lambda: eager_part(unet, layers, eager_shapes, out, clock, args, x_acc, 0))]
         for name, step in steps:
             try:
                 step()
