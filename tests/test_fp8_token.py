@@ -109,6 +109,36 @@ def test_token_tensorwise_gemm_keeps_float16_in_range():
     assert sqnr_db(kl.reference_forward(x), out) > 40
 
 
+@pytest.mark.parametrize("gran", ["channel", "rowwise"])
+def test_token_scaled_mm_gets_what_cublaslt_requires(gran, monkeypatch):
+    """A strided input (channels-last producers, transposed views) still reaches _scaled_mm as a
+    row-major A with a column-major B and float32 scales: tensor-wise 0-d, or row-wise [M, 1] and
+    [1, N], contiguous (the CPU kernel accepts more than cuBLASLt does, so the call is checked here)."""
+    torch.manual_seed(0)
+    mod = nn.Linear(64, 48)
+    x = torch.randn(64, 2, 20).permute(1, 2, 0)  # [2, 20, 64], last dim strided
+    assert not x.reshape(-1, 64).is_contiguous()
+    kl = KernelLayer.from_quant_layer(_layer(mod, x), "fp8", fp8_weight=gran, fp8_act="token")
+    real = torch._scaled_mm
+    calls = []
+
+    def checked(a, b, scale_a, scale_b, **kwargs):
+        assert a.is_contiguous() and b.t().is_contiguous()
+        assert scale_a.dtype == scale_b.dtype == torch.float32
+        if gran == "rowwise":
+            assert scale_a.shape == (a.shape[0], 1) and scale_b.shape == (1, b.shape[1])
+            assert scale_a.is_contiguous() and scale_b.is_contiguous()
+        else:
+            assert scale_a.numel() == scale_b.numel() == 1
+        calls.append(a.shape)
+        return real(a, b, scale_a=scale_a, scale_b=scale_b, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", checked)
+    out = kl._scaled_mm(x)
+    assert calls == [(40, 64)]
+    assert sqnr_db(kl.reference_forward(x), out) > 100
+
+
 def test_token_layer_compiles_without_graph_breaks():
     torch.manual_seed(0)
     mod = nn.Linear(64, 32)

@@ -543,6 +543,7 @@ class KernelLayer(nn.Module):
         spec = self.spec
         lead = x.shape[:-1]
         xq, sa = quant_act_fp8_token(x.reshape(-1, spec.k))
+        xq = xq.contiguous()  # cuBLASLt takes only row-major A (the codes keep a strided input's layout)
         if spec.fp8_weight == "rowwise":
             bias = self.bias if self.bias is not None and x.dtype == torch.bfloat16 else None
             out = torch._scaled_mm(xq, self.qweight.t(), scale_a=sa, scale_b=self.scale_b_row, bias=bias,
