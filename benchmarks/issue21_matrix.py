@@ -143,7 +143,8 @@ def accuracy(model, x: dict, fp: torch.Tensor) -> dict:
 
 def eager_part(unet, layers, shapes, out: dict, clock: Clock, args, accuracy_input: dict, reserve: float) -> None:
     """Eager + CUDA-graph latency of every plan at ``shapes`` and its SQNR on ``accuracy_input``,
-    skipping what an earlier call already measured, while more than ``reserve`` seconds are left."""
+    skipping what an earlier call already measured, while more than ``reserve`` seconds are left.
+    A plan that fails is recorded with its error and not tried again; the others go on."""
     rec = out.setdefault("eager", {})
     set_plan(layers)  # no bits: the calibrated QuantLayers pass through (the 16-bit function)
     with torch.no_grad():
@@ -152,27 +153,35 @@ def eager_part(unet, layers, shapes, out: dict, clock: Clock, args, accuracy_inp
         r = rec.setdefault(name, {"timing": {}})
         todo = [(res, b) for res, b in shapes if f"{res}x{b}" not in r["timing"]]
         needs_accuracy = name != BASELINE and "real_vs_16bit_db" not in r
-        if not todo and not needs_accuracy:
+        if "error" in r or (not todo and not needs_accuracy):
             continue
         if clock.left() - reserve < args.eager_est:
             r["skipped"] = f"{','.join(f'{a}x{b}' for a, b in todo)}: time budget ({clock.left():.0f}s left)"
             continue
         r.pop("skipped", None)
         t = time.time()
-        model, summary = convert_plan(unet, layers, name)
-        r.update(plan=PLANS[name][0], options=PLANS[name][1], dispatch=summary, weight_mib=weight_bytes(model) / MIB)
-        if needs_accuracy:
-            r.update(accuracy(model, accuracy_input, fp))
-        for res, b in todo:
-            x = inputs_for(unet, res, b)
-            r["timing"][f"{res}x{b}"] = time_call(_no_grad(lambda: model(**x, return_dict=False)[0]),
-                                                  args.iters, args.warmup)
+        try:
+            _eager_plan(unet, layers, name, r, todo, accuracy_input if needs_accuracy else None, fp, args)
+        except Exception as exc:
+            traceback.print_exc()
+            r["error"] = repr(exc)[:600]
         r["seconds"] = r.get("seconds", 0) + time.time() - t
         _speedups(rec, name)
         print("eager", name, {k: round(v, 2) for k, v in r.items() if isinstance(v, float)},
               {k: round(v["median_ms"], 3) for k, v in r["timing"].items()}, flush=True)
         write_json(args.out, out)
-        _free(model)
+        _free()
+
+
+def _eager_plan(unet, layers, name: str, r: dict, shapes, accuracy_input: dict | None, fp, args) -> None:
+    model, summary = convert_plan(unet, layers, name)
+    r.update(plan=PLANS[name][0], options=PLANS[name][1], dispatch=summary, weight_mib=weight_bytes(model) / MIB)
+    if accuracy_input is not None:
+        r.update(accuracy(model, accuracy_input, fp))
+    for res, b in shapes:
+        x = inputs_for(unet, res, b)
+        r["timing"][f"{res}x{b}"] = time_call(_no_grad(lambda: model(**x, return_dict=False)[0]), args.iters,
+                                              args.warmup)
 
 
 def _speedups(rec: dict, name: str) -> None:
@@ -204,7 +213,7 @@ def compiled_part(unet, layers, shapes, out: dict, clock: Clock, args) -> None:
     rec = out.setdefault("compiled", {})
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     plans = compiled_plans(args)
-    compiled, seen = {}, {}
+    compiled, seen, failed = {}, {}, set()
     for res, b in shapes:
         key = f"{res}x{b}"
         need = compiled_need_s(plans, seen, args)
@@ -216,37 +225,54 @@ def compiled_part(unet, layers, shapes, out: dict, clock: Clock, args) -> None:
         row = rec[key] = {}
         base_out = None
         for p in plans:
+            if p in failed:
+                row[p] = {"error": "failed at an earlier shape"}
+                continue
             if p not in seen and clock.left() < _predicted_compile_s(p, seen, args) * 1.05 + 10:
                 row[p] = {"skipped": f"time budget: {clock.left():.0f}s left, "
                                      f"~{_predicted_compile_s(p, seen, args):.0f}s predicted"}
                 continue
-            if p not in compiled:
-                model, summary = convert_plan(unet, layers, p)
-                fn = torch.compile(model, backend=args.compile_backend, dynamic=False)
-                compiled[p] = (fn, model)
-                out.setdefault("compiled_dispatch", {})[p] = summary
-            fn = compiled[p][0]
-            call = _no_grad(lambda: fn(**x, return_dict=False)[0])
-            t = time.perf_counter()
-            y = call().float()
-            tm = {"compile_s": time.perf_counter() - t}
-            seen.setdefault(p, tm["compile_s"])
-            tm.update(time_call(call, args.iters, args.warmup))
+            try:
+                row[p] = _compiled_plan(unet, layers, p, x, compiled, seen, out, args)
+            except Exception as exc:  # the other plans and shapes go on
+                traceback.print_exc()
+                row[p] = {"error": repr(exc)[:600]}
+                failed.add(p)
+                continue
             if p == BASELINE:
-                base_out = y
-            elif base_out is not None:
-                tm["sqnr_vs_compiled_bf16_db"] = sqnr_db(base_out, y)
-            row[p] = tm
+                base_out = row[p].pop("_out")
+            else:
+                y = row[p].pop("_out")
+                if base_out is not None:
+                    row[p]["sqnr_vs_compiled_bf16_db"] = sqnr_db(base_out, y)
+            tm = row[p]
             print("compiled", key, p, f"median {tm['median_ms']:.3f} ms (p10 {tm['p10_ms']:.3f}, p90 {tm['p90_ms']:.3f})"
                   f" compile {tm['compile_s']:.0f}s", flush=True)
             write_json(args.out, out)
         for p in plans[1:]:
-            if "median_ms" in row[p] and "median_ms" in row.get(BASELINE, {}):
+            if "median_ms" in row.get(p, {}) and "median_ms" in row.get(BASELINE, {}):
                 row[p]["speedup_vs_bf16"] = row[BASELINE]["median_ms"] / row[p]["median_ms"]
         write_json(args.out, out)
     del compiled
     torch._dynamo.reset()
     _free()
+
+
+def _compiled_plan(unet, layers, p: str, x: dict, compiled: dict, seen: dict, out: dict, args) -> dict:
+    """Compile plan ``p`` (once; a new shape recompiles) and time it; ``_out``: its output (float)."""
+    if p not in compiled:
+        model, summary = convert_plan(unet, layers, p)
+        compiled[p] = (torch.compile(model, backend=args.compile_backend, dynamic=False), model)
+        out.setdefault("compiled_dispatch", {})[p] = summary
+    fn = compiled[p][0]
+    call = _no_grad(lambda: fn(**x, return_dict=False)[0])
+    t = time.perf_counter()
+    y = call().float()
+    tm = {"compile_s": time.perf_counter() - t}
+    seen.setdefault(p, tm["compile_s"])
+    tm.update(time_call(call, args.iters, args.warmup))
+    tm["_out"] = y
+    return tm
 
 
 def main() -> None:
