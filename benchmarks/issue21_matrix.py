@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import Clock, capture, env_info, summarize, time_graph, write_json  # noqa: E402
+from benchmarks.common import Clock, capture, env_info, run_parts, summarize, time_graph, write_json  # noqa: E402
 from mixprec.kernels import BackendConfig, convert_, reference_path, weight_bytes  # noqa: E402
 from mixprec.kernels.named_plans import parse_plan_name  # noqa: E402
 from mixprec.kernels.probing import calibrate_random, denoiser_inputs, sqnr_db  # noqa: E402
@@ -303,28 +303,23 @@ def main() -> None:
            "args": vars(args), "plans": {k: list(v) for k, v in PLANS.items()}}
     print(out["env"], flush=True)
     eager_shapes, compiled_shapes = parse_shapes(args.eager_shapes), parse_shapes(args.compiled_shapes)
-    try:
+    parts = []
+
+    def build_part():
         unet, layers = build(args.model, eager_shapes[0][0])
         out["build_s"] = clock.elapsed()
         x_acc = inputs_for(unet, *eager_shapes[0])
         reserve = args.reserve if args.reserve is not None else compiled_need_s(compiled_plans(args), {}, args)
         out["reserve_s"] = reserve
-        steps = [("eager_first", lambda: eager_part(unet, layers, eager_shapes[:1], out, clock, args, x_acc, reserve)),
-                 ("compiled", lambda: compiled_part(unet, layers, compiled_shapes, out, clock, args)),
-                 # then what the reserve left out: the first shape (accuracy) of every plan, then the others
-                 ("eager_first_rest", lambda: eager_part(unet, layers, eager_shapes[:1], out, clock, args, x_acc, 0)),
-                 ("eager_rest", lambda: eager_part(unet, layers, eager_shapes, out, clock, args, x_acc, 0))]
-        for name, step in steps:
-            try:
-                step()
-            except Exception as exc:  # keep what the other parts measured
-                traceback.print_exc()
-                out[f"{name}_error"] = repr(exc)[:600]
-            out[f"{name}_done_s"] = clock.elapsed()
-            write_json(args.out, out)
-    finally:
-        out["elapsed_s"] = clock.elapsed()
-        write_json(args.out, out)
+        parts.extend([
+            ("eager_first", lambda: eager_part(unet, layers, eager_shapes[:1], out, clock, args, x_acc, reserve)),
+            ("compiled", lambda: compiled_part(unet, layers, compiled_shapes, out, clock, args)),
+            # then what the reserve left out: the first shape (accuracy) of every plan, then the others
+            ("eager_first_rest", lambda: eager_part(unet, layers, eager_shapes[:1], out, clock, args, x_acc, 0)),
+            ("eager_rest", lambda: eager_part(unet, layers, eager_shapes, out, clock, args, x_acc, 0))])
+
+    parts.append(("build", build_part))  # it appends the measuring parts: run_parts runs them next
+    run_parts(parts, out, clock, args.out)
 
 
 if __name__ == "__main__":
