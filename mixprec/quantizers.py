@@ -205,6 +205,8 @@ class QuantLayer(nn.Module):
         self._cached_bits: tuple[int, int] | None = None
         self._cached_weight: torch.Tensor | None = None
         self._cached_codes: tuple[tuple[int, int], torch.Tensor] | None = None
+        # Batched sensitivity (mixprec.sensitivity): options applied to some batch rows only.
+        self.row_options: list[RowOption] = []
 
     # Let code that inspects `.weight` (dtype/device lookups in diffusers) keep working.
     @property
@@ -264,12 +266,13 @@ class QuantLayer(nn.Module):
         w = self.inner.weight
         return w[0].numel()
 
-    def act_qparams(self) -> tuple[float, int]:
-        """(scale, zero point) of the active activation bits for the current step group."""
+    def act_qparams(self, a_bits: int | None = None) -> tuple[float, int]:
+        """(scale, zero point) of ``a_bits`` (default: the active activation bits) for the current step group."""
         p = self.params
+        a_bits = self.a_bits if a_bits is None else a_bits
         if p.step_params is not None:
-            return p.step_params[self.a_bits][self.step_groups.current]
-        return p.act_params[self.a_bits]
+            return p.step_params[a_bits][self.step_groups.current]
+        return p.act_params[a_bits]
 
     def _require_params(self) -> None:
         if self.params is None:
@@ -326,18 +329,47 @@ class QuantLayer(nn.Module):
             self.observer.update(x[:, 1:] if split else x)
         if self.hessian_acc is not None:
             self.hessian_acc.update(x[:, 1:] if split else x)
+        if self.row_options:
+            return self._forward_rows(x, split)
         if self.w_bits is None and self.a_bits is None:
             return self._linear_or_conv(x, self.inner.weight)
+        return self._quantized_forward(x, self.quantized_weight(), self.a_bits, split)
+
+    def _quantized_forward(self, x: torch.Tensor, weight: torch.Tensor, a_bits: int | None,
+                           split: bool) -> torch.Tensor:
         rest = x[:, 1:] if split else x
-        if self.a_bits is not None:
-            scale, zero = self.act_qparams()
-            rest = fake_quant_act(rest, scale, zero, self.a_bits)
-        out = self._linear_or_conv(rest, self.quantized_weight())
+        if a_bits is not None:
+            scale, zero = self.act_qparams(a_bits)
+            rest = fake_quant_act(rest, scale, zero, a_bits)
+        out = self._linear_or_conv(rest, weight)
         if split:
             # contiguous: on CPU a strided slice takes another GEMM (batched, not folded) when the
             # weight does not require grad, and would round differently from the kernel modules
             out = torch.cat([self._linear_or_conv(x[:, :1].contiguous(), self.inner.weight), out], dim=1)
         return out
+
+    def _forward_rows(self, x: torch.Tensor, split: bool) -> torch.Tensor:
+        """Full precision for every batch row, then each row option's rows again with its quantization:
+        one batch evaluates several single-layer perturbations (each row sees one quantized layer)."""
+        if self.w_bits is not None or self.a_bits is not None:
+            raise RuntimeError(f"{self.name}: row options and a layer-wide option (set_bits) cannot be combined")
+        out = self._linear_or_conv(x, self.inner.weight)
+        for option in self.row_options:
+            if option.batch != x.shape[0]:
+                raise RuntimeError(f"{self.name}: row options were set for a batch of {option.batch} rows but the "
+                                   f"layer got {x.shape[0]}; batch dimension changed inside the denoiser")
+            out[option.rows] = self._quantized_forward(x[option.rows], option.weight, option.a_bits, split)
+        return out
+
+
+@dataclass
+class RowOption:
+    """One quantization option of a layer, applied to some rows of the denoiser batch only."""
+
+    rows: torch.Tensor  # batch indices (long)
+    batch: int  # the batch size the rows index into
+    weight: torch.Tensor  # the weight those rows use (full precision or fake-quantized)
+    a_bits: int | None  # input-activation bits of those rows (None: full precision)
 
 
 # --------------------------------------------------------------------------- model level

@@ -2,7 +2,11 @@
 
 Content-related layers are scored by SSIM between decoded images, quality-related layers by SQNR
 (dB) of the denoiser output over all sampler steps; both per prompt, higher is better.
-Full-precision references are computed once. The sweep appends one record per (layer, kind) to a
+Full-precision references are computed once. Several single-layer perturbations can share one
+batched generation (``perturbations_per_batch``): batch rows ``j*P .. j*P+P-1`` (P prompts) see
+only perturbation ``j``'s layer quantized, every other layer in full precision, so each row
+computes what the one-layer-at-a-time path computes (up to float rounding of batched GEMMs) at a
+lower cost per image where small batches use the hardware poorly (CPU). The sweep appends one record per (layer, kind) to a
 JSON-lines file as soon as it is finished, so an interrupted sweep resumes where it stopped.
 """
 
@@ -22,7 +26,7 @@ import torch
 from mixprec.generation import Sampler
 from mixprec.metrics import sqnr_db_per_sample, ssim_torch
 from mixprec.quant.options import option_order, parse_weight_option, table_key
-from mixprec.quantizers import QuantLayer
+from mixprec.quantizers import QuantLayer, RowOption
 
 KINDS = ("w", "a")
 
@@ -109,6 +113,87 @@ def evaluate_task(task: Task, layer: QuantLayer, sampler: Sampler, ref: Referenc
     return values
 
 
+def _row_option(layer: QuantLayer, kind: str, bits: int | str, rows: torch.Tensor, batch: int) -> RowOption:
+    """The option ``bits`` of ``layer`` for some batch rows (checked by set_bits, as the one-by-one path)."""
+    try:
+        if kind == "w":
+            opt = parse_weight_option(bits)
+            layer.set_bits(w_bits=opt.bits, w_group=opt.group_size)
+            return RowOption(rows, batch, layer.quantized_weight(), None)
+        layer.set_bits(a_bits=int(bits))
+        return RowOption(rows, batch, layer.inner.weight, int(bits))
+    finally:
+        layer.set_bits(None, None)
+
+
+def _tile(t: torch.Tensor | None, times: int) -> torch.Tensor | None:
+    return None if t is None else t.repeat(times, *([1] * (t.dim() - 1)))
+
+
+def evaluate_perturbations(perturbations: Sequence[tuple[Task, int | str]], layers: Mapping[str, QuantLayer],
+                           sampler: Sampler, ref: Reference, prompts: Sequence[str], seeds: Sequence[int],
+                           sqnr_cap_db: float) -> list[list[float]]:
+    """Per (task, bits) perturbation of one metric group, the per-prompt metric, from ONE batched
+    generation of ``len(perturbations) * len(prompts)`` rows (perturbation-major)."""
+    groups = {task.group for task, _ in perturbations}
+    if len(groups) != 1:
+        raise ValueError(f"one batch of perturbations takes one metric group, got {sorted(groups)}")
+    n, count = len(prompts), len(perturbations)
+    batch = n * count
+    cfg = sampler.classifier_free_guidance  # the denoiser sees [uncond; cond]: every row twice
+    touched: list[QuantLayer] = []
+    old_batch_size = sampler.batch_size
+    try:
+        for j, (task, bits) in enumerate(perturbations):
+            rows = torch.arange(j * n, (j + 1) * n, device=sampler.device)
+            rows = torch.cat([rows, rows + batch]) if cfg else rows
+            layer = layers[task.layer]
+            layer.row_options.append(_row_option(layer, task.kind, bits, rows, 2 * batch if cfg else batch))
+            touched.append(layer)
+        sampler.batch_size = batch
+        tiled = Reference(images=_tile(ref.images, count), denoiser=_tile(ref.denoiser, count))
+        values = score(sampler, groups.pop(), tiled, list(prompts) * count, list(seeds) * count, sqnr_cap_db)
+    finally:
+        sampler.batch_size = old_batch_size
+        for layer in touched:
+            layer.row_options.clear()
+            layer.drop_cache()
+    return [values[j * n:(j + 1) * n] for j in range(count)]
+
+
+def _one_by_one(todo: Sequence[Task], layers: Mapping[str, QuantLayer], sampler: Sampler, ref: Reference,
+                prompts: Sequence[str], seeds: Sequence[int], sqnr_cap_db: float):
+    """(task, values by bits, seconds) per task: one generation per (layer, bits)."""
+    for task in todo:
+        start = time.perf_counter()
+        values = evaluate_task(task, layers[task.layer], sampler, ref, prompts, seeds, sqnr_cap_db)
+        if sampler.device.type == "cuda":
+            torch.cuda.synchronize()
+        yield task, values, time.perf_counter() - start
+
+
+def _batched(todo: Sequence[Task], layers: Mapping[str, QuantLayer], sampler: Sampler, ref: Reference,
+             prompts: Sequence[str], seeds: Sequence[int], sqnr_cap_db: float, per_batch: int):
+    """(task, values by bits, seconds) per task as its last bit finishes: ``per_batch`` (layer, bits)
+    perturbations of one metric group per generation; a batch's time is shared by its perturbations."""
+    values: dict[str, dict[int | str, list[float]]] = {}
+    seconds: dict[str, float] = {}
+    for group in ("content", "quality"):
+        evals = [(t, b) for t in todo if t.group == group for b in t.bits]
+        for i in range(0, len(evals), per_batch):
+            chunk = evals[i:i + per_batch]
+            start = time.perf_counter()
+            scores = evaluate_perturbations(chunk, layers, sampler, ref, prompts, seeds, sqnr_cap_db)
+            if sampler.device.type == "cuda":
+                torch.cuda.synchronize()
+            share = (time.perf_counter() - start) / len(chunk)
+            for (task, bits), v in zip(chunk, scores):
+                values.setdefault(task.key, {})[bits] = v
+                seconds[task.key] = seconds.get(task.key, 0.0) + share
+                if len(values[task.key]) == len(task.bits):
+                    yield task, {b: values[task.key][b] for b in task.bits}, seconds.pop(task.key)
+
+
 # --------------------------------------------------------------------------- records
 class RecordFile:
     """Append-only JSON lines; a line cut short by a crash is dropped (and rewritten) on resume."""
@@ -153,8 +238,12 @@ class RecordFile:
 def run_tasks(tasks: Sequence[Task], layers: Mapping[str, QuantLayer], sampler: Sampler, ref: Reference,
               prompts: Sequence[str], seeds: Sequence[int], records: RecordFile, sqnr_cap_db: float = 100.0,
               max_tasks: int | None = None, progress: bool = True,
-              on_record: Callable[[dict[str, Any]], None] | None = None) -> dict[str, dict[str, Any]]:
-    """Evaluate the tasks that have no record yet; returns all records of these tasks found or made."""
+              on_record: Callable[[dict[str, Any]], None] | None = None,
+              perturbations_per_batch: int = 1) -> dict[str, dict[str, Any]]:
+    """Evaluate the tasks that have no record yet; returns all records of these tasks found or made.
+
+    ``perturbations_per_batch`` > 1 evaluates that many (layer, bits) perturbations per batched
+    generation (:func:`evaluate_perturbations`); 1 is the one-at-a-time path."""
     done = records.load()
     todo = [t for t in tasks if t.key not in done]
     if max_tasks is not None:
@@ -163,15 +252,13 @@ def run_tasks(tasks: Sequence[Task], layers: Mapping[str, QuantLayer], sampler: 
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=sum(len(t.bits) for t in todo), desc="sensitivity", unit="eval", dynamic_ncols=True)
+    per_batch = max(1, int(perturbations_per_batch))
+    results = (_batched(todo, layers, sampler, ref, prompts, seeds, sqnr_cap_db, per_batch) if per_batch > 1
+               else _one_by_one(todo, layers, sampler, ref, prompts, seeds, sqnr_cap_db))
     try:
-        for task in todo:
-            start = time.perf_counter()
-            values = evaluate_task(task, layers[task.layer], sampler, ref, prompts, seeds, sqnr_cap_db)
-            if sampler.device.type == "cuda":
-                torch.cuda.synchronize()
+        for task, values, seconds in results:
             rec = {"layer": task.layer, "group": task.group, "kind": task.kind,
-                   "values": {str(b): v for b, v in values.items()},
-                   "seconds": round(time.perf_counter() - start, 4)}
+                   "values": {str(b): v for b, v in values.items()}, "seconds": round(seconds, 4)}
             records.append(rec)
             done[task.key] = rec
             if on_record:

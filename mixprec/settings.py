@@ -60,6 +60,8 @@ class SensitivitySettings(StageSettings):
     progress: bool = True
     compile_decoder: Union[bool, Literal["auto"]] = "auto"
     decoder_channels_last: Union[bool, Literal["auto"]] = "auto"
+    # (layer, bits) perturbations per batched generation; "auto" = batch_size // prompts, at least 1
+    perturbations_per_batch: Union[int, Literal["auto"]] = "auto"
 
 
 @dataclasses.dataclass

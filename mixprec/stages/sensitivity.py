@@ -78,7 +78,8 @@ def run(ctx: StageContext) -> dict:
                     bundle = model()
                     ref = sens.compute_reference(bundle.sampler, prompts, seeds, need_img, need_den)
                     sens.run_tasks(mine, bundle.layers, bundle.sampler, ref, prompts, seeds, records_file, cap,
-                                   max_tasks=s.max_tasks, progress=bool(s.progress))
+                                   max_tasks=s.max_tasks, progress=bool(s.progress),
+                                   perturbations_per_batch=perturbations_per_batch(s, len(prompts)))
         merged = shards.merge(ws, tasks, identity, strict=bool(s.merge_only))
         if merged is not None:
             # Shards that finish together both see a complete sweep: the second waits here, then rewrites the
@@ -109,6 +110,17 @@ def run(ctx: StageContext) -> dict:
             track.log_file_image(p.replace("/", "_").removesuffix(".png"), ws.path(p))
         track.summary({k: v for k, v in headline.items() if isinstance(v, (int, float))})
     return headline
+
+
+def perturbations_per_batch(s: SensitivitySettings, prompts: int) -> int:
+    """stage.perturbations_per_batch: an integer as given; "auto" fills stage.batch_size rows
+    (perturbations x prompts), so one batch holds no more rows than the one-at-a-time path's."""
+    setting = s.perturbations_per_batch
+    if setting == "auto":
+        return max(1, int(s.batch_size) // max(1, prompts))
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
+        raise ValueError(f"stage.perturbations_per_batch must be 'auto' or an integer >= 1, got {setting!r}")
+    return setting
 
 
 def _weight_groups(calib: Calibration, group_sizes: Sequence[int]) -> dict[str, list[int]]:
