@@ -8,9 +8,10 @@ from mixprec.generation import Sampler
 from mixprec.models import ModelSpec, denoiser_of, layer_group, load_pipeline
 from mixprec.quantizers import quantize_
 
-# Batched GEMMs round differently from smaller batches. SSIM: measured differences up to ~2e-8.
+# Batched GEMMs round differently from smaller batches. SSIM: measured differences up to 1.3e-8.
 # SQNR: float32 rounding noise is a fixed fraction of the signal, so it moves a high SQNR (a nearly
-# lossless 8-bit layer, 60+ dB) by more dB than a low one; relative tolerance (measured: <= 4e-4).
+# lossless 8-bit layer) by more dB than a low one: a relative tolerance (measured up to 4.5e-5 on
+# this slice; 0.019 dB on every layer of this model).
 SSIM_TOL = 1e-6
 SQNR_RTOL = 2e-3
 
@@ -33,8 +34,14 @@ def test_batched_perturbations_match_one_at_a_time(tmp_path, guidance_scale):
     prompts, seeds = ["a red circle on a blue background", "a small green square"], [0, 1]
     calibrate_layers(layers, lambda: sampler.generate(prompts, seeds, decode=False), weight_bits=[2, 4, 8],
                      act_bits=[4, 8])
-    groups = {name: layer_group(name, ["attn2", "ff"]) for name in layers}
-    assert {"content", "quality"} <= set(groups.values())
+    all_groups = {name: layer_group(name, ["attn2", "ff"]) for name in layers}
+    # A slice keeps the test short: convolutions, linears, a cross-attention key (its BOS token skips
+    # quantization) and content layers deep in the model.
+    content = [n for n, g in all_groups.items() if g == "content"]
+    quality = [n for n, g in all_groups.items() if g == "quality"]
+    chosen = quality[:4] + [n for n in content if n.endswith("attn2.to_k")][:1] + content[-3:]
+    groups = {n: all_groups[n] for n in layers if n in chosen}
+    assert layers[next(n for n in groups if n.endswith("attn2.to_k"))].skip_first_token
     tasks = sens.make_tasks(groups, weight_bits=[2, 4, 8], act_bits=[4, 8])
     ref = sens.compute_reference(sampler, prompts, seeds, need_images=True, need_denoiser=True)
     one = sens.run_tasks(tasks, layers, sampler, ref, prompts, seeds, sens.RecordFile(tmp_path / "one.jsonl"),
@@ -56,3 +63,16 @@ def test_batched_perturbations_match_one_at_a_time(tmp_path, guidance_scale):
     assert worst["content"] <= SSIM_TOL and worst["quality"] <= SQNR_RTOL, worst
     # The perturbations are not all alike: the comparison above is not between constants.
     assert len({round(v, 4) for rec in one.values() for vals in rec["values"].values() for v in vals}) > 10
+
+
+def test_perturbations_per_batch_setting():
+    from mixprec.settings import SensitivitySettings
+    from mixprec.stages.sensitivity import perturbations_per_batch
+
+    assert perturbations_per_batch(SensitivitySettings(name="sensitivity", batch_size=8), prompts=1) == 8
+    assert perturbations_per_batch(SensitivitySettings(name="sensitivity", batch_size=8), prompts=3) == 2
+    assert perturbations_per_batch(SensitivitySettings(name="sensitivity", batch_size=8), prompts=8) == 1  # the one-at-a-time path
+    assert perturbations_per_batch(SensitivitySettings(name="sensitivity", batch_size=4), prompts=16) == 1
+    assert perturbations_per_batch(SensitivitySettings(name="sensitivity", perturbations_per_batch=3), prompts=8) == 3
+    with pytest.raises(ValueError, match="stage.perturbations_per_batch"):
+        perturbations_per_batch(SensitivitySettings(name="sensitivity", perturbations_per_batch=0), prompts=1)
