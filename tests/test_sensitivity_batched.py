@@ -17,15 +17,13 @@ SQNR_RTOL = 2e-3
 
 
 def _tiny_sdxl(guidance_scale: float):
-    spec = ModelSpec.from_dict({"name": "t", "source": "tiny_random", "resolution": 32, "num_inference_steps": 2,
-                                "arch": {"image_size": 32, "unet": {"block_out_channels": [8, 16],
-                                                                    "attention_head_dim": [2, 2],
-                                                                    "norm_num_groups": 4,
-                                                                    "addition_time_embed_dim": 4}}})
+    """A random-weight SDXL-layout pipeline at 32x32, two sampler steps, every layer wrapped."""
+    unet = dict(block_out_channels=[8, 16], attention_head_dim=[2, 2], norm_num_groups=4, addition_time_embed_dim=4)
+    spec = ModelSpec.from_dict(dict(name="t", source="tiny_random", resolution=32, num_inference_steps=2,
+                                    arch=dict(image_size=32, unet=unet)))
     pipe = load_pipeline(spec)
-    layers = quantize_(denoiser_of(pipe))
     sampler = Sampler(pipe, resolution=32, num_inference_steps=2, guidance_scale=guidance_scale, batch_size=8)
-    return layers, sampler
+    return quantize_(denoiser_of(pipe)), sampler
 
 
 @pytest.mark.parametrize("guidance_scale", [0.0, 3.0])
