@@ -132,13 +132,15 @@ def _tile(t: torch.Tensor | None, times: int) -> torch.Tensor | None:
 
 def evaluate_perturbations(perturbations: Sequence[tuple[Task, int | str]], layers: Mapping[str, QuantLayer],
                            sampler: Sampler, ref: Reference, prompts: Sequence[str], seeds: Sequence[int],
-                           sqnr_cap_db: float) -> list[list[float]]:
+                           sqnr_cap_db: float, pad_to: int = 0) -> list[list[float]]:
     """Per (task, bits) perturbation of one metric group, the per-prompt metric, from ONE batched
-    generation of ``len(perturbations) * len(prompts)`` rows (perturbation-major)."""
+    generation of ``max(len(perturbations), pad_to) * len(prompts)`` rows (perturbation-major; padding
+    rows run full precision). A fixed batch shape keeps each row's rounding independent of how many
+    perturbations were left (a resumed or sharded sweep writes the same bytes)."""
     groups = {task.group for task, _ in perturbations}
     if len(groups) != 1:
         raise ValueError(f"one batch of perturbations takes one metric group, got {sorted(groups)}")
-    n, count = len(prompts), len(perturbations)
+    n, count = len(prompts), max(len(perturbations), int(pad_to))
     batch = n * count
     cfg = sampler.classifier_free_guidance  # the denoiser sees [uncond; cond]: every row twice
     touched: list[QuantLayer] = []
@@ -158,7 +160,7 @@ def evaluate_perturbations(perturbations: Sequence[tuple[Task, int | str]], laye
         for layer in touched:
             layer.row_options.clear()
             layer.drop_cache()
-    return [values[j * n:(j + 1) * n] for j in range(count)]
+    return [values[j * n:(j + 1) * n] for j in range(len(perturbations))]
 
 
 def _one_by_one(todo: Sequence[Task], layers: Mapping[str, QuantLayer], sampler: Sampler, ref: Reference,
@@ -183,7 +185,7 @@ def _batched(todo: Sequence[Task], layers: Mapping[str, QuantLayer], sampler: Sa
         for i in range(0, len(evals), per_batch):
             chunk = evals[i:i + per_batch]
             start = time.perf_counter()
-            scores = evaluate_perturbations(chunk, layers, sampler, ref, prompts, seeds, sqnr_cap_db)
+            scores = evaluate_perturbations(chunk, layers, sampler, ref, prompts, seeds, sqnr_cap_db, per_batch)
             if sampler.device.type == "cuda":
                 torch.cuda.synchronize()
             share = (time.perf_counter() - start) / len(chunk)
