@@ -6,7 +6,8 @@ not have (``stage.weight_targt=5`` and ``+stage.weight_targt=5`` alike) with the
 keys, and a value of the wrong type naming the setting and the type, before any work starts.
 :func:`check_command_line` makes the same key check on ``sys.argv`` before Hydra composes the
 config, so a typo gets this message instead of Hydra's advice to append the key with ``+``.
-Nothing here imports torch.
+Nothing here imports torch. The training stages' settings are derived from the library's
+training-config dataclasses (torch-free modules), which hold those knobs' names, types and defaults.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
+
+from mixprec.compose.train_config import ComposeTrainConfig
+from mixprec.tiny.train_config import TrainConfig
 
 Number = Union[int, float]
 # force: true (this stage and everything it depends on, measurements included), false, or the
@@ -183,61 +187,59 @@ class LatencyTableSettings(StageSettings):
     kernels: Optional[dict[str, Any]] = None
 
 
+# ------------------------------------------------------------------ training stages
+# train_tiny / train_compose: the library's training config (TrainConfig, ComposeTrainConfig: the one
+# place that names each knob with its type and default; their Literal fields give the allowed
+# values) plus the stage's own keys below, which say where and how the stage runs.
+
+# What train_compose stores the weights in (the stage maps the name to torch's dtype).
+SaveDtype = Literal["float32", "float16"]
+
+
 @dataclasses.dataclass
-class TrainTinySettings(StageSettings):
+class TrainStageKeys(StageSettings):
+    """Keys of both training stages that are not training-config fields."""
+
     output: Optional[str] = None
     device: str = "auto"
     resume: bool = True
     progress: bool = True
     eval_heldout_prompts: int = 64
-    seed: int = 0
-    dataset_size: int = 16384
-    vae_steps: int = 2000
-    vae_batch_size: int = 16
-    vae_lr: Number = 0.003
-    kl_weight: Number = 1e-4
-    l1_weight: Number = 1.0
-    vae_logvar_init: Number = -6.0
-    unet_steps: int = 4000
-    unet_batch_size: int = 64
-    unet_lr: Number = 0.002
-    text_lr: Number = 0.002
-    warmup_steps: int = 100
-    weight_decay: Number = 0.0
-    grad_clip: Number = 1.0
-    ema_decay: Number = 0.999
-    min_snr_gamma: Number = 5.0
-    num_inference_steps: int = 8
-    arch: Optional[dict[str, Any]] = None
-    log_every: int = 50
-    sample_every: int = 1000
-    eval_prompts: int = 32
-    checkpoint_every: int = 500
 
 
 @dataclasses.dataclass
-class TrainComposeSettings(TrainTinySettings):
-    save_dtype: Literal["float32", "float16"] = "float16"
-    dataset_size: int = 65536
-    layout: Literal["random", "centred"] = "centred"
-    layout_jitter: int = 4
-    vae_steps: int = 1500
-    vae_batch_size: int = 32
-    vae_lr: Number = 0.002
-    unet_steps: int = 2000
-    unet_batch_size: int = 256
-    unet_lr: Number = 0.0005
-    text_lr: Number = 0.0005
-    ema_decay: Number = 0.995
-    min_snr_gamma: Number = 0.0
-    num_inference_steps: int = 4
-    timesteps: Literal["inference", "uniform"] = "inference"
-    bf16: bool = True
-    deterministic: bool = False
-    accelerate: Literal["cuda_graph", "compile", "none"] = "cuda_graph"
-    init_from: Optional[str] = None
-    sample_every: int = 500
-    eval_prompts: int = 64
+class TrainComposeStageKeys(TrainStageKeys):
+    save_dtype: SaveDtype = "float16"
+
+
+# Config fields whose stage setting differs from the field, as (type, default): `stage.arch` holds
+# overrides deep-merged over the model's architecture (null: the shipped one), the config the result.
+_SETTING_OF_FIELD: dict[str, tuple[Any, Any]] = {"arch": (Optional[dict[str, Any]], None)}
+
+
+def train_settings(name: str, config: type, stage_keys: type[TrainStageKeys]) -> type[StageSettings]:
+    """The settings class of a training stage: `stage_keys` plus one setting per field of the
+    training-config dataclass `config`, with the field's type and default."""
+    hints = typing.get_type_hints(config)
+    clash = {f.name for f in dataclasses.fields(config)} & {f.name for f in dataclasses.fields(stage_keys)}
+    if clash:
+        raise TypeError(f"{config.__name__} fields {sorted(clash)} are also keys of {stage_keys.__name__}")
+    fields = []
+    for f in dataclasses.fields(config):
+        if f.name in _SETTING_OF_FIELD:
+            tp, default = _SETTING_OF_FIELD[f.name]
+        elif f.default is dataclasses.MISSING:
+            raise TypeError(f"{config.__name__}.{f.name} has no plain default: add its stage setting to _SETTING_OF_FIELD")
+        else:
+            tp, default = hints[f.name], f.default
+        fields.append((f.name, tp, dataclasses.field(default=default)))
+    doc = f"Settings of stage={name}: {stage_keys.__name__} plus the fields of {config.__module__}.{config.__name__}."
+    return dataclasses.make_dataclass(f"{''.join(w.title() for w in name.split('_'))}Settings", fields,
+                                      bases=(stage_keys,), namespace={"__module__": __name__, "__doc__": doc})
+
+
+TrainTinySettings = train_settings("train_tiny", TrainConfig, TrainStageKeys)
+TrainComposeSettings = train_settings("train_compose", ComposeTrainConfig, TrainComposeStageKeys)
 
 
 @dataclasses.dataclass

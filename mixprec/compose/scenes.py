@@ -28,6 +28,8 @@ import torch
 
 from mixprec.tiny.shapes import COLOUR_NAMES, COLOURS, SHAPES
 
+from .train_config import LAYOUTS  # noqa: F401 (named with the training knobs, torch-free)
+
 IMAGE_SIZE = 128
 # Objects keep this many pixels away from the edge so the border band is pure background.
 MARGIN = 4
@@ -44,12 +46,11 @@ SUPERSAMPLE = 4
 TEMPLATE_WORDS: tuple[str, ...] = ("a", "of", "on", "background", "left", "right", "above", "below")
 VOCABULARY: tuple[str, ...] = TEMPLATE_WORDS + SIZE_NAMES + COLOUR_NAMES + SHAPES
 
-# Layouts of the training data. "random": anywhere on the canvas that realises the relation (the
+# Layouts of the training data (LAYOUTS). "random": anywhere on the canvas that realises the relation (the
 # image is far from a function of the caption). "centred": the pair centred on the canvas, each
 # object at a fixed slot of its relation's axis, moved by at most `jitter` pixels per coordinate and
 # sized within its class: the caption nearly decides the image, so a few-step model trained with
 # an MSE loss draws a scene instead of the blurred mean of all layouts (see docs/compose_model.md).
-LAYOUTS: tuple[str, ...] = ("random", "centred")
 # Centre of the first / second object along the relation's axis for "left of" (mirrored for the others).
 CENTRED_SLOTS = (36, 92)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,74 +26,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mixprec.models.toy import merge_arch
 from mixprec.tiny.build import generate
 from mixprec.workspace import atomic_write_text
-from mixprec.tiny.train import (CHECKPOINT_NAME, LogFn, LogImagesFn, TrainConfig, _atomic_torch_save, _deterministic,
+from mixprec.tiny.train import (CHECKPOINT_NAME, LogFn, LogImagesFn, _atomic_torch_save, _deterministic,
                                 _EMA, _lr_factor, _noise_scheduler, _step_seed, _to_model_range, resolve_device,
                                 save_pipeline)
 
 from . import scenes
-from .build import COMPOSE_ARCH, NUM_INFERENCE_STEPS, build_pipeline
+from .build import build_pipeline
 from .checker import ATTRIBUTES, check_batch
-
-TIMESTEP_MODES = ("inference", "uniform")
-ACCELERATE_MODES = ("cuda_graph", "compile", "none")
-
-
-@dataclass
-class ComposeTrainConfig(TrainConfig):
-    BASE_ARCH = COMPOSE_ARCH
-
-    arch: dict = field(default_factory=lambda: merge_arch(COMPOSE_ARCH, None))
-    dataset_size: int = 65536
-    # Training scenes' layout (scenes.LAYOUTS): "centred" (fixed slots, moved by up to layout_jitter
-    # px) or "random" (anywhere that realises the relation). Prompts and the checker do not change.
-    layout: str = "centred"
-    layout_jitter: int = 4
-    vae_steps: int = 1500
-    vae_batch_size: int = 32
-    vae_lr: float = 2e-3
-    unet_steps: int = 2000
-    unet_batch_size: int = 256
-    # 1e-3 failed in three of five runs (twice NaN, once spikes it never recovered from); 5e-4 did not.
-    unet_lr: float = 5e-4
-    text_lr: float = 5e-4
-    warmup_steps: int = 100
-    # No min-SNR weighting: at the first of the inference timesteps the SNR is 0 and it would
-    # weight away the step that decides layout and colours.
-    min_snr_gamma: float = 0.0
-    # A short run: the EMA must follow within a couple of hundred steps.
-    ema_decay: float = 0.995
-    num_inference_steps: int = NUM_INFERENCE_STEPS
-    # "inference": train only at the sampler's timesteps; "uniform": all 1000 (ordinary diffusion).
-    timesteps: str = "inference"
-    # bf16 autocast for the forward passes on CUDA (ignored on CPU).
-    bf16: bool = True
-    # Deterministic CUDA kernels (slower); off by default: runs repeat to within run-to-run noise.
-    deterministic: bool = False
-    # How a denoiser step runs on CUDA (same arithmetic, only the launch path differs, so it is not
-    # part of the fingerprint): "cuda_graph" captures forward + backward + clipping + AdamW once and
-    # replays it (an eager step of this small model is bound by ~10^4 kernel launches from Python,
-    # not by the GPU); "compile" runs the UNet through torch.compile; "none" is plain eager.
-    accelerate: str = "cuda_graph"
-    # A saved compose pipeline (folder) to start from instead of random weights: continues training
-    # across GPU sessions when the optimizer state cannot travel (its VAE and latent scale are kept;
-    # set vae_steps to 0 to train only the denoiser).
-    init_from: str | None = None
-    sample_every: int = 500
-    eval_prompts: int = 64
-    checkpoint_every: int = 500
-
-    FINGERPRINT_SKIP = TrainConfig.FINGERPRINT_SKIP | {"accelerate"}
-
-    def __post_init__(self) -> None:
-        if self.timesteps not in TIMESTEP_MODES:
-            raise ValueError(f"timesteps must be one of {TIMESTEP_MODES}, got {self.timesteps!r}")
-        if self.layout not in scenes.LAYOUTS:
-            raise ValueError(f"layout must be one of {scenes.LAYOUTS}, got {self.layout!r}")
-        if self.accelerate not in ACCELERATE_MODES:
-            raise ValueError(f"accelerate must be one of {ACCELERATE_MODES}, got {self.accelerate!r}")
+# the library's config and its allowed values, re-exported with the trainer
+from .train_config import ACCELERATE_MODES, LAYOUTS, TIMESTEP_MODES, ComposeTrainConfig  # noqa: F401
 
 
 def evaluate_adherence(pipe, prompts: list[tuple[str, int]], num_inference_steps: int,
@@ -152,7 +94,7 @@ class _Run:
         self.modules = {"unet": p.unet, "text_encoder": p.text_encoder, "text_encoder_2": p.text_encoder_2}
         lc = self.vae.config.latent_channels
         moments = self.vae.quant_conv if getattr(self.vae, "quant_conv", None) is not None else self.vae.encoder.conv_out
-        with torch.no_grad():  # a sharp initial posterior (see mixprec.tiny.train.TrainConfig)
+        with torch.no_grad():  # a sharp initial posterior (see mixprec.tiny.train_config.TrainConfig)
             moments.weight[lc:].zero_()
             moments.bias[lc:].fill_(cfg.vae_logvar_init)
         if cfg.init_from:

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
 from mixprec.artifacts import TRAIN_COMPOSE_METRICS
 from mixprec.context import StageContext
+from mixprec.settings import SaveDtype
 
 log = logging.getLogger("mixprec")
 
-# Keys of the stage config that are not ComposeTrainConfig fields.
-_STAGE_KEYS = {"name", "record", "force", "output", "device", "resume", "eval_heldout_prompts", "progress", "save_dtype"}
-_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+_DTYPES = {name: getattr(torch, name) for name in get_args(SaveDtype)}
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -35,7 +34,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     out = Path(s.output) if s.output else ws.path("compose_model")
     device = ctx.run.device if str(s.device or "auto") == "auto" else str(s.device)
-    train_cfg, summary = train_from_settings(s, ComposeTrainConfig, train_compose, out, device, track, _STAGE_KEYS)
+    train_cfg, summary = train_from_settings(s, ComposeTrainConfig, train_compose, out, device, track)
     dtype = _DTYPES[str(s.save_dtype)]
     if dtype != torch.float32:
         save_pipeline(load_pipeline(out).to(dtype=dtype), out)

@@ -12,14 +12,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-
 from mixprec.artifacts import TRAIN_TINY_METRICS
 from mixprec.context import StageContext
 
 log = logging.getLogger("mixprec")
-
-# Keys of the stage config that are not TrainConfig fields.
-_STAGE_KEYS = {"name", "record", "force", "output", "device", "resume", "eval_heldout_prompts", "progress"}
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -31,7 +27,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     out = Path(s.output) if s.output else ws.path("tiny_model")
     device = ctx.run.device if str(s.device or "auto") == "auto" else str(s.device)
-    train_cfg, summary = train_from_settings(s, TrainConfig, train_tiny, out, device, track, _STAGE_KEYS)
+    train_cfg, summary = train_from_settings(s, TrainConfig, train_tiny, out, device, track)
     # Measured on the saved folder, on the CPU: what every later stage will load.
     pipe = load_pipeline(out)
     n = int(s.eval_heldout_prompts)

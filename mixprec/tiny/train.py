@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -36,68 +36,14 @@ from mixprec.workspace import atomic_path
 
 from . import shapes
 from .adherence import check_batch
-from mixprec.models.toy import TINY_ARCH, merge_arch
 
 from .build import build_pipeline, generate
+from .train_config import TrainConfig
 
 LogFn = Callable[[dict, int], None]
 LogImagesFn = Callable[[str, list, list], None]
 
 CHECKPOINT_NAME = "checkpoint.pt"
-
-
-@dataclass
-class TrainConfig:
-    # What `arch` overrides are deep-merged over (a subclass for another model sets its own).
-    BASE_ARCH: ClassVar[dict] = TINY_ARCH
-
-    seed: int = 0
-    arch: dict = field(default_factory=lambda: merge_arch(TINY_ARCH, None))
-    dataset_size: int = 16384
-    vae_steps: int = 2000
-    vae_batch_size: int = 16
-    vae_lr: float = 3e-3
-    kl_weight: float = 1e-4
-    # Reconstruction = MSE + l1_weight * L1: the L1 term sharpens the flat-colour edges sooner.
-    l1_weight: float = 1.0
-    # Start with a sharp posterior (std = exp(logvar/2)): with the default std of ~1 the decoder sees
-    # mostly noise and learns nothing for hundreds of steps.
-    vae_logvar_init: float = -6.0
-    unet_steps: int = 4000
-    unet_batch_size: int = 64
-    unet_lr: float = 2e-3
-    text_lr: float = 2e-3
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    # Min-SNR-gamma weighting (0 disables): stops the easy low-noise steps dominating the loss.
-    min_snr_gamma: float = 5.0
-    num_inference_steps: int = 8
-    # Monitoring only: how often to log losses / sample grids and held-out adherence.
-    log_every: int = 50
-    sample_every: int = 1000
-    eval_prompts: int = 32
-    checkpoint_every: int = 500
-
-    # Fields that do not decide the weights (logging cadence): left out of the fingerprint.
-    FINGERPRINT_SKIP: ClassVar[frozenset] = frozenset({"log_every", "sample_every", "eval_prompts", "checkpoint_every"})
-
-    def fingerprint(self) -> str:
-        """Hash of what determines the weights (not of logging cadence)."""
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.FINGERPRINT_SKIP}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown TrainConfig keys: {sorted(unknown)}")
-        d = dict(d)
-        if "arch" in d:
-            d["arch"] = merge_arch(cls.BASE_ARCH, d["arch"])
-        return cls(**d)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -581,13 +527,18 @@ if __name__ == "__main__":
     main()
 
 
+def config_from_settings(settings: Any, config_cls: type[TrainConfig]) -> TrainConfig:
+    """The `config_cls` fields of a training stage's typed settings as a config (null: the default)."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return config_cls.from_dict({k: v for k, v in dataclasses.asdict(settings).items() if k in names and v is not None})
+
+
 def train_from_settings(settings: Any, config_cls: type[TrainConfig], train_fn: Callable[..., dict[str, Any]],
-                        out_dir: Path, device: str, tracker: Any, stage_keys: set[str]) -> tuple[TrainConfig, dict[str, Any]]:
+                        out_dir: Path, device: str, tracker: Any) -> tuple[TrainConfig, dict[str, Any]]:
     """What the train_tiny and train_compose stages share: the training config built from the stage's
-    typed settings (every field but `stage_keys` is a config field: an unknown one is refused), then
-    one resumable run of `train_fn` into `out_dir`, its losses and sample grids sent to `tracker`."""
-    st = dataclasses.asdict(settings)
-    cfg = config_cls.from_dict({k: v for k, v in st.items() if k not in stage_keys and v is not None})
+    typed settings (:func:`config_from_settings`), then one resumable run of `train_fn` into `out_dir`,
+    its losses and sample grids sent to `tracker`."""
+    cfg = config_from_settings(settings, config_cls)
     tracker.update_config({"train_fingerprint": cfg.fingerprint()})
     summary = train_fn(out_dir, cfg, work_dir=out_dir.with_name(out_dir.name + ".work"), device=device,
                        resume=bool(settings.resume) and not settings.force,
