@@ -25,7 +25,7 @@ from mixprec.tiny import build as tiny_build
 from mixprec.tiny.tokenizer import build_tokenizer, load_tokenizer
 
 from .scenes import IMAGE_SIZE, VOCABULARY, longest_caption
-from .train_config import NUM_INFERENCE_STEPS  # noqa: F401 (the sampler's steps, shared with training)
+from .spec import NUM_INFERENCE_STEPS  # noqa: F401 (shared with training: mixprec.compose.spec)
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "compose"
 MODEL_MAX_LENGTH = 20  # the longest caption needs 15 words + BOS + EOS

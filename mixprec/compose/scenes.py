@@ -28,7 +28,7 @@ import torch
 
 from mixprec.tiny.shapes import COLOUR_NAMES, COLOURS, SHAPES
 
-from .train_config import LAYOUTS  # noqa: F401 (named with the training knobs, torch-free)
+from .spec import LAYOUTS
 
 IMAGE_SIZE = 128
 # Objects keep this many pixels away from the edge so the border band is pure background.

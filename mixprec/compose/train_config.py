@@ -14,17 +14,14 @@ from typing import Any, Literal, get_args
 
 from mixprec.tiny.train_config import TrainConfig
 
-# Layouts of the training scenes (drawn by mixprec.compose.scenes, which explains them).
-Layout = Literal["random", "centred"]
+from .spec import LAYOUTS, NUM_INFERENCE_STEPS, Layout
+
 # Which timesteps the denoiser trains at: the sampler's own, or all 1000 (ordinary diffusion).
 Timesteps = Literal["inference", "uniform"]
 # How a denoiser training step is launched on CUDA (see ComposeTrainConfig.accelerate).
 Accelerate = Literal["cuda_graph", "compile", "none"]
-LAYOUTS: tuple[str, ...] = get_args(Layout)
 TIMESTEP_MODES: tuple[str, ...] = get_args(Timesteps)
 ACCELERATE_MODES: tuple[str, ...] = get_args(Accelerate)
-# The sampler's step count the model is trained for (its few-step schedule).
-NUM_INFERENCE_STEPS = 4
 
 
 @dataclass
