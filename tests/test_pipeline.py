@@ -341,12 +341,14 @@ def test_force_reruns_sensitivity_measurements(pipeline_run, tmp_path, monkeypat
     monkeypatch.setattr(sens, "run_tasks", lambda tasks, *a, **k: measured.append(len(tasks)) or real(tasks, *a, **k))
     run_stage(compose([*base, *PROMPTS, "stage=sensitivity"]))
     assert measured == []  # up to date: the stored records are reused
-    run_stage(compose([*base, *PROMPTS, "stage=sensitivity", "stage.force=true"]))
-    assert len(measured) == 1 and measured[0] > 0
-    # the pipeline's stages up to sensitivity: what comes after a rerun stage reruns too (checked by
-    # test_rerun_skips_up_to_date_stages_and_selection_is_deterministic), here it would only cost time
+    # forced, the stored records are discarded: every task is pending again (one is measured, then it stops)
+    head = run_stage(compose([*base, *PROMPTS, "stage=sensitivity", "stage.force=true", "stage.max_tasks=1"]))
+    assert measured == [2 * 85] and head["shard_tasks_done"] == 1 and not head["merged"]
+    # the pipeline's stages up to sensitivity (what comes after a rerun stage reruns too: checked by
+    # test_rerun_skips_up_to_date_stages_and_selection_is_deterministic): forced, all is measured again
     head = run_stage(compose([*base, *SMALL, "stage.force=[sensitivity]", "stage.stages=[calibrate,sensitivity]"]))
-    assert head["stages"] == {"calibrate": "skipped", "sensitivity": "ran"} and len(measured) == 2
+    assert head["stages"] == {"calibrate": "skipped", "sensitivity": "ran"} and measured == [2 * 85] * 2
+    assert json.loads((ws / "sensitivity.json").read_text())["headline"]["merged"]
     # stage.force=true: every sub-stage runs with force on (sensitivity included), none is skipped
     seen = {}
     monkeypatch.setattr(runner, "run_stage", lambda sub: seen.setdefault(sub.stage.record, sub.stage.force))
