@@ -36,6 +36,38 @@ def make_cfg(tmp_path):
     return _make
 
 
+# The small tiny_random pipeline that tests/test_pipeline.py and tests/test_report.py read: run once per
+# session; each module works on its own copy (a copied workspace is up to date: its stages skip).
+PIPELINE_PROMPTS = ["model=tiny_random", "prompts.calibration.n=3", "prompts.sensitivity.n=3",
+                    "prompts.selection.n=4", "prompts.inference.n=4"]
+PIPELINE_SMALL = [*PIPELINE_PROMPTS, "stage.sensitivity.progress=false", "stage.select.progress=false",
+                  "stage.allocate_weight.target=[4,5]", "stage.allocate_weight.seed=[0,1]",
+                  "stage.allocate_act.target=[7]", "stage.allocate_act.seed=[0,1]",
+                  "stage.select.refine.evaluations=3"]
+
+
+@pytest.fixture(scope="session")
+def _pristine_pipeline(tmp_path_factory):
+    from mixprec.runner import run_stage
+
+    out = tmp_path_factory.mktemp("pipeline_pristine")
+    head = run_stage(compose([f"paths.outputs={out}", "tracking=disabled", "device=cpu", *PIPELINE_SMALL]))
+    return out / "tiny_random", head
+
+
+@pytest.fixture(scope="module")
+def pipeline_copy(_pristine_pipeline, tmp_path_factory):
+    """(outputs folder holding tiny_random/, the pipeline's head record): this module's own copy of the
+    session's pipeline run, so a module that writes into it changes nothing another module reads."""
+    import copy
+    import shutil
+
+    ws, head = _pristine_pipeline
+    out = tmp_path_factory.mktemp("pipe")
+    shutil.copytree(ws, out / "tiny_random")
+    return out, copy.deepcopy(head)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

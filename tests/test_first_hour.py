@@ -1,7 +1,7 @@
 """A new user's first hour (issue 19): threads, typos and wrong types, early errors, --help, quiet W&B.
 
 The tests that need a finished workspace (stale report sections, force, hand-selected finals,
-truncated artifacts) are in tests/test_pipeline.py, which runs the pipeline once for its module.
+truncated artifacts) are in tests/test_pipeline.py, on its copy of the session's one pipeline run.
 """
 
 from __future__ import annotations

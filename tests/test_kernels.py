@@ -305,9 +305,7 @@ def test_converted_unet_compiles_without_graph_breaks(tiny):
     set_plan(quant_layers(model), wp, ap)
     convert_(model, BackendConfig(cpu="emulate"))
     torch._dynamo.reset()
-    explain = torch._dynamo.explain(model)(**x)
-    assert explain.graph_break_count == 0, explain.break_reasons
-    torch._dynamo.reset()
+    # fullgraph=True: any graph break fails the compile, naming its reason (one trace, not an explain() too)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         assert torch.allclose(compiled(**x).sample, model(**x).sample, atol=1e-5)

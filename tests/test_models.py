@@ -100,7 +100,8 @@ def test_sd_turbo_structure_runs_the_whole_pipeline(make_cfg, tmp_path):
     head = run_stage(make_cfg("model=tiny_sd_random", "prompts.calibration.n=2", "prompts.sensitivity.n=2",
                               "prompts.selection.n=2", "prompts.inference.n=2", "stage.sensitivity.progress=false",
                               "stage.select.progress=false", "stage.allocate_weight.target=[4,5]",
-                              "stage.allocate_weight.seed=[0]", "stage.allocate_act.seed=[0]", "stage.report.images=false"))
+                              "stage.allocate_weight.seed=[0]", "stage.allocate_act.seed=[0]", "stage.report.images=false",
+                              "stage.select.refine.evaluations=2"))
     assert set(head["stages"].values()) == {"ran"}
     ws = tmp_path / "tiny_sd_random"
     census = (ws / "layers.csv").read_text().splitlines()

@@ -9,19 +9,13 @@ import yaml
 from mixprec.runner import run_stage
 from mixprec.workspace import FingerprintMismatchError, MissingArtifactError
 
-PROMPTS = ["model=tiny_random", "prompts.calibration.n=3", "prompts.sensitivity.n=3", "prompts.selection.n=4",
-           "prompts.inference.n=4"]
-SMALL = [*PROMPTS, "stage.sensitivity.progress=false", "stage.select.progress=false",
-         "stage.allocate_weight.target=[4,5]", "stage.allocate_weight.seed=[0,1]",
-         "stage.allocate_act.target=[7]", "stage.allocate_act.seed=[0,1]", "stage.select.refine.evaluations=3"]
+from tests.conftest import PIPELINE_PROMPTS as PROMPTS
+from tests.conftest import PIPELINE_SMALL as SMALL
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
-    from tests.conftest import compose
-    out = tmp_path_factory.mktemp("pipe")
-    head = run_stage(compose([f"paths.outputs={out}", "tracking=disabled", "device=cpu", *SMALL]))
-    return out, head
+def pipeline_run(pipeline_copy):
+    return pipeline_copy
 
 
 def test_pipeline_leaves_final_plans_images_and_metrics(pipeline_run):
@@ -347,10 +341,14 @@ def test_force_reruns_sensitivity_measurements(pipeline_run, tmp_path, monkeypat
     monkeypatch.setattr(sens, "run_tasks", lambda tasks, *a, **k: measured.append(len(tasks)) or real(tasks, *a, **k))
     run_stage(compose([*base, *PROMPTS, "stage=sensitivity"]))
     assert measured == []  # up to date: the stored records are reused
-    run_stage(compose([*base, *PROMPTS, "stage=sensitivity", "stage.force=true"]))
-    assert len(measured) == 1 and measured[0] > 0
-    head = run_stage(compose([*base, *SMALL, "stage.force=[sensitivity]"]))
-    assert len(measured) == 2 and head["stages"]["calibrate"] == "skipped" and head["stages"]["sensitivity"] == "ran"
+    # forced, the stored records are discarded: every task is pending again (one is measured, then it stops)
+    head = run_stage(compose([*base, *PROMPTS, "stage=sensitivity", "stage.force=true", "stage.max_tasks=1"]))
+    assert measured == [2 * 85] and head["shard_tasks_done"] == 1 and not head["merged"]
+    # the pipeline's stages up to sensitivity (what comes after a rerun stage reruns too: checked by
+    # test_rerun_skips_up_to_date_stages_and_selection_is_deterministic): forced, all is measured again
+    head = run_stage(compose([*base, *SMALL, "stage.force=[sensitivity]", "stage.stages=[calibrate,sensitivity]"]))
+    assert head["stages"] == {"calibrate": "skipped", "sensitivity": "ran"} and measured == [2 * 85] * 2
+    assert json.loads((ws / "sensitivity.json").read_text())["headline"]["merged"]
     # stage.force=true: every sub-stage runs with force on (sensitivity included), none is skipped
     seen = {}
     monkeypatch.setattr(runner, "run_stage", lambda sub: seen.setdefault(sub.stage.record, sub.stage.force))

@@ -14,13 +14,8 @@ import yaml
 
 from mixprec.report import build_compare, build_report, load_workspace
 from mixprec.runner import run_stage
+from tests.conftest import PIPELINE_PROMPTS as PROMPTS
 
-
-PROMPTS = ["model=tiny_random", "prompts.calibration.n=3", "prompts.sensitivity.n=3", "prompts.selection.n=4",
-           "prompts.inference.n=4"]
-SMALL = [*PROMPTS, "stage.sensitivity.progress=false", "stage.select.progress=false",
-         "stage.allocate_weight.target=[4,5]", "stage.allocate_weight.seed=[0,1]",
-         "stage.allocate_act.target=[7]", "stage.allocate_act.seed=[0,1]"]
 SECTIONS = ["run", "census", "sensitivity", "candidates", "allocation", "images"]
 VARIANTS = ["full_precision", "mixed_w", "uniform_w4", "mixed_wa", "uniform_w4a7"]
 
@@ -30,10 +25,8 @@ def _base(out) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tests.conftest import compose
-    out = tmp_path_factory.mktemp("report")
-    head = run_stage(compose([*_base(out), *SMALL]))
+def tiny(pipeline_copy):
+    out, head = pipeline_copy
     return out, out / "tiny_random", head
 
 

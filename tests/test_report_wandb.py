@@ -19,7 +19,8 @@ from mixprec.runner import run_stage
 SMALL = ["model=tiny_random", "prompts.calibration.n=2", "prompts.sensitivity.n=2", "prompts.selection.n=3",
          "prompts.inference.n=3", "stage.sensitivity.progress=false", "stage.select.progress=false",
          "stage.allocate_weight.target=[4]", "stage.allocate_weight.K=[1,2]", "stage.allocate_weight.seed=[0,1]",
-         "stage.allocate_act.target=[7]", "stage.allocate_act.K=[1]", "stage.allocate_act.seed=[0,1]"]
+         "stage.allocate_act.target=[7]", "stage.allocate_act.K=[1]", "stage.allocate_act.seed=[0,1]",
+         "stage.select.refine.evaluations=2"]
 STAGES = ["calibrate", "sensitivity", "allocate_weight", "allocate_act", "select", "infer", "report"]
 
 

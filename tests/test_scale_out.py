@@ -24,6 +24,8 @@ from mixprec.shards import shard_status
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = [table_name(k, g) for k in ("w", "a") for g in ("content", "quality")] + [PER_PROMPT_CSV, PROTECTED_YAML]
 TINY = ["model=tiny_random", "prompts.sensitivity.n=2", "stage.progress=false", "tracking=disabled", "device=cpu"]
+# an attention block and a convolution: content and quality layers, every table kind; few tasks, so the
+# sharded subprocess runs spend their time on what is tested (sharding, merging), not on measuring
 SLICE = "stage.layers=[up_blocks.0.attentions.0,conv_in]"
 
 
@@ -43,10 +45,12 @@ def _workspace(calibrated: Path, dest: Path) -> Path:
     return dest
 
 
-def _unsharded(calibrated: Path, dest: Path, *extra: str) -> dict[str, bytes]:
+@pytest.fixture(scope="module")
+def unsharded(calibrated, tmp_path_factory) -> dict[str, bytes]:
+    """The files of the unsharded run over SLICE (the sharded runs must give the same bytes); read-only."""
     from tests.conftest import compose
-    ws = _workspace(calibrated, dest)
-    head = run_stage(compose(["stage=sensitivity", f"paths.workspace={ws}", *TINY, *extra]))
+    ws = _workspace(calibrated, tmp_path_factory.mktemp("single") / "ws")
+    head = run_stage(compose(["stage=sensitivity", f"paths.workspace={ws}", *TINY, SLICE]))
     assert head["merged"]
     return {n: (ws / n).read_bytes() for n in OUTPUTS}
 
@@ -68,12 +72,11 @@ def _sweep(ws: Path, tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
                     f"hydra.sweep.dir={tmp / 'sweep'}", "hydra.launcher.cpus_per_task=1", *TINY, *overrides], tmp)
 
 
-def test_three_shards_through_submitit_equal_the_unsharded_run(calibrated, tmp_path):
-    expected = _unsharded(calibrated, tmp_path / "single")
+def test_three_shards_through_submitit_equal_the_unsharded_run(calibrated, unsharded, tmp_path):
     ws = _workspace(calibrated, tmp_path / "sharded")
-    r = _sweep(ws, tmp_path, "stage.num_shards=3", "stage.shard=range(3)")
+    r = _sweep(ws, tmp_path, SLICE, "stage.num_shards=3", "stage.shard=range(3)")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert {n: (ws / n).read_bytes() for n in OUTPUTS} == expected
+    assert {n: (ws / n).read_bytes() for n in OUTPUTS} == unsharded
     # Each job wrote only its own files; the merge was recorded once, with the sweep's time.
     files = sorted(p.name for p in (ws / "sensitivity").iterdir())
     assert files == sorted(["merge.lock"] + [f"{stem}{i}of3{ext}" for i in range(3) for stem, ext in
@@ -88,8 +91,7 @@ def test_three_shards_through_submitit_equal_the_unsharded_run(calibrated, tmp_p
     assert all(f"runs on GPU(s) {k}" in logs for k in range(3)), logs[-2000:]
 
 
-def test_a_missing_then_preempted_shard_reruns_alone_and_resumes(calibrated, tmp_path, make_cfg):
-    expected = _unsharded(calibrated, tmp_path / "single", SLICE)
+def test_a_missing_then_preempted_shard_reruns_alone_and_resumes(calibrated, unsharded, tmp_path, make_cfg):
     ws = _workspace(calibrated, tmp_path / "sharded")
     r = _sweep(ws, tmp_path, SLICE, "stage.num_shards=3", "stage.shard=0,2")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -113,7 +115,7 @@ def test_a_missing_then_preempted_shard_reruns_alone_and_resumes(calibrated, tmp
     r = _launch([sys.executable, *argv[1:], f"hydra.sweep.dir={tmp_path / 'sweep2'}"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert records.read_bytes().startswith(kept)
-    assert {n: (ws / n).read_bytes() for n in OUTPUTS} == expected
+    assert {n: (ws / n).read_bytes() for n in OUTPUTS} == unsharded
     assert json.loads((ws / "sensitivity_sweep.json").read_text())["merged"]
 
 

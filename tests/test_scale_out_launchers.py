@@ -81,12 +81,13 @@ def test_the_allocate_grid_runs_in_parallel_jobs_and_one_pareto_front(tmp_path):
     ws = write_synthetic_workspace(tmp_path / "ws", n_prompts=4)
     r = subprocess.run([sys.executable, "run.py", "-cd", "sweeps", "-cn", "allocate_local", f"paths.workspace={ws}",
                         f"paths.outputs={tmp_path / 'out'}", "tracking=disabled", "stage.target=4,5", "stage.K=1,2",
-                        "stage.seed=0,1", "hydra.sweeper.max_batch_size=4"],
+                        "stage.seed=1", "hydra.sweeper.max_batch_size=2"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    # 4 cells in two batches of 2 jobs (a job is a Python start: 2 at a time on a 2-core CI machine)
     rows = list(csv.DictReader(open(ws / "pareto.csv")))
     assert {(float(r["target"]), float(r["K"]), int(r["seed"])) for r in rows} == {
-        (t, k, s) for t in (4.0, 5.0) for k in (1.0, 2.0) for s in (0, 1)}
+        (t, k, 1) for t in (4.0, 5.0) for k in (1.0, 2.0)}
     # one run record per job, none shared
-    assert len(list((ws / "allocate").glob("*.json"))) == 8 and not (ws / "allocate.json").exists()
-    assert json.loads((ws / "allocate_sweep.json").read_text())["candidates"] == 8
+    assert len(list((ws / "allocate").glob("*.json"))) == 4 and not (ws / "allocate.json").exists()
+    assert json.loads((ws / "allocate_sweep.json").read_text())["candidates"] == 4

@@ -11,6 +11,9 @@ from mixprec.shards import ShardError
 
 OUTPUTS = [table_name(k, g) for k in ("w", "a") for g in ("content", "quality")] + [PER_PROMPT_CSV, PROTECTED_YAML]
 FAST = ["model=tiny_random", "prompts.sensitivity.n=3", "stage.batch_size=3", "stage.progress=false"]
+# 20 of the 85 layers, content and quality ones (40 tasks): the resume and shard checks compare runs
+# over this slice, each measuring a quarter of what the whole sweep does
+SLICE = [*FAST, "stage.layers=[mid_block,conv_in,conv_out]"]
 
 
 def _files(ws):
@@ -37,6 +40,17 @@ def _calibrated_copy(reference_run, tmp_path):
     return ws
 
 
+@pytest.fixture(scope="module")
+def sliced_reference(reference_run, tmp_path_factory):
+    """The unsharded, uninterrupted run over SLICE: its output files (read-only)."""
+    from tests.conftest import compose
+    ws = _calibrated_copy(reference_run, tmp_path_factory.mktemp("sens_slice"))
+    head = run_stage(compose([f"paths.workspace={ws}", "tracking=disabled", "device=cpu", "stage=sensitivity",
+                              *SLICE]))
+    assert head["merged"] and head["tasks"] == 2 * 20
+    return _files(ws)
+
+
 def test_metric_ordered_by_bits_and_outputs_complete(reference_run):
     out, head, files = reference_run
     assert head["merged"] and head["tasks"] == 2 * 85
@@ -57,29 +71,29 @@ def test_metric_ordered_by_bits_and_outputs_complete(reference_run):
     assert rec["headline"]["seconds_per_eval"]["content"] > 0
 
 
-def test_interrupted_then_resumed_is_byte_identical(reference_run, make_cfg, tmp_path):
-    _, _, expected = reference_run
+def test_interrupted_then_resumed_is_byte_identical(reference_run, sliced_reference, make_cfg, tmp_path):
+    expected = sliced_reference
     ws = _calibrated_copy(reference_run, tmp_path)
-    head = run_stage(make_cfg("stage=sensitivity", "stage.max_tasks=40", *FAST))
-    assert not head["merged"] and head["shard_tasks_done"] == 40
+    head = run_stage(make_cfg("stage=sensitivity", "stage.max_tasks=15", *SLICE))
+    assert not head["merged"] and head["shard_tasks_done"] == 15
     assert not (ws / table_name("w", "content")).exists()
     # A crash in the middle of writing a record leaves a cut line: it is dropped and redone.
     with open(ws / "sensitivity" / "shard0of1.jsonl", "a") as f:
         f.write('{"layer": "half')
-    head = run_stage(make_cfg("stage=sensitivity", *FAST))
+    head = run_stage(make_cfg("stage=sensitivity", *SLICE))
     assert head["merged"]
     assert _files(ws) == expected
 
 
-def test_three_shards_merge_to_the_same_files(reference_run, make_cfg, tmp_path):
-    _, _, expected = reference_run
+def test_three_shards_merge_to_the_same_files(reference_run, sliced_reference, make_cfg, tmp_path):
+    expected = sliced_reference
     ws = _calibrated_copy(reference_run, tmp_path)
     for i in (0, 2):
-        head = run_stage(make_cfg("stage=sensitivity", f"stage.shard={i}", "stage.num_shards=3", *FAST))
+        head = run_stage(make_cfg("stage=sensitivity", f"stage.shard={i}", "stage.num_shards=3", *SLICE))
         assert not head["merged"]
     with pytest.raises(ShardError, match=r"shard 1 has not run \(run stage.shard=1 stage.num_shards=3\)"):
-        run_stage(make_cfg("stage=sensitivity", "stage.merge_only=true", "stage.num_shards=3", *FAST))
-    head = run_stage(make_cfg("stage=sensitivity", "stage.shard=1", "stage.num_shards=3", *FAST))
+        run_stage(make_cfg("stage=sensitivity", "stage.merge_only=true", "stage.num_shards=3", *SLICE))
+    head = run_stage(make_cfg("stage=sensitivity", "stage.shard=1", "stage.num_shards=3", *SLICE))
     assert head["merged"]
     assert _files(ws) == expected
 
@@ -95,7 +109,7 @@ def test_records_from_other_settings_are_refused(reference_run, make_cfg, tmp_pa
 
 def test_rerun_of_a_finished_shard_does_not_load_the_model(reference_run, make_cfg, tmp_path, monkeypatch):
     _calibrated_copy(reference_run, tmp_path)
-    args = ("stage=sensitivity", "stage.shard=0", "stage.num_shards=3", *FAST)
+    args = ("stage=sensitivity", "stage.shard=0", "stage.num_shards=3", *SLICE)
     first = run_stage(make_cfg(*args))
     assert first["shard_tasks_done"] == first["shard_tasks"] and not first["merged"]
     import mixprec.stages.sensitivity as stage
@@ -106,7 +120,7 @@ def test_rerun_of_a_finished_shard_does_not_load_the_model(reference_run, make_c
     again = run_stage(make_cfg(*args))
     assert again["shard_tasks_done"] == first["shard_tasks_done"] and not again["merged"]
     with pytest.raises(AssertionError, match="the model was loaded"):  # shard 1 has work: it needs the model
-        run_stage(make_cfg("stage=sensitivity", "stage.shard=1", "stage.num_shards=3", *FAST))
+        run_stage(make_cfg("stage=sensitivity", "stage.shard=1", "stage.num_shards=3", *SLICE))
 
 
 def test_calibration_listing_layers_in_another_order_is_refused(reference_run, make_cfg, tmp_path, monkeypatch):
