@@ -199,6 +199,8 @@ def test_micro_training_resumes_to_the_same_weights(tmp_path):
         ComposeTrainConfig.from_dict({"accelerate": "fast"})
     with pytest.raises(ValueError, match="layout"):
         ComposeTrainConfig.from_dict({"layout": "grid"})
+    with pytest.raises(ValueError, match=r"layout_jitter must be in 0\.\.4 pixels, got 9"):
+        ComposeTrainConfig.from_dict({"layout_jitter": 9})
     # The layout decides the training pictures, so it is part of what a checkpoint was made with.
     assert ComposeTrainConfig(layout="random").fingerprint() != ComposeTrainConfig().fingerprint()
     # The launch path does not change the arithmetic, so it does not change the fingerprint.
@@ -311,3 +313,11 @@ def test_train_compose_stage_at_micro_scale_saves_fp16_and_measures(tmp_path):
     assert 0.0 <= result["adherence_heldout_all"] <= 1.0 and (tmp_path / "compose" / "train_compose_metrics.json").exists()
     with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
+
+
+def test_eval_cli_refuses_unknown_points_before_loading_a_model(capsys):
+    from mixprec.compose.eval import main
+
+    with pytest.raises(SystemExit):
+        main(["--path", "no/such/folder", "--points", "fp,w9a9"])
+    assert "unknown --points ['w9a9']; known: fp, w8a8, w4a8, w2a16, w4a16" in capsys.readouterr().err

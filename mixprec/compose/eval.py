@@ -178,6 +178,11 @@ def main(argv=None) -> None:
     ap.add_argument("--teacher-forced", action="store_true",
                     help="only the per-timestep teacher-forced adherence (teacher_forced_adherence), not the full report")
     args = ap.parse_args(argv)
+    names = args.points.split(",")
+    unknown = [p for p in names if p not in UNIFORM_POINTS]
+    if unknown:  # before the pipeline loads: a typo costs nothing
+        ap.error(f"unknown --points {unknown}; known: {', '.join(UNIFORM_POINTS)}")
+    points = {p: UNIFORM_POINTS[p] for p in names}
     pipe = load_pipeline(args.path, device=args.device)
     if args.teacher_forced:
         report = {"prompts": args.prompts, "teacher_forced": teacher_forced_adherence(pipe, args.prompts)}
@@ -186,10 +191,6 @@ def main(argv=None) -> None:
             with open(args.out, "w") as f:
                 f.write(json.dumps(report, indent=1) + "\n")
         return
-    unknown = [p for p in args.points.split(",") if p not in UNIFORM_POINTS]
-    if unknown:
-        ap.error(f"unknown --points {unknown}; known: {', '.join(UNIFORM_POINTS)}")
-    points = {p: UNIFORM_POINTS[p] for p in args.points.split(",")}
     if args.grids:
         os.makedirs(args.grids, exist_ok=True)
     report = full_report(pipe, args.prompts, n_sensitivity=args.sensitivity_prompts, batch_size=args.batch_size,

@@ -28,7 +28,7 @@ import torch
 
 from mixprec.tiny.shapes import COLOUR_NAMES, COLOURS, SHAPES
 
-from .spec import LAYOUTS
+from .spec import LAYOUTS, MAX_LAYOUT_JITTER
 
 IMAGE_SIZE = 128
 # Objects keep this many pixels away from the edge so the border band is pure background.
@@ -210,9 +210,8 @@ def _centred_layout(rng: np.random.Generator, relation: str, ext_a: int, ext_b: 
                     ) -> tuple[int, int, int, int]:
     """(xa, ya, xb, yb) for the "centred" layout: slots CENTRED_SLOTS on the relation's axis, the
     canvas centre across it, each coordinate moved by an integer in [-jitter, jitter]."""
-    if not 0 <= jitter <= 4:
-        # Wider jitter could break the GAP / DOMINANCE guarantees between two large objects.
-        raise ValueError(f"layout jitter must be in 0..4 pixels, got {jitter}")
+    if not 0 <= jitter <= MAX_LAYOUT_JITTER:
+        raise ValueError(f"layout jitter must be in 0..{MAX_LAYOUT_JITTER} pixels, got {jitter}")
     first, second = CENTRED_SLOTS
     if relation in ("right of", "below"):
         first, second = second, first

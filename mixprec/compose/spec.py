@@ -9,5 +9,8 @@ from typing import Literal, get_args
 # Layouts of the training scenes (drawn by mixprec.compose.scenes, which explains them).
 Layout = Literal["random", "centred"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
+# The centred layout's largest jitter (pixels per coordinate): wider could break the gap and
+# dominance guarantees between two large objects.
+MAX_LAYOUT_JITTER = 4
 # The sampler's step count the model is built and trained for (its few-step schedule).
 NUM_INFERENCE_STEPS = 4

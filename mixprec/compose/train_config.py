@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 
 from mixprec.tiny.train_config import TrainConfig
 
-from .spec import LAYOUTS, NUM_INFERENCE_STEPS, Layout
+from .spec import LAYOUTS, MAX_LAYOUT_JITTER, NUM_INFERENCE_STEPS, Layout
 
 # Which timesteps the denoiser trains at: the sampler's own, or all 1000 (ordinary diffusion).
 Timesteps = Literal["inference", "uniform"]
@@ -78,3 +78,6 @@ class ComposeTrainConfig(TrainConfig):
         for name, allowed in (("timesteps", TIMESTEP_MODES), ("layout", LAYOUTS), ("accelerate", ACCELERATE_MODES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        # Refused here, before a run renders its data, not when the first scene is drawn.
+        if not 0 <= self.layout_jitter <= MAX_LAYOUT_JITTER:
+            raise ValueError(f"layout_jitter must be in 0..{MAX_LAYOUT_JITTER} pixels, got {self.layout_jitter}")
