@@ -274,20 +274,37 @@ def test_packaged_model_loads_offline_and_draws_its_captions():
     pairs = scenes.eval_prompts(4, "train", 0)
     images = Sampler(pipe, 128, 4, batch_size=4).generate([p for p, _ in pairs], [s for _, s in pairs]).images
     assert images.shape == (4, 3, 128, 128)
-    # Full precision gets most of these right; a broken model (random weights) gets none.
-    assert checker.check_batch(images, [p for p, _ in pairs])["background"] >= 0.75
+    # Measured on this CPU: 4/4 on every attribute jointly; a broken model (random weights) gets none.
+    assert checker.check_batch(images, [p for p, _ in pairs])["all"] >= 0.75
 
 
 @needs_assets
-def test_packaged_denoiser_draws_heldout_scenes_from_noised_ground_truth():
-    # A quality gate on the shipped weights: one denoiser call at the last sampling timestep,
-    # from held-out ground truth noised to t=249, must give back scenes the checker accepts
-    # (measured: 0.906 on 64 prompts). Random or broken weights give 0.
+def test_packaged_model_draws_heldout_scenes_in_four_steps():
+    # The quality gate on the shipped weights: full 4-step sampling of 16 held-out prompts (objects
+    # never seen in training), checked jointly on every attribute and the relation. Measured on
+    # this CPU: 16/16 = 1.000 (also 8/8 on eval_prompts(8, "heldout", seed) for seeds 1 and 2;
+    # 0.986 +- 0.010 on 48 prompts x 3 seed sets on the H200, docs/compose_model.md). Random or
+    # broken weights give 0.
+    from mixprec.compose.build import load_pipeline
+    from mixprec.generation import Sampler
+
+    pairs = scenes.eval_prompts(16, "heldout", 0)
+    prompts = [p for p, _ in pairs]
+    images = Sampler(load_pipeline(None), 128, 4, batch_size=8).generate(prompts, [s for _, s in pairs]).images
+    res = checker.check_batch(images, prompts)
+    assert res["all"] >= 0.8 and res["relation"] >= 0.9, {k: res[k] for k in checker.ATTRIBUTES + ("all",)}
+
+
+@needs_assets
+def test_packaged_denoiser_redraws_noised_heldout_ground_truth_in_its_training_layout():
+    # One denoiser call at the last sampling timestep, from held-out ground truth rendered in the
+    # layout the weights were trained on (centred) and noised to t=249, must give the scene back.
+    # Measured on this CPU, 16 prompts: 1.000 centred; 0.875 in the random layout it never saw.
     from mixprec.compose.build import load_pipeline
     from mixprec.compose.eval import teacher_forced_adherence
 
-    res = teacher_forced_adherence(load_pipeline(None), n_prompts=16, timesteps=(249,))
-    assert res[249]["all"] >= 0.75 and res[249]["relation"] >= 0.9
+    res = teacher_forced_adherence(load_pipeline(None), n_prompts=16, timesteps=(249,), layout="centred")
+    assert res[249]["all"] >= 0.8 and res[249]["relation"] >= 0.9, res
 
 
 def test_train_compose_stage_at_micro_scale_saves_fp16_and_measures(tmp_path):

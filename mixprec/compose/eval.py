@@ -99,13 +99,16 @@ def content_sensitivity(layers: dict[str, QuantLayer], sampler: Sampler, prompts
 
 @torch.no_grad()
 def teacher_forced_adherence(pipe, n_prompts: int = 32, timesteps: Sequence[int] = (249, 499, 749, 999),
-                             split: str = "heldout", seed: int = 0) -> dict[int, dict[str, float]]:
+                             split: str = "heldout", seed: int = 0, layout: str = "centred",
+                             jitter: int = 4) -> dict[int, dict[str, float]]:
     """Adherence of ONE denoiser call per timestep t on ground-truth latents noised to t: the x0 it
     predicts, decoded and checked. Separates "the denoiser cannot draw the scene at t" from "the
-    sampler never reaches a state like the noised ground truth" (compare with sampled adherence)."""
+    sampler never reaches a state like the noised ground truth" (compare with sampled adherence).
+    The ground truth is rendered in `layout` (default: the committed config's "centred", jitter 4):
+    a model trained on one layout is not expected to reproduce scenes placed the other way."""
     from .train import encode_token_ids, tokenize
 
-    sc = scenes.sample_scenes(n_prompts, seed + 7919, split)
+    sc = scenes.sample_scenes(n_prompts, seed + 7919, split, layout=layout, jitter=jitter)
     caps = [s.caption for s in sc]
     dev, sf = pipe.unet.device, pipe.vae.config.scaling_factor
     x = scenes.render_batch(sc).to(dev).float().div(127.5).sub(1.0)
@@ -177,6 +180,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None, help="write the report here as JSON")
     ap.add_argument("--teacher-forced", action="store_true",
                     help="only the per-timestep teacher-forced adherence (teacher_forced_adherence), not the full report")
+    ap.add_argument("--layout", default="centred", choices=scenes.LAYOUTS,
+                    help="layout of the teacher-forced ground truth (the one the model was trained on)")
     args = ap.parse_args(argv)
     names = args.points.split(",")
     unknown = [p for p in names if p not in UNIFORM_POINTS]
@@ -185,7 +190,8 @@ def main(argv=None) -> None:
     points = {p: UNIFORM_POINTS[p] for p in names}
     pipe = load_pipeline(args.path, device=args.device)
     if args.teacher_forced:
-        report = {"prompts": args.prompts, "teacher_forced": teacher_forced_adherence(pipe, args.prompts)}
+        report = {"prompts": args.prompts, "layout": args.layout,
+                  "teacher_forced": teacher_forced_adherence(pipe, args.prompts, layout=args.layout)}
         print(json.dumps(report, indent=1))
         if args.out:
             with open(args.out, "w") as f:
