@@ -332,9 +332,12 @@ def test_train_compose_stage_at_micro_scale_saves_fp16_and_measures(tmp_path):
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
 
 
-def test_eval_cli_refuses_unknown_points_before_loading_a_model(capsys):
+def test_eval_cli_refuses_unknown_points_and_layouts_before_loading_a_model(capsys):
     from mixprec.compose.eval import main
 
     with pytest.raises(SystemExit):
         main(["--path", "no/such/folder", "--points", "fp,w9a9"])
     assert "unknown --points ['w9a9']; known: fp, w8a8, w4a8, w2a16, w4a16" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the teacher-forced ground truth's layout, likewise before loading
+        main(["--path", "no/such/folder", "--teacher-forced", "--layout", "grid"])
+    assert "--layout: invalid choice: 'grid' (choose from" in capsys.readouterr().err
