@@ -53,20 +53,28 @@ class Reference:
 
 
 def make_tasks(layer_groups: Mapping[str, str], weight_bits: Sequence[int], act_bits: Sequence[int],
-               kinds: Sequence[str] = KINDS, weight_groups: Mapping[str, Sequence[int]] | None = None) -> list[Task]:
+               kinds: Sequence[str] = KINDS, weight_groups: Mapping[str, Sequence[int]] | None = None,
+               allowed: Mapping[str, Mapping[str, Sequence[int]]] | None = None) -> list[Task]:
     """Tasks in a fixed order: every layer's weights, then every layer's activations (module order).
 
     ``weight_groups``: layer -> the weight group sizes calibrated for it; each adds one option per
     weight width (``"4g64"``), measured after the per-channel ones.
+    ``allowed``: kind (``"w"``/``"a"``) -> group -> the widths a plan may give that group's layers
+    (``quant.weight_bits_by_group``): options of other widths are not measured, since no plan can
+    use them (a layer left with none gets no task). A kind or group it does not name keeps every width.
     """
     tasks = []
     for kind in kinds:
         if kind not in KINDS:
             raise ValueError(f"sensitivity kinds are 'w' and 'a', got {kind!r}")
         bits = tuple(sorted(int(b) for b in (weight_bits if kind == "w" else act_bits)))
+        by_group = (allowed or {}).get(kind, {})
         for name, group in layer_groups.items():
+            mine = tuple(b for b in bits if group not in by_group or b in {int(x) for x in by_group[group]})
+            if not mine:
+                continue
             sizes = sorted((weight_groups or {}).get(name, ())) if kind == "w" else []
-            tasks.append(Task(name, group, kind, bits + tuple(f"{b}g{g}" for g in sizes for b in bits)))
+            tasks.append(Task(name, group, kind, mine + tuple(f"{b}g{g}" for g in sizes for b in mine)))
     return tasks
 
 

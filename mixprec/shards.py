@@ -69,7 +69,10 @@ def identity(ws: Workspace, pairs, tasks: Sequence[sens.Task], num_shards: int, 
             "num_tasks": len(tasks)}
 
 
-def check_header(ws: Workspace, i: int, identity: Mapping[str, Any], restart: bool, force: bool = False) -> None:
+def check_header(ws: Workspace, i: int, identity: Mapping[str, Any], restart: bool, force: bool = False,
+                 tasks: Sequence[sens.Task] = ()) -> None:
+    """Refuse (or, with ``restart``, discard) records made with other settings; ``tasks`` (this shard's)
+    lets records of a sweep that measured more options of the same layers be kept (:func:`_covered`)."""
     header, records = shard_paths(i, identity["num_shards"])
     if force and ws.exists(records):
         # stage.force: measure again, whatever the stored records were made with.
@@ -77,7 +80,7 @@ def check_header(ws: Workspace, i: int, identity: Mapping[str, Any], restart: bo
         ws.path(records).unlink()
     elif ws.exists(header):
         old = ws.read_json(header, "sensitivity")
-        if old.get("identity") != identity:
+        if old.get("identity") != identity and not _covered(old.get("identity") or {}, identity, ws.path(records), tasks):
             if not restart:
                 raise ShardError(
                     f"{ws.path(records)} holds records of a sensitivity sweep with other settings (prompts, bits, "
@@ -85,6 +88,18 @@ def check_header(ws: Workspace, i: int, identity: Mapping[str, Any], restart: bo
                     f"paths.workspace.")
             ws.path(records).unlink(missing_ok=True)
     ws.write_json(header, {"shard": i, "identity": identity})
+
+
+def _covered(old: Mapping[str, Any], new: Mapping[str, Any], records: Path, tasks: Sequence[sens.Task]) -> bool:
+    """Whether records made under ``old`` serve the tasks of ``new`` as they are: the same settings
+    but for the task list, and every stored record is one of ``tasks`` holding at least its options
+    (a sweep made before options that no plan can use were skipped measured them too)."""
+    same = [k for k in set(old) | set(new) if k not in ("tasks", "num_tasks")]
+    if any(old.get(k) != new.get(k) for k in same):
+        return False
+    by_key = {t.key: {str(b) for b in t.bits} for t in tasks}
+    found = sens.RecordFile(records).load(repair=False)
+    return all(k in by_key and by_key[k] <= set(rec["values"]) for k, rec in found.items())
 
 
 def merge(ws: Workspace, tasks: Sequence[sens.Task], identity: Mapping[str, Any], strict: bool) -> list[dict] | None:
@@ -119,7 +134,12 @@ def merge(ws: Workspace, tasks: Sequence[sens.Task], identity: Mapping[str, Any]
             raise ShardError("cannot merge the sensitivity shards: " + "; ".join(problems))
         log.info("sensitivity not merged yet: %s", "; ".join(problems))
         return None
-    return [by_key[t.key] for t in tasks]
+    # Only each task's options: records kept from a sweep that measured more (:func:`_covered`) are cut down.
+    out = []
+    for t in tasks:
+        rec, wanted = by_key[t.key], {str(b) for b in t.bits}
+        out.append({**rec, "values": {b: v for b, v in rec["values"].items() if b in wanted}})
+    return out
 
 
 def write_merged(ws: Workspace, records: list[dict], census_order: Sequence[str], counts: Mapping[str, int],

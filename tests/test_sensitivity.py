@@ -59,12 +59,16 @@ def test_metric_ordered_by_bits_and_outputs_complete(reference_run):
     import yaml
     w_content = yaml.safe_load(files[table_name("w", "content")])
     assert len(w_content) == 24 and all(set(v) == {2, 4, 8} for v in w_content.values())
+    # quant.weight_bits_by_group.quality = [4, 8]: no plan gives a quality layer 2 bits, so none is measured
+    w_quality = yaml.safe_load(files[table_name("w", "quality")])
+    assert len(w_quality) == 61 and all(set(v) == {4, 8} for v in w_quality.values())
     a_quality = yaml.safe_load(files[table_name("a", "quality")])
     assert all(set(v) == {4, 8} for v in a_quality.values())
     assert all(0 < v[8] <= 100 for v in a_quality.values())  # SQNR in dB, capped
     rows = files[PER_PROMPT_CSV].decode().splitlines()
     assert rows[0] == "kind,group,layer,bits,prompt,value"
-    assert len(rows) - 1 == 3 * (85 * 3 + 85 * 2)  # prompts x (weight bits + act bits) per layer
+    assert len(rows) - 1 == 3 * (24 * 3 + 61 * 2 + 85 * 2)  # prompts x (weight bits + act bits) per layer
+    assert head["evals"] == {"content": 24 * (3 + 2), "quality": 61 * (2 + 2)}  # 365, not 425
     protected = yaml.safe_load(files[PROTECTED_YAML])
     assert protected[0] == "conv_in" and protected[-1] == "conv_out" and len(protected) == 6
     rec = json.loads((out / "tiny_random" / "sensitivity.json").read_text())
@@ -136,3 +140,75 @@ def test_calibration_listing_layers_in_another_order_is_refused(reference_run, m
     monkeypatch.setattr(stage, "read_calibration", reversed_calibration)
     with pytest.raises(ValueError, match="lists the quantizable layers in another order .* rerun stage=calibrate"):
         run_stage(make_cfg("stage=sensitivity", "stage.max_tasks=1", *FAST))
+
+
+def test_only_options_a_plan_can_use_are_evaluated(reference_run, make_cfg, tmp_path, monkeypatch):
+    """The default recipe never gives a quality layer 2-bit weights: the sweep makes no such generation."""
+    import mixprec.sensitivity as sens
+    ws = _calibrated_copy(reference_run, tmp_path)
+    calls = {"content": 0, "quality": 0}
+    real_score = sens.score
+
+    def counted(sampler, group, *args, **kwargs):
+        calls[group] += 1
+        return real_score(sampler, group, *args, **kwargs)
+    monkeypatch.setattr(sens, "score", counted)
+    head = run_stage(make_cfg("stage=sensitivity", *SLICE))  # 3 prompts per batch: one generation per evaluation
+    assert head["merged"]
+    records = [json.loads(line) for line in (ws / "sensitivity" / "shard0of1.jsonl").read_text().splitlines()]
+    options = {(r["kind"], r["group"]): set() for r in records}
+    for r in records:
+        options[r["kind"], r["group"]].add(frozenset(r["values"]))
+    assert options == {("w", "content"): {frozenset({"2", "4", "8"})}, ("w", "quality"): {frozenset({"4", "8"})},
+                       ("a", "content"): {frozenset({"4", "8"})}, ("a", "quality"): {frozenset({"4", "8"})}}
+    quality = sum(r["kind"] == "w" and r["group"] == "quality" for r in records)
+    content = sum(r["kind"] == "w" and r["group"] == "content" for r in records)
+    assert quality and content and quality + content == 20
+    assert calls == {"content": content * 5, "quality": quality * 4}  # W2/4/8 + A4/8; W4/8 + A4/8
+    assert head["evals"] == {"content": 24 * 5, "quality": 61 * 4}  # the whole sweep's (all 85 layers)
+
+
+def test_records_with_more_options_are_kept_and_cut_to_the_sweep(reference_run, sliced_reference, make_cfg, tmp_path):
+    """A sweep begun before unusable options were skipped (its records also hold quality W2) resumes
+    without measuring again, and merges to the files a fresh sweep writes."""
+    ws = _calibrated_copy(reference_run, tmp_path)
+    run_stage(make_cfg("stage=sensitivity", "stage.max_tasks=15", *SLICE))
+    records = ws / "sensitivity" / "shard0of1.jsonl"
+    old = [json.loads(line) for line in records.read_text().splitlines()]
+    for r in old:
+        if r["kind"] == "w" and r["group"] == "quality":
+            r["values"]["2"] = [1.0, 2.0, 3.0]
+    assert any("2" in r["values"] and r["group"] == "quality" for r in old)
+    records.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in old))
+    header = ws / "sensitivity" / "shard0of1.json"
+    h = json.loads(header.read_text())
+    h["identity"]["tasks"], h["identity"]["num_tasks"] = "an older task list", 40
+    header.write_text(json.dumps(h))
+    head = run_stage(make_cfg("stage=sensitivity", *SLICE))
+    assert head["merged"]
+    assert _files(ws) == sliced_reference
+    # Other settings are still refused: a record missing an option the sweep needs.
+    h["identity"]["sqnr_cap_db"] = 50.0
+    header.write_text(json.dumps(h))
+    with pytest.raises(ShardError, match="stage.restart=true"):
+        run_stage(make_cfg("stage=sensitivity", *SLICE))
+
+
+def test_measured_widths_follow_the_recipe():
+    import mixprec.sensitivity as sens
+    from mixprec.recipe import QuantRecipe
+    from mixprec.stages.sensitivity import measured_widths
+    q = QuantRecipe.from_dict({"weight_bits": [2, 4, 8], "act_bits": [4, 8],
+                               "weight_bits_by_group": {"content": [2, 4, 8], "quality": [8]},
+                               "act_bits_by_group": {"content": [4, 8], "quality": [4]},
+                               "protect_act": {"content": 2, "quality": 1}})
+    # Quality activations are ranked at A8 for protection: 8 is measured although no plan uses it.
+    assert measured_widths(q, 8) == {"w": {"content": [2, 4, 8], "quality": [8]},
+                                     "a": {"content": [4, 8], "quality": [4, 8]}}
+    no_protect = QuantRecipe.from_dict({**q.to_dict(), "protect_act": {"content": 0, "quality": 0}})
+    assert measured_widths(no_protect, 8)["a"]["quality"] == [4]
+    tasks = sens.make_tasks({"a": "content", "b": "quality"}, [2, 4], [4, 8], weight_groups={"b": [64]},
+                            allowed={"w": {"quality": [2]}, "a": {"content": [16]}})
+    # Content weights: no restriction given; quality weights: 2 bits, also per group; content
+    # activations: no calibrated width is allowed, so no task.
+    assert [(t.key, t.bits) for t in tasks] == [("w:a", (2, 4)), ("w:b", (2, "2g64")), ("a:b", (4, 8))]

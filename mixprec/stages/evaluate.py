@@ -294,8 +294,12 @@ def run(ctx: StageContext) -> dict:
     # The same prompts as the sensitivity stage, so the two metrics rank the same images.
     sens_pairs = ctx.run.prompt_set("sensitivity")
     t0 = time.perf_counter()
-    sqnr = content_sqnr(bundle, ws, [p for p, _ in sens_pairs], [sd for _, sd in sens_pairs], q.weight_bits,
-                        q.act_bits, float(s.sqnr_cap_db), bool(s.progress))
+    # Content layers only, at the widths a plan may give them (as the sensitivity stage measures them).
+    content_w, content_a = (q.bits_by_group(k).get("content", calibrated) for k, calibrated in
+                            (("weight", q.weight_bits), ("act", q.act_bits)))
+    sqnr = content_sqnr(bundle, ws, [p for p, _ in sens_pairs], [sd for _, sd in sens_pairs],
+                        [b for b in q.weight_bits if b in content_w], [b for b in q.act_bits if b in content_a],
+                        float(s.sqnr_cap_db), bool(s.progress))
     sqnr_s = time.perf_counter() - t0
     single_metric = {kind: {"content": sqnr[kind], "quality": per_prompt[kind]["quality"]} for kind in sqnr}
     ablation = _Ablation(ctx, bundle, census, per_prompt, protected, single_metric)

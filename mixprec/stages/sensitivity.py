@@ -18,6 +18,7 @@ from mixprec import shards
 from mixprec import sensitivity as sens
 from mixprec.context import Calibration, ModelBundle, RunSettings, StageContext, load_calibrated, read_calibration
 from mixprec.models import _matches, layer_group
+from mixprec.recipe import QuantRecipe
 from mixprec.quant.options import option_order
 from mixprec.settings import SensitivitySettings, is_forced
 from mixprec.workspace import Workspace
@@ -57,8 +58,10 @@ def run(ctx: StageContext) -> dict:
     wbits = list(s.weight_bits) if s.weight_bits else list(q.weight_bits)
     abits = list(s.act_bits) if s.act_bits else list(q.act_bits)
     wgroups = _weight_groups(calib, q.weight_group_sizes)
-    tasks = sens.make_tasks(groups, wbits, abits, kinds=list(s.kinds), weight_groups=wgroups)
-    all_tasks = sens.make_tasks(all_groups, wbits, abits, kinds=list(s.kinds), weight_groups=wgroups)
+    # Only the options a plan can use: a width the recipe never gives a layer's group is not measured.
+    allowed = measured_widths(q, max(abits))
+    tasks = sens.make_tasks(groups, wbits, abits, kinds=list(s.kinds), weight_groups=wgroups, allowed=allowed)
+    all_tasks = sens.make_tasks(all_groups, wbits, abits, kinds=list(s.kinds), weight_groups=wgroups, allowed=allowed)
     cap = float(s.sqnr_cap_db)
     identity = shards.identity(ws, pairs, tasks, n, cap)
     mine = sens.shard_tasks(tasks, i, n)
@@ -69,7 +72,7 @@ def run(ctx: StageContext) -> dict:
             busy = (f"shard {i} of {n} is being run by another process in {ws.root} (lock "
                     f"{shards.shard_lock(i, n)}); a shard runs once at a time")
             with shards.flock(ws.path(shards.shard_lock(i, n)), wait=False, busy=busy):
-                shards.check_header(ws, i, identity, bool(s.restart), is_forced(s.force, "sensitivity"))
+                shards.check_header(ws, i, identity, bool(s.restart), is_forced(s.force, "sensitivity"), mine)
                 records_file = sens.RecordFile(ws.path(shards.shard_paths(i, n)[1]))
                 pending = [t for t in mine if t.key not in records_file.load()]
                 if pending and (s.max_tasks is None or int(s.max_tasks) > 0):
@@ -121,6 +124,15 @@ def perturbations_per_batch(s: SensitivitySettings, prompts: int) -> int:
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
         raise ValueError(f"stage.perturbations_per_batch must be 'auto' or an integer >= 1, got {setting!r}")
     return setting
+
+
+def measured_widths(q: QuantRecipe, protect_bits: int) -> dict[str, dict[str, list[int]]]:
+    """Per kind (``w``/``a``) and group, the widths the sweep measures: those a plan may give the group
+    (``quant.weight_bits_by_group`` / ``act_bits_by_group``), plus, for the activations of a group with
+    protected layers (``quant.protect_act``), the width protection ranks them at (``protect_bits``)."""
+    counts = asdict(q.protect_act)
+    act = {g: sorted(set(b) | ({protect_bits} if counts.get(g) else set())) for g, b in q.bits_by_group("act").items()}
+    return {"w": {g: sorted(b) for g, b in q.bits_by_group("weight").items()}, "a": act}
 
 
 def _weight_groups(calib: Calibration, group_sizes: Sequence[int]) -> dict[str, list[int]]:
