@@ -80,7 +80,8 @@ def check_header(ws: Workspace, i: int, identity: Mapping[str, Any], restart: bo
         ws.path(records).unlink()
     elif ws.exists(header):
         old = ws.read_json(header, "sensitivity")
-        if old.get("identity") != identity and not _covered(old.get("identity") or {}, identity, ws.path(records), tasks):
+        changed = old.get("identity") != identity
+        if changed and not _covered(old.get("identity") or {}, identity, ws.path(records), tasks):
             if not restart:
                 raise ShardError(
                     f"{ws.path(records)} holds records of a sensitivity sweep with other settings (prompts, bits, "

@@ -57,11 +57,9 @@ def run(ctx: StageContext) -> dict:
         raise ValueError(f"stage.layers={only} matches none of the {len(all_groups)} quantizable layers")
     wbits = list(s.weight_bits) if s.weight_bits else list(q.weight_bits)
     abits = list(s.act_bits) if s.act_bits else list(q.act_bits)
-    wgroups = _weight_groups(calib, q.weight_group_sizes)
-    # Only the options a plan can use: a width the recipe never gives a layer's group is not measured.
-    allowed = measured_widths(q, max(abits))
-    tasks = sens.make_tasks(groups, wbits, abits, kinds=list(s.kinds), weight_groups=wgroups, allowed=allowed)
-    all_tasks = sens.make_tasks(all_groups, wbits, abits, kinds=list(s.kinds), weight_groups=wgroups, allowed=allowed)
+    opts = {"kinds": list(s.kinds), "weight_groups": _weight_groups(calib, q.weight_group_sizes),
+            "allowed": measured_widths(q, max(abits))}  # only the options a plan can use
+    tasks, all_tasks = (sens.make_tasks(layers, wbits, abits, **opts) for layers in (groups, all_groups))
     cap = float(s.sqnr_cap_db)
     identity = shards.identity(ws, pairs, tasks, n, cap)
     mine = sens.shard_tasks(tasks, i, n)
