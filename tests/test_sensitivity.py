@@ -68,7 +68,7 @@ def test_metric_ordered_by_bits_and_outputs_complete(reference_run):
     rows = files[PER_PROMPT_CSV].decode().splitlines()
     assert rows[0] == "kind,group,layer,bits,prompt,value"
     assert len(rows) - 1 == 3 * (24 * 3 + 61 * 2 + 85 * 2)  # prompts x (weight bits + act bits) per layer
-    assert head["evals"] == {"content": 24 * (3 + 2), "quality": 61 * (2 + 2)}  # 365, not 425
+    assert head["evals"] == {"content": 24 * (3 + 2), "quality": 61 * (2 + 2)}  # 364: no quality W2
     protected = yaml.safe_load(files[PROTECTED_YAML])
     assert protected[0] == "conv_in" and protected[-1] == "conv_out" and len(protected) == 6
     rec = json.loads((out / "tiny_random" / "sensitivity.json").read_text())
