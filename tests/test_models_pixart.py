@@ -84,7 +84,10 @@ def test_tiny_pixart_calibrate_sensitivity_allocate_infer(make_cfg, tmp_path):
                              (yaml.safe_load((ws / f"sensitivity_{kind}_{group}.yaml").read_text()) or {}).items()})
     weight = {name: bits for (kind, name), bits in measured.items() if kind == "w"}
     assert set(weight) == quantized
-    ordered = [name for name, m in weight.items() if m[8] >= m[4] >= m[2]]
+    # the widths a plan may give the layer's group: quality layers never take 2-bit weights
+    assert {n: sorted(m) for n, m in weight.items()} == {n: [2, 4, 8] if groups[n] == "content" else [4, 8]
+                                                         for n in weight}
+    ordered = [name for name, m in weight.items() if m[8] >= m[4] >= m.get(2, m[4])]
     assert len(ordered) >= 0.8 * len(weight), {n: m for n, m in weight.items() if n not in ordered}
 
     # a coarse window: a few tiny layers cannot hit a narrow one
