@@ -74,3 +74,27 @@ def test_perturbations_per_batch_setting():
     assert perturbations_per_batch(SensitivitySettings(name="sensitivity", perturbations_per_batch=3), prompts=8) == 3
     with pytest.raises(ValueError, match="stage.perturbations_per_batch"):
         perturbations_per_batch(SensitivitySettings(name="sensitivity", perturbations_per_batch=0), prompts=1)
+
+
+def test_evaluate_content_sqnr_batched_matches_one_at_a_time(tmp_path):
+    """stage=evaluate's single-metric table (content layers scored by SQNR) batches its perturbations too."""
+    from types import SimpleNamespace
+
+    from mixprec.stages.evaluate import content_sqnr
+    from mixprec.workspace import Workspace
+
+    layers, sampler = _tiny_sdxl(0.0)
+    prompts, seeds = ["a small green square"], [0]
+    calibrate_layers(layers, lambda: sampler.generate(prompts, seeds, decode=False), weight_bits=[4], act_bits=[4])
+    content = [n for n in layers if layer_group(n, ["attn2", "ff"]) == "content"][-3:]
+    # only three content layers: the rest are quality layers, which content_sqnr leaves out
+    small = {n: layers[n] for n in layers if n in content or layer_group(n, ["attn2", "ff"]) == "quality"}
+    bundle = SimpleNamespace(layers=small, sampler=sampler, spec=SimpleNamespace(content_patterns=["attn2", "ff"]))
+    one = content_sqnr(bundle, Workspace(tmp_path / "one"), prompts, seeds, [4], [4], 100.0, False)
+    batched = content_sqnr(bundle, Workspace(tmp_path / "b"), prompts, seeds, [4], [4], 100.0, False,
+                           perturbations_per_batch=4)
+    assert sorted(one["weight"]) == sorted(batched["weight"]) == sorted(content)
+    for kind in ("weight", "act"):
+        for name in content:
+            a, b = one[kind][name][4][0], batched[kind][name][4][0]
+            assert abs(a - b) <= SQNR_RTOL * abs(a), (kind, name, a, b)

@@ -47,14 +47,19 @@ METHODS = ("uniform", "sqnr_only", "decoupled")
 
 
 def content_sqnr(bundle: ModelBundle, ws: Workspace, prompts: list[str], seeds: list[int], weight_bits: Sequence[int],
-                 act_bits: Sequence[int], cap: float, progress: bool) -> dict[str, dict[str, dict[int, list[float]]]]:
-    """Per-prompt SQNR of the denoiser output for content layers: {kind: {layer: {bits: [...]}}}."""
+                 act_bits: Sequence[int], cap: float, progress: bool,
+                 perturbations_per_batch: int = 1) -> dict[str, dict[str, dict[int, list[float]]]]:
+    """Per-prompt SQNR of the denoiser output for content layers: {kind: {layer: {bits: [...]}}}.
+
+    ``perturbations_per_batch`` > 1: several single-layer perturbations per batched generation, as
+    the sensitivity sweep does (equal to the one-at-a-time path up to float rounding)."""
     content = {n: "quality" for n in bundle.layers if layer_group(n, bundle.spec.content_patterns) == "content"}
     # Scored as if quality layers: the task's group picks the metric.
     tasks = sens.make_tasks(content, weight_bits, act_bits)
     ref = sens.compute_reference(bundle.sampler, prompts, seeds, need_images=False, need_denoiser=True)
     records = sens.run_tasks(tasks, bundle.layers, bundle.sampler, ref, prompts, seeds,
-                             sens.RecordFile(ws.path(artifacts.EVALUATE_SQNR_RECORDS)), cap, progress=progress)
+                             sens.RecordFile(ws.path(artifacts.EVALUATE_SQNR_RECORDS)), cap, progress=progress,
+                             perturbations_per_batch=perturbations_per_batch)
     out: dict[str, dict[str, dict[int, list[float]]]] = {"weight": {}, "act": {}}
     for rec in records.values():
         kind = artifacts.kind_name(rec["kind"])
@@ -297,9 +302,11 @@ def run(ctx: StageContext) -> dict:
     # Content layers only, at the widths a plan may give them (as the sensitivity stage measures them).
     content_w, content_a = (q.bits_by_group(k).get("content", calibrated) for k, calibrated in
                             (("weight", q.weight_bits), ("act", q.act_bits)))
+    # stage.batch_size rows per generation: with few sensitivity prompts, several layers per batch
+    per_batch = max(1, int(s.batch_size) // max(1, len(sens_pairs)))
     sqnr = content_sqnr(bundle, ws, [p for p, _ in sens_pairs], [sd for _, sd in sens_pairs],
                         [b for b in q.weight_bits if b in content_w], [b for b in q.act_bits if b in content_a],
-                        float(s.sqnr_cap_db), bool(s.progress))
+                        float(s.sqnr_cap_db), bool(s.progress), per_batch)
     sqnr_s = time.perf_counter() - t0
     single_metric = {kind: {"content": sqnr[kind], "quality": per_prompt[kind]["quality"]} for kind in sqnr}
     ablation = _Ablation(ctx, bundle, census, per_prompt, protected, single_metric)
