@@ -68,14 +68,20 @@ def make_tasks(layer_groups: Mapping[str, str], weight_bits: Sequence[int], act_
         if kind not in KINDS:
             raise ValueError(f"sensitivity kinds are 'w' and 'a', got {kind!r}")
         bits = tuple(sorted(int(b) for b in (weight_bits if kind == "w" else act_bits)))
-        by_group = (allowed or {}).get(kind, {})
+        usable = {g: {int(b) for b in widths} for g, widths in (allowed or {}).get(kind, {}).items()}
         for name, group in layer_groups.items():
-            mine = tuple(b for b in bits if group not in by_group or b in {int(x) for x in by_group[group]})
+            mine = tuple(b for b in bits if group not in usable or b in usable[group])
             if not mine:
                 continue
             sizes = sorted((weight_groups or {}).get(name, ())) if kind == "w" else []
             tasks.append(Task(name, group, kind, mine + tuple(f"{b}g{g}" for g in sizes for b in mine)))
     return tasks
+
+
+def fill_batch(batch_size: int, prompts: int) -> int:
+    """Single-layer perturbations per batched generation that fill ``batch_size`` rows
+    (perturbations x prompts), at least one: one batch holds no more rows than the one-at-a-time path's."""
+    return max(1, int(batch_size) // max(1, prompts))
 
 
 def shard_tasks(tasks: Sequence[Task], shard: int, num_shards: int) -> list[Task]:

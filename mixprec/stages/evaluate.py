@@ -303,7 +303,7 @@ def run(ctx: StageContext) -> dict:
     content_w, content_a = (q.bits_by_group(k).get("content", calibrated) for k, calibrated in
                             (("weight", q.weight_bits), ("act", q.act_bits)))
     # stage.batch_size rows per generation: with few sensitivity prompts, several layers per batch
-    per_batch = max(1, int(s.batch_size) // max(1, len(sens_pairs)))
+    per_batch = sens.fill_batch(s.batch_size, len(sens_pairs))
     sqnr = content_sqnr(bundle, ws, [p for p, _ in sens_pairs], [sd for _, sd in sens_pairs],
                         [b for b in q.weight_bits if b in content_w], [b for b in q.act_bits if b in content_a],
                         float(s.sqnr_cap_db), bool(s.progress), per_batch)

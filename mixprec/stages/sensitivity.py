@@ -118,7 +118,7 @@ def perturbations_per_batch(s: SensitivitySettings, prompts: int) -> int:
     (perturbations x prompts), so one batch holds no more rows than the one-at-a-time path's."""
     setting = s.perturbations_per_batch
     if setting == "auto":
-        return max(1, int(s.batch_size) // max(1, prompts))
+        return sens.fill_batch(s.batch_size, prompts)
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
         raise ValueError(f"stage.perturbations_per_batch must be 'auto' or an integer >= 1, got {setting!r}")
     return setting
