@@ -161,6 +161,34 @@ def test_pretokenized_encoding_equals_encode_prompt():
     assert torch.equal(embeds, e2) and torch.equal(pooled, p2)
 
 
+def test_student_t_init_gives_heavy_tailed_weights_of_the_same_scale():
+    from mixprec.compose.build import MICRO_ARCH, build_pipeline
+    from mixprec.compose.train import ComposeTrainConfig, student_t_init_
+
+    def layers(unet):
+        return [m.weight for m in unet.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+
+    def kurtosis(w):
+        w = w.detach().double().flatten(); w = w - w.mean()
+        return float((w ** 4).mean() / (w ** 2).mean() ** 2)
+
+    base = build_pipeline(MICRO_ARCH).unet
+    before = [w.clone() for w in layers(base)]
+    student_t_init_(base, 4.0, seed=0)
+    after = layers(base)
+    big = [i for i, w in enumerate(before) if w.numel() >= 4096]
+    # kaiming-uniform has kurtosis 1.8; a Student-t of 4 degrees of freedom has none (heavy tails)
+    assert all(kurtosis(before[i]) < 2.0 for i in big) and sum(kurtosis(after[i]) > 4.0 for i in big) >= 0.8 * len(big)
+    assert all(abs(after[i].std() / before[i].std() - 1) < 0.25 for i in big)  # the layer's scale is kept
+    again = build_pipeline(MICRO_ARCH).unet
+    student_t_init_(again, 4.0, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(after, layers(again)))  # deterministic for a seed
+    with pytest.raises(ValueError, match="unet_init_dof must be > 2"):
+        ComposeTrainConfig.from_dict({"unet_init": "student_t", "unet_init_dof": 2.0})
+    with pytest.raises(ValueError, match="unet_init must be one of"):
+        ComposeTrainConfig.from_dict({"unet_init": "t"})
+
+
 def test_micro_training_resumes_to_the_same_weights(tmp_path):
     from mixprec.compose.build import MICRO_ARCH, load_pipeline
     from mixprec.compose.train import ComposeTrainConfig, train_compose
@@ -337,7 +365,7 @@ def test_eval_cli_refuses_unknown_points_and_layouts_before_loading_a_model(caps
 
     with pytest.raises(SystemExit):
         main(["--path", "no/such/folder", "--points", "fp,w9a9"])
-    assert "unknown --points ['w9a9']; known: fp, w8a8, w4a8, w2a16, w4a16" in capsys.readouterr().err
+    assert "unknown --points ['w9a9']; known: fp, w8a8, w4a8, w3a8, w2a16, w4a16" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # the teacher-forced ground truth's layout, likewise before loading
         main(["--path", "no/such/folder", "--teacher-forced", "--layout", "grid"])
     assert "--layout: invalid choice: 'grid' (choose from" in capsys.readouterr().err

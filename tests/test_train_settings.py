@@ -80,11 +80,13 @@ def test_allowed_values_come_from_the_library_constants():
     assert typing.get_args(hints["layout"]) == compose_config.LAYOUTS == scenes.LAYOUTS
     assert typing.get_args(hints["timesteps"]) == compose_config.TIMESTEP_MODES
     assert typing.get_args(hints["accelerate"]) == compose_config.ACCELERATE_MODES
+    assert typing.get_args(hints["unet_init"]) == compose_config.UNET_INITS
 
 
 @pytest.mark.parametrize("key, value, allowed", [
     ("layout", "middle", "'random' | 'centred'"), ("timesteps", "some", "'inference' | 'uniform'"),
-    ("accelerate", "fast", "'cuda_graph' | 'compile' | 'none'"), ("save_dtype", "bfloat16", "'float32' | 'float16'")])
+    ("accelerate", "fast", "'cuda_graph' | 'compile' | 'none'"), ("unet_init", "t", "'default' | 'student_t'"),
+    ("save_dtype", "bfloat16", "'float32' | 'float16'")])
 def test_bad_choice_is_refused_naming_the_allowed_values(key, value, allowed):
     with pytest.raises(settings.SettingsError, match=rf"stage.{key}='{value}': expected {allowed}, got str"):
         settings.check_stage({"name": "train_compose", key: value})

@@ -36,7 +36,7 @@ from .checker import ATTRIBUTES, check_batch
 
 # name -> (weight bits, activation bits); None = full precision.
 UNIFORM_POINTS: dict[str, tuple[int | None, int | None]] = {
-    "fp": (None, None), "w8a8": (8, 8), "w4a8": (4, 8), "w2a16": (2, None), "w4a16": (4, None),
+    "fp": (None, None), "w8a8": (8, 8), "w4a8": (4, 8), "w3a8": (3, 8), "w2a16": (2, None), "w4a16": (4, None),
 }
 SEED_OFFSETS = (0, 100_000, 200_000)
 CONTENT_PATTERNS = ("attn2", "ff")
@@ -152,7 +152,11 @@ def full_report(pipe, n_prompts: int = 64, seed_offsets: Sequence[int] = SEED_OF
     prompts = [p for p, _ in heldout]
     seed_sets = [[s + off for _, s in heldout] for off in seed_offsets]
     report: dict[str, Any] = {"n_prompts": n_prompts, "seed_offsets": list(seed_offsets), "steps": steps}
-    layers = calibrated_unet(pipe, sampler, scenes.eval_prompts(n_calib, split="train", seed=1))
+    chosen = (points or UNIFORM_POINTS).values()
+    # every width a point asks for, and 4-bit weights for the sensitivity sweep
+    layers = calibrated_unet(pipe, sampler, scenes.eval_prompts(n_calib, split="train", seed=1),
+                             weight_bits=sorted({w for w, _ in chosen if w} | {4}),
+                             act_bits=sorted({a for _, a in chosen if a} | {8}))
     report["layers"] = len(layers)
     report["heldout"] = uniform_plans(layers, sampler, prompts, seed_sets, points or UNIFORM_POINTS, grid_dir)
     if n_sensitivity:

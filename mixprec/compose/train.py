@@ -36,7 +36,24 @@ from . import scenes
 from .build import build_pipeline
 from .checker import ATTRIBUTES, check_batch
 # the library's config and its allowed values, re-exported with the trainer
-from .train_config import ACCELERATE_MODES, LAYOUTS, TIMESTEP_MODES, ComposeTrainConfig  # noqa: F401
+from .train_config import ACCELERATE_MODES, LAYOUTS, TIMESTEP_MODES, UNET_INITS, ComposeTrainConfig  # noqa: F401
+
+
+def student_t_init_(unet: torch.nn.Module, dof: float, seed: int) -> None:
+    """Redraw every Linear and Conv2d weight of `unet`, in place, from a Student-t distribution of
+    `dof` (> 2) degrees of freedom scaled to the layer's current standard deviation (biases and
+    all-zero weights are kept). Deterministic for a seed: one numpy generator walks the layers in
+    module order."""
+    rng = np.random.default_rng([seed, 0x57D7])
+    unit = float(np.sqrt((dof - 2.0) / dof))  # a Student-t's std is sqrt(dof / (dof - 2))
+    with torch.no_grad():
+        for module in unet.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                std = float(module.weight.float().std())
+                if std == 0.0:
+                    continue
+                draw = rng.standard_t(dof, size=tuple(module.weight.shape)) * (unit * std)
+                module.weight.copy_(torch.from_numpy(draw).to(module.weight.dtype))
 
 
 def evaluate_adherence(pipe, prompts: list[tuple[str, int]], num_inference_steps: int,
@@ -87,6 +104,8 @@ class _Run:
         self.cfg, self.dev, self.ckpt_path = cfg, dev, ckpt_path
         self.fp = cfg.fingerprint()
         self.pipe = build_pipeline(cfg.arch, seed=cfg.seed)
+        if cfg.unet_init == "student_t":
+            student_t_init_(self.pipe.unet, cfg.unet_init_dof, cfg.seed)
         self.pipe.set_progress_bar_config(disable=True)
         self.pipe.to(dev)
         p = self.pipe
