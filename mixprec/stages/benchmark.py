@@ -12,7 +12,7 @@ timing) so the stage can be tested anywhere; its numbers then mean nothing for s
 
 Plans: ``final`` (final_weight_mp.yaml and, when present, final_act_mp.yaml of the workspace),
 a named family ``<scope>:wXaY[:fp8|int8]`` (:mod:`mixprec.kernels.named_plans`: ``uniform``,
-``linear``, ``conv``, ``ff``, ``attn``, ``inner``; e.g. ``linear:w8a8:fp8``, ``uniform:w4a16``), or a
+``linear``, ``conv``, ``ff``, ``attn``, ``inner``, ``fused``; e.g. ``linear:w8a8:fp8``, ``uniform:w4a16``), or a
 path to a plan YAML file (a latency-budget plan brings its activation plan along). The fake-quant
 reference of a plan is its converted model run on the reference path
 (:func:`mixprec.kernels.reference_path`): the exact function of the stored codes, fp8 rounding
@@ -64,7 +64,7 @@ def resolve_plan(name: str, layers: dict[str, QuantLayer], ws: Workspace) -> tup
     path = Path(name)
     if not path.exists():
         raise ValueError(f"benchmark plan {name!r}: use 'final', '<scope>:wXaY[:fp8|int8]' (scopes: uniform, "
-                         f"linear, conv, ff, attn, inner) or a plan file path")
+                         f"linear, conv, ff, attn, inner, fused) or a plan file path")
     plan = search.read_plan(path)
     bits = dict(plan.bits)
     kind = plan.header.get("kind", "weight")
