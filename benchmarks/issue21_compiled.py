@@ -144,7 +144,8 @@ def run_variant(name: str, unet, layers, x: dict, fp_eager: torch.Tensor, state:
     t = time.perf_counter()
     y = call().float()
     rec["compile_s"] = time.perf_counter() - t
-    log(f"{name}: compiled in {rec['compile_s']:.1f}s", clock)
+    rec["graphs_compiled_so_far"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    log(f"{name}: compiled in {rec['compile_s']:.1f}s ({rec['graphs_compiled_so_far']} graphs in this process)", clock)
     t = time.perf_counter()
     graph = Graph(call)
     rec["capture_s"] = time.perf_counter() - t
