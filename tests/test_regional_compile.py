@@ -126,3 +126,34 @@ def test_regional_inductor_compile_of_fused_fp8_on_gpu():
         compiled = model(**x).sample
     # 8-bit activations: rounding-level differences flip codes; the floor of test_kernels' inductor test
     assert sqnr_db(eager.float(), compiled.float()) > 15
+
+
+def test_benchmark_stage_compile_regional_compiles_the_blocks_in_place(calibrated):
+    """``stage.compile=regional``: the denoiser's and the VAE decoder's repeated blocks are compiled
+    in place (once for the shared VAE), nothing else is wrapped."""
+    from types import SimpleNamespace
+
+    from mixprec.kernels.regional import DEFAULT_REGIONS
+    from mixprec.models.toy import build_toy_pipeline
+    from mixprec.settings import SettingsError, check_stage
+    from mixprec.stages.benchmark import _compile, _compile_vae_decoder
+
+    assert check_stage({"name": "benchmark", "compile": "regional"}).compile == "regional"
+    with pytest.raises(SettingsError, match="stage.compile='regions'.*regional"):
+        check_stage({"name": "benchmark", "compile": "regions"})
+    unet, _ = calibrated
+    model = copy.deepcopy(unet)
+    assert _compile(model, "regional") is model
+
+    def compiled(root):
+        return [getattr(root.get_submodule(n), "_compiled_call_impl", None) is not None
+                for n in region_names(root, DEFAULT_REGIONS)]
+
+    assert compiled(model) and all(compiled(model))
+    assert getattr(model, "_compiled_call_impl", None) is None and getattr(model.conv_in, "_compiled_call_impl", None) is None
+    vae = build_toy_pipeline("sdxl").vae
+    decoder = vae.decoder
+    bundle = SimpleNamespace(pipe=SimpleNamespace(vae=vae))
+    _compile_vae_decoder(bundle, "regional")
+    _compile_vae_decoder(bundle, "regional")
+    assert vae.decoder is decoder and compiled(decoder) and all(compiled(decoder))

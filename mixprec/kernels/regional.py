@@ -22,10 +22,11 @@ import torch
 import torch.nn as nn
 
 # The blocks that hold every Linear layer of a diffusers UNet (Transformer2DModel: proj_in, the
-# transformer blocks, proj_out) and the resnets (GroupNorm, SiLU, convs, time projection); for a
-# PixArt-style transformer, its BasicTransformerBlocks.
+# transformer blocks, proj_out) and the resnets (GroupNorm, SiLU, convs, time projection); in a
+# PixArt-style transformer (no Transformer2DModel inside) its BasicTransformerBlocks; in a VAE
+# decoder its resnets. Only the outermost match is compiled, so one tuple serves all three.
 UNET_REGIONS = ("Transformer2DModel", "ResnetBlock2D")
-TRANSFORMER_REGIONS = ("BasicTransformerBlock",)
+DEFAULT_REGIONS = ("Transformer2DModel", "BasicTransformerBlock", "ResnetBlock2D")
 
 
 def region_names(model: nn.Module, classes: Iterable[str]) -> list[str]:
@@ -38,7 +39,7 @@ def region_names(model: nn.Module, classes: Iterable[str]) -> list[str]:
     return names
 
 
-def compile_regions(model: nn.Module, classes: Iterable[str] = UNET_REGIONS, recompile_limit: int = 256,
+def compile_regions(model: nn.Module, classes: Iterable[str] = DEFAULT_REGIONS, recompile_limit: int = 256,
                     **compile_kwargs) -> list[str]:
     """Compile, in place, every outermost submodule of ``model`` whose class is in ``classes``
     (``compile_kwargs`` go to ``torch.compile``); returns their names.
