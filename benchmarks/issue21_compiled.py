@@ -221,7 +221,8 @@ def main() -> None:
     ap.add_argument("--compile", default="regional", choices=("regional", "full"))
     ap.add_argument("--regions", default=",".join(UNET_REGIONS), help="classes compiled with --compile regional")
     ap.add_argument("--compile-backend", default="inductor", help="inductor | eager (CPU dry run: Dynamo only)")
-    ap.add_argument("--compile-est", type=float, default=45, help="predicted bf16 compile before one is timed (s)")
+    ap.add_argument("--compile-est", type=float, default=None, help="predicted bf16 compile before one is timed "
+                    "(s; default 45 regional, 110 full: the whole UNet took 105 s on an H200)")
     ap.add_argument("--plan-compile-factor", type=float, default=1.6, help="plan compile / bf16 compile "
                     "(whole UNet on an H200: 238 / 105 s)")
     ap.add_argument("--iters", type=int, default=50)
@@ -231,6 +232,8 @@ def main() -> None:
     unknown = set(args.plans.split(",")) - set(PLANS) - {""}
     if unknown:
         raise SystemExit(f"--plans: unknown {sorted(unknown)}; known: {list(PLANS)}")
+    if args.compile_est is None:
+        args.compile_est = 45.0 if args.compile == "regional" else 110.0
     clock = Clock(args.budget)
     out = {"env": device_info(), "args": vars(args), "plans": {k: [v[0], v[1]] for k, v in PLANS.items()},
            "variants": {}, "status": "running"}
