@@ -248,7 +248,9 @@ def main() -> None:
     finally:
         out["elapsed_s"] = clock.elapsed()
         write_json(args.out, out)
-        log(f"end: {out['status']}, {out['elapsed_s']:.0f}s", clock)
+        log(f"end: {out['status']}, {out['elapsed_s']:.0f}s; summary:", clock)
+        for name, rec in out["variants"].items():
+            print("  ", summary_line(name, rec) if "timing" in rec else f"{name}: {rec}", flush=True)
 
 
 if __name__ == "__main__":
