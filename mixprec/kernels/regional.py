@@ -44,9 +44,9 @@ def compile_regions(model: nn.Module, classes: Iterable[str] = DEFAULT_REGIONS, 
     """Compile, in place, every outermost submodule of ``model`` whose class is in ``classes``
     (``compile_kwargs`` go to ``torch.compile``); returns their names.
 
-    Every compiled region shares one Dynamo cache (``nn.Module._call_impl``'s), one entry per
-    distinct class and input shape (an SDXL UNet at one resolution: 2 transformer and 12 resnet
-    shapes), so its recompile limit is raised to ``recompile_limit``: at the default (8) the later
+    The regions of one class share one Dynamo cache (their ``forward``'s), one entry per distinct
+    input shape and layout (an SDXL UNet at one resolution: 12 resnet shapes, 2 transformer ones),
+    so the recompile limit is raised to ``recompile_limit``: at the default (8) the later resnet
     shapes would silently run eager.
     """
     classes = tuple(classes)
