@@ -86,7 +86,12 @@ def build(model: str, calib_res: int):
 
 def convert_plan(unet, layers, name: str):
     """A converted copy of ``unet`` for plan ``name`` and its dispatch summary."""
-    spec, opts = PLANS[name]
+    return convert_named(unet, layers, *PLANS[name])
+
+
+def convert_named(unet, layers, spec: str, opts: dict):
+    """A converted copy of ``unet`` for the named plan ``spec`` with backend options ``opts``, and its
+    dispatch summary (``layers``: the calibrated QuantLayers of ``unet``)."""
     for layer in layers.values():
         layer.drop_cache()
     model = copy.deepcopy(unet)

@@ -249,11 +249,13 @@ class KernelLayer(nn.Module):
                 derived["row_scale"] = row_scale.float()
                 derived["col_bias"] = (bias32.double() + row_scale * (off - zp) * rowsum).float()
                 derived["aq"] = torch.tensor([1.0 / spec.act_scale, zp, off], dtype=torch.float32, device=dev)
+                derived["act_q"] = torch.tensor([spec.act_scale, zp, off], dtype=torch.float32, device=dev)
                 self.levels = levels
             if spec.weight_format == "fp8" and spec.a_bits is not None:
                 derived["row_scale"] = (wscale_n.double() * spec.act_scale).float()
                 derived["col_bias"] = bias32.clone()
                 derived["aq"] = torch.tensor([1.0 / spec.act_scale, 0.0, 0.0], dtype=torch.float32, device=dev)
+                derived["act_inv"] = torch.tensor(1.0 / spec.act_scale, dtype=torch.float32, device=dev)
                 derived["scale_a"] = torch.tensor(spec.act_scale, dtype=torch.float32, device=dev)
                 derived["scale_b"] = (self.wscale.reshape(()) if self.wscale.numel() == 1
                                       else self.wscale.reshape(1, -1)).float().contiguous()
@@ -428,12 +430,19 @@ class KernelLayer(nn.Module):
         in_kernel = self.act_quant == "kernel"
         a = x
         if not in_kernel:
-            if mma == MMA_INT8:
-                off = 128 if spec.a_bits == 8 else spec.act_zero
-                a = quant_act_int(x, spec.act_scale, spec.act_zero, off, self.levels)
-            else:
-                a = quant_act_fp8(x, 1.0 / spec.act_scale)
+            a = self._quant_int(x) if mma == MMA_INT8 else self._quant_fp8(x)
         return self._run(a, mma, in_kernel, self.row_scale, self.col_bias, x.dtype)
+
+    # The static activation scale (and zero point) are read from 0-d/1-d float32 buffers, not from the
+    # spec's Python numbers: a Python number is a constant that torch.compile specializes on, so
+    # every layer (every block of a regionally compiled model) would compile its own graph. The
+    # results are bit for bit the same (a Python float operand is rounded to float32 all the same).
+    def _quant_fp8(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_act_fp8(x, self.act_inv)
+
+    def _quant_int(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.act_q
+        return quant_act_int(x, q[0], q[1], q[2], self.levels)
 
     def _weight_only(self, x: torch.Tensor, path: str) -> torch.Tensor:
         if self.spec.weight_format == "fp":
@@ -470,11 +479,10 @@ class KernelLayer(nn.Module):
         lead = x.shape[:-1]
         a = x.reshape(-1, spec.k)
         if mma == MMA_INT8:
-            off = 128 if spec.a_bits == 8 else spec.act_zero
-            a = quant_act_int(a, spec.act_scale, spec.act_zero, off, self.levels)
+            a = self._quant_int(a)
             row_scale, col_bias = self.row_scale, self.col_bias
         elif mma in FP8_MMAS:
-            a = quant_act_fp8(a, 1.0 / spec.act_scale)
+            a = self._quant_fp8(a)
             row_scale, col_bias = self.row_scale, self.col_bias
         else:
             row_scale, col_bias = self.wo_row_scale, self.wo_col_bias
@@ -496,7 +504,7 @@ class KernelLayer(nn.Module):
             return self._scaled_mm_token(x)
         lead = x.shape[:-1]
         # cuBLASLt takes only row-major A: a strided view (channels-last input) must be copied
-        xq = quant_act_fp8(x.reshape(-1, spec.k), 1.0 / spec.act_scale).contiguous()
+        xq = self._quant_fp8(x.reshape(-1, spec.k)).contiguous()
         scale_a = self.scale_a
         if self.scale_b.dim() == 2:  # row-wise weight scales need row-wise activation scales
             scale_a = scale_a.reshape(1, 1).expand(xq.shape[0], 1).contiguous()
@@ -559,8 +567,7 @@ class KernelLayer(nn.Module):
     def _int_mm(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         lead = x.shape[:-1]
-        off = 128 if spec.a_bits == 8 else spec.act_zero
-        xq = quant_act_int(x.reshape(-1, spec.k), spec.act_scale, spec.act_zero, off, self.levels).contiguous()
+        xq = self._quant_int(x.reshape(-1, spec.k)).contiguous()
         acc = torch._int_mm(xq, self.qweight.t())
         out = (acc.float() * self.row_scale + self.col_bias).to(x.dtype)
         return out.reshape(*lead, spec.out_features)

@@ -7,13 +7,22 @@ A name is ``<scope>:w<W>a<A>[:<format>]``:
   ``conv`` convolutions only; ``ff`` the transformer feed-forward layers; ``attn`` the attention
   projections (self- and cross-attention Q/K/V/out); ``inner`` every layer but the first and the
   last (``conv_in``/``conv_out``, or a transformer's patch embedding and final projection), the
-  layers that see the latents themselves.
+  layers that see the latents themselves; ``fused`` the Linear layers whose quantization costs no
+  kernel of its own in a compiled (inductor) diffusers UNet or transformer: the input comes from an
+  op inductor generates (LayerNorm / GroupNorm, GEGLU, a residual add), so the activation
+  quantization fuses into it, and the output feeds one it fuses into or a GEMM-only consumer:
+  ``ff.net.0.proj``, ``ff.net.2``, ``proj_in``, ``proj_out``, self-attention ``to_q/to_k/to_v`` and
+  cross-attention ``to_q``. Left 16-bit: attention outputs (``to_out.0``: the input comes from the
+  attention kernel, so its quantization is a kernel of its own), cross-attention ``to_k/to_v`` (each
+  layer quantizes the text states again, and their first token runs apart), the few-row time
+  embeddings, and every convolution. The layers outside the scope are plain 16-bit layers (16-bit
+  weights too): a ``fused:w8a8`` plan is a mixed plan, not uniform W8A8 (see docs/kernels.md).
 - ``W``/``A`` are weight/activation bits; 16 (or more) means unquantized.
 - ``format`` (optional) sets ``kernels.w8a8`` for this plan only: ``fp8`` or ``int8``; without it
   the stage's kernel options decide.
 
 Examples: ``linear:w8a8:fp8`` (the Linear-only fp8 plan), ``ff:w8a8:fp8``, ``uniform:w8a8:int8``,
-``uniform:w4a16``, ``inner:w8a8:fp8``.
+``uniform:w4a16``, ``inner:w8a8:fp8``, ``fused:w8a8:fp8``.
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ import torch.nn as nn
 FORMATS = ("fp8", "int8")
 _NAME = re.compile(r"^(?P<scope>[a-z_]+):w(?P<w>\d+)a(?P<a>\d+)(?::(?P<fmt>[a-z0-9]+))?$")
 _FIRST_LAST = {"conv_in", "conv_out", "pos_embed.proj", "proj_out"}
+# Linear layers whose activation quantization inductor fuses into the producer (see ``fused`` above)
+_FUSED = re.compile(r"(\.ff\.net\.0\.proj|\.ff\.net\.2|\.proj_in|\.proj_out|\.attn1\.to_[qkv]|\.attn2\.to_q)$")
 
 
 def _inner(module: nn.Module) -> nn.Module:
@@ -40,6 +51,7 @@ SCOPES: dict[str, Callable[[str, nn.Module], bool]] = {
     "ff": lambda name, m: ".ff." in f".{name}.",
     "attn": lambda name, m: bool(re.search(r"\.attn\d?\.(to_q|to_k|to_v|to_out\.0)$", f".{name}")),
     "inner": lambda name, m: name not in _FIRST_LAST,
+    "fused": lambda name, m: isinstance(_inner(m), nn.Linear) and bool(_FUSED.search(f".{name}")),
 }
 
 

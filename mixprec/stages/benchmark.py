@@ -12,7 +12,7 @@ timing) so the stage can be tested anywhere; its numbers then mean nothing for s
 
 Plans: ``final`` (final_weight_mp.yaml and, when present, final_act_mp.yaml of the workspace),
 a named family ``<scope>:wXaY[:fp8|int8]`` (:mod:`mixprec.kernels.named_plans`: ``uniform``,
-``linear``, ``conv``, ``ff``, ``attn``, ``inner``; e.g. ``linear:w8a8:fp8``, ``uniform:w4a16``), or a
+``linear``, ``conv``, ``ff``, ``attn``, ``inner``, ``fused``; e.g. ``linear:w8a8:fp8``, ``uniform:w4a16``), or a
 path to a plan YAML file (a latency-budget plan brings its activation plan along). The fake-quant
 reference of a plan is its converted model run on the reference path
 (:func:`mixprec.kernels.reference_path`): the exact function of the stored codes, fp8 rounding
@@ -64,7 +64,7 @@ def resolve_plan(name: str, layers: dict[str, QuantLayer], ws: Workspace) -> tup
     path = Path(name)
     if not path.exists():
         raise ValueError(f"benchmark plan {name!r}: use 'final', '<scope>:wXaY[:fp8|int8]' (scopes: uniform, "
-                         f"linear, conv, ff, attn, inner) or a plan file path")
+                         f"linear, conv, ff, attn, inner, fused) or a plan file path")
     plan = search.read_plan(path)
     bits = dict(plan.bits)
     kind = plan.header.get("kind", "weight")
@@ -106,6 +106,10 @@ def _peak(model, kwargs, cuda: bool) -> dict:
 
 def _compile(model, mode: str):
     if mode in (None, "none", ""):
+        return model
+    if mode == "regional":  # inductor (default mode) on each repeated block, in place; the glue stays eager
+        from mixprec.kernels.regional import compile_regions
+        compile_regions(model, dynamic=False)
         return model
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
@@ -169,6 +173,11 @@ def _compile_vae_decoder(bundle, mode: str) -> None:
     vae = getattr(bundle.pipe, "vae", None)
     if vae is None or mode in (None, "none", "") or isinstance(vae.decoder, torch._dynamo.eval_frame.OptimizedModule):
         return
+    if mode == "regional":
+        from mixprec.kernels.regional import DEFAULT_REGIONS, region_names
+        if getattr(vae, "_mixprec_regions_compiled", False) or not region_names(vae.decoder, DEFAULT_REGIONS):
+            return  # compiled already, or no repeated block to compile: the decoder stays eager
+        vae._mixprec_regions_compiled = True
     vae.decoder = _compile(vae.decoder, mode)
 
 
