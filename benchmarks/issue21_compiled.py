@@ -25,7 +25,7 @@ graph captured around the compiled call):
 Progress is printed with timestamps and the JSON is rewritten after every step, so a call cut
 short still returns what was measured.
 
-    bash gpu_k21.sh                                   # on the device: wheels, this script, logs in $OUT
+    bash benchmarks/gpu_k21.sh                                # on the device: wheels, this script, logs in $OUT
     python3 benchmarks/issue21_compiled.py --model tiny --res 64 --compile-backend eager --budget 200 \\
         --out /tmp/c.json                            # CPU dry run (Dynamo only: checks the code path)
 """

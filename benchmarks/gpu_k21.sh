@@ -2,11 +2,11 @@
 # Issue 21, compiled bf16 vs W8A8 at 512 px batch 1, in one device call of at most T_TOTAL seconds
 # (default 280): benchmarks/issue21_compiled.py (docs/kernels.md, "Session 26").
 # Run from the repository root of a device call, or from a copy of this tree under it
-# (e.g. carry=[".wt/s26-k21", ".whlmin"], command "bash .wt/s26-k21/gpu_k21.sh"). Writes to $OUT:
+# (e.g. carry=[".wt/s26-k21", ".whlmin"], command "bash .wt/s26-k21/benchmarks/gpu_k21.sh"). Writes to $OUT:
 # issue21_compiled_h200.json (rewritten after every step), issue21_compiled_h200.log, gpu.txt.
 S=$(date +%s)
 T_TOTAL=${T_TOTAL:-280}
-HERE=$(cd "$(dirname "$0")" && pwd)
+HERE=$(cd "$(dirname "$0")/.." && pwd)  # the repository root (this file is in benchmarks/)
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 WHL=""
