@@ -24,6 +24,17 @@ from mixprec.workspace import atomic_path
 
 KINDS = tuple(artifacts.KIND_CODES)
 PROGRAMS = ("split", "joint")
+# stage.program: one program, or "both": the joint program's plans and the split program's plans are all
+# candidates of selection (the split ones under plans/<kind>_<target>_<K>_split/), so the selected plan
+# is never worse on the selection prompts than the better of the two programs
+PROGRAM_CHOICES = PROGRAMS + ("both",)
+
+
+def programs_of(program: str, setting: str = "stage.program") -> tuple[str, ...]:
+    """The programs a ``stage.program`` value solves: ``both`` -> joint and split; one name -> itself."""
+    if program not in PROGRAM_CHOICES:
+        raise ValueError(f"{setting} must be one of {PROGRAM_CHOICES}, got {program!r}")
+    return ("joint", "split") if program == "both" else (program,)
 
 
 def kind_of(v: Any) -> str:
@@ -56,6 +67,8 @@ class AllocationRequest:
     # weights: per-group scale options (quant.weight_group_sizes) the program may choose per layer. Group
     # scales cost bytes, not mean bits, so such a request is solved as a byte program ("joint")
     group_sizes: tuple[int, ...] = ()
+    # the plan's folder gets "_<program>" (program=both: the split plans beside the joint ones)
+    program_in_path: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -68,7 +81,8 @@ class AllocationRequest:
     @property
     def path(self) -> str:
         """Where the plan goes in the workspace."""
-        return artifacts.plan_path(self.kind, self.budget, self.K, self.seed)
+        return artifacts.plan_path(self.kind, self.budget, self.K, self.seed,
+                                   self.program if self.program_in_path else "")
 
 
 def reachable_error(kind: str, budget: Budget, census: Sequence[CensusLayer], bits: Mapping[str, Sequence[int]],

@@ -231,9 +231,11 @@ class PlanFile:
         return PlanHeader(self.header)
 
 
-def plan_path(kind: str, budget: Budget, K: float, seed: int) -> str:
-    """``plans/weight_4_2/seed0.yaml``; MiB budgets: ``plans/weight_1400MiB_1.5/seed0.yaml``."""
-    return f"{PLANS_DIR}/{plan_dirname(kind, budget.value, float(K), budget.mode)}/seed{int(seed)}.yaml"
+def plan_path(kind: str, budget: Budget, K: float, seed: int, tag: str = "") -> str:
+    """``plans/weight_4_2/seed0.yaml``; MiB budgets: ``plans/weight_1400MiB_1.5/seed0.yaml``; ``tag``
+    (the program of stage.program=both's split plans): ``plans/weight_4_2_split/seed0.yaml``."""
+    folder = plan_dirname(kind, budget.value, float(K), budget.mode) + (f"_{tag}" if tag else "")
+    return f"{PLANS_DIR}/{folder}/seed{int(seed)}.yaml"
 
 
 def plan_paths(root: str | os.PathLike, kind: str | None = None) -> list[Path]:

@@ -75,7 +75,7 @@ class AllocateSettings(StageSettings):
     target: Union[Number, list[Number], None] = 4.0
     budget_mib: Union[Number, list[Number], None] = None
     budget_ms: Union[Number, list[Number], None] = None
-    program: Literal["split", "joint"] = "split"
+    program: Literal["split", "joint", "both"] = "split"
     latency_table: str = "layer_latency.json"
     K: Union[Number, list[Number]] = 1.0
     seed: Union[int, list[int]] = 0
@@ -91,7 +91,7 @@ class AllocateSettings(StageSettings):
 
 @dataclasses.dataclass
 class SelectSettings(StageSettings):
-    metric: Literal["mse", "ssim", "adherence"] = "mse"
+    metric: Literal["auto", "adherence", "psnr", "ssim", "mse"] = "auto"
     kinds: list[Literal["weight", "act"]] = dataclasses.field(default_factory=list)
     batch_size: int = 8
     progress: bool = True
@@ -140,7 +140,8 @@ class ReportSettings(StageSettings):
 class EvaluateSettings(StageSettings):
     points: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     K: list[Number] = dataclasses.field(default_factory=list)
-    select_metric: Literal["mse", "ssim", "adherence"] = "mse"
+    select_metric: Literal["auto", "adherence", "psnr", "ssim", "mse"] = "auto"
+    methods: Optional[list[Literal["uniform", "sqnr_only", "decoupled"]]] = None
     seed_offsets: list[int] = dataclasses.field(default_factory=list)
     solver: Literal["cp-sat", "highs", "scip", "cbc"] = "cp-sat"
     time_limit_s: Number = 10.0

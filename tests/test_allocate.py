@@ -85,6 +85,25 @@ def test_joint_program_meets_the_targets_bytes_and_unreachable_targets_are_said_
     assert len(said) == 1 and "2 plan(s)" in said[0].getMessage()
 
 
+def test_program_both_writes_the_joint_and_the_split_plans_as_candidates(make_cfg, tmp_path):
+    ws = write_synthetic_workspace(tmp_path / "ws", n_prompts=4)
+    head = run_stage(_cfg(make_cfg, ws, "stage.program=both", "stage.target=4", "stage.K=[1,2]", "stage.solver=highs"))
+    assert sorted(p["plan"] for p in head["plans"]) == [
+        "plans/weight_4_1/seed0.yaml", "plans/weight_4_1_split/seed0.yaml",
+        "plans/weight_4_2/seed0.yaml", "plans/weight_4_2_split/seed0.yaml"]
+    split_both = read_plan(ws / "plans/weight_4_2_split/seed0.yaml")
+    assert read_plan(ws / "plans/weight_4_2/seed0.yaml").header["program"] == "joint"
+    assert split_both.header["program"] == "split"
+    # the split plan is the one stage.program=split writes at the usual path
+    run_stage(_cfg(make_cfg, ws, "stage.program=split", "stage.target=4", "stage.K=2", "stage.solver=highs"))
+    assert read_plan(ws / "plans/weight_4_2/seed0.yaml").bits == split_both.bits
+    with pytest.raises(Exception, match=r"stage.program='all': expected 'split' \| 'joint' \| 'both'"):
+        run_stage(_cfg(make_cfg, ws, "stage.program=all"))
+    from mixprec.allocation import programs_of
+    with pytest.raises(ValueError, match=r"stage.program must be one of \('split', 'joint', 'both'\), got 'x'"):
+        programs_of("x")
+
+
 def test_lists_solve_the_product_and_write_the_pareto_table(make_cfg, tmp_path):
     ws = write_synthetic_workspace(tmp_path / "ws", n_prompts=4)
     head = run_stage(_cfg(make_cfg, ws, "stage.target=[4,6]", "stage.K=[1,3]", "stage.seed=[0,1]"))

@@ -52,5 +52,6 @@ def test_pipeline_and_select_config_errors(make_cfg):
         run_stage(make_cfg("model=tiny_random", "stage.stages=[calibrate,nope]"))
     with pytest.raises(ValueError, match="metric=adherence needs a model with a content checker"):
         run_stage(make_cfg("model=tiny_random", "model.checker=null", "stage=select", "stage.metric=adherence"))
-    with pytest.raises(ValueError, match=r"stage.metric='lpips': expected 'mse' \| 'ssim' \| 'adherence'"):
+    with pytest.raises(ValueError, match=r"stage.metric='lpips': expected 'auto' \| 'adherence' \| 'psnr' \| 'ssim' "
+                                         r"\| 'mse'"):
         run_stage(make_cfg("model=tiny_random", "stage=select", "stage.metric=lpips"))

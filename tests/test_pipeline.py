@@ -47,14 +47,21 @@ def test_pipeline_leaves_final_plans_images_and_metrics(pipeline_run):
     import csv
     with open(ws / "select_candidates.csv") as f:
         rows = list(csv.DictReader(f))
+    from mixprec.selection import sort_key
+
+    def key(row):  # the default ranking of a model with a checker (stage.metric=auto: adherence, PSNR, MSE)
+        return sort_key({k: float(row[k]) for k in ("adherence", "psnr_db", "mse")}, "adherence")
     for kind in ("weight", "act"):
         paths = [r["path"] for r in rows if r["kind"] == kind]
-        # K 1,2 x seeds 0,1, the guard's uniform plan, and the refined plan when refinement improved the winner
-        assert len([p for p in paths if p.startswith("plans/") and not p.endswith("+refined")]) == 4
+        # program both: K 1,2 x seeds 0,1 of the joint program and of the split one (plans/<kind>_<t>_<K>_split/),
+        # the guard's uniform plan, and the refined plan when refinement improved the winner
+        plans = [p for p in paths if p.startswith("plans/") and not p.endswith("+refined")]
+        assert len(plans) == 8 and len([p for p in plans if "_split/" in p]) == 4
         assert f"uniform/{kind}_{4 if kind == 'weight' else 7}" in paths
-        best, uniform = rows[[r["kind"] for r in rows].index(kind)], next(r for r in rows if r["path"].startswith(
-            f"uniform/{kind}"))
-        assert float(best["mse"]) <= float(uniform["mse"])  # the guard: never worse than uniform on selection
+        kind_rows = [r for r in rows if r["kind"] == kind]
+        # the guard and both programs: the final plan is never worse than uniform or the split plans on selection
+        assert all(key(kind_rows[0]) <= key(r) for r in kind_rows)
+        assert [key(r) for r in kind_rows] == sorted(key(r) for r in kind_rows)
     assert weight["header"]["selected_from"] == rows[0]["path"].removesuffix("+refined")
     assert weight["header"]["refined"] == rows[0]["path"].endswith("+refined")
     select = json.loads((ws / "select.json").read_text())["headline"]
@@ -110,12 +117,19 @@ def test_evaluate_ablation_table(pipeline_run):
     head = run_stage(compose([f"paths.outputs={out}", "tracking=disabled", "device=cpu", *PROMPTS, "stage=evaluate",
                               "prompts.evaluation.n=3", "stage.seed_offsets=[0,7]", "stage.K=[1]",
                               "stage.progress=false",
-                              "stage.variants=[{name: joint, program: joint},"
-                              "{name: all, program: joint, guard: true, refine: {evaluations: 3}}]",
+                              "stage.variants=[{name: joint, program: joint}, {name: both, program: both},"
+                              "{name: all, program: both, guard: true, refine: {evaluations: 3}}]",
                               "stage.points=[{name: W3A8, weight_target: 3, act: 8},"
                               "{name: W4A8, weight_target: 4, act: 8},{name: W8A5, weight: 8, act_target: 5}]"]))
     rows = {(r["point"], r["method"]): r for r in head["rows"]}
-    methods = ("uniform", "sqnr_only", "decoupled", "joint", "all")
+    methods = ("uniform", "sqnr_only", "decoupled", "joint", "both", "all")
+    assert head["select_metric"] == "adherence"  # stage.select_metric=auto on a model with a checker
+    for point in ("W4A8", "W8A5"):
+        key = {m: tuple(rows[(point, m)]["cost"]["selection_key"]) for m in methods}
+        # both programs' plans compete: never worse on the selection prompts than the split (published) row
+        # or the joint one; the guard and the refinement only improve on that
+        assert key["both"] == min(key["decoupled"], key["joint"]) and key["all"] <= min(key["both"], key["uniform"])
+        assert rows[(point, "both")]["cost"]["allocation"]["program"] == "both"
     assert set(rows) == {(p, m) for p in ("W3A8", "W4A8", "W8A5") for m in methods}
     # tiny_random's quality layers hold most parameters and never go below 4 bits: W3 is out of reach.
     assert "reachable range" in rows[("W3A8", "decoupled")]["infeasible"]

@@ -26,7 +26,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from mixprec import artifacts
-from mixprec.allocation import AllocationRequest, allocate, kind_of, log_pareto, reachable_error, write_pareto
+from mixprec.allocation import (AllocationRequest, allocate, kind_of, log_pareto, programs_of, reachable_error,
+                                write_pareto)
 from mixprec.artifacts import Budget
 from mixprec.context import StageContext
 from mixprec.kernels.latency_table import LatencyTable
@@ -69,16 +70,20 @@ def run(ctx: StageContext) -> dict:
     if str(s.budget) == "latency":  # one program over weight and activation bits
         return _latency(ctx, q, census, per_prompt)
     kinds = [kind_of(k) for k in _as_list(s.kind)]
+    programs = programs_of(str(s.program))
     combos = list(itertools.product(kinds, _budgets(str(s.budget), s), _as_list(s.K), _as_list(s.seed)))
     protected_acts = artifacts.read_protected(ws) if "act" in kinds else []
     combos, failures = _reachable(combos, census, q, protected_acts, str(s.on_infeasible))
     results = []
-    for kind, budget, K, seed in combos:
+    for (kind, budget, K, seed), program in itertools.product(combos, programs):
+        group_sizes = tuple(int(g) for g in q.weight_group_sizes) if kind == "weight" else ()
+        if program == "split" and len(programs) > 1 and (group_sizes or budget.unit != "mean_bits"):
+            continue  # a byte program either way (group scales or a MiB budget): the joint plan is that plan
         request = AllocationRequest(
             kind=kind, budget=budget, K=float(K), seed=int(seed), bits=q.bits_by_group(kind),
             solver=str(s.solver), time_limit_s=float(s.time_limit_s), tolerance=float(s.tolerance),
-            bytes_tolerance=float(s.bytes_tolerance), metric_cap=float(s.metric_cap), program=str(s.program),
-            group_sizes=tuple(int(g) for g in q.weight_group_sizes) if kind == "weight" else ())
+            bytes_tolerance=float(s.bytes_tolerance), metric_cap=float(s.metric_cap), program=program,
+            group_sizes=group_sizes, program_in_path=program == "split" and len(programs) > 1)
         try:
             plan, sol = allocate(request, census, per_prompt[kind], protected_acts if kind == "act" else [],
                                  ws.fingerprints)

@@ -30,7 +30,7 @@ from typing import Any
 
 from mixprec import artifacts, search
 from mixprec import sensitivity as sens
-from mixprec.allocation import PROGRAMS, AllocationRequest, allocate
+from mixprec.allocation import PROGRAM_CHOICES, AllocationRequest, allocate, programs_of
 from mixprec.artifacts import Budget
 from mixprec.calibration import extend_params
 from mixprec.context import ModelBundle, StageContext, load_calibrated
@@ -38,7 +38,7 @@ from mixprec.models import layer_group
 from mixprec.quantizers import set_plan
 from mixprec.finalize import JointScorer, RefineOptions, refine_plan, sensitivity_prior
 from mixprec.search import MIB, InfeasibleBudgetError, LayerSizes, mean_bits
-from mixprec.selection import adherence, generate_and_score
+from mixprec.selection import adherence, generate_and_score, resolve_metric
 from mixprec.workspace import Workspace
 
 log = logging.getLogger("mixprec")
@@ -134,8 +134,8 @@ class Variant:
             raise ValueError(f"stage.variants entries take name, program, guard, refine, metric, groups; "
                              f"got {sorted(node)}")
         program, metric = str(node.get("program", "split")), str(node.get("metric", "decoupled"))
-        if program not in PROGRAMS or metric not in METHODS[1:]:
-            raise ValueError(f"stage.variants {node['name']}: program is one of {PROGRAMS} (got {program!r}), "
+        if program not in PROGRAM_CHOICES or metric not in METHODS[1:]:
+            raise ValueError(f"stage.variants {node['name']}: program is one of {PROGRAM_CHOICES} (got {program!r}), "
                              f"metric one of {METHODS[1:]} (got {metric!r})")
         return cls(str(node["name"]), program, bool(node.get("guard", False)), RefineOptions.of(node.get("refine")),
                    metric, bool(node.get("groups", False)))
@@ -170,7 +170,7 @@ class _Ablation:
         evalset = ctx.run.prompt_set("evaluation")
         self.eval_prompts = [p for p, _ in evalset]
         self.seed_sets = [[sd + off for _, sd in evalset] for off in s.seed_offsets]
-        self.metric = str(s.select_metric)
+        self.metric = resolve_metric(str(s.select_metric), bundle.spec.checker, "stage.select_metric")
         self.sel_ref = bundle.sampler.generate(self.sel_prompts, self.sel_seeds).images
         self.refs = [bundle.sampler.generate(self.eval_prompts, seeds).images for seeds in self.seed_sets]
         fp_checks = [adherence(r, self.eval_prompts, bundle.spec.checker) for r in self.refs]
@@ -179,11 +179,17 @@ class _Ablation:
         # weights: per-group options (quant.weight_group_sizes) are choices of the programs and the refinement;
         # plans below hold one choice per layer (4 or "4g64", search.option_keys)
         self.group_sizes = tuple(bundle.quant.weight_group_sizes)
-        self.priors = {k: sensitivity_prior(per_prompt[k], bundle.quant.bits_by_group(k), groups,
-                                            protected if k == "act" else [],
-                                            group_sizes=self.group_sizes if k == "weight" else ())
-                       for k in ("weight", "act")}
+        self.groups = groups
+        self.priors: dict[str, dict] = {}  # per kind, made when a refinement first needs it
         self.plans: dict[tuple, tuple[list[dict[str, int | str]], dict[str, Any]]] = {}
+
+    def prior(self, kind: str) -> dict:
+        """The refinement's move prior of ``kind`` (:func:`sensitivity_prior`), computed once."""
+        if kind not in self.priors:
+            self.priors[kind] = sensitivity_prior(self.tables["decoupled"][kind], self.bundle.quant.bits_by_group(kind),
+                                                  self.groups, self.protected if kind == "act" else [],
+                                                  group_sizes=self.group_sizes if kind == "weight" else ())
+        return self.priors[kind]
 
     def point(self, point: Mapping[str, Any]) -> _Point:
         label = point["name"]
@@ -202,9 +208,16 @@ class _Ablation:
     def candidates(self, pt: _Point, method: str, program: str,
                    groups: bool = False) -> tuple[list[dict[str, int | str]], dict[str, Any]]:
         """One plan per K of the grid (seed 0) within the point's bytes, the method's table: the published
-        split program with each group within ``bytes_tolerance`` of its mean-bit share, or the joint one;
+        split program with each group within ``bytes_tolerance`` of its mean-bit share, or the joint one,
+        or ``both`` (the joint plans, then the split ones: what stage.program=both gives selection);
         ``groups``: the recipe's per-group weight options are choices too (a byte program)."""
         group_sizes = self.group_sizes if groups and pt.kind == "weight" else ()
+        if program == "both":
+            parts = [self.candidates(pt, method, p, groups) for p in programs_of(program)
+                     if p == "joint" or not group_sizes]  # with group scales the split request is the joint one
+            return ([plan for plans, _ in parts for plan in plans],
+                    {"program": program, "programs": sum(c["programs"] for _, c in parts),
+                     "solve_s": sum(c["solve_s"] for _, c in parts)})
         if (pt.label, method, program, group_sizes) in self.plans:
             return self.plans[pt.label, method, program, group_sizes]
         s, plans, solve_s = self.s, [], 0.0
@@ -229,12 +242,14 @@ class _Ablation:
         cands = plans + ([pt.uniform] if variant.guard else [])
         scored = [(pt.scorer(p)[0], i) for i, p in enumerate(cands)]
         best = cands[min(scored)[1]]
-        cost: dict[str, Any] = {"selection": pt.scorer.cost_of(cands), "selected_uniform": best is pt.uniform}
+        # the chosen plan's ranking key on the selection prompts (smaller is better): rows of one point compare
+        cost: dict[str, Any] = {"selection": pt.scorer.cost_of(cands), "selected_uniform": best is pt.uniform,
+                                "selection_key": list(min(scored)[0])}
         if variant.refine.evaluations:
             # a scorer of its own: the refinement's recorded time is what it costs alone, not what another
             # row's cached generations saved it
             scorer = replace(pt.scorer, cache={}, seconds={}, evaluations=0, wall_s=0.0)
-            prior = self.priors[pt.kind]
+            prior = self.prior(pt.kind)
             if not variant.groups:  # per-group options ("4g64") are moves only in a variant with groups: true
                 prior = {l: {b: v for b, v in row.items() if not isinstance(b, str)} for l, row in prior.items()}
             result = refine_plan(best, pt.scorer(best), scorer, pt.kind, pt.budget, self.census,
@@ -242,6 +257,7 @@ class _Ablation:
                                  self.protected, float(self.s.bytes_tolerance), bool(self.s.progress))
             best = result.bits
             cost["refinement"] = result.summary()
+            cost["selection_key"] = list(result.key)
         return best, cost
 
     def row(self, pt: _Point, method: str, variant: Variant | None = None) -> dict[str, Any]:
@@ -291,6 +307,13 @@ def run(ctx: StageContext) -> dict:
     per_prompt = artifacts.read_per_prompt(ws, grouped=bool(ctx.run.quant.weight_group_sizes))
     protected = artifacts.read_protected(ws)
     points = [dict(p) for p in s.points]
+    methods = _methods(s.methods)
+    mixed = {"weight" if p.get("weight_target") is not None else "act" for p in points}  # kinds a point mixes
+    missing = sorted(k for k in mixed if not per_prompt.get(k))
+    if missing:
+        raise ValueError(f"stage=evaluate: the points mix {missing} but {artifacts.PER_PROMPT_CSV} has no "
+                         f"{' or '.join(missing)} sensitivities; rerun stage=sensitivity with those kinds "
+                         f"(stage.kinds=[w, a])")
     # Uniform plans may use widths the calibration did not include (3 or 5 bits).
     extra_w = {round(p[k]) for p in points for k in ("weight", "weight_target") if p.get(k) is not None}
     extra_a = {round(p[k]) for p in points for k in ("act", "act_target") if p.get(k) is not None}
@@ -299,21 +322,24 @@ def run(ctx: StageContext) -> dict:
     # The same prompts as the sensitivity stage, so the two metrics rank the same images.
     sens_pairs = ctx.run.prompt_set("sensitivity")
     t0 = time.perf_counter()
-    # Content layers only, at the widths a plan may give them (as the sensitivity stage measures them).
-    content_w, content_a = (q.bits_by_group(k).get("content", calibrated) for k, calibrated in
-                            (("weight", q.weight_bits), ("act", q.act_bits)))
+    # Content layers only, at the widths a plan may give them (as the sensitivity stage measures them), and
+    # only for the kinds the points mix and only when a row uses the single-metric table.
+    need_sqnr = "sqnr_only" in methods or any(v.metric == "sqnr_only" for v in variants)
+    content_w, content_a = (q.bits_by_group(k).get("content", calibrated) if k in mixed and need_sqnr
+                            else () for k, calibrated in (("weight", q.weight_bits), ("act", q.act_bits)))
     # stage.batch_size rows per generation: with few sensitivity prompts, several layers per batch
     per_batch = sens.fill_batch(s.batch_size, len(sens_pairs))
     sqnr = content_sqnr(bundle, ws, [p for p, _ in sens_pairs], [sd for _, sd in sens_pairs],
                         [b for b in q.weight_bits if b in content_w], [b for b in q.act_bits if b in content_a],
                         float(s.sqnr_cap_db), bool(s.progress), per_batch)
     sqnr_s = time.perf_counter() - t0
-    single_metric = {kind: {"content": sqnr[kind], "quality": per_prompt[kind]["quality"]} for kind in sqnr}
+    single_metric = {kind: {"content": sqnr[kind], "quality": per_prompt[kind]["quality"]} for kind in sqnr
+                     if kind in per_prompt}
     ablation = _Ablation(ctx, bundle, census, per_prompt, protected, single_metric)
     rows = []
     for point in points:
         pt = ablation.point(point)
-        rows += [ablation.row(pt, method) for method in METHODS]
+        rows += [ablation.row(pt, method) for method in methods]
         rows += [ablation.row(pt, v.metric, v) for v in variants]
     table_md = markdown(rows, ablation.fp_adherence)
     ws.write_text(artifacts.EVALUATE_MD, table_md)
@@ -327,6 +353,15 @@ def run(ctx: StageContext) -> dict:
             "evaluation_images_per_seed_set": len(ablation.eval_prompts), "seed_sets": len(ablation.seed_sets),
             "select_metric": ablation.metric, "bytes_tolerance": float(s.bytes_tolerance),
             "cost": {"sensitivity": sensitivity_cost(ws), "content_sqnr": {"wall_s": sqnr_s}}}
+
+
+def _methods(value: Sequence[str] | None) -> list[str]:
+    """``stage.methods``: the base rows of every point, in the order of :data:`METHODS` (default: all)."""
+    chosen = [str(m) for m in (value if value is not None else METHODS)]
+    unknown = sorted(set(chosen) - set(METHODS))
+    if unknown or not chosen:
+        raise ValueError(f"stage.methods takes a non-empty list of {list(METHODS)}, got {chosen}")
+    return [m for m in METHODS if m in chosen]
 
 
 def sensitivity_cost(ws: Workspace) -> dict[str, Any] | None:

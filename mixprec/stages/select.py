@@ -25,7 +25,8 @@ from mixprec.artifacts import SELECT_COLUMNS
 from mixprec.finalize import (JointScorer, RefineOptions, refine_plan, sensitivity_prior, uniform_candidate,
                               uniform_path)
 from mixprec.quantizers import set_plan
-from mixprec.selection import METRICS, Candidate, generate_and_score, load_candidates, rank, save_grid, slug, sort_key
+from mixprec.selection import (Candidate, generate_and_score, load_candidates, rank, resolve_metric, save_grid, slug,
+                               sort_key)
 from mixprec.context import ModelBundle, StageContext, load_calibrated
 from mixprec.workspace import MissingArtifactError, Workspace
 
@@ -76,15 +77,10 @@ def _row(kind: str, i: int, c: Candidate) -> dict:
 
 def run(ctx: StageContext) -> dict:
     s, ws, track = ctx.settings, ctx.workspace, ctx.tracker
-    metric = str(s.metric)
     kinds = list(s.kinds)
     spec = ctx.run.model
     checker = spec.checker
-    if metric not in METRICS:
-        raise ValueError(f"unknown selection metric {metric!r}; stage.metric is one of {', '.join(METRICS)}")
-    if metric == "adherence" and checker is None:  # before loading anything
-        raise ValueError(f"stage.metric=adherence needs a model with a content checker; {spec.name} has none "
-                         f"(use stage.metric=mse or ssim)")
+    metric = resolve_metric(str(s.metric), checker)  # before loading anything
     refine_opts = RefineOptions.of(dict(s.refine or {}))
     pairs = ctx.run.prompt_set("selection")
     prompts, seeds = [p for p, _ in pairs], [sd for _, sd in pairs]
@@ -134,8 +130,9 @@ def run(ctx: StageContext) -> dict:
         track.log_table(f"select/{kind}", SELECT_COLUMNS[:-1] + ["images"],
                         [[r[c] for c in SELECT_COLUMNS[:-1]] + [Image.open(ws.path(r["grid"])) if r["grid"] else None]
                          for r in kind_rows])
-        log.info("select %s: %d candidates, best %s (%s=%.5g)", kind, len(cands), best.path, metric,
-                 best.scores[metric] if metric in best.scores else float("nan"))
+        log.info("select %s: %d candidates, best %s (%s: %s)", kind, len(cands), best.path, metric,
+                 ", ".join(f"{k} {best.scores[k]:.5g}" for k in ("adherence", "psnr_db", "ssim", "mse")
+                           if best.scores.get(k) is not None))
     artifacts.write_selection(ws, out["csv"], rows)
     track.log_artifact("final_plans", "plan", [ws.path(out[k]) for k in kinds])
     headline["final_plans"] = {k: out[k] for k in kinds}
