@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -81,7 +82,7 @@ def summarize(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
 def markdown(rows: list[dict[str, Any]], fp_adherence: float | None) -> str:
     has_adh = any("adherence" in r.get("scores", {}) for r in rows)
     head = ("| point | method | weight MiB | weight bits | act KiB/image | act bits | bytes vs uniform | "
-            + ("adherence | " if has_adh else "") + "SSIM | PSNR (dB) |")
+            + ("adherence | " if has_adh else "") + "SSIM | PSNR (dB) | layers per width |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "infeasible" in r:
@@ -98,11 +99,12 @@ def markdown(rows: list[dict[str, Any]], fp_adherence: float | None) -> str:
                  f"{100 * r['bytes_ratio'] - 100:+.2f}%" if r.get("bytes_ratio") is not None else "-"]
         if has_adh:
             cells.append(fmt("adherence", 3))
-        cells += [fmt("ssim", 4), fmt("psnr_db", 2)]
+        cells += [fmt("ssim", 4), fmt("psnr_db", 2), " ".join(f"{b}:{n}" for b, n in r.get("widths", {}).items())]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("\nBytes: stored weights (codes at their width + fp16 scales, 16-bit layers at 2 bytes per weight) "
                  "and input activations per image, as counted by mixprec.search.budget; \"bytes vs uniform\" is the "
-                 "mixed kind's bytes against the uniform plan of the point.")
+                 "mixed kind's bytes against the uniform plan of the point; \"layers per width\": the mixed kind's "
+                 "plan (width:layers; 16 = protected).")
     if fp_adherence is not None:
         lines.append(f"\nFull-precision adherence on the same prompts and seeds: {fp_adherence:.3f}")
     return "\n".join(lines) + "\n"
@@ -286,7 +288,9 @@ class _Ablation:
         row = {"point": pt.label, "method": name, "weight_mean_bits": _mean_bits(wp, self.sizes["weight"]),
                "act_mean_bits": _mean_bits(ap, self.sizes["act"]), "weight_bytes": size["weight"],
                "act_bytes": size["act"], "budget_bytes": self.bytes.plan_bytes(pt.kind, pt.uniform),
-               "candidates": len(plans), "scores": summarize(per_seed), "cost": cost}
+               "candidates": len(plans), "scores": summarize(per_seed), "cost": cost,
+               # layers per width of the mixed kind ("4g64": grouped weights), protected ones at 16
+               "widths": _widths(search.option_keys(wp, wg) if pt.kind == "weight" else ap)}
         row["bytes_ratio"] = size[pt.kind] / row["budget_bytes"]
         row["equal_bytes"] = search.same_bytes(size[pt.kind], row["budget_bytes"], float(self.s.bytes_tolerance))
         if per_seed[0].get("adherence_detail"):
@@ -309,7 +313,7 @@ def run(ctx: StageContext) -> dict:
     points = [dict(p) for p in s.points]
     methods = _methods(s.methods)
     mixed = {"weight" if p.get("weight_target") is not None else "act" for p in points}  # kinds a point mixes
-    missing = sorted(k for k in mixed if not per_prompt.get(k))
+    missing = sorted(k for k in mixed if not any((per_prompt.get(k) or {}).values()))
     if missing:
         raise ValueError(f"stage=evaluate: the points mix {missing} but {artifacts.PER_PROMPT_CSV} has no "
                          f"{' or '.join(missing)} sensitivities; rerun stage=sensitivity with those kinds "
@@ -353,6 +357,12 @@ def run(ctx: StageContext) -> dict:
             "evaluation_images_per_seed_set": len(ablation.eval_prompts), "seed_sets": len(ablation.seed_sets),
             "select_metric": ablation.metric, "bytes_tolerance": float(s.bytes_tolerance),
             "cost": {"sensitivity": sensitivity_cost(ws), "content_sqnr": {"wall_s": sqnr_s}}}
+
+
+def _widths(plan: Mapping[str, int | str]) -> dict[str, int]:
+    """Layers per choice of a plan (``{"3": 40, "4": 120, "16": 4}``), in width order."""
+    counts = Counter(str(v) for v in plan.values())
+    return {k: counts[k] for k in sorted(counts, key=lambda k: (int(k.split("g")[0]), k))}
 
 
 def _methods(value: Sequence[str] | None) -> list[str]:
