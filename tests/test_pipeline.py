@@ -175,8 +175,9 @@ def test_selections_for_several_budgets_run_in_parallel_jobs_without_sharing_fil
         assert act["header"]["with_weight_plan"] == f"select/W{target}_A7/final_weight_mp.yaml"
         assert json.loads((folder / "select.json").read_text())["headline"]["final_plans"]["weight"] == \
             f"select/W{target}_A7/final_weight_mp.yaml"
-        # per kind: 4 allocated plans + the guard's uniform plan (+ the refined plan when it won)
-        assert 1 + 5 + 5 <= len((folder / "select_candidates.csv").read_text().splitlines()) <= 1 + 6 + 6
+        # per kind: 8 allocated plans (program both: 4 joint + 4 split) + the guard's uniform plan (+ the refined
+        # plan when it won)
+        assert 1 + 9 + 9 <= len((folder / "select_candidates.csv").read_text().splitlines()) <= 1 + 10 + 10
     assert (ws / "select" / "W4_A7" / "final_weight_mp.yaml").read_bytes() == (ws / "final_weight_mp.yaml").read_bytes()
     root_act = yaml.safe_load((ws / "final_act_mp.yaml").read_text())
     assert yaml.safe_load((ws / "select" / "W4_A7" / "final_act_mp.yaml").read_text())["bits"] == root_act["bits"]

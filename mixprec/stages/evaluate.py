@@ -8,8 +8,12 @@ For every budget point (e.g. W3A8, W4A8, W5A8 and a W8A5-class point) the plans 
 - ``sqnr_only``: the integer program with one metric for all layers — content layers scored by
   the denoiser-output SQNR too (measured here, resumable, for content layers only);
 - ``decoupled``: the published method — SSIM for content layers, SQNR for quality layers;
-- one row per entry of ``stage.variants``: the decoupled method with the joint byte program, the
-  uniform guard and the refinement switched on one at a time (:mod:`mixprec.finalize`).
+- one row per entry of ``stage.variants``: the decoupled method with the joint byte program, both
+  programs' plans as candidates (``program: both``, what the pipeline allocates), the uniform guard and
+  the refinement switched on one at a time (:mod:`mixprec.finalize`).
+``stage.methods`` picks the base rows (a quick probe may leave out ``sqnr_only`` and its content-layer
+SQNR sweep). Each row records its layers per width and ``cost.selection_key``, the chosen plan's ranking
+key on the selection prompts (:func:`mixprec.selection.sort_key`), so rows of one point compare there too.
 Every mixed plan lies within ``stage.bytes_tolerance`` (1%) below the uniform plan's bytes; each row
 records its bytes and mean bits of both kinds. The mixed methods get the same candidate grid (K
 values, seed 0) and the same selection on the selection prompts. Each plan generates the
