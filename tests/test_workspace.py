@@ -40,3 +40,22 @@ def test_fingerprint_mismatch_is_refused(tmp_path):
 def test_fingerprint_ignores_key_order():
     assert fingerprint({"a": 1, "b": [1, 2]}) == fingerprint({"b": [1, 2], "a": 1})
     assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+
+
+def test_retrained_builtin_weights_of_the_same_size_change_the_model_fingerprint(tmp_path):
+    """A built-in model retrained in place keeps its files' names and sizes: the fingerprint must still
+    change, or a workspace calibrated for the old weights would be reused for the new ones."""
+    import os
+
+    from mixprec.models import ModelSpec
+
+    folder = tmp_path / "compose" / "unet"
+    folder.mkdir(parents=True)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"\x00" * 64)
+    spec = ModelSpec.from_dict({"name": "compose", "source": "builtin", "path": str(tmp_path / "compose")})
+    before = fingerprint(spec.fingerprint_data())
+    assert fingerprint(spec.fingerprint_data()) == before  # deterministic
+    weights.write_bytes(b"\x01" * 64)  # same size, other weights
+    os.utime(weights, ns=(1, 1))  # even with an old timestamp
+    assert fingerprint(spec.fingerprint_data()) != before

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,12 +105,30 @@ class ModelSpec:
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (first 16 hex digits), computed once per (path, size, mtime) in a process."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _FILE_DIGESTS[key] = h.hexdigest()[:16]
+    return _FILE_DIGESTS[key]
+
+
 def _folder_digest(folder: Path | None) -> str | None:
-    """Cheap identity of a saved pipeline: names and sizes of its weight files."""
+    """Identity of a saved pipeline: names, sizes and contents of its weight files. Contents, not only
+    sizes: retrained weights have the sizes of the old ones, and a workspace calibrated for those must be
+    refused (the compose model's ~46 MB hash in ~0.1 s, once per process)."""
     if folder is None or not folder.exists():
         return None
     files = sorted(p for p in folder.rglob("*.safetensors"))
-    return ";".join(f"{p.relative_to(folder)}:{p.stat().st_size}" for p in files)
+    return ";".join(f"{p.relative_to(folder)}:{p.stat().st_size}:{_file_digest(p)}" for p in files)
 
 
 def resolve_device(device: str) -> torch.device:
