@@ -64,9 +64,14 @@ class TrainConfig:
 
         return merge_arch(cls.base_arch(), overrides)
 
+    def fingerprint_skip(self) -> frozenset:
+        """The fields :meth:`fingerprint` leaves out (a subclass may depend on the values)."""
+        return self.FINGERPRINT_SKIP
+
     def fingerprint(self) -> str:
         """Hash of what determines the weights (not of logging cadence)."""
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.FINGERPRINT_SKIP}
+        skip = self.fingerprint_skip()
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod
