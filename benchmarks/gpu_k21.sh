@@ -7,16 +7,17 @@
 S=$(date +%s)
 T_TOTAL=${T_TOTAL:-280}
 HERE=$(cd "$(dirname "$0")/.." && pwd)  # the repository root (this file is in benchmarks/)
-OUT=${OUT:-/tmp/out}
+OUT=${OUT:-$HERE/outputs/gpu_k21}  # a device call sets OUT
 mkdir -p "$OUT"
 WHL=""
 for d in "$HERE/.whlmin" "$HERE/../../.whlmin" "$PWD/.whlmin"; do
   if ls "$d"/*.whl >/dev/null 2>&1; then WHL=$d; break; fi
 done
 if [ -n "$WHL" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl \
+  SITE=$(mktemp -d)  # the carried wheels, installed beside the image's torch
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHL"/*.whl \
     || { echo "wheel install from $WHL failed" | tee "$OUT/issue21_compiled_h200.log"; exit 1; }
-  export PYTHONPATH=/tmp/site
+  export PYTHONPATH=$SITE
 else
   echo "no .whlmin found: using the installed diffusers" | tee -a "$OUT/issue21_compiled_h200.log"
 fi
