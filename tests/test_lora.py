@@ -10,7 +10,7 @@ import torch
 
 from mixprec import lora
 from mixprec.kernels import BackendConfig, KernelLayer, convert_
-from mixprec.kernels.probing import calibrate_random, denoiser_inputs, perturb_latent, sqnr_db
+from mixprec.kernels.probing import calibrate_random, denoiser_inputs, perturb_latent, pipeline_denoiser_inputs, sqnr_db
 from mixprec.models import ModelSpec, load_pipeline
 from mixprec.quantizers import quant_layers, quantize_, set_plan
 
@@ -272,3 +272,48 @@ def test_older_diffusers_keys_with_alphas_match_diffusers(tiny_pipe):
         got = run(mine.unet, x)
         assert (got - expected).abs().max() < 1e-5
     assert (expected - run(tiny_pipe.unet, x)).abs().max() > 0.05  # alpha 2 / rank 4 = scaling 0.5 mattered
+
+
+def pipeline_inputs(pipe, split: str, n: int, seed: int, dtype=None) -> list[dict]:
+    from mixprec.tiny.shapes import eval_prompts
+
+    captions = [c for c, _ in eval_prompts(n, split=split, seed=seed)]
+    return pipeline_denoiser_inputs(pipe, captions, num_inference_steps=2, seed=seed, dtype=dtype)
+
+
+def test_pipeline_denoiser_inputs_replay_the_pipelines_denoiser_calls(tiny_pipe):
+    seen = []
+    hook = tiny_pipe.unet.register_forward_hook(lambda _m, _a, out: seen.append(out[0].clone()))
+    try:
+        steps = pipeline_inputs(tiny_pipe, "train", 3, seed=1)
+    finally:
+        hook.remove()
+    assert len(steps) == len(seen) == 2
+    for kwargs, out in zip(steps, seen):
+        assert kwargs["sample"].shape[0] == 3 and kwargs["timestep"].shape == (3,)
+        with torch.no_grad():
+            assert torch.equal(tiny_pipe.unet(**kwargs).sample, out)  # the same call, replayed
+    assert not torch.equal(steps[0]["timestep"], steps[1]["timestep"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("w_bits", [4, 8])
+def test_kernel_path_with_lora_reaches_30_db_on_pipeline_inputs_on_gpu(tiny_pipe, w_bits):
+    """Issue 20's bar on what the quantized pipeline feeds its denoiser (held-out captions): the
+    kernels + LoRA within 30 dB of fake quant + LoRA, eager and under inductor."""
+    pipe = copy.deepcopy(tiny_pipe).to("cuda")
+    calib = pipeline_inputs(pipe, "train", 8, seed=1, dtype=torch.float16)
+    x = pipeline_inputs(pipe, "heldout", 2, seed=3, dtype=torch.float16)[0]
+    unet = pipe.unet.half()
+    with torch.no_grad():
+        layers = calibrate_random(unet, lambda: [unet(**c) for c in calib], weight_bits=(w_bits,), act_bits=(8,))
+    set_plan(layers, {n: w_bits for n in layers}, {n: 8 for n in layers})
+    adapter = lora.random_lora_state_dict(unet, TARGETS, rank=8, relative_norm=0.05, seed=1)
+    fake = copy.deepcopy(unet)
+    lora.load_lora(fake, adapter, "a")
+    convert_(unet, BackendConfig(bos="exact"), example_kwargs=x)
+    lora.load_lora(unet, adapter, "a")
+    reference = run(fake, x).float()
+    eager, compiled = sqnr_db(reference, run(unet, x).float()), sqnr_db(reference, run(torch.compile(unet), x).float())
+    print(f"W{w_bits}A8 tiny, pipeline inputs: kernels+LoRA vs fake+LoRA {eager:.2f} dB eager, {compiled:.2f} dB compiled")
+    assert eager >= 30 and compiled >= 30

@@ -29,6 +29,44 @@ def denoiser_inputs(denoiser: nn.Module, batch: int = 1, latent: int | None = No
                                    generator=torch.Generator("cpu").manual_seed(seed))
 
 
+def pipeline_denoiser_inputs(pipe, captions: list[str], num_inference_steps: int, guidance_scale: float = 0.0,
+                             seed: int = 0, dtype: torch.dtype | None = None) -> list[dict[str, Any]]:
+    """The keyword inputs ``pipe`` gives its denoiser when it generates ``captions``: one dict per
+    sampler call (batch ``len(captions)``, twice that under classifier-free guidance), captured by a
+    forward pre-hook, floating tensors cast to ``dtype`` (default: unchanged).
+
+    Why: a trained model fed random tensors runs its activations outside their calibrated ranges,
+    where a quantized denoiser is far more chaotic than in use; agreement between two roundings of a
+    plan measured on these inputs is what a quantized pipeline sees."""
+    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    captured: list[dict[str, Any]] = []
+
+    def record(_module, args, kwargs):  # diffusers passes sample and timestep positionally
+        captured.append(_detached({**dict(zip(("sample", "timestep"), args)), **kwargs}, dtype))
+
+    hook = denoiser.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            pipe(captions, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                 output_type="latent", generator=torch.Generator("cpu").manual_seed(seed))
+    finally:
+        hook.remove()
+    for kwargs in captured:
+        kwargs.pop("return_dict", None)  # the caller chooses
+        sample = kwargs["sample"]
+        kwargs["timestep"] = torch.as_tensor(kwargs["timestep"], device=sample.device).reshape(-1).expand(len(sample))
+    return captured
+
+
+def _detached(obj, dtype: torch.dtype | None):
+    if torch.is_tensor(obj):
+        obj = obj.detach().clone()
+        return obj.to(dtype) if dtype is not None and obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: _detached(v, dtype) for k, v in obj.items()}
+    return obj
+
+
 def perturb_latent(inputs: dict[str, Any], relative: float, seed: int = 5) -> dict[str, Any]:
     """``inputs`` with the latent (the 4-d tensor) multiplied by ``1 + relative * noise``.
 
