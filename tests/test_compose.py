@@ -185,7 +185,9 @@ def test_student_t_init_gives_heavy_tailed_weights_of_the_same_scale():
     assert all(torch.equal(a, b) for a, b in zip(after, layers(again)))  # deterministic for a seed
     # the session-25 config (default init) keeps the fingerprint its checkpoints were written with
     assert ComposeTrainConfig.from_dict({"unet_init": "default"}).fingerprint() == "3e3c902000882bf4"
-    assert ComposeTrainConfig().fingerprint() != "3e3c902000882bf4"
+    assert ComposeTrainConfig.from_dict({"unet_init": "default", "unet_init_dof": 3.0}).fingerprint() == "3e3c902000882bf4"
+    assert ComposeTrainConfig().fingerprint() == "97c51a86c3717631"  # the shipped S27 weights' config (dof 3)
+    assert ComposeTrainConfig.from_dict({"unet_init_dof": 4.0}).fingerprint() == "07fbeb9c604bc89c"  # session 26
     with pytest.raises(ValueError, match="unet_init_dof must be > 2"):
         ComposeTrainConfig.from_dict({"unet_init": "student_t", "unet_init_dof": 2.0})
     with pytest.raises(ValueError, match="unet_init must be one of"):
