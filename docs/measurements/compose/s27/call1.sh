@@ -4,7 +4,7 @@
 # training) the LoRA kernel benchmark on these weights (compose W8A8/W4A8, eager + compiled).
 set -u
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-R=/tmp/runs; mkdir -p $R
+R=$(mktemp -d)  # as run: a fixed folder in the device temp dir
 T0=$(date +%s)
 python3 run.py stage=train_compose stage.output=$R/compose stage.unet_init_dof=3.0 stage.progress=false device=cuda tracking=disabled > $R/train.log 2>&1
 echo "train rc $? wall $(( $(date +%s) - T0 )) s"
