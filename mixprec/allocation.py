@@ -69,6 +69,10 @@ class AllocationRequest:
     group_sizes: tuple[int, ...] = ()
     # the plan's folder gets "_<program>" (program=both: the split plans beside the joint ones)
     program_in_path: bool = False
+    # how the content layers' per-prompt SSIM enters the programs: "ssim" (the published metric) or
+    # "ssim_db" (-10 log10(1 - SSIM), mixprec.search.ssim_db: does not saturate near 1). Only for a
+    # table whose content layers hold SSIM (not the sqnr_only ablation's SQNR)
+    content_metric: str = "ssim"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -77,6 +81,9 @@ class AllocationRequest:
             raise ValueError("an allocation request needs the bit-widths each group may use (bits=)")
         if self.program not in PROGRAMS:
             raise ValueError(f"stage.program must be one of {PROGRAMS}, got {self.program!r}")
+        if self.content_metric not in search.CONTENT_METRICS:
+            raise ValueError(f"stage.content_metric must be one of {search.CONTENT_METRICS}, "
+                             f"got {self.content_metric!r}")
 
     @property
     def path(self) -> str:
@@ -153,6 +160,8 @@ def allocate(request: AllocationRequest, census: Sequence[CensusLayer],
     r = request
     groups = {c.name: c.group for c in census}
     prot = [name for name in protected if name in groups]
+    if r.content_metric == "ssim_db":
+        per_prompt = {**per_prompt, "content": search.ssim_db(per_prompt["content"], r.metric_cap)}
     metric = {g: search.bootstrap_metric(per_prompt[g], r.seed, cap=r.metric_cap) for g in search.GROUPS}
     reference = metric if r.seed == 0 else {g: search.bootstrap_metric(per_prompt[g], 0, cap=r.metric_cap)
                                             for g in search.GROUPS}
@@ -190,6 +199,7 @@ def _header(r: AllocationRequest, sol: search.Solution, nbytes: int, score: floa
         else "joint",
         "bits_allowed": {g: [int(b) for b in r.bits[g]] for g in search.GROUPS},
         "metric_cap": float(r.metric_cap),
+        **({"content_metric": r.content_metric} if r.content_metric != "ssim" else {}),
         "layers": {g: sum(1 for name, gg in groups.items() if gg == g and name not in prot) for g in search.GROUPS},
         **({"group_sizes_allowed": [int(g) for g in r.group_sizes]} if r.kind == "weight" and r.group_sizes else {}),
         "protected": len(prot),

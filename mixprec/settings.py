@@ -76,6 +76,7 @@ class AllocateSettings(StageSettings):
     budget_mib: Union[Number, list[Number], None] = None
     budget_ms: Union[Number, list[Number], None] = None
     program: Literal["split", "joint", "both"] = "split"
+    content_metric: Literal["ssim", "ssim_db"] = "ssim"
     latency_table: str = "layer_latency.json"
     K: Union[Number, list[Number]] = 1.0
     seed: Union[int, list[int]] = 0

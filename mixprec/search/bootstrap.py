@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -20,6 +21,23 @@ def resample_indices(n_prompts: int, seed: int) -> np.ndarray:
     if seed == 0:
         return np.arange(n_prompts)
     return np.random.default_rng(seed).integers(0, n_prompts, size=n_prompts)
+
+
+CONTENT_METRICS = ("ssim", "ssim_db")
+
+
+def ssim_db(per_prompt: Mapping[str, Mapping[int | str, Sequence[float]]], cap: float = 100.0
+            ) -> dict[str, dict[int | str, list[float]]]:
+    """Per-prompt SSIM -> ``-10 log10(1 - SSIM)`` (dB, clamped to ``[-cap, cap]``; 1.0 maps to ``cap``).
+
+    Monotone, so a layer's widths keep their order, but it does not saturate: on the compose model the
+    content layers' single-layer SSIMs sit at 0.9999-1.0000, where the raw values (and a min-max
+    normalisation of them) call 2-bit weights free; in dB 0.99999 and 0.9999999 are 50 and 70, as far
+    apart as the quality layers' SQNR values of the same error ratio (docs/method.md, session 27)."""
+    def one(v: float) -> float:
+        gap = 1.0 - float(v)
+        return cap if gap <= 10 ** (-cap / 10) else max(-cap, min(cap, -10.0 * math.log10(gap)))
+    return {layer: {b: [one(v) for v in vals] for b, vals in row.items()} for layer, row in per_prompt.items()}
 
 
 def bootstrap_metric(per_prompt: Mapping[str, Mapping[int, Sequence[float]]], seed: int,

@@ -83,7 +83,8 @@ def run(ctx: StageContext) -> dict:
             kind=kind, budget=budget, K=float(K), seed=int(seed), bits=q.bits_by_group(kind),
             solver=str(s.solver), time_limit_s=float(s.time_limit_s), tolerance=float(s.tolerance),
             bytes_tolerance=float(s.bytes_tolerance), metric_cap=float(s.metric_cap), program=program,
-            group_sizes=group_sizes, program_in_path=program == "split" and len(programs) > 1)
+            group_sizes=group_sizes, program_in_path=program == "split" and len(programs) > 1,
+            content_metric=str(s.content_metric))
         try:
             plan, sol = allocate(request, census, per_prompt[kind], protected_acts if kind == "act" else [],
                                  ws.fingerprints)

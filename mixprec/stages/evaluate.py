@@ -131,20 +131,47 @@ class Variant:
     metric: str = "decoupled"  # or sqnr_only: the same pieces on the single-metric table
     # per-group weight options (quant.weight_group_sizes) as choices of the program and the refinement
     groups: bool = False
+    # the content layers' SSIM as is ("ssim") or in dB ("ssim_db", AllocationRequest.content_metric)
+    content_metric: str = "ssim"
+    # widths the row may give each group (a subset of the recipe's, e.g. {content: [2,4,8], quality: [4,8]}
+    # on a sweep of quant=more_bits_gptq: the row without the extra widths); None = the recipe's
+    bits: tuple[tuple[str, tuple[int, ...]], ...] | None = None
 
     @classmethod
     def of(cls, node: Mapping[str, Any]) -> "Variant":
         node = dict(node)
-        unknown = sorted(set(node) - {"name", "program", "guard", "refine", "metric", "groups"})
+        keys = ("name", "program", "guard", "refine", "metric", "groups", "content_metric", "bits")
+        unknown = sorted(set(node) - set(keys))
         if unknown or "name" not in node:
-            raise ValueError(f"stage.variants entries take name, program, guard, refine, metric, groups; "
-                             f"got {sorted(node)}")
+            raise ValueError(f"stage.variants entries take {', '.join(keys)}; got {sorted(node)}")
         program, metric = str(node.get("program", "split")), str(node.get("metric", "decoupled"))
-        if program not in PROGRAM_CHOICES or metric not in METHODS[1:]:
+        content = str(node.get("content_metric", "ssim"))
+        if program not in PROGRAM_CHOICES or metric not in METHODS[1:] or content not in search.CONTENT_METRICS:
             raise ValueError(f"stage.variants {node['name']}: program is one of {PROGRAM_CHOICES} (got {program!r}), "
-                             f"metric one of {METHODS[1:]} (got {metric!r})")
+                             f"metric one of {METHODS[1:]} (got {metric!r}), content_metric one of "
+                             f"{search.CONTENT_METRICS} (got {content!r})")
+        if content != "ssim" and metric != "decoupled":
+            raise ValueError(f"stage.variants {node['name']}: content_metric {content!r} transforms the content "
+                             f"layers' SSIM; the {metric} table has none")
+        bits = node.get("bits")
+        if bits is not None and (not isinstance(bits, Mapping) or set(bits) != set(search.GROUPS)):
+            raise ValueError(f"stage.variants {node['name']}: bits maps each of {search.GROUPS} to a list of widths, "
+                             f"got {bits!r}")
+        bits = None if bits is None else tuple((g, tuple(sorted(int(b) for b in bits[g]))) for g in search.GROUPS)
         return cls(str(node["name"]), program, bool(node.get("guard", False)), RefineOptions.of(node.get("refine")),
-                   metric, bool(node.get("groups", False)))
+                   metric, bool(node.get("groups", False)), content, bits)
+
+    def widths(self, kind: str, recipe: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+        """The widths this row may give each group of ``kind``: the recipe's (``quant.*_bits_by_group``), or
+        ``bits`` (weights only), which must be a subset of them (the sweep measured nothing else)."""
+        if self.bits is None or kind != "weight":
+            return {g: list(v) for g, v in recipe.items()}
+        out = {g: list(v) for g, v in self.bits}
+        extra = {g: sorted(set(v) - set(recipe[g])) for g, v in out.items() if set(v) - set(recipe[g])}
+        if extra:
+            raise ValueError(f"stage.variants {self.name}: bits {extra} are not widths of the recipe "
+                             f"(quant.weight_bits_by_group {dict(recipe)}); the sensitivity sweep has no values there")
+        return out
 
 
 @dataclass
@@ -211,36 +238,36 @@ class _Ablation:
                              self.bundle.spec.checker, self.metric, kind, fixed)
         return _Point(label, kind, target, uniform, fixed, budget, scorer)
 
-    def candidates(self, pt: _Point, method: str, program: str,
-                   groups: bool = False) -> tuple[list[dict[str, int | str]], dict[str, Any]]:
+    def candidates(self, pt: _Point, method: str, variant: Variant) -> tuple[list[dict[str, int | str]], dict[str, Any]]:
         """One plan per K of the grid (seed 0) within the point's bytes, the method's table: the published
         split program with each group within ``bytes_tolerance`` of its mean-bit share, or the joint one,
         or ``both`` (the joint plans, then the split ones: what stage.program=both gives selection);
         ``groups``: the recipe's per-group weight options are choices too (a byte program)."""
-        group_sizes = self.group_sizes if groups and pt.kind == "weight" else ()
+        program, group_sizes = variant.program, self.group_sizes if variant.groups and pt.kind == "weight" else ()
+        widths = variant.widths(pt.kind, self.bundle.quant.bits_by_group(pt.kind))
         if program == "both":
-            parts = [self.candidates(pt, method, p, groups) for p in programs_of(program)
+            parts = [self.candidates(pt, method, replace(variant, program=p)) for p in programs_of(program)
                      if p == "joint" or not group_sizes]  # with group scales the split request is the joint one
             return ([plan for plans, _ in parts for plan in plans],
                     {"program": program, "programs": sum(c["programs"] for _, c in parts),
                      "solve_s": sum(c["solve_s"] for _, c in parts)})
-        if (pt.label, method, program, group_sizes) in self.plans:
-            return self.plans[pt.label, method, program, group_sizes]
+        key = (pt.label, method, program, group_sizes, variant.content_metric, str(widths))
+        if key in self.plans:
+            return self.plans[key]
         s, plans, solve_s = self.s, [], 0.0
         for K in s.K:
             request = AllocationRequest(
                 kind=pt.kind, budget=Budget(pt.target), K=float(K), seed=0,
-                bits=self.bundle.quant.bits_by_group(pt.kind), solver=str(s.solver), time_limit_s=float(s.time_limit_s),
+                bits=widths, solver=str(s.solver), time_limit_s=float(s.time_limit_s),
                 tolerance=float(s.bytes_tolerance) * pt.target, bytes_tolerance=float(s.bytes_tolerance),
                 metric_cap=float(s.sqnr_cap_db), program=program,
-                group_sizes=group_sizes)
+                group_sizes=group_sizes, content_metric=variant.content_metric)
             plan, sol = allocate(request, self.census, self.tables[method][pt.kind],
                                  self.protected if pt.kind == "act" else [], self.ws.fingerprints)
             plans.append(search.option_keys(plan.bits, plan.group_size))
             solve_s += sol.solve_time_s
-        self.plans[pt.label, method, program, group_sizes] = plans, {"program": program, "programs": len(plans),
-                                                                     "solve_s": solve_s}
-        return self.plans[pt.label, method, program, group_sizes]
+        self.plans[key] = plans, {"program": program, "programs": len(plans), "solve_s": solve_s}
+        return self.plans[key]
 
     def choose(self, pt: _Point, plans: list[dict[str, int]], variant: Variant) -> tuple[dict[str, int], dict]:
         """Selection as in the method (best on the selection prompts; first of ties), the guard's
@@ -256,10 +283,14 @@ class _Ablation:
             # row's cached generations saved it
             scorer = replace(pt.scorer, cache={}, seconds={}, evaluations=0, wall_s=0.0)
             prior = self.prior(pt.kind)
-            if not variant.groups:  # per-group options ("4g64") are moves only in a variant with groups: true
-                prior = {l: {b: v for b, v in row.items() if not isinstance(b, str)} for l, row in prior.items()}
+            widths = variant.widths(pt.kind, self.bundle.quant.bits_by_group(pt.kind))
+            allowed = {w for ws in widths.values() for w in ws}
+            # per-group options ("4g64") are moves only in a variant with groups: true; widths: the row's
+            prior = {l: {b: v for b, v in row.items() if (variant.groups or not isinstance(b, str))
+                         and search.split_option(b)[0] in allowed | {search.PROTECTED_BITS}}
+                     for l, row in prior.items()}
             result = refine_plan(best, pt.scorer(best), scorer, pt.kind, pt.budget, self.census,
-                                 self.bundle.quant.bits_by_group(pt.kind), variant.refine, prior,
+                                 widths, variant.refine, prior,
                                  self.protected, float(self.s.bytes_tolerance), bool(self.s.progress))
             best = result.bits
             cost["refinement"] = result.summary()
@@ -274,8 +305,7 @@ class _Ablation:
             plans = [pt.uniform]
         else:
             try:
-                plans, cost["allocation"] = self.candidates(pt, method, variant.program if variant else "split",
-                                                            bool(variant and variant.groups))
+                plans, cost["allocation"] = self.candidates(pt, method, variant or Variant(name))
             except InfeasibleBudgetError as exc:
                 log.warning("evaluate %s %s: %s", pt.label, name, exc)
                 return {"point": pt.label, "method": name, "infeasible": str(exc)}
