@@ -73,6 +73,9 @@ class AllocationRequest:
     # "ssim_db" (-10 log10(1 - SSIM), mixprec.search.ssim_db: does not saturate near 1). Only for a
     # table whose content layers hold SSIM (not the sqnr_only ablation's SQNR)
     content_metric: str = "ssim"
+    # how the quality layers' per-prompt SQNR enters them: "sqnr_db" (the published metric) or "noise_power"
+    # (-10^(-SQNR/10), mixprec.search.noise_power: errors add in power, the worst layers dominate)
+    quality_metric: str = "sqnr_db"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -84,6 +87,9 @@ class AllocationRequest:
         if self.content_metric not in search.CONTENT_METRICS:
             raise ValueError(f"stage.content_metric must be one of {search.CONTENT_METRICS}, "
                              f"got {self.content_metric!r}")
+        if self.quality_metric not in search.QUALITY_METRICS:
+            raise ValueError(f"stage.quality_metric must be one of {search.QUALITY_METRICS}, "
+                             f"got {self.quality_metric!r}")
 
     @property
     def path(self) -> str:
@@ -162,6 +168,8 @@ def allocate(request: AllocationRequest, census: Sequence[CensusLayer],
     prot = [name for name in protected if name in groups]
     if r.content_metric == "ssim_db":
         per_prompt = {**per_prompt, "content": search.ssim_db(per_prompt["content"], r.metric_cap)}
+    if r.quality_metric == "noise_power":
+        per_prompt = {**per_prompt, "quality": search.noise_power(per_prompt["quality"], r.metric_cap)}
     metric = {g: search.bootstrap_metric(per_prompt[g], r.seed, cap=r.metric_cap) for g in search.GROUPS}
     reference = metric if r.seed == 0 else {g: search.bootstrap_metric(per_prompt[g], 0, cap=r.metric_cap)
                                             for g in search.GROUPS}
@@ -200,6 +208,7 @@ def _header(r: AllocationRequest, sol: search.Solution, nbytes: int, score: floa
         "bits_allowed": {g: [int(b) for b in r.bits[g]] for g in search.GROUPS},
         "metric_cap": float(r.metric_cap),
         **({"content_metric": r.content_metric} if r.content_metric != "ssim" else {}),
+        **({"quality_metric": r.quality_metric} if r.quality_metric != "sqnr_db" else {}),
         "layers": {g: sum(1 for name, gg in groups.items() if gg == g and name not in prot) for g in search.GROUPS},
         **({"group_sizes_allowed": [int(g) for g in r.group_sizes]} if r.kind == "weight" and r.group_sizes else {}),
         "protected": len(prot),

@@ -9,7 +9,7 @@ Usable from a notebook::
 
 from .budget import (DEFAULT_BYTES_RTOL, FULL_PRECISION_BITS, LayerSizes, act_layer_bytes, act_plan_bytes,
                      byte_window, same_bytes, uniform_plan, weight_layer_bytes, weight_plan_bytes)
-from .bootstrap import CONTENT_METRICS, bootstrap_metric, resample_indices, ssim_db
+from .bootstrap import CONTENT_METRICS, QUALITY_METRICS, bootstrap_metric, noise_power, resample_indices, ssim_db
 from .pareto import pareto_front, plot_pareto, write_pareto_csv
 from .plan import (Plan, atomic_write_text, natural_key, plan_dirname, plan_to_yaml, plans_digest, read_plan,
                    write_plan)
@@ -47,7 +47,7 @@ __all__ = [
     "same_bytes", "solve_budget", "uniform_plan", "weight_layer_bytes", "weight_plan_bytes",
     "GROUPS", "MIB", "PROTECTED_BITS", "SOLVERS", "AllocationError", "InfeasibleBudgetError",
     "PlanVerificationError", "SensitivityError", "Solution", "SolverError", "Plan", "atomic_write_text",
-    "CONTENT_METRICS", "bootstrap_metric", "ssim_db", "group_weights", "layer_bytes", "mean_bits", "natural_key",
+    "CONTENT_METRICS", "QUALITY_METRICS", "bootstrap_metric", "noise_power", "ssim_db", "group_weights", "layer_bytes", "mean_bits", "natural_key",
     "normalized_tables",
     "pareto_front", "plan_bytes", "plan_dirname", "plan_objective", "plan_to_yaml", "plans_digest", "plot_pareto",
     "reachable_mean",

@@ -40,6 +40,24 @@ def ssim_db(per_prompt: Mapping[str, Mapping[int | str, Sequence[float]]], cap: 
     return {layer: {b: [one(v) for v in vals] for b, vals in row.items()} for layer, row in per_prompt.items()}
 
 
+QUALITY_METRICS = ("sqnr_db", "noise_power")
+
+
+def noise_power(per_prompt: Mapping[str, Mapping[int | str, Sequence[float]]], cap: float = 100.0
+                ) -> dict[str, dict[int | str, list[float]]]:
+    """Per-prompt SQNR (dB) -> ``-10^(-SQNR/10)``: minus the output's relative noise power (the SQNR
+    clamped to ``[-cap, cap]`` first; higher is still better).
+
+    Independent layers' errors add in power, not in dB: the sum of dB values the programs maximise
+    rates a layer going from 10 to 40 dB like one going from 60 to 90 dB, where the first removes a
+    thousand times more noise. In power the few layers that dominate the output's error dominate the
+    objective too (the compose model's quality layers at 4 bits span 10-100 dB; docs/method.md,
+    session 27)."""
+    def one(v: float) -> float:
+        return -(10.0 ** (-max(-cap, min(cap, float(v))) / 10.0))
+    return {layer: {b: [one(v) for v in vals] for b, vals in row.items()} for layer, row in per_prompt.items()}
+
+
 def bootstrap_metric(per_prompt: Mapping[str, Mapping[int, Sequence[float]]], seed: int,
                      cap: float | None = None) -> dict[str, dict[int, float]]:
     """Mean over prompts of every (layer, bits) sensitivity.

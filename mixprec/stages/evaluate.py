@@ -133,6 +133,8 @@ class Variant:
     groups: bool = False
     # the content layers' SSIM as is ("ssim") or in dB ("ssim_db", AllocationRequest.content_metric)
     content_metric: str = "ssim"
+    # the quality layers' SQNR in dB ("sqnr_db") or as noise power ("noise_power", AllocationRequest.quality_metric)
+    quality_metric: str = "sqnr_db"
     # widths the row may give each group (a subset of the recipe's, e.g. {content: [2,4,8], quality: [4,8]}
     # on a sweep of quant=more_bits_gptq: the row without the extra widths); None = the recipe's
     bits: tuple[tuple[str, tuple[int, ...]], ...] | None = None
@@ -140,16 +142,18 @@ class Variant:
     @classmethod
     def of(cls, node: Mapping[str, Any]) -> "Variant":
         node = dict(node)
-        keys = ("name", "program", "guard", "refine", "metric", "groups", "content_metric", "bits")
+        keys = ("name", "program", "guard", "refine", "metric", "groups", "content_metric", "quality_metric", "bits")
         unknown = sorted(set(node) - set(keys))
         if unknown or "name" not in node:
             raise ValueError(f"stage.variants entries take {', '.join(keys)}; got {sorted(node)}")
         program, metric = str(node.get("program", "split")), str(node.get("metric", "decoupled"))
-        content = str(node.get("content_metric", "ssim"))
-        if program not in PROGRAM_CHOICES or metric not in METHODS[1:] or content not in search.CONTENT_METRICS:
+        content, quality = str(node.get("content_metric", "ssim")), str(node.get("quality_metric", "sqnr_db"))
+        if (program not in PROGRAM_CHOICES or metric not in METHODS[1:] or content not in search.CONTENT_METRICS
+                or quality not in search.QUALITY_METRICS):
             raise ValueError(f"stage.variants {node['name']}: program is one of {PROGRAM_CHOICES} (got {program!r}), "
                              f"metric one of {METHODS[1:]} (got {metric!r}), content_metric one of "
-                             f"{search.CONTENT_METRICS} (got {content!r})")
+                             f"{search.CONTENT_METRICS} (got {content!r}), quality_metric one of "
+                             f"{search.QUALITY_METRICS} (got {quality!r})")
         if content != "ssim" and metric != "decoupled":
             raise ValueError(f"stage.variants {node['name']}: content_metric {content!r} transforms the content "
                              f"layers' SSIM; the {metric} table has none")
@@ -159,7 +163,7 @@ class Variant:
                              f"got {bits!r}")
         bits = None if bits is None else tuple((g, tuple(sorted(int(b) for b in bits[g]))) for g in search.GROUPS)
         return cls(str(node["name"]), program, bool(node.get("guard", False)), RefineOptions.of(node.get("refine")),
-                   metric, bool(node.get("groups", False)), content, bits)
+                   metric, bool(node.get("groups", False)), content, quality, bits)
 
     def widths(self, kind: str, recipe: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
         """The widths this row may give each group of ``kind``: the recipe's (``quant.*_bits_by_group``), or
@@ -251,7 +255,7 @@ class _Ablation:
             return ([plan for plans, _ in parts for plan in plans],
                     {"program": program, "programs": sum(c["programs"] for _, c in parts),
                      "solve_s": sum(c["solve_s"] for _, c in parts)})
-        key = (pt.label, method, program, group_sizes, variant.content_metric, str(widths))
+        key = (pt.label, method, program, group_sizes, variant.content_metric, variant.quality_metric, str(widths))
         if key in self.plans:
             return self.plans[key]
         s, plans, solve_s = self.s, [], 0.0
@@ -261,7 +265,8 @@ class _Ablation:
                 bits=widths, solver=str(s.solver), time_limit_s=float(s.time_limit_s),
                 tolerance=float(s.bytes_tolerance) * pt.target, bytes_tolerance=float(s.bytes_tolerance),
                 metric_cap=float(s.sqnr_cap_db), program=program,
-                group_sizes=group_sizes, content_metric=variant.content_metric)
+                group_sizes=group_sizes, content_metric=variant.content_metric,
+                quality_metric=variant.quality_metric)
             plan, sol = allocate(request, self.census, self.tables[method][pt.kind],
                                  self.protected if pt.kind == "act" else [], self.ws.fingerprints)
             plans.append(search.option_keys(plan.bits, plan.group_size))
