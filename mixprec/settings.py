@@ -77,6 +77,7 @@ class AllocateSettings(StageSettings):
     budget_ms: Union[Number, list[Number], None] = None
     program: Literal["split", "joint", "both"] = "split"
     content_metric: Literal["ssim", "ssim_db"] = "ssim"
+    quality_metric: Literal["sqnr_db", "noise_power"] = "sqnr_db"
     latency_table: str = "layer_latency.json"
     K: Union[Number, list[Number]] = 1.0
     seed: Union[int, list[int]] = 0

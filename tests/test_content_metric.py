@@ -59,3 +59,26 @@ def test_an_evaluate_row_can_be_restricted_to_a_subset_of_the_recipe_widths():
     with pytest.raises(ValueError, match="content_metric"):
         Variant.of({"name": "x", "metric": "sqnr_only", "content_metric": "ssim_db"})
     assert Variant.of({"name": "db", "content_metric": "ssim_db"}).content_metric == "ssim_db"
+
+
+def test_noise_power_buys_bits_for_the_layer_that_dominates_the_noise():
+    from mixprec.search import noise_power
+
+    out = noise_power({"l": {4: [10.0, 200.0]}}, cap=100.0)["l"][4]
+    assert out[0] == pytest.approx(-0.1) and out[1] == pytest.approx(-1e-10)
+    # room for one quality layer at 8 bits: in dB q1 gains more (60 -> 95 dB against 10 -> 40), in noise
+    # power q0 does (its 4-bit noise is 10^5 times q1's)
+    census = [CensusLayer(name=n, type="Linear", group=g, params=1024, act_elems=32, out_channels=32, block=n,
+                          excluded=False, protected=False) for n, g in (("c0", "content"), ("q0", "quality"),
+                                                                       ("q1", "quality"))]
+    per_prompt = {"content": {"c0": {4: [1.0], 8: [1.0]}},
+                  "quality": {"q0": {4: [10.0], 8: [40.0]}, "q1": {4: [60.0], 8: [95.0]}}}
+    chosen = {}
+    for metric in ("sqnr_db", "noise_power"):
+        request = AllocationRequest(kind="weight", budget=Budget(16 / 3), bits={"content": [4, 8], "quality": [4, 8]},
+                                    solver="highs", program="joint", quality_metric=metric)
+        plan, _ = allocate(request, census, per_prompt)
+        chosen[metric] = sorted(l for l in ("q0", "q1") if plan.bits[l] == 8)
+    assert chosen == {"sqnr_db": ["q1"], "noise_power": ["q0"]}
+    with pytest.raises(ValueError, match="quality_metric"):
+        Variant.of({"name": "x", "quality_metric": "db"})

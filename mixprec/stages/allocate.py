@@ -84,7 +84,7 @@ def run(ctx: StageContext) -> dict:
             solver=str(s.solver), time_limit_s=float(s.time_limit_s), tolerance=float(s.tolerance),
             bytes_tolerance=float(s.bytes_tolerance), metric_cap=float(s.metric_cap), program=program,
             group_sizes=group_sizes, program_in_path=program == "split" and len(programs) > 1,
-            content_metric=str(s.content_metric))
+            content_metric=str(s.content_metric), quality_metric=str(s.quality_metric))
         try:
             plan, sol = allocate(request, census, per_prompt[kind], protected_acts if kind == "act" else [],
                                  ws.fingerprints)
