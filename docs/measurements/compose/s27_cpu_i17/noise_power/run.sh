@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# quality_metric=noise_power rows on the default recipe's sweep (a copy of ws_default: calibration + sensitivity)
+cd "$(dirname "$0")/../../../../.."  # the repository root; outputs/ws_np = a copy of outputs/ws_default (calibration + sensitivity)
+export PYTHONPATH=$PWD OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
+ws=${WS:-outputs/ws_np}
+echo "== evaluate start $(date -u +%T)"; s=$SECONDS
+/usr/bin/time -v python run.py model=${MODEL:-compose} tracking=disabled threads=2 paths.workspace=$ws paths.outputs=${ws}_hydra \
+  stage=evaluate stage.progress=false "stage.points=${PTS}" prompts.evaluation.n=${EVAL_N:-48} 'stage.methods=[uniform]' \
+  'stage.variants=[{name:np_joint,program:joint,quality_metric:noise_power},{name:np_both+guard,program:both,guard:true,quality_metric:noise_power},{name:np_both+guard+refine,program:both,guard:true,quality_metric:noise_power,refine:{evaluations:16,seed:0,operating_point:false}}]' "$@" || exit 1
+echo "== evaluate done in $((SECONDS-s)) s $(date -u +%T)"
