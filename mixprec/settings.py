@@ -93,7 +93,7 @@ class AllocateSettings(StageSettings):
 
 @dataclasses.dataclass
 class SelectSettings(StageSettings):
-    metric: Literal["auto", "adherence", "psnr", "ssim", "mse"] = "auto"
+    metric: Literal["auto", "adherence", "psnr", "ssim", "mse"] = "ssim"
     kinds: list[Literal["weight", "act"]] = dataclasses.field(default_factory=list)
     batch_size: int = 8
     progress: bool = True
@@ -142,7 +142,7 @@ class ReportSettings(StageSettings):
 class EvaluateSettings(StageSettings):
     points: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     K: list[Number] = dataclasses.field(default_factory=list)
-    select_metric: Literal["auto", "adherence", "psnr", "ssim", "mse"] = "auto"
+    select_metric: Literal["auto", "adherence", "psnr", "ssim", "mse"] = "ssim"
     methods: Optional[list[Literal["uniform", "sqnr_only", "decoupled"]]] = None
     seed_offsets: list[int] = dataclasses.field(default_factory=list)
     solver: Literal["cp-sat", "highs", "scip", "cbc"] = "cp-sat"

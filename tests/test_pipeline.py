@@ -49,8 +49,8 @@ def test_pipeline_leaves_final_plans_images_and_metrics(pipeline_run):
         rows = list(csv.DictReader(f))
     from mixprec.selection import sort_key
 
-    def key(row):  # the default ranking of a model with a checker (stage.metric=auto: adherence, PSNR, MSE)
-        return sort_key({k: float(row[k]) for k in ("adherence", "psnr_db", "mse")}, "adherence")
+    def key(row):  # the default ranking (stage.metric=ssim: mean SSIM, then mean MSE)
+        return sort_key({k: float(row[k]) for k in ("ssim", "mse")}, "ssim")
     for kind in ("weight", "act"):
         paths = [r["path"] for r in rows if r["kind"] == kind]
         # program both: K 1,2 x seeds 0,1 of the joint program and of the split one (plans/<kind>_<t>_<K>_split/),
@@ -123,7 +123,7 @@ def test_evaluate_ablation_table(pipeline_run):
                               "{name: W4A8, weight_target: 4, act: 8},{name: W8A5, weight: 8, act_target: 5}]"]))
     rows = {(r["point"], r["method"]): r for r in head["rows"]}
     methods = ("uniform", "sqnr_only", "decoupled", "joint", "both", "all")
-    assert head["select_metric"] == "adherence"  # stage.select_metric=auto on a model with a checker
+    assert head["select_metric"] == "ssim"  # stage.select_metric's default
     for point in ("W4A8", "W8A5"):
         key = {m: tuple(rows[(point, m)]["cost"]["selection_key"]) for m in methods}
         # both programs' plans compete: never worse on the selection prompts than the split (published) row
