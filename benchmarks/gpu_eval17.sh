@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 17's table on the compose model, one GPU: calibrate + sensitivity + stage=evaluate at W4A8, W3A8
 # and W8A4, 48 held-out prompts x 3 seed sets, every ablation row of conf/stage/evaluate.yaml (uniform,
-# sqnr_only, decoupled, +joint, +both, +both+guard, +both+guard+refine = what the pipeline ships, and
-# sqnr_only+both+guard+refine).
+# sqnr_only, decoupled, +joint, +joint+noise_power, +both, +both+guard, +both+guard+refine (shipped until
+# session 27), +both+guard+refine+noise_power = what the pipeline ships, and sqnr_only+both+guard+refine),
+# selection ranked by stage.select_metric (ssim by default).
 #   bash benchmarks/gpu_eval17.sh [extra overrides for every run.py call...]
 # Recipe quant=act_wide: the default recipe's weights (so W4A8/W3A8 are the default recipe's plans) and
 # activations 3/4/5/6/8, which gives the W8A4 point freedom at the bytes of uniform A4. No OR-Tools and
