@@ -12,11 +12,11 @@
 # evaluate.json, the sensitivity and calibrate records and one log with every stage's wall time.
 # Environment: PYTHON (default python3), DEVICE (default cuda), SELECTION_N (selection prompts, default
 # 32: on a GPU more selection prompts cost little; the CPU pipeline keeps conf/prompts/compose.yaml's 8),
-# EVAL_N (held-out prompts, default 48), WS (workspace, default /tmp/mixprec_gpu_eval17), MODEL (default
+# EVAL_N (held-out prompts, default 48), WS (workspace, default a new temporary folder), MODEL (default
 # compose; MODEL=tiny_random DEVICE=cpu EVAL_N=2 SELECTION_N=2 is a one-minute check of the script on a CPU).
 set -u -o pipefail
 out=${OUT:-outputs/gpu_eval17}
-ws=${WS:-/tmp/mixprec_gpu_eval17}
+ws=${WS:-$(mktemp -d -t mixprec_gpu_eval17.XXXXXX)}
 py=${PYTHON:-python3}
 mkdir -p "$out"
 log="$out/gpu_eval17.log"
