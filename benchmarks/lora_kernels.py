@@ -74,20 +74,23 @@ def build(model: str, device: torch.device, dtype: torch.dtype):
     return cast_floating_(unet, dtype)
 
 
-def prompt_inputs(model: str, device: torch.device, dtype: torch.dtype, split: str, n: int, seed: int) -> list[dict]:
-    """The denoiser's inputs when the built-in ``model``'s own pipeline draws ``n`` captions of its
-    scene generator (``split``, ``seed``): one dict per sampler step."""
+def prompt_inputs(model: str, device: torch.device, dtype: torch.dtype,
+                  sets: list[tuple[str, int, int]]) -> list[list[dict]]:
+    """The denoiser's inputs when the built-in ``model``'s own pipeline (loaded once) draws captions of
+    its scene generator: for each (split, n, seed) of ``sets``, one dict per sampler step."""
     import importlib
+
+    import yaml
 
     from mixprec.models import ModelSpec, load_pipeline
     from mixprec.prompts import PROMPT_GENERATORS
 
-    import yaml
-
     pipe = load_pipeline(ModelSpec.from_dict({"name": model, "source": "builtin"})).to(device)
-    captions = [c for c, _ in importlib.import_module(PROMPT_GENERATORS[model]).eval_prompts(n, split=split, seed=seed)]
+    eval_prompts = importlib.import_module(PROMPT_GENERATORS[model]).eval_prompts
     steps = yaml.safe_load((ROOT / "conf" / "model" / f"{model}.yaml").read_text())["num_inference_steps"]
-    return pipeline_denoiser_inputs(pipe, captions, num_inference_steps=steps, seed=seed, dtype=dtype)
+    return [pipeline_denoiser_inputs(pipe, [c for c, _ in eval_prompts(n, split=split, seed=seed)],
+                                     num_inference_steps=steps, seed=seed, dtype=dtype)
+            for split, n, seed in sets]
 
 
 def run_one(model: str, plan: str, args, device: torch.device, dtype: torch.dtype) -> dict:
@@ -95,9 +98,9 @@ def run_one(model: str, plan: str, args, device: torch.device, dtype: torch.dtyp
     unet = build(model, device, dtype)
     latent = args.latent or unet.config.sample_size
     if args.inputs == "prompts":
-        # calibrate on training captions (every sampler step), measure on held-out ones at step 1
-        calib = prompt_inputs(model, device, dtype, "train", args.batch * 4, seed=1)
-        x = prompt_inputs(model, device, dtype, "heldout", args.batch, seed=3)[args.step]
+        # calibrate on training captions (every sampler step), measure on held-out ones at --step
+        calib, heldout = prompt_inputs(model, device, dtype, [("train", args.batch * 4, 1), ("heldout", args.batch, 3)])
+        x = heldout[args.step]
     else:
         calib = [denoiser_inputs(unet, args.batch, latent=latent, seed=s) for s in range(2)]
         x = denoiser_inputs(unet, args.batch, latent=latent, seed=9)
@@ -178,7 +181,8 @@ def main() -> None:
                    help="denoiser inputs: random tensors (every model), or the built-in model's own pipeline on "
                         "captions (tiny/compose: calibration on 4x batch training captions at every sampler step "
                         "(conf/model/<model>.yaml's steps), measurement on batch held-out captions at --step)")
-    p.add_argument("--step", type=int, default=0, help="with --inputs prompts: the sampler step measured (0 = the first)")
+    p.add_argument("--step", type=int, default=0,
+                   help="with --inputs prompts: the sampler step measured (0 = the first)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

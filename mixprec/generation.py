@@ -176,7 +176,7 @@ class Sampler:
             calls: list[tuple[tuple, dict]] = []
 
             def grab(_m, args, kwargs):
-                calls.append(_clone_tensors((args, kwargs)))
+                calls.append(clone_tensors((args, kwargs)))
 
             handle = self.denoiser.register_forward_pre_hook(grab, with_kwargs=True)
             try:
@@ -236,13 +236,16 @@ class Sampler:
         )
 
 
-def _clone_tensors(obj):
+def clone_tensors(obj, dtype: torch.dtype | None = None):
+    """Copies of the tensors in a nested tuple / list / dict (captured denoiser calls), floating ones
+    cast to ``dtype`` when given; everything else as is."""
     if isinstance(obj, torch.Tensor):
-        return obj.clone()
+        obj = obj.detach().clone()
+        return obj.to(dtype) if dtype is not None and obj.is_floating_point() else obj
     if isinstance(obj, dict):
-        return {k: _clone_tensors(v) for k, v in obj.items()}
+        return {k: clone_tensors(v, dtype) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_clone_tensors(v) for v in obj)
+        return type(obj)(clone_tensors(v, dtype) for v in obj)
     return obj
 
 

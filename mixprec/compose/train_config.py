@@ -69,8 +69,8 @@ class ComposeTrainConfig(TrainConfig):
     # long-trained models like SDXL carry heavy-tailed weights whose per-channel 4-bit scales are set
     # by a few large values. Student-t tails give this model that property from the start.
     # Measured (session 26, one H200, 48 held-out prompts x 3 seed sets): with "default" uniform W4A8
-    # kept full precision's adherence (0.986 vs 0.986); with student_t (dof 4) it lost 11 points; session 27, dof 3: 19.4 points
-    # (96 prompts), W8A8 within 1 point.
+    # kept full precision's adherence (0.986 vs 0.986); with student_t (dof 4) it lost 11 points.
+    # Session 27, dof 3 (96 prompts): 19.4 points, W8A8 within 1 point.
     unet_init: UnetInit = "student_t"
     unet_init_dof: float = 3.0
     # A saved compose pipeline (folder) to start from instead of random weights: continues training

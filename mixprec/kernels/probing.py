@@ -38,11 +38,13 @@ def pipeline_denoiser_inputs(pipe, captions: list[str], num_inference_steps: int
     Why: a trained model fed random tensors runs its activations outside their calibrated ranges,
     where a quantized denoiser is far more chaotic than in use; agreement between two roundings of a
     plan measured on these inputs is what a quantized pipeline sees."""
+    from mixprec.generation import clone_tensors
+
     denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
     captured: list[dict[str, Any]] = []
 
     def record(_module, args, kwargs):  # diffusers passes sample and timestep positionally
-        captured.append(_detached({**dict(zip(("sample", "timestep"), args)), **kwargs}, dtype))
+        captured.append(clone_tensors({**dict(zip(("sample", "timestep"), args)), **kwargs}, dtype))
 
     hook = denoiser.register_forward_pre_hook(record, with_kwargs=True)
     try:
@@ -56,15 +58,6 @@ def pipeline_denoiser_inputs(pipe, captions: list[str], num_inference_steps: int
         sample = kwargs["sample"]
         kwargs["timestep"] = torch.as_tensor(kwargs["timestep"], device=sample.device).reshape(-1).expand(len(sample))
     return captured
-
-
-def _detached(obj, dtype: torch.dtype | None):
-    if torch.is_tensor(obj):
-        obj = obj.detach().clone()
-        return obj.to(dtype) if dtype is not None and obj.is_floating_point() else obj
-    if isinstance(obj, dict):
-        return {k: _detached(v, dtype) for k, v in obj.items()}
-    return obj
 
 
 def perturb_latent(inputs: dict[str, Any], relative: float, seed: int = 5) -> dict[str, Any]:
