@@ -13,14 +13,19 @@
 # Environment: PYTHON (default python3), DEVICE (default cuda), SELECTION_N (selection prompts, default
 # 32: on a GPU more selection prompts cost little; the CPU pipeline keeps conf/prompts/compose.yaml's 8),
 # EVAL_N (held-out prompts, default 48), WS (workspace, default a new temporary folder), MODEL (default
-# compose; MODEL=tiny_random DEVICE=cpu EVAL_N=2 SELECTION_N=2 is a one-minute check of the script on a CPU).
+# compose; MODEL=tiny_random DEVICE=cpu EVAL_N=2 SELECTION_N=2 is a one-minute check of the script on a CPU),
+# QUANT (recipe, default act_wide), KINDS (sensitivity kinds, default [w,a]; [w] when every point keeps
+# activations uniform), POINTS (stage.points, default W4A8, W3A8, W8A4), METHODS (stage.methods, default
+# null = uniform, sqnr_only, decoupled), VARIANTS (stage.variants, default conf/stage/evaluate.yaml's).
+# The weight-rounding / more-widths / grouping rows (docs/method.md, "Session 28"):
+#   QUANT=more_bits_gptq KINDS='[w]' METHODS='[uniform]' POINTS='[...W4A8, W3A8...]' VARIANTS='[...]' bash ...
 set -u -o pipefail
 out=${OUT:-outputs/gpu_eval17}
 ws=${WS:-$(mktemp -d -t mixprec_gpu_eval17.XXXXXX)}
 py=${PYTHON:-python3}
 mkdir -p "$out"
 log="$out/gpu_eval17.log"
-common=("model=${MODEL:-compose}" quant=act_wide "device=${DEVICE:-cuda}" tracking=disabled "paths.workspace=$ws"
+common=("model=${MODEL:-compose}" "quant=${QUANT:-act_wide}" "device=${DEVICE:-cuda}" tracking=disabled "paths.workspace=$ws"
         "paths.outputs=${ws}_hydra" "$@")
 step() {  # one stage, its wall time in the log; stop at the first failure
   local start=$SECONDS
@@ -30,11 +35,13 @@ step() {  # one stage, its wall time in the log; stop at the first failure
   echo "== rc=$rc in $((SECONDS - start)) s: $1" | tee -a "$log"
   [ "$rc" = 0 ] || { tail -40 "$log"; exit "$rc"; }
 }
+default_points='[{name: W4A8, weight_target: 4, act: 8},{name: W3A8, weight_target: 3, act: 8},{name: W8A4, weight: 8, act_target: 4}]'
 step stage=calibrate
 # 64 single-layer perturbations per batched generation (1 sensitivity prompt): the GPU is otherwise idle
-step stage=sensitivity stage.batch_size=64 stage.progress=false
+step stage=sensitivity stage.batch_size=64 stage.progress=false "stage.kinds=${KINDS:-[w,a]}"
 step stage=evaluate stage.solver=highs stage.batch_size=64 stage.progress=false \
   "prompts.evaluation.n=${EVAL_N:-48}" "prompts.selection.n=${SELECTION_N:-32}" \
-  "stage.points=[{name: W4A8, weight_target: 4, act: 8},{name: W3A8, weight_target: 3, act: 8},{name: W8A4, weight: 8, act_target: 4}]"
+  "stage.points=${POINTS:-$default_points}" \
+  "stage.methods=${METHODS:-null}" ${VARIANTS:+"stage.variants=$VARIANTS"}
 cp "$ws/evaluate.md" "$ws/evaluate.json" "$ws/sensitivity.json" "$ws/calibrate.json" "$out/"
 cat "$out/evaluate.md"
