@@ -27,7 +27,7 @@ from mixprec import artifacts, search
 from mixprec.artifacts import Budget, CensusLayer
 from mixprec.quant.options import option_order
 from mixprec.search import FULL_PRECISION_BITS, LayerSizes, Plan
-from mixprec.search.refine import RefineResult, refine
+from mixprec.search.refine import SELECTION_SCORES, RefineResult, refine
 from mixprec.selection import generate_and_score, sort_key
 
 UNIFORM_WIDTHS = tuple(range(8, 1, -1))  # widest first: the guard takes the widest that fits
@@ -37,19 +37,27 @@ UNIFORM_WIDTHS = tuple(range(8, 1, -1))  # widest first: the guard takes the wid
 class RefineOptions:
     """``stage.refine``: joint-generation evaluations of the local search (0 = off), its seed, and
     whether to measure sensitivities at the operating point first (two evaluations per layer, out
-    of the same budget)."""
+    of the same budget), and which moves it keeps: ``no_worse`` (the default) those that improve the
+    ranking and leave no selection score (SSIM, PSNR, MSE, adherence) worse; ``key``: those that
+    improve the ranking alone (before session 28)."""
 
     evaluations: int = 0
     seed: int = 0
     operating_point: bool = False
+    accept: str = "no_worse"
 
     @classmethod
     def of(cls, node: Mapping[str, Any] | None) -> "RefineOptions":
         node = dict(node or {})
-        unknown = sorted(set(node) - {"evaluations", "seed", "operating_point"})
+        unknown = sorted(set(node) - {"evaluations", "seed", "operating_point", "accept"})
         if unknown:
-            raise ValueError(f"stage.refine has no setting(s) {unknown}; it takes evaluations, seed, operating_point")
-        opts = cls(int(node.get("evaluations", 0)), int(node.get("seed", 0)), bool(node.get("operating_point", False)))
+            raise ValueError(f"stage.refine has no setting(s) {unknown}; it takes evaluations, seed, "
+                             f"operating_point, accept")
+        opts = cls(int(node.get("evaluations", 0)), int(node.get("seed", 0)), bool(node.get("operating_point", False)),
+                   str(node.get("accept", "no_worse")))
+        if opts.accept not in ("no_worse", "key"):
+            raise ValueError(f"stage.refine.accept must be no_worse (keep a move only if no selection score gets "
+                             f"worse) or key (the ranking alone), got {opts.accept!r}")
         if opts.evaluations < 0:
             raise ValueError(f"stage.refine.evaluations must be >= 0 (0 turns refinement off), got {opts.evaluations}")
         return opts
@@ -193,4 +201,5 @@ def refine_plan(bits: Mapping[str, int], start: tuple[tuple, dict[str, Any]], sc
     return refine(start_plan, scorer, choices, lambda l, k: sizes.layer_bytes(kind, l, *search.split_option(k)),
                   window, evaluations=options.evaluations,
                   prior=prior, seed=options.seed, operating_point=options.operating_point, start=start,
-                  progress=progress, desc=f"refine {kind}")
+                  progress=progress, desc=f"refine {kind}",
+                  no_worse=SELECTION_SCORES if options.accept == "no_worse" else None)

@@ -10,7 +10,7 @@ import pytest
 from mixprec.artifacts import Budget, CensusLayer
 from mixprec.finalize import RefineOptions, budget_bytes, uniform_candidate
 from mixprec.search import LayerSizes, byte_window, same_bytes, uniform_plan, weight_layer_bytes
-from mixprec.search.refine import candidate_moves, prior_value, refine
+from mixprec.search.refine import SELECTION_SCORES, candidate_moves, no_worse_than, prior_value, refine
 
 
 # ----------------------------------------------------------------------------- byte accounting
@@ -139,8 +139,35 @@ def test_moves_are_ranked_by_the_prior_and_stay_in_the_window():
     assert prior_value(prior, "l0", 6) == pytest.approx(0.25) and prior_value(None, "l0", 6) == 0.0
 
 
+def test_no_worse_keeps_only_moves_that_leave_every_recorded_score_at_least_as_good():
+    # the key (a mean SSIM) improves with every extra bit on l0; each bit on l0 also raises the MSE
+    # (an object moved): "key" follows the ranking, "no_worse" refuses those moves
+    start = {"l0": 2, "l1": 8, "l2": 4}
+    choices = {"l0": (2, 4, 8), "l1": (2, 4, 8), "l2": (2, 4, 8)}
+    total = sum(_cost(l, b) for l, b in start.items())
+
+    def score(bits):
+        ssim = 0.9 + 0.01 * bits["l0"] / 8 + 0.001 * bits["l2"] / 8
+        mse = 0.01 + 0.001 * bits["l0"] - 0.0001 * bits["l2"]
+        return (-ssim, mse), {"ssim": ssim, "mse": mse}
+
+    window = (int(0.8 * total), total)
+    by_key = refine(start, score, choices, _cost, window, evaluations=20)
+    guarded = refine(start, score, choices, _cost, window, evaluations=20, no_worse=SELECTION_SCORES)
+    assert by_key.bits["l0"] > 2 and by_key.scores["mse"] > score(start)[1]["mse"]
+    assert guarded.bits["l0"] == 2
+    for move in guarded.accepted:
+        assert move["up"] != "l0"
+    assert guarded.scores["mse"] <= score(start)[1]["mse"] and guarded.scores["ssim"] >= score(start)[1]["ssim"]
+    assert no_worse_than({"ssim": 0.9, "adherence": 0.5}, {"ssim": 0.8, "adherence": 0.6}, SELECTION_SCORES) is False
+    assert no_worse_than({"ssim": 0.9, "mse": 1.0}, {"ssim": 0.8, "mse": 1.0, "adherence": 0.6}, SELECTION_SCORES)
+
+
 def test_refine_options_are_checked():
-    assert RefineOptions.of({"evaluations": 4}) == RefineOptions(4, 0, False)
+    assert RefineOptions.of({"evaluations": 4}) == RefineOptions(4, 0, False, "no_worse")
+    assert RefineOptions.of({"evaluations": 4, "accept": "key"}).accept == "key"
+    with pytest.raises(ValueError, match="accept must be no_worse"):
+        RefineOptions.of({"evaluations": 4, "accept": "ssim"})
     with pytest.raises(ValueError, match="stage.refine has no setting"):
         RefineOptions.of({"evals": 4})
     with pytest.raises(ValueError, match=">= 0"):

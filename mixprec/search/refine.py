@@ -5,7 +5,10 @@ The integer program adds single-layer sensitivities as if the layers' damage did
 within the byte window: one layer one allowed width up and another one width down (or a single
 step when the window has room). Each tried plan is *scored by the caller* — in mixprec, by
 generating the selection prompts with the whole plan applied and comparing with full precision,
-the same score selection ranks by — and a move is kept only if it strictly improves that score.
+the same score selection ranks by — and a move is kept only if it strictly improves that score and,
+with ``no_worse``, leaves none of the other recorded scores worse. Why the second rule: the ranking
+key (e.g. mean SSIM) can rise while the mean MSE, which one moved object dominates, rises too; on the
+compose model such moves raised held-out SSIM and cost adherence (docs/method.md, "Session 28").
 
 Which moves are tried first comes from a prior, per layer and width (higher is better): the
 normalised sensitivity table (what the program maximized), or, with ``operating_point=True``,
@@ -28,6 +31,17 @@ from mixprec.quant.options import parse_weight_option
 
 # A scorer: plan -> (sort key, smaller is better; the scores to record)
 Scorer = Callable[[Mapping[str, int]], tuple[tuple, dict[str, Any]]]
+
+# Scores a kept move may not make worse (``no_worse``): +1 higher is better, -1 lower is better.
+SELECTION_SCORES: dict[str, int] = {"ssim": 1, "psnr_db": 1, "mse": -1, "adherence": 1}
+
+
+def no_worse_than(trial: Mapping[str, Any], current: Mapping[str, Any], directions: Mapping[str, int]) -> bool:
+    """True if no score named in ``directions`` (and recorded in both) is worse in ``trial``."""
+    for name, sign in directions.items():
+        if name in trial and name in current and sign * (float(trial[name]) - float(current[name])) < 0:
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -167,13 +181,14 @@ def refine(bits: Mapping[str, int], score: Scorer, choices: Mapping[str, Sequenc
            cost: Callable[[str, int], int], window: tuple[int, int], *, evaluations: int,
            prior: Mapping[str, Mapping[int, float]] | None = None, seed: int = 0, operating_point: bool = False,
            start: tuple[tuple, dict[str, Any]] | None = None, progress: bool = False,
-           desc: str = "refine") -> RefineResult:
+           desc: str = "refine", no_worse: Mapping[str, int] | None = None) -> RefineResult:
     """Local search from ``bits`` within ``window`` (bytes, by ``cost(layer, bits)``), at most
     ``evaluations`` calls of ``score`` (the start's score, when ``start`` is not given, is one of them).
 
     ``choices``: the widths each movable layer may take (layers not in it never move, e.g. protected
     ones). ``window``: (lo, hi) bytes; a plan below ``lo`` may stay where it is (moves then only
-    need to land in ``[min(lo, its bytes), hi]``).
+    need to land in ``[min(lo, its bytes), hi]``). ``no_worse``: scores (name -> +1 higher is better,
+    -1 lower is better) a kept move must not make worse, beside improving the key (None: the key alone).
     """
     t0 = time.perf_counter()
     rng = random.Random(seed)
@@ -204,9 +219,10 @@ def refine(bits: Mapping[str, int], score: Scorer, choices: Mapping[str, Sequenc
             trial_key, trial_scores = score(trial)
             used += 1
             bar.update(1)
-            record = move.as_dict(current) | {"key": list(trial_key), "accepted": trial_key < key}
+            better = trial_key < key and (not no_worse or no_worse_than(trial_scores, scores, no_worse))
+            record = move.as_dict(current) | {"key": list(trial_key), "accepted": better}
             result.tried.append(record)
-            if trial_key < key:
+            if better:
                 current, key, scores = trial, trial_key, trial_scores
                 result.accepted.append(record)
                 bar.set_postfix_str(f"{key[0]:.5g}")
