@@ -54,6 +54,15 @@ def test_the_wide_recipe_offers_every_width_and_group_and_gptq(make_cfg):
     assert fingerprints(make_cfg("model=tiny_random", "quant.gptq.damp=0.1"))["quant"] == base
 
 
+def test_the_low_bit_recipe_is_more_widths_gptq_and_groups(make_cfg):
+    recipe = quant_recipe(make_cfg("model=tiny_random", "quant=low_bit"))
+    assert recipe.bits_by_group("weight") == {"content": (2, 3, 4, 5, 6, 8), "quality": (3, 4, 5, 6, 8)}
+    assert recipe.weight_group_sizes == (64, 128) and recipe.rounding == "gptq" and recipe.act_bits == (4, 8)
+    # the same recipe as the measured sweep's overrides: its workspaces stay valid under the new name
+    same = make_cfg("model=tiny_random", "quant=more_bits_gptq", "quant.weight_group_sizes=[64,128]")
+    assert fingerprints(make_cfg("model=tiny_random", "quant=low_bit"))["quant"] == fingerprints(same)["quant"]
+
+
 def test_kernel_options_do_not_change_the_recipe_fingerprint(make_cfg):
     base = fingerprints(make_cfg("model=tiny_random"))
     assert fingerprints(make_cfg("model=tiny_random", "quant.kernels.w8a8=fp8")) == base
