@@ -15,7 +15,9 @@ for d in "$HERE/.whlmin" "$HERE/../../.whlmin" "$PWD/.whlmin"; do
 done
 if [ -n "$WHL" ]; then
   SITE=$(mktemp -d)  # the carried wheels, installed beside the image's torch
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHL"/*.whl \
+  # optional extra wheels (e.g. fbgemm-gpu-genai for kernels.low_bit=fbgemm) in .whlx beside .whlmin
+  EXTRA=$(ls "$WHL"/../.whlx/*.whl 2>/dev/null)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHL"/*.whl $EXTRA \
     || { echo "wheel install from $WHL failed" | tee "$OUT/issue21_compiled_h200.log"; exit 1; }
   export PYTHONPATH=$SITE
 else

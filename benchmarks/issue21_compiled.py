@@ -61,6 +61,14 @@ PLANS = {  # name -> (named plan, backend options), in priority order
     "fp8_fused_channel": ("fused:w8a8", {**FP8, "fp8_weight": "channel"}),
     "fp8_ff": ("ff:w8a8", {**FP8, "fp8_weight": "tensor"}),
     "fp8_fused_fast": ("fused:w8a8", {**FP8, "fp8_weight": "tensor", "fp8_fast_accum": True}),
+    # 4-bit weights on fbgemm-gpu-genai's CUTLASS kernels (kernels.low_bit=fbgemm; the wheel must be
+    # importable): int4 x fp8 activations (static scale / per token), int4 x bf16
+    "w4a8_fused_fbgemm": ("fused:w4a8", {"low_bit": "fbgemm", "fp8_act": "tensor"}),
+    "w4a8_fused_fbgemm_token": ("fused:w4a8", {"low_bit": "fbgemm", "fp8_act": "token"}),
+    "w4a8_linear_fbgemm_token": ("linear:w4a8", {"low_bit": "fbgemm", "fp8_act": "token"}),
+    "w4a8_linear_fbgemm": ("linear:w4a8", {"low_bit": "fbgemm", "fp8_act": "tensor"}),
+    "w4a16_linear_fbgemm": ("linear:w4a16", {"low_bit": "fbgemm"}),
+    "w4a16_fused_fbgemm": ("fused:w4a16", {"low_bit": "fbgemm"}),
 }
 MIB = 2 ** 20
 
@@ -80,6 +88,11 @@ def device_info() -> dict:
     import torch._inductor.config as ind
     info["inductor"] = {k: getattr(ind, k, None) for k in ("max_autotune", "coordinate_descent_tuning",
                                                           "freezing", "compile_threads", "fx_graph_cache")}
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        info["fbgemm_gpu_genai"] = version("fbgemm_gpu_genai")
+    except PackageNotFoundError:
+        info["fbgemm_gpu_genai"] = None
     info["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
     info["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
     return info

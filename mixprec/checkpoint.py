@@ -146,7 +146,10 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, config: Any = None
         if spec.weight_format == "int":
             # the stored codes fix the format; the options only choose among compatible kernels
             backend, _ = choose_backend(inner, spec.w_bits, spec.a_bits, cfg, spec.group_size)
-            spec.backend = "int8" if backend == "fp8" else backend
+            if spec.backend == "fp8" and spec.a_bits is not None:
+                pass  # 4-bit codes saved with fp8 activation scales (kernels.low_bit=fbgemm): they fix the format
+            else:
+                spec.backend = "int8" if backend == "fp8" else backend
         elif spec.weight_format == "fp8":
             spec.backend = "fp8" if cfg.w8a8 != "reference" else "reference"
         elif spec.weight_format == "fp":

@@ -17,7 +17,13 @@ Dispatch rules (:func:`choose_backend`), per QuantLayer with its plan bits (w, a
   - w in 2..7, a <= 8           -> ``int8``: packed codes decoded to int8 for the int8 dot;
   - a > 8 with w set            -> ``wonly`` on the weights, activation unquantized is not the plan:
                                    ``reference`` instead;
-  - ``low_bit="reference"``      -> ``reference`` for every w < 8.
+  - ``low_bit="reference"``      -> ``reference`` for every w < 8;
+  - ``low_bit="fbgemm"``         -> 4-bit-storage Linear layers (w 3..4) on fbgemm-gpu-genai's CUTLASS
+                                   kernels (:mod:`mixprec.kernels.fbgemm`): a = None stays ``wonly``
+                                   (int4 x bf16), a = 8 becomes ``fp8`` (int4 codes x fp8 e4m3
+                                   activations: the activation format changes from the calibrated
+                                   int8 grid to fp8, in the reference path too); convolutions and
+                                   other widths keep the Triton kernels.
 Layers with activation bits whose calibration has timestep groups (``quant.act_timestep_groups`` > 1)
 stay QuantLayers (``reference``, reason listed): the kernels take one static activation scale.
 At run time (KernelLayer.route) a layer on a kernel backend still takes the reference path without
@@ -39,6 +45,7 @@ import torch.nn as nn
 from mixprec.quantizers import QUANTIZABLE_TYPES, QuantLayer, quant_layers
 
 from .architecture import architecture_fingerprint
+from . import fbgemm
 from .layers import KernelLayer, storage_bits_for
 
 
@@ -48,7 +55,9 @@ class BackendConfig:
 
     w8a8: str = "int8"            # "int8" | "fp8" | "reference"
     int8_impl: str = "triton"     # "triton" | "torch" (torch._int_mm for Linear layers)
-    low_bit: str = "triton"       # packed 2/4-bit weights: "triton" | "reference"
+    low_bit: str = "triton"       # packed 2/4-bit weights: "triton" | "reference" | "fbgemm" (4-bit
+                                  # Linear layers on fbgemm-gpu-genai's CUTLASS kernels, W4A8 with fp8
+                                  # activations; optional dependency, Hopper GPUs)
     convs: bool = True            # convolutions on the implicit-GEMM kernel
     act_quant: str = "producer"   # "producer": plain torch ops before the GEMM (compile fuses them
                                   # into the op that made x); "kernel": quantize inside the GEMM
@@ -71,7 +80,7 @@ class BackendConfig:
 
     def __post_init__(self) -> None:
         checks = {"w8a8": ("int8", "fp8", "reference"), "int8_impl": ("triton", "torch"),
-                  "low_bit": ("triton", "reference"), "act_quant": ("producer", "kernel"),
+                  "low_bit": ("triton", "reference", "fbgemm"), "act_quant": ("producer", "kernel"),
                   "fp8_weight": ("tensor", "channel", "rowwise"), "fp8_act": ("tensor", "token"),
                   "bos": ("weight_only", "exact"),
                   "cpu": ("reference", "emulate")}
@@ -104,7 +113,8 @@ class BackendConfig:
 
     def layer_kwargs(self) -> dict:
         return dict(cpu_path=self.cpu, min_m=self.min_m, int8_impl=self.int8_impl,
-                    act_quant=self.act_quant, fp8_fast_accum=self.fp8_fast_accum, gemv_max_m=self.gemv_max_m)
+                    act_quant=self.act_quant, fp8_fast_accum=self.fp8_fast_accum, gemv_max_m=self.gemv_max_m,
+                    low_bit_impl="fbgemm" if self.low_bit == "fbgemm" else "triton")
 
 
 def choose_backend(inner: nn.Module, w_bits: int | None, a_bits: int | None,
@@ -141,6 +151,9 @@ def choose_backend(inner: nn.Module, w_bits: int | None, a_bits: int | None,
             return "reference", "W8A8 kernels disabled (kernels.w8a8=reference)"
         if cfg.w8a8 == "fp8" and a_bits == 8:
             return "fp8", ""
+    elif (cfg.low_bit == "fbgemm" and a_bits == 8 and storage_bits_for(w_bits) == 4
+          and isinstance(inner, nn.Linear)):
+        return "fp8", ""  # int4 codes x fp8 activations (fbgemm's f8i4 kernel)
     return "int8", ""
 
 
@@ -278,6 +291,8 @@ def convert_(model: nn.Module, config: BackendConfig | Mapping[str, Any] | None 
 
     refuse_if_loaded(model, "convert_")
     cfg = config if isinstance(config, BackendConfig) else BackendConfig.from_mapping(config)
+    if cfg.low_bit == "fbgemm" and any(p.is_cuda for p in model.parameters()) and fbgemm.load_error():
+        raise RuntimeError(f"kernels.low_bit=fbgemm: {fbgemm.load_error()}")
     arch = architecture_fingerprint(model)
     layers = quant_layers(model)
     if not layers:

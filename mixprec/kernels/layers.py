@@ -8,6 +8,8 @@ there is no graph break):
 - ``triton``    Triton GEMM / implicit-GEMM conv (int8, weight-only 2/4/8-bit, fp8 convs);
 - ``scaled_mm`` torch._scaled_mm, fp8 e4m3 Linear layers;
 - ``int_mm``    torch._int_mm, int8 Linear layers (optional);
+- ``fbgemm``    fbgemm-gpu-genai's CUTLASS int4 x fp8 / int4 x bf16 kernels, 4-bit Linear layers
+                (``kernels.low_bit=fbgemm``, optional dependency: :mod:`mixprec.kernels.fbgemm`);
 - ``gemv``      Linear layers with a handful of rows (time embeddings, the BOS row of cross-attn
                 K/V): compiled, a product-and-sum that inductor fuses into one reduction over the
                 codes; eager, a GEMV kernel (a tensor-core tile would be 15/16 empty, and the GEMM
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from mixprec.quant.groups import dequantize_codes, num_groups
 from mixprec.quantizers import QuantLayer, dequantize_weight, fake_quant_act, weight_qmax
 
-from . import packing
+from . import fbgemm, packing
 from .triton_gemm import (FP8_MAX, FP8_MMAS, GEMV_MAX_ROWS, HAS_TRITON, MMA_16, MMA_FP8, MMA_FP8_FAST, MMA_INT8, gemv,
                           qgemm, quant_act_fp8, quant_act_fp8_token, quant_act_int)
 
@@ -107,7 +109,8 @@ class KernelLayer(nn.Module):
 
     def __init__(self, spec: LayerSpec, dtype: torch.dtype = torch.float16, device=None,
                  cpu_path: str = "reference", min_m: int = 1, int8_impl: str = "triton",
-                 act_quant: str = "producer", fp8_fast_accum: bool = False, gemv_max_m: int = 8):
+                 act_quant: str = "producer", fp8_fast_accum: bool = False, gemv_max_m: int = 8,
+                 low_bit_impl: str = "triton"):
         super().__init__()
         self.spec = spec
         self.name = spec.name
@@ -115,6 +118,7 @@ class KernelLayer(nn.Module):
         self.min_m = min_m
         self.gemv_max_m = gemv_max_m
         self.int8_impl = int8_impl
+        self.low_bit_impl = low_bit_impl
         self.act_quant = act_quant
         self.fp8_fast_accum = fp8_fast_accum
         self.compute_dtype = dtype
@@ -175,7 +179,7 @@ class KernelLayer(nn.Module):
         params = layer.params
         if layer.w_bits is None:
             spec.weight_format = "fp"
-        elif backend == "fp8":
+        elif backend == "fp8" and layer.w_bits == 8:
             spec.weight_format = "fp8"
         else:
             spec.weight_format = "int"
@@ -239,7 +243,7 @@ class KernelLayer(nn.Module):
             # weight-only epilogue: 16-bit activations times decoded codes (also the BOS path)
             derived["wo_row_scale"] = wscale_n.clone()
             derived["wo_col_bias"] = bias32.clone()
-            if spec.a_bits is not None and spec.weight_format == "int":
+            if spec.a_bits is not None and spec.weight_format == "int" and spec.backend != "fp8":
                 levels = 2 ** spec.a_bits - 1
                 zp = spec.act_zero
                 off = 128 if spec.a_bits == 8 else zp
@@ -251,6 +255,14 @@ class KernelLayer(nn.Module):
                 derived["aq"] = torch.tensor([1.0 / spec.act_scale, zp, off], dtype=torch.float32, device=dev)
                 derived["act_q"] = torch.tensor([spec.act_scale, zp, off], dtype=torch.float32, device=dev)
                 self.levels = levels
+            if spec.weight_format == "int" and spec.backend == "fp8" and spec.a_bits is not None:
+                # 4-bit codes x fp8 activations (fbgemm's f8i4 kernel; the gemv path for few rows)
+                token = spec.fp8_act == "token"
+                derived["row_scale"] = (wscale_n.double() * (1.0 if token else spec.act_scale)).float()
+                derived["col_bias"] = bias32.clone()
+                derived["act_inv"] = torch.tensor(1.0 / spec.act_scale, dtype=torch.float32, device=dev)
+                derived["scale_a"] = torch.tensor(spec.act_scale, dtype=torch.float32, device=dev)
+                self.levels = 0
             if spec.weight_format == "fp8" and spec.a_bits is not None:
                 derived["row_scale"] = (wscale_n.double() * spec.act_scale).float()
                 derived["col_bias"] = bias32.clone()
@@ -271,9 +283,26 @@ class KernelLayer(nn.Module):
                     derived["gemm_scale_b"] = w_max.float().to(dev)
                     derived["token_rescale"] = (wscale_n.double() / (spec.act_scale * w_max)).float()
                 self.levels = 0
+        if self._takes_fbgemm(dev):
+            codes = self.decode_codes()
+            derived.update(fbgemm.prepare_f8i4(codes, self.wscale) if spec.backend == "fp8"
+                           else fbgemm.prepare_bf16i4(codes, self.wscale))
         for name, t in derived.items():
             self.register_buffer(name, t, persistent=False)
         self._prepared = True
+
+    def _takes_fbgemm(self, dev: torch.device) -> bool:
+        """Whether this layer runs fbgemm's int4 kernels: 4-bit codes of a Linear layer, bf16, on a GPU
+        where fbgemm loads; W4A16 only when ``kernels.low_bit=fbgemm`` chose it, 4-bit x fp8 always
+        (it has no other kernel)."""
+        spec = self.spec
+        if not (spec.kind == "linear" and spec.weight_format == "int" and spec.storage_bits == 4
+                and not spec.group_size and dev.type == "cuda" and self.compute_dtype == torch.bfloat16
+                and fbgemm.shape_ok(spec.k, spec.out_features)):
+            return False
+        wanted = (spec.backend == "fp8" and spec.a_bits is not None) or (
+            spec.backend == "wonly" and self.low_bit_impl == "fbgemm")
+        return wanted and fbgemm.available()
 
     def decode_codes(self) -> torch.Tensor:
         """Integer (or fp8) codes as [N, K], conv columns in (kh, kw, c) order."""
@@ -316,10 +345,10 @@ class KernelLayer(nn.Module):
         spec = self.spec
         if spec.a_bits is None:
             return x
-        if spec.weight_format == "fp8" and spec.fp8_act == "token":
+        if spec.backend == "fp8" and spec.fp8_act == "token":
             codes, scale = quant_act_fp8_token(x.reshape(-1, x.shape[-1]))
             return (codes.float() * scale).to(x.dtype).reshape(x.shape)
-        if spec.weight_format == "fp8":
+        if spec.backend == "fp8":
             return (quant_act_fp8(x, 1.0 / spec.act_scale).float() * spec.act_scale).to(x.dtype)
         return fake_quant_act(x, spec.act_scale, spec.act_zero, spec.a_bits)
 
@@ -357,9 +386,14 @@ class KernelLayer(nn.Module):
         if m < self.min_m:  # before the CPU choice: reference_path() forces the reference on CPU too
             return "reference"
         if not is_cuda:
-            return "emulate" if self.cpu_path == "emulate" else "reference"
+            emulates = self.cpu_path == "emulate" and not (spec.weight_format == "int" and spec.backend == "fp8")
+            return "emulate" if emulates else "reference"
         if self._gemv_takes(m):  # plain torch ops: needs no Triton
             return "gemv"
+        if hasattr(self, "fb_wq"):  # prepared for fbgemm (see _takes_fbgemm)
+            return "fbgemm"
+        if spec.weight_format == "int" and spec.backend == "fp8":  # 4-bit x fp8: no other kernel
+            return "reference"
         if not HAS_TRITON and not (spec.backend in ("fp8", "int8") and spec.kind == "linear"):
             return "reference"
         k, n = spec.k, spec.out_features
@@ -404,7 +438,7 @@ class KernelLayer(nn.Module):
         spec = self.spec
         if spec.a_bits is None or spec.weight_format == "fp":
             return MMA_16
-        if spec.weight_format == "fp8":
+        if spec.backend == "fp8":
             return MMA_FP8_FAST if self.fp8_fast_accum else MMA_FP8
         return MMA_INT8
 
@@ -416,6 +450,8 @@ class KernelLayer(nn.Module):
         spec = self.spec
         if spec.weight_format == "fp":  # activation-only quantization: fake-quant + dense
             return self._dense(self._fake_act(x), self.weight)
+        if path == "fbgemm":
+            return self._fbgemm(x)
         mma = self._mma()
         if spec.fp8_act == "token" and mma in FP8_MMAS:
             return self._fp8_token(x, path, mma)
@@ -533,9 +569,11 @@ class KernelLayer(nn.Module):
         xq, sa = quant_act_fp8_token(x.reshape(-1, spec.k))
         zeros = torch.zeros_like(self.col_bias)
         if path == "gemv" and torch.compiler.is_compiling():  # fused by inductor, as in gemv()
-            acc = (xq.float()[:, None, :] * self.qweight.float()[None, :, :]).sum(-1)
-        elif path == "gemv" and xq.shape[0] <= GEMV_MAX_ROWS:
+            acc = (xq.float()[:, None, :] * self.decode_codes().float()[None, :, :]).sum(-1)
+        elif path == "gemv" and xq.shape[0] <= GEMV_MAX_ROWS and spec.weight_format == "fp8":
             acc = gemv(xq.float(), self.qweight, torch.ones_like(zeros), zeros, torch.float32)
+        elif path == "gemv":  # 4-bit codes with fp8 activations
+            acc = xq.float() @ self.decode_codes().float().t()
         else:  # the Triton GEMM (or its emulation) with unit scales; float32 out, scaled below
             acc = qgemm(xq, self.qweight, torch.ones_like(zeros), None, None, spec.k, 8, mma, False, 0,
                         torch.float32, [])
@@ -563,6 +601,26 @@ class KernelLayer(nn.Module):
                                    out_dtype=x.dtype, use_fast_accum=self.fp8_fast_accum)
             out = (out.float() * (sa * self.token_rescale) + self.col_bias).to(x.dtype)
         return out.reshape(*lead, spec.out_features)
+
+    def _fbgemm(self, x: torch.Tensor) -> torch.Tensor:
+        """4-bit codes on fbgemm's CUTLASS kernels: fp8 activations (static scale, or per token) or
+        bf16 ones; the bias as a pointwise add that inductor fuses into the consumer."""
+        spec = self.spec
+        lead = x.shape[:-1]
+        a = x.reshape(-1, spec.k)
+        if spec.backend == "fp8":
+            if spec.fp8_act == "token":
+                xq, sa = quant_act_fp8_token(a)
+                sa = sa.reshape(-1)
+            else:
+                xq, sa = self._quant_fp8(a), self.scale_a.expand(a.shape[0])
+            out = fbgemm.f8i4_gemm(xq.contiguous(), self.fb_wq, sa.contiguous(), self.fb_row_scale,
+                                   self.fb_group_scale)
+        else:
+            out = fbgemm.bf16i4_gemm(a.contiguous(), self.fb_wq, self.fb_group_scale, self.fb_group_zero)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(x.dtype).reshape(*lead, spec.out_features)
 
     def _int_mm(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec
