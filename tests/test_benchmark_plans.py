@@ -19,6 +19,7 @@ def test_plan_names_parse_and_pick_their_layers():
     p = parse_plan_name("linear:w8a8:fp8")
     assert (p.scope, p.w_bits, p.a_bits, p.kernel_overrides()) == ("linear", 8, 8, {"w8a8": "fp8"})
     assert parse_plan_name("uniform:w4a16").a_bits is None and parse_plan_name("uniform:w4a16").kernel_overrides() == {}
+    assert parse_plan_name("fused:w4a8:fbgemm").kernel_overrides() == {"low_bit": "fbgemm"}
     with pytest.raises(ValueError, match="unknown scope"):
         parse_plan_name("every:w8a8")
     with pytest.raises(ValueError, match="unknown format"):
@@ -36,11 +37,14 @@ def test_benchmark_names_plans_and_splits_the_pipeline_time(make_cfg, tmp_path):
     head = run_stage(make_cfg("model=tiny_random", "prompts.inference.n=2", "stage=benchmark",
                               "stage.calibration=random", "stage.resolutions=[32]", "stage.batch_sizes=[1]",
                               "stage.compile=none", "stage.iters=2", "stage.warmup=0", "stage.end_to_end_repeats=2",
-                              "stage.plans=[linear:w8a8:fp8,inner:w8a8:int8]"))
+                              "stage.plans=[linear:w8a8:fp8,inner:w8a8:int8,fused:w4a8:fbgemm]"))
     plans = head["plans"]
     fp8, int8 = plans["linear:w8a8:fp8"], plans["inner:w8a8:int8"]
     assert fp8["kernels"] == {"w8a8": "fp8"} and set(fp8["dispatch"]["backends"]) == {"fp", "fp8"}
     assert int8["dispatch"]["backends"] == {"fp": 2, "int8": int8["dispatch"]["layers"] - 2}
+    w4 = plans["fused:w4a8:fbgemm"]  # 4-bit codes x fp8 activations; on CPU its fp8 reference path
+    assert w4["kernels"] == {"low_bit": "fbgemm"} and set(w4["dispatch"]["backends"]) == {"fp", "fp8"}
+    assert w4["sqnr_vs_fake_quant_db"] > 100
     # on CPU the kernels run their reference path: the same function as the fake-quant reference
     assert fp8["sqnr_vs_fake_quant_db"] > 100
     e2e = fp8["end_to_end"]
@@ -55,7 +59,8 @@ def test_benchmark_names_plans_and_splits_the_pipeline_time(make_cfg, tmp_path):
         if (tmp_path / "tiny_random" / "benchmark.json").exists() else None
     if saved is not None:
         assert saved["headline"]["settings"]["compile"] == "none"
-    assert head["settings"]["plans"] == ["linear:w8a8:fp8", "inner:w8a8:int8"] and head["env"]["torch"]
+    assert head["settings"]["plans"] == ["linear:w8a8:fp8", "inner:w8a8:int8", "fused:w4a8:fbgemm"]
+    assert head["env"]["torch"]
 
 
 def test_benchmark_shapes_are_explicit_pairs_or_the_product():

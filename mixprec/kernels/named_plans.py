@@ -18,11 +18,13 @@ A name is ``<scope>:w<W>a<A>[:<format>]``:
   embeddings, and every convolution. The layers outside the scope are plain 16-bit layers (16-bit
   weights too): a ``fused:w8a8`` plan is a mixed plan, not uniform W8A8 (see docs/kernels.md).
 - ``W``/``A`` are weight/activation bits; 16 (or more) means unquantized.
-- ``format`` (optional) sets ``kernels.w8a8`` for this plan only: ``fp8`` or ``int8``; without it
-  the stage's kernel options decide.
+- ``format`` (optional) sets a kernel option for this plan only: ``fp8`` or ``int8`` set
+  ``kernels.w8a8``; ``fbgemm`` sets ``kernels.low_bit=fbgemm`` (4-bit Linear layers on
+  fbgemm-gpu-genai's CUTLASS kernels, W4A8 with fp8 activations: docs/kernels.md "Session 29");
+  without it the stage's kernel options decide.
 
 Examples: ``linear:w8a8:fp8`` (the Linear-only fp8 plan), ``ff:w8a8:fp8``, ``uniform:w8a8:int8``,
-``uniform:w4a16``, ``inner:w8a8:fp8``, ``fused:w8a8:fp8``.
+``uniform:w4a16``, ``inner:w8a8:fp8``, ``fused:w8a8:fp8``, ``fused:w4a8:fbgemm``, ``linear:w4a16:fbgemm``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-FORMATS = ("fp8", "int8")
+FORMATS = {"fp8": {"w8a8": "fp8"}, "int8": {"w8a8": "int8"}, "fbgemm": {"low_bit": "fbgemm"}}
 _NAME = re.compile(r"^(?P<scope>[a-z_]+):w(?P<w>\d+)a(?P<a>\d+)(?::(?P<fmt>[a-z0-9]+))?$")
 _FIRST_LAST = {"conv_in", "conv_out", "pos_embed.proj", "proj_out"}
 # Linear layers whose activation quantization inductor fuses into the producer (see ``fused`` above)
@@ -60,11 +62,11 @@ class NamedPlan:
     scope: str
     w_bits: int | None
     a_bits: int | None
-    w8a8: str | None = None
+    fmt: str | None = None
 
     def kernel_overrides(self) -> dict:
-        """Backend options this plan sets over the stage's (``kernels.w8a8`` when named)."""
-        return {"w8a8": self.w8a8} if self.w8a8 else {}
+        """Backend options this plan sets over the stage's (from the name's format, if any)."""
+        return dict(FORMATS[self.fmt]) if self.fmt else {}
 
     def bits(self, layers: Mapping[str, nn.Module]) -> tuple[dict, dict]:
         """(weight bits, activation bits) by layer name for ``layers`` (QuantLayers or plain layers)."""
@@ -82,6 +84,6 @@ def parse_plan_name(name: str) -> NamedPlan | None:
     if scope not in SCOPES:
         raise ValueError(f"plan {name!r}: unknown scope {scope!r}; use one of {sorted(SCOPES)}")
     if fmt is not None and fmt not in FORMATS:
-        raise ValueError(f"plan {name!r}: unknown format {fmt!r}; use one of {FORMATS} (or leave it out)")
+        raise ValueError(f"plan {name!r}: unknown format {fmt!r}; use one of {tuple(FORMATS)} (or leave it out)")
     w, a = int(m.group("w")), int(m.group("a"))
     return NamedPlan(scope, None if w >= 16 else w, None if a >= 16 else a, fmt)
