@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from mixprec.kernels import BackendConfig, convert_
-from mixprec.kernels.latency_table import (FULL, LatencyTable, measure_latency_table, model_latency_ms, parse_choice,
-                                          time_module)
+from mixprec.kernels.latency_table import (FULL, LatencyTable, _module_for, measure_latency_table, measure_layers,
+                                          model_latency_ms, parse_choice, time_module)
 from mixprec.kernels.probing import calibrate_random, denoiser_inputs
 from mixprec.models.toy import build_unet
-from mixprec.quantizers import set_plan
+from mixprec.quantizers import LayerQuantParams, QuantLayer, act_qparams, set_plan, weight_scales
 from mixprec.runner import run_stage
 from mixprec.search import InfeasibleBudgetError, read_plan
 from mixprec.search.latency import solve_latency
@@ -70,6 +70,20 @@ def test_compiled_layer_timing_subtracts_its_producer():
     x = torch.randn(4, 64)
     ms = time_module(mod, x, iters=3, warmup=1, compile_backend="eager")
     assert ms >= 0 and time_module(mod, x, iters=3, warmup=1) > 0
+    # a quantized layer compiles with its buffers as graph inputs; the producer alone is timed once per
+    # input shape
+    layer = QuantLayer("blocks.0.ff.net.2", torch.nn.Linear(64, 32))
+    layers = {"l": layer}
+    lo, hi = float(x.min()), float(x.max())
+    layer.params = LayerQuantParams({8: weight_scales(layer.inner.weight, 8)}, (lo, hi), {8: act_qparams(lo, hi, 8)})
+    cache: dict = {}
+    ms, paths = measure_layers(layers, {"l": (4, 64)}, ["w16a16", "w8a8"], BackendConfig(w8a8="fp8"), iters=2,
+                               warmup=1, compile_backend="eager")
+    assert set(ms["l"]) == {"w16a16", "w8a8"} and paths["l"] == {"w16a16": "fp", "w8a8": "fp8"}
+    kl = _module_for(layer, 8, 8, BackendConfig(w8a8="fp8"))
+    assert time_module(kl, x, 2, 1, "eager", cache) >= 0 and len(cache) == 1
+    time_module(kl, x, 2, 1, "eager", cache)
+    assert len(cache) == 1
     torch._dynamo.reset()
 
 
@@ -139,3 +153,18 @@ def test_latency_table_stage_writes_and_reuses_its_file(make_cfg, tmp_path):
     assert head["layers"] > 0 and head["choices"] == [FULL, "w8a8"] and not head["reused"]
     assert run_stage(make_cfg(*args))["reused"]
     assert not run_stage(make_cfg(*args, "stage.choices=[w4a16]"))["reused"]
+
+
+def test_regional_compile_choice_times_the_model_per_block():
+    from mixprec.kernels.regional import DEFAULT_REGIONS
+    from mixprec.stages.latency_table import compile_choice
+
+    assert compile_choice("none") == (None, None) and compile_choice("inductor") == ("inductor", None)
+    assert compile_choice("regional") == ("inductor", DEFAULT_REGIONS)
+    torch.manual_seed(0)
+    unet = build_unet("tiny")
+    x = denoiser_inputs(unet, 1, seed=3)
+    assert model_latency_ms(unet, x, iters=2, warmup=1, compile_backend="eager", regions=DEFAULT_REGIONS) > 0
+    compiled = [m for m in unet.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert compiled and all(type(m).__name__ in DEFAULT_REGIONS for m in compiled)
+    torch._dynamo.reset()

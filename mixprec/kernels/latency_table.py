@@ -148,10 +148,10 @@ def _weight_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
-def _producers(mods: Sequence[nn.Module]) -> list:
-    """One distinct pointwise op per copy (no common subexpression to share): under compile the
-    layer's activation quantization fuses into it, as it fuses into a norm or GELU in the model."""
-    return [lambda t, c=1.0 + i / 1024: t * c for i in range(len(mods))]
+def _producer(t: torch.Tensor) -> torch.Tensor:
+    """A pointwise op before the layer: under compile the layer's activation quantization fuses into
+    it, as it fuses into a norm or GELU in the model."""
+    return t * 1.0009765625
 
 
 def _host_ms(fn, iters: int, warmup: int) -> float:
@@ -166,23 +166,34 @@ def _host_ms(fn, iters: int, warmup: int) -> float:
 
 
 @torch.no_grad()
-def time_module(module: nn.Module, x: torch.Tensor, iters: int, warmup: int, compile_backend: str | None = None) -> float:
+def time_module(module: nn.Module, x: torch.Tensor, iters: int, warmup: int, compile_backend: str | None = None,
+                producer_cache: dict | None = None) -> float:
     """Milliseconds per call of ``module(x)``: a CUDA graph over weight-streaming copies on CUDA,
-    the host clock's median elsewhere. With ``compile_backend`` (e.g. ``"inductor"``) each copy is
-    called on the output of its own pointwise producer inside one compiled function, and the same
-    function without the layers is subtracted: the layer's time when its input quantization is
-    fused into the op that made the input."""
+    the host clock's median elsewhere. With ``compile_backend`` (e.g. ``"inductor"``) the layer is
+    compiled once behind a pointwise producer, with its parameters and buffers as graph inputs
+    (``torch.func.functional_call``), so every copy reuses one compiled graph; the producer alone,
+    compiled the same way, is subtracted (timed once per input shape when ``producer_cache`` is
+    given): the layer's time when its input quantization is fused into the op that made the input."""
     copies = 1 if not x.is_cuda else max(2, min(48, math.ceil(STREAM_BYTES / max(1, _weight_bytes(module)))))
     mods = [module] + [copy.deepcopy(module) for _ in range(copies - 1)]
     run = time_fn if x.is_cuda else (lambda fn, i, w: {"median_ms": _host_ms(fn, i, w)})
     if compile_backend is None:
         return run(lambda: [m(x) for m in mods], iters, warmup)["median_ms"] / copies
-    prods = _producers(mods)
-    with_layers = torch.compile(lambda t: [m(p(t)) for m, p in zip(mods, prods)], backend=compile_backend,
-                                dynamic=False)
-    alone = torch.compile(lambda t: [p(t) for p in prods], backend=compile_backend, dynamic=False)
-    ms = run(lambda: with_layers(x), iters, warmup)["median_ms"] - run(lambda: alone(x), iters, warmup)["median_ms"]
-    return max(ms, 0.0) / copies
+    states = [{**dict(m.named_parameters()), **dict(m.named_buffers())} for m in mods]
+    # a fresh Dynamo cache: this function's lambda is one code object whatever the module, and its
+    # per-module recompiles would otherwise hit the recompile limit and silently run eager
+    torch._dynamo.reset()
+    layer = torch.compile(lambda state, t: torch.func.functional_call(module, state, (_producer(t),)),
+                          backend=compile_backend, dynamic=False)
+    ms = run(lambda: [layer(st, x) for st in states], iters, warmup)["median_ms"] / copies
+    key = (tuple(x.shape), x.dtype, str(x.device), x.stride(), compile_backend)
+    if producer_cache is None or key not in producer_cache:
+        alone = torch.compile(_producer, backend=compile_backend, dynamic=False)
+        alone_ms = run(lambda: [alone(x) for _ in range(copies)], iters, warmup)["median_ms"] / copies
+        if producer_cache is None:
+            return max(ms - alone_ms, 0.0)
+        producer_cache[key] = alone_ms
+    return max(ms - producer_cache[key], 0.0)
 
 
 def _random_input(shape: tuple[int, ...], device, dtype, seed: int) -> torch.Tensor:
@@ -199,6 +210,7 @@ def measure_layers(layers: Mapping[str, QuantLayer], shapes: Mapping[str, tuple[
     """``(ms, paths)``: ``ms[layer][choice]`` for every layer in ``shapes``, identical geometries
     measured once; ``paths[layer][choice]`` is the backend the choice runs on."""
     cache: dict[tuple, tuple[float, str]] = {}
+    producers: dict = {}
     ms: dict[str, dict[str, float]] = {}
     paths: dict[str, dict[str, str]] = {}
     for name, shape in shapes.items():
@@ -212,7 +224,7 @@ def measure_layers(layers: Mapping[str, QuantLayer], shapes: Mapping[str, tuple[
                 module = _module_for(layer, w, a, backend)
                 how = module.spec.backend if isinstance(module, KernelLayer) else "fp"
                 x = _random_input(shape, p.device, p.dtype, seed=len(cache))
-                cache[geo] = (time_module(module, x, iters, warmup, compile_backend), how)
+                cache[geo] = (time_module(module, x, iters, warmup, compile_backend, producers), how)
                 del module
             ms[name][key], paths[name][key] = cache[geo]
     return ms, paths
@@ -221,11 +233,13 @@ def measure_layers(layers: Mapping[str, QuantLayer], shapes: Mapping[str, tuple[
 def measure_latency_table(model: nn.Module, layers: Mapping[str, QuantLayer], example_kwargs: Mapping[str, Any],
                           choices: Iterable[str], backend: BackendConfig | None = None, iters: int = 20,
                           warmup: int = 3, meta: Mapping[str, Any] | None = None,
-                          compile_backend: str | None = None) -> LatencyTable:
+                          compile_backend: str | None = None, regions: Sequence[str] | None = None) -> LatencyTable:
     """The table for ``model`` (its QuantLayers calibrated, their plan cleared) at the input
     ``example_kwargs`` describes (resolution, batch). ``choices``: e.g. ``["w16a16", "w8a8", "w4a16"]``
     (``w16a16`` is always measured). ``compile_backend``: measure layers and model under
-    torch.compile (see :func:`time_module`); None: eager kernels."""
+    torch.compile (see :func:`time_module`); None: eager kernels. ``regions``: with ``compile_backend``,
+    the whole model is compiled per repeated block (:func:`mixprec.kernels.regional.compile_regions`,
+    in place) instead of whole, the way ``stage=benchmark stage.compile=regional`` times plans."""
     backend = backend or BackendConfig()
     keys = [FULL] + [k for k in (choice_key(*parse_choice(c)) for c in choices) if k != FULL]
     keys = list(dict.fromkeys(keys))
@@ -237,9 +251,9 @@ def measure_latency_table(model: nn.Module, layers: Mapping[str, QuantLayer], ex
     t0 = time.perf_counter()
     ms, paths = measure_layers(layers, shapes, keys, backend, iters, warmup, compile_backend)
     p = next(model.parameters())
-    model_ms = model_latency_ms(model, example_kwargs, iters, warmup, compile_backend)
+    model_ms = model_latency_ms(model, example_kwargs, iters, warmup, compile_backend, regions)
     info = {"choices": keys, "backend": backend.to_dict(), "iters": iters, "warmup": warmup, "env": env_info(),
-            "compile_backend": compile_backend,
+            "compile_backend": compile_backend, "regions": list(regions) if regions else None,
             "device": str(p.device), "dtype": str(p.dtype), "measure_s": time.perf_counter() - t0,
             "paths": paths, **dict(meta or {})}
     return LatencyTable(ms=ms, model_ms=model_ms, meta=info)
@@ -247,11 +261,17 @@ def measure_latency_table(model: nn.Module, layers: Mapping[str, QuantLayer], ex
 
 @torch.no_grad()
 def model_latency_ms(model: nn.Module, kwargs: Mapping[str, Any], iters: int = 20, warmup: int = 3,
-                     compile_backend: str | None = None) -> float:
+                     compile_backend: str | None = None, regions: Sequence[str] | None = None) -> float:
     """Median milliseconds of ``model(**kwargs)``, timed as the table's rows are (CUDA graph on CUDA,
-    host clock elsewhere; compiled with ``compile_backend``): what :meth:`LatencyTable.predict_ms`
-    predicts when the table was measured the same way."""
-    fn = model if compile_backend is None else torch.compile(model, backend=compile_backend, dynamic=False)
+    host clock elsewhere; compiled with ``compile_backend``, whole or, with ``regions``, per repeated
+    block in place): what :meth:`LatencyTable.predict_ms` predicts when the table was measured the
+    same way."""
+    if compile_backend is not None and regions:
+        from .regional import compile_regions
+        compile_regions(model, regions, backend=compile_backend, dynamic=False)
+        fn = model
+    else:
+        fn = model if compile_backend is None else torch.compile(model, backend=compile_backend, dynamic=False)
     if any(t.is_cuda for t in itertools.chain(model.parameters(), model.buffers())):
         return time_fn(lambda: fn(**kwargs), iters, warmup)["median_ms"]
     return _host_ms(lambda: fn(**kwargs), iters, warmup)

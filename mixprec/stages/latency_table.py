@@ -47,14 +47,27 @@ def run(ctx: StageContext) -> dict:
         key = latent_input_name(denoiser)
         x[key] = x[key].contiguous(memory_format=torch.channels_last)
     set_plan(bundle.layers)
-    compile_backend = None if str(s.compile) in ("none", "None", "") else str(s.compile)
+    compile_backend, regions = compile_choice(str(s.compile))
     table = measure_latency_table(denoiser, bundle.layers, x, settings["choices"], backend, int(s.iters),
                                   int(s.warmup), meta={"settings": settings, "fingerprints": ws.fingerprints},
-                                  compile_backend=compile_backend)
+                                  compile_backend=compile_backend, regions=regions)
     ws.write_json(artifacts.LAYER_LATENCY, table.to_json())
     log.info("latency_table: %d layers x %d choices, 16-bit denoiser %.3f ms (%.3f ms outside the layers)",
              len(table.ms), len(table.choices), table.model_ms, table.rest_ms)
     return _headline(table, reused=False)
+
+
+def compile_choice(mode: str) -> tuple[str | None, tuple[str, ...] | None]:
+    """``stage.compile`` -> (torch.compile backend, regions): ``none`` eager kernels; ``regional``
+    every layer compiled by inductor and the whole denoiser compiled per repeated block (as
+    ``stage=benchmark stage.compile=regional`` times plans); any other value is a torch.compile
+    backend for the layers and the whole denoiser (``inductor``)."""
+    if mode in ("none", "None", ""):
+        return None, None
+    if mode == "regional":
+        from mixprec.kernels.regional import DEFAULT_REGIONS
+        return "inductor", DEFAULT_REGIONS
+    return mode, None
 
 
 def _headline(table: LatencyTable, reused: bool) -> dict:
