@@ -107,6 +107,20 @@ def compile_model(model, how: str, backend: str, regions: list[str]):
     return torch.compile(model, backend=backend, dynamic=False)
 
 
+def compiled_call(model, x: dict, how: str, backend: str, regions: list[str]):
+    """(the compiled call on ``x``, its first output as float32, the seconds that first call took:
+    the compile)."""
+    fn = compile_model(model, how, backend, regions)
+
+    def call():
+        with torch.no_grad():
+            return fn(**x, return_dict=False)[0]
+
+    t = time.perf_counter()
+    y = call().float()
+    return call, y, time.perf_counter() - t
+
+
 class Graph:
     """A CUDA graph of one compiled call (host clock on a CPU: dry runs say nothing of speed)."""
 
@@ -148,15 +162,7 @@ def run_variant(name: str, unet, layers, x: dict, fp_eager: torch.Tensor, state:
     model, rec["dispatch"] = convert_named(unet, layers, *PLANS[name])
     rec["weight_mib"] = weight_bytes(model) / MIB
     rec["convert_s"] = time.perf_counter() - t
-    fn = compile_model(model, args.compile, args.compile_backend, args.regions.split(","))
-
-    def call():
-        with torch.no_grad():
-            return fn(**x, return_dict=False)[0]
-
-    t = time.perf_counter()
-    y = call().float()
-    rec["compile_s"] = time.perf_counter() - t
+    call, y, rec["compile_s"] = compiled_call(model, x, args.compile, args.compile_backend, args.regions.split(","))
     rec["graphs_compiled_so_far"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     log(f"{name}: compiled in {rec['compile_s']:.1f}s ({rec['graphs_compiled_so_far']} graphs in this process)", clock)
     t = time.perf_counter()

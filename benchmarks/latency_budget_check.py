@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import Clock, write_json  # noqa: E402
-from benchmarks.issue21_compiled import Graph, compile_model, device_info, log  # noqa: E402
+from benchmarks.issue21_compiled import Graph, compiled_call, device_info, log  # noqa: E402
 from benchmarks.issue21_matrix import build, inputs_for  # noqa: E402
 from mixprec.kernels import BackendConfig, convert_, weight_bytes  # noqa: E402
 from mixprec.kernels.latency_table import LatencyTable, measure_latency_table, parse_choice  # noqa: E402
@@ -113,15 +113,7 @@ def time_plan(name: str, unet, x: dict, plan: dict | None, cfg: BackendConfig, s
     rec["dispatch"] = report.summary()
     rec["weight_mib"] = weight_bytes(model) / MIB
     model = model.to(memory_format=torch.channels_last).requires_grad_(False)
-    fn = compile_model(model, "regional", args.compile_backend, list(UNET_REGIONS))
-
-    def call():
-        with torch.no_grad():
-            return fn(**x, return_dict=False)[0]
-
-    t = time.perf_counter()
-    y = call().float()
-    rec["compile_s"] = time.perf_counter() - t
+    call, y, rec["compile_s"] = compiled_call(model, x, "regional", args.compile_backend, list(UNET_REGIONS))
     graph = Graph(call)
     rec["timing"] = graph.time(args.iters, args.warmup)
     if plan is None:

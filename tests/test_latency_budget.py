@@ -139,6 +139,22 @@ def test_allocate_stage_with_latency_budgets_writes_both_plans_and_the_front(mak
     html = latency_section(load_workspace(ws))
     assert "pareto_latency.csv" in html and "<img" in html and str(budgets[0]) in html
     assert not any(r["path"].startswith("plans/latency_") for r in collect_candidates(ws))
+    # plans that stage=benchmark timed get their measured latency beside the prediction, and a front
+    # of score vs measured latency
+    from mixprec.artifacts import read_pareto_latency_csv
+    from mixprec.report.html import measured_latency
+
+    rows = read_pareto_latency_csv(ws)
+    slow = {r["path"]: 1.5 if i == 0 else 0.98 for i, r in enumerate(rows)}  # the first one misses its budget
+    bench = {"plans": {"bf16": {"timing": {"64x1": {"median_ms": full}}}} | {
+        str(ws / r["path"]): {"timing": {"64x1": {"median_ms": r["predicted_ms"] * slow[r["path"]]}}} for r in rows}}
+    got = measured_latency(rows, ws, bench, "64x1")
+    assert [g["error_pct"] for g in got] == pytest.approx([100 * (slow[r["path"]] - 1) for r in rows])
+    assert [g["within_budget"] for g in got] == [r["predicted_ms"] * slow[r["path"]] <= r["budget_ms"] for r in rows]
+    assert got[0]["within_budget"] is False and any(g["pareto_measured"] for g in got)
+    (ws / "benchmark.json").write_text(json.dumps(bench))
+    html = latency_section(load_workspace(ws))
+    assert "measured_ms" in html and "error_pct" in html
     # the same request gives the same files
     before = (ws / head["plans"][0]["plan"]).read_text()
     run_stage(make_cfg("stage=allocate", f"paths.workspace={ws}", "stage.budget=latency",

@@ -63,7 +63,7 @@ def resolve_plan(name: str, layers: dict[str, QuantLayer], ws: Workspace) -> tup
         return dict(wplan.bits), dict(aplan.bits) if aplan else {}, {}
     path = Path(name)
     if not path.exists():
-        raise ValueError(f"benchmark plan {name!r}: use 'final', '<scope>:wXaY[:fp8|int8]' (scopes: uniform, "
+        raise ValueError(f"benchmark plan {name!r}: use 'final', '<scope>:wXaY[:fp8|int8|fbgemm]' (scopes: uniform, "
                          f"linear, conv, ff, attn, inner, fused) or a plan file path")
     plan = search.read_plan(path)
     bits = dict(plan.bits)
