@@ -142,7 +142,7 @@ def test_allocate_stage_with_latency_budgets_writes_both_plans_and_the_front(mak
     # plans that stage=benchmark timed get their measured latency beside the prediction, and a front
     # of score vs measured latency
     from mixprec.artifacts import read_pareto_latency_csv
-    from mixprec.report.html import measured_latency
+    from mixprec.report.data import measured_latency
 
     rows = read_pareto_latency_csv(ws)
     slow = {r["path"]: 1.5 if i == 0 else 0.98 for i, r in enumerate(rows)}  # the first one misses its budget
@@ -155,6 +155,19 @@ def test_allocate_stage_with_latency_budgets_writes_both_plans_and_the_front(mak
     (ws / "benchmark.json").write_text(json.dumps(bench))
     html = latency_section(load_workspace(ws))
     assert "measured_ms" in html and "error_pct" in html
+    from mixprec.report.wandb_views import _log_latency  # the same rows go to W&B
+
+    class Tables:
+        enabled, logged = False, {}
+
+        def log_table(self, key, cols, table_rows):
+            self.logged[key] = [dict(zip(cols, r)) for r in table_rows]
+
+    summary, track = {}, Tables()
+    _log_latency(track, load_workspace(ws), summary)
+    assert summary == {"latency/plans": 3, "latency/measured": 3, "latency/max_abs_error_pct": pytest.approx(50.0),
+                       "latency/within_budget": 2}
+    assert [r["measured_ms"] for r in track.logged["latency/plans"]] == [g["measured_ms"] for g in got]
     # the same request gives the same files
     before = (ws / head["plans"][0]["plan"]).read_text()
     run_stage(make_cfg("stage=allocate", f"paths.workspace={ws}", "stage.budget=latency",

@@ -7,6 +7,7 @@ with no model at all) build quickly.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 from mixprec import artifacts
 from mixprec.artifacts import FULL_PRECISION_BITS, CensusLayer, PlanFile, read_stage_records  # noqa: F401
+from mixprec.search.pareto import pareto_front
 from mixprec.search.program import mean_bits
 
 Layer = CensusLayer  # a census row as the report shows it
@@ -238,3 +240,52 @@ def allocation_by_block(layers: Sequence[Layer], bits: Mapping[str, int], size_a
         tot = sum(q.values())
         r["mean_bits"] = sum(b * s for b, s in q.items()) / tot if tot else None
     return list(rows.values())
+
+
+def measured_latency(rows: Sequence[Mapping[str, Any]], root: Path, benchmark: Mapping[str, Any] | None,
+                     shape: str | None) -> list[dict[str, Any]]:
+    """``rows`` of ``pareto_latency.csv`` with what ``benchmark.json`` measured for the same plan files
+    (``stage=benchmark stage.plans=[<latency plan path>]``): ``measured_ms`` at ``shape`` (the latency
+    table's ``RESxBATCH``; else the first timed shape), ``error_pct`` against the prediction,
+    ``within_budget``, and ``pareto_measured``: the front of score vs measured latency."""
+    plans = (benchmark or {}).get("plans") or {}
+    by_file: dict[Path, Mapping[str, Any]] = {}
+    for name, rec in plans.items():
+        p = Path(name)
+        for cand in (p, root / p):
+            if cand.suffix in (".yaml", ".yml") and cand.exists():
+                by_file[cand.resolve()] = rec
+    out = []
+    for r in rows:
+        r = dict(r)
+        rec = by_file.get((root / str(r.get("path", ""))).resolve()) if r.get("path") else None
+        timing = (rec or {}).get("timing") or {}
+        t = timing.get(shape) if shape in timing else next(iter(timing.values()), None)
+        if t is not None:
+            r["measured_ms"] = t["median_ms"]
+            if r.get("predicted_ms"):
+                r["error_pct"] = 100.0 * (t["median_ms"] - r["predicted_ms"]) / r["predicted_ms"]
+            if r.get("budget_ms") is not None:
+                r["within_budget"] = t["median_ms"] <= r["budget_ms"]
+        out.append(r)
+    marked = pareto_front(out, size_key="measured_ms", objective_key="score")
+    for r, m in zip(out, marked):
+        if "measured_ms" in r:
+            r["pareto_measured"] = m["pareto"]
+    return out
+
+
+def latency_rows(d: "WorkspaceData") -> list[dict[str, Any]]:
+    """The workspace's latency-budget plans (``pareto_latency.csv``) with their measured latency where
+    ``stage=benchmark`` timed them, at the latency table's resolution and batch."""
+    rows = artifacts.read_pareto_latency_csv(d.root)
+    if not rows:
+        return []
+    settings: dict[str, Any] = {}
+    try:
+        meta = json.loads((d.root / artifacts.LAYER_LATENCY).read_text()).get("meta") or {}
+        settings = meta.get("settings") or {}
+    except (OSError, ValueError):
+        pass
+    shape = f"{settings['resolution']}x{settings['batch_size']}" if "resolution" in settings else None
+    return measured_latency(rows, d.root, d.benchmark, shape)

@@ -12,7 +12,6 @@ import base64
 import datetime as _dt
 import html
 import io
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -21,9 +20,9 @@ from typing import Any
 import yaml
 
 from mixprec import artifacts
-from mixprec.search.pareto import pareto_front
 
-from .data import FULL_PRECISION_BITS, Source, WorkspaceData, allocation_by_block, census_by_block, roles_of_block
+from .data import (FULL_PRECISION_BITS, Source, WorkspaceData, allocation_by_block, census_by_block, latency_rows,
+                   roles_of_block)
 
 CSS = """
 :root { --fg:#1d2330; --muted:#5b6474; --line:#dde1e8; --bg:#f4f6f9; --card:#fff; --accent:#3559c7; }
@@ -535,53 +534,12 @@ def benchmark_section(d: WorkspaceData) -> str | None:
     return section("benchmark", "".join(parts), ["benchmark.json"], sources=_sources(d, "benchmark"))
 
 
-def measured_latency(rows: list[dict[str, Any]], root: Path, benchmark: Mapping[str, Any] | None,
-                     shape: str | None) -> list[dict[str, Any]]:
-    """``rows`` of ``pareto_latency.csv`` with what ``benchmark.json`` measured for the same plan files
-    (``stage=benchmark stage.plans=[<latency plan path>]``): ``measured_ms`` at ``shape`` (the latency
-    table's ``RESxBATCH``; else the first timed shape), ``error_pct`` against the prediction,
-    ``within_budget``, and ``pareto_measured``: the front of score vs measured latency."""
-    plans = (benchmark or {}).get("plans") or {}
-    by_file: dict[Path, Mapping[str, Any]] = {}
-    for name, rec in plans.items():
-        p = Path(name)
-        for cand in (p, root / p):
-            if cand.suffix in (".yaml", ".yml") and cand.exists():
-                by_file[cand.resolve()] = rec
-    out = []
-    for r in rows:
-        r = dict(r)
-        rec = by_file.get((root / str(r.get("path", ""))).resolve()) if r.get("path") else None
-        timing = (rec or {}).get("timing") or {}
-        t = timing.get(shape) if shape in timing else next(iter(timing.values()), None)
-        if t is not None:
-            r["measured_ms"] = t["median_ms"]
-            if r.get("predicted_ms"):
-                r["error_pct"] = 100.0 * (t["median_ms"] - r["predicted_ms"]) / r["predicted_ms"]
-            if r.get("budget_ms") is not None:
-                r["within_budget"] = t["median_ms"] <= r["budget_ms"]
-        out.append(r)
-    marked = pareto_front(out, size_key="measured_ms", objective_key="score")
-    for r, m in zip(out, marked):
-        if "measured_ms" in r:
-            r["pareto_measured"] = m["pareto"]
-    return out
-
-
 def latency_section(d: WorkspaceData) -> str | None:
     """The latency-budget plans (stage=allocate stage.budget=latency), their front, and where
     stage=benchmark timed them, the measured latency against the prediction."""
-    rows = artifacts.read_pareto_latency_csv(d.root)
+    rows = latency_rows(d)
     if not rows:
         return None
-    settings = {}
-    if (d.root / artifacts.LAYER_LATENCY).exists():
-        try:
-            settings = (json.loads((d.root / artifacts.LAYER_LATENCY).read_text()).get("meta") or {}).get("settings") or {}
-        except (OSError, ValueError):
-            settings = {}
-    shape = f"{settings['resolution']}x{settings['batch_size']}" if "resolution" in settings else None
-    rows = measured_latency(rows, d.root, d.benchmark, shape)
     cols = ["budget_ms", "predicted_ms", "measured_ms", "error_pct", "within_budget", "score", "K", "seed", "status",
             "pareto", "pareto_measured", "path"]
     if not any("measured_ms" in r for r in rows):

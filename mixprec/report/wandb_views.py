@@ -3,7 +3,8 @@
 Logged by the report run (job_type ``report``, group = ``tracking.group`` or the workspace name):
 tables (census by block, sensitivity per kind and group, one row per candidate with its selection
 images, allocation per block, one row per prompt and one per image variant, ablation, benchmark),
-native charts (Pareto scatter per kind, sensitivity by depth as line series), the report's PNG
+native charts (Pareto scatter per kind, latency plans' score vs predicted and measured latency,
+sensitivity by depth as line series), the report's PNG
 charts and image variants as media, and the final plans and the page as artifacts. Summary keys
 (``final/*``, ``pareto/*``, ``images/*``) are scalars, so the dashboard's run comparison can set
 two sweeps (two groups) side by side.
@@ -25,7 +26,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .data import FULL_PRECISION_BITS, WorkspaceData, allocation_by_block, census_by_block
+from .data import FULL_PRECISION_BITS, WorkspaceData, allocation_by_block, census_by_block, latency_rows
 
 MAX_TABLE_ROWS = 2000
 
@@ -202,6 +203,31 @@ def _log_evaluate_and_benchmark(track, d: WorkspaceData) -> None:
                                                         for k, v in flat])
 
 
+def _log_latency(track, d: WorkspaceData, summary: dict[str, Any]) -> None:
+    """The latency-budget plans: predicted and (where stage=benchmark timed them) measured latency."""
+    rows = latency_rows(d)
+    if not rows:
+        return
+    cols = ["budget_ms", "predicted_ms", "measured_ms", "error_pct", "within_budget", "score", "pareto",
+            "pareto_measured", "path"]
+    track.log_table("latency/plans", cols, [[_clean(r.get(c)) for c in cols] for r in rows])
+    summary["latency/plans"] = len(rows)
+    measured = [r for r in rows if r.get("measured_ms") is not None]
+    if measured:
+        summary["latency/measured"] = len(measured)
+        summary["latency/max_abs_error_pct"] = max(abs(r.get("error_pct") or 0.0) for r in measured)
+        summary["latency/within_budget"] = sum(bool(r.get("within_budget")) for r in measured)
+    if track.enabled:
+        import wandb
+
+        for key in ("predicted_ms", "measured_ms"):
+            pts = [r for r in rows if r.get(key) is not None and r.get("score") is not None]
+            if pts:
+                table = wandb.Table(columns=[key, "score", "path"], data=[[r[key], r["score"], r["path"]] for r in pts])
+                track.log({f"latency/score_vs_{key}": wandb.plot.scatter(table, key, "score",
+                                                                        title=f"latency plans: {key} vs score")})
+
+
 def log_report(track, d: WorkspaceData, figures: Mapping[str, bytes | None], manifest: Mapping[str, Any] | None,
                report_path: Path) -> dict[str, Any]:
     """Log every view; returns the summary it set (also when tracking is disabled, for the stage record)."""
@@ -217,6 +243,7 @@ def log_report(track, d: WorkspaceData, figures: Mapping[str, bytes | None], man
     _log_sources(track, d, summary)
     _log_images(track, d, manifest, summary)
     _log_evaluate_and_benchmark(track, d)
+    _log_latency(track, d, summary)
     for name, png in figures.items():
         if png:
             track.log_images(f"charts/{name}", [_pil(png)], [name])
