@@ -71,6 +71,18 @@ def test_w4a8_reference_is_fp8_activations_times_the_4bit_weight(act):
     assert sqnr_db(ref, few) > 100
 
 
+def test_fp8_layer_on_the_reference_backend_keeps_fp8_activations():
+    """A checkpoint of fp8 layers loaded with kernels.w8a8=reference runs them on the reference backend:
+    still the fp8 function (the activation format follows the stored codes, not the backend name)."""
+    torch.manual_seed(0)
+    mod = nn.Linear(256, 48)
+    x = torch.randn(3, 256) * 2
+    kl = KernelLayer.from_quant_layer(_w4a8(mod, x, w_bits=8), "fp8")
+    ref = kl(x)
+    kl.spec.backend = "reference"
+    assert kl.fp8_activations and torch.equal(kl(x), ref)
+
+
 def test_converted_unet_keeps_fp8_activation_format_through_a_checkpoint(tmp_path):
     from mixprec.checkpoint import load_quantized, save_quantized
 

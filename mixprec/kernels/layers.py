@@ -304,6 +304,12 @@ class KernelLayer(nn.Module):
             spec.backend == "wonly" and self.low_bit_impl == "fbgemm")
         return wanted and fbgemm.available()
 
+    @property
+    def fp8_activations(self) -> bool:
+        """Activations quantize to fp8 e4m3 (fp8 weights, or 4-bit codes on the fp8 backend), on every
+        path, the reference one included (also when a checkpoint loads onto the reference backend)."""
+        return self.spec.weight_format == "fp8" or self.spec.backend == "fp8"
+
     def decode_codes(self) -> torch.Tensor:
         """Integer (or fp8) codes as [N, K], conv columns in (kh, kw, c) order."""
         return _decode(self.qweight, self.spec)
@@ -345,10 +351,10 @@ class KernelLayer(nn.Module):
         spec = self.spec
         if spec.a_bits is None:
             return x
-        if spec.backend == "fp8" and spec.fp8_act == "token":
+        if self.fp8_activations and spec.fp8_act == "token":
             codes, scale = quant_act_fp8_token(x.reshape(-1, x.shape[-1]))
             return (codes.float() * scale).to(x.dtype).reshape(x.shape)
-        if spec.backend == "fp8":
+        if self.fp8_activations:
             return (quant_act_fp8(x, 1.0 / spec.act_scale).float() * spec.act_scale).to(x.dtype)
         return fake_quant_act(x, spec.act_scale, spec.act_zero, spec.a_bits)
 
@@ -438,7 +444,7 @@ class KernelLayer(nn.Module):
         spec = self.spec
         if spec.a_bits is None or spec.weight_format == "fp":
             return MMA_16
-        if spec.backend == "fp8":
+        if self.fp8_activations:
             return MMA_FP8_FAST if self.fp8_fast_accum else MMA_FP8
         return MMA_INT8
 
