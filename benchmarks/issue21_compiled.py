@@ -88,11 +88,6 @@ def device_info() -> dict:
     import torch._inductor.config as ind
     info["inductor"] = {k: getattr(ind, k, None) for k in ("max_autotune", "coordinate_descent_tuning",
                                                           "freezing", "compile_threads", "fx_graph_cache")}
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        info["fbgemm_gpu_genai"] = version("fbgemm_gpu_genai")
-    except PackageNotFoundError:
-        info["fbgemm_gpu_genai"] = None
     info["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
     info["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
     return info

@@ -27,6 +27,11 @@ def env_info() -> dict:
         info["diffusers"] = diffusers.__version__
     except Exception:
         pass
+    from importlib.metadata import PackageNotFoundError, version
+    try:  # the optional kernels of kernels.low_bit=fbgemm
+        info["fbgemm_gpu_genai"] = version("fbgemm_gpu_genai")
+    except PackageNotFoundError:
+        info["fbgemm_gpu_genai"] = None
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         info.update(gpu=p.name, sms=p.multi_processor_count, gpu_mem_gib=round(p.total_memory / 2**30, 1))
