@@ -146,9 +146,9 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, config: Any = None
         if spec.weight_format == "int":
             # the stored codes fix the format; the options only choose among compatible kernels
             backend, _ = choose_backend(inner, spec.w_bits, spec.a_bits, cfg, spec.group_size)
-            if spec.backend == "fp8" and spec.a_bits is not None:
-                pass  # 4-bit codes saved with fp8 activation scales (kernels.low_bit=fbgemm): they fix the format
-            else:
+            # 4-bit codes saved with fp8 activation scales (kernels.low_bit=fbgemm) keep them: the stored
+            # scales fix the activation format too
+            if not (spec.backend == "fp8" and spec.a_bits is not None):
                 spec.backend = "int8" if backend == "fp8" else backend
         elif spec.weight_format == "fp8":
             spec.backend = "fp8" if cfg.w8a8 != "reference" else "reference"

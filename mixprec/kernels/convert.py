@@ -44,8 +44,8 @@ import torch.nn as nn
 
 from mixprec.quantizers import QUANTIZABLE_TYPES, QuantLayer, quant_layers
 
-from .architecture import architecture_fingerprint
 from . import fbgemm
+from .architecture import architecture_fingerprint
 from .layers import KernelLayer, storage_bits_for
 
 
