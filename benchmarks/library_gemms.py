@@ -75,11 +75,6 @@ def int4_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w.float() / scale[:, None]).clamp(-8, 7).to(torch.int8), scale
 
 
-def pack_int4_pairs(q: torch.Tensor) -> torch.Tensor:
-    """Two signed 4-bit codes per byte, low nibble first (fbgemm's CUTLASS int4 layout)."""
-    return torch.bitwise_or(torch.bitwise_and(q[:, ::2], 0xF), torch.bitwise_left_shift(q[:, 1::2], 4)).contiguous()
-
-
 class Variants:
     """Per variant: ``prep(w) -> state`` once per weight copy, ``call(x_in, state)`` the timed GEMM,
     ``act(x) -> x_in`` the activation as the GEMM takes it (pre-quantized, untimed)."""
@@ -159,6 +154,8 @@ class Variants:
     def _fbgemm(self):
         import fbgemm_gpu.experimental.gen_ai  # noqa: F401  (loads the CUTLASS ops)
 
+        from mixprec.kernels import fbgemm
+
         ops = torch.ops.fbgemm
         for fast in (False, True):
             sfx = "_fast" if fast else ""
@@ -177,30 +174,24 @@ class Variants:
             group = 128  # CUTLASS's groups must divide K; per-channel scales repeat across groups
             g = k // group
             scale = s[None, :].expand(g, -1).contiguous()
-            return pack_int4_pairs(q), scale, torch.zeros_like(scale)
+            return fbgemm.pack_pairs(q), scale, torch.zeros_like(scale)
 
         self.add("fbgemm_bf16i4_rowwise", lambda x: x, prep_i4_rowwise,
                  lambda x, ws: ops.bf16i4bf16_rowwise(x, ws[0], ws[1], ws[2]))
         self.add("fbgemm_f8i4_rowwise", fp8_rowwise, prep_i4_rowwise,
                  lambda xs, ws: ops.f8i4bf16_rowwise(xs[0], ws[0], xs[1], ws[1], ws[2]))
 
+        # the preshuffled weights exactly as kernels.low_bit=fbgemm prepares them
         def prep_bf16i4_shuffled(w):
-            q, s = int4_channel(w)
-            g = w.shape[1] // 128
-            scale = s[None, :].expand(g, -1).contiguous().to(torch.bfloat16)
-            wq, scale = ops.preshuffle_i4(pack_int4_pairs(q), scale)
-            return wq, scale, torch.zeros(g, w.shape[0], device=w.device, dtype=torch.bfloat16)
+            d = fbgemm.prepare_bf16i4(*int4_channel(w))
+            return d["fb_wq"], d["fb_group_scale"], d["fb_group_zero"]
 
         self.add("fbgemm_bf16i4_shuffled", lambda x: x, prep_bf16i4_shuffled,
                  lambda x, ws: ops.bf16i4bf16_shuffled(x, ws[0], ws[1], ws[2]))
 
         def prep_f8i4_shuffled(w):
-            # w = q * s[n]: row scale s[n], every group scale 1.0 (exact in e4m3)
-            q, s = int4_channel(w)
-            g = w.shape[1] // 128
-            gs = torch.ones(g, w.shape[0], device=w.device).to(torch.float8_e4m3fn)
-            wq, gs = ops.preshuffle_i4(pack_int4_pairs(q), gs)
-            return wq, s.float(), gs
+            d = fbgemm.prepare_f8i4(*int4_channel(w))
+            return d["fb_wq"], d["fb_row_scale"], d["fb_group_scale"]
 
         self.add("fbgemm_f8i4_shuffled", fp8_rowwise, prep_f8i4_shuffled,
                  lambda xs, ws: ops.f8i4bf16_shuffled(xs[0], ws[0], xs[1], ws[1], ws[2]))
