@@ -44,6 +44,29 @@ def test_fbgemm_option_dispatches_4bit_linear_layers_only():
         BackendConfig(low_bit="cutlass")
 
 
+def test_fbgemm_load_errors_say_why_and_what_to_do(monkeypatch):
+    import sys
+
+    fbgemm.load_error.cache_clear()
+    try:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        with pytest.raises(RuntimeError, match=r"^kernels.low_bit=fbgemm: no CUDA device$"):
+            fbgemm.check_loads()
+        fbgemm.load_error.cache_clear()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+        assert fbgemm.load_error() == "fbgemm's mixed-input kernels need sm90 (Hopper), this GPU is sm80"
+        fbgemm.load_error.cache_clear()
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+        monkeypatch.setitem(sys.modules, "fbgemm_gpu", None)  # not installed (or built for another torch)
+        with pytest.raises(RuntimeError, match=r"fbgemm-gpu-genai did not load \(.*\); install the build matching "
+                                               r"torch .* or use kernels.low_bit=triton"):
+            fbgemm.check_loads()
+        assert not fbgemm.available()
+    finally:
+        fbgemm.load_error.cache_clear()
+
+
 @pytest.mark.parametrize("act", ["tensor", "token"])
 def test_w4a8_reference_is_fp8_activations_times_the_4bit_weight(act):
     """The W4A8 layer's function: F.linear(fp8 fake-quant(x), q * s) + bias, not the int8 grid; the

@@ -291,8 +291,8 @@ def convert_(model: nn.Module, config: BackendConfig | Mapping[str, Any] | None 
 
     refuse_if_loaded(model, "convert_")
     cfg = config if isinstance(config, BackendConfig) else BackendConfig.from_mapping(config)
-    if cfg.low_bit == "fbgemm" and any(p.is_cuda for p in model.parameters()) and fbgemm.load_error():
-        raise RuntimeError(f"kernels.low_bit=fbgemm: {fbgemm.load_error()}")
+    if cfg.low_bit == "fbgemm" and any(p.is_cuda for p in model.parameters()):
+        fbgemm.check_loads()  # asked for on a GPU: say why it cannot run rather than fall back quietly
     arch = architecture_fingerprint(model)
     layers = quant_layers(model)
     if not layers:

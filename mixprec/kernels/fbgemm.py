@@ -48,6 +48,13 @@ def available() -> bool:
     return load_error() is None
 
 
+def check_loads(option: str = "kernels.low_bit=fbgemm") -> None:
+    """Raise with :func:`load_error`'s reason when the kernels cannot run here (``option``: what asked)."""
+    err = load_error()
+    if err:
+        raise RuntimeError(f"{option}: {err}")
+
+
 def shape_ok(k: int, n: int) -> bool:
     """Shapes the kernels take: whole 128-column groups, 16-byte aligned rows and columns."""
     return k % GROUP == 0 and n % 16 == 0
