@@ -14,7 +14,8 @@ graph captured around the compiled call):
   quantization fuses into an inductor producer, per-tensor weight and static activation scales,
   precise accumulation, bias in cuBLAS's epilogue: no kernel of its own around the GEMM);
   ``fp8_linear`` (every Linear layer, the same scales: the plan the issue measured at 0.97x);
-  ``int8_fused`` (the fused layers on ``torch._int_mm``); ``fp8_fused_channel`` (per-channel weight
+  ``int8_fused`` (the fused layers on ``torch._int_mm``); ``int8_fused_triton`` / ``int8_linear_triton``
+  (int8 on ``mixprec.kernels.w8a8_linear``, the epilogue in the kernel); ``fp8_fused_channel`` (per-channel weight
   scales: one pointwise op after each GEMM, which inductor fuses only where the consumer is its own
   kernel); ``fp8_ff`` (the feed-forward layers only: 1.08x on the H100, whole-UNet compile);
   ``fp8_fused_fast`` (cuBLAS's fast fp8 accumulation: 0-8% faster per GEMM, less accurate).
@@ -58,6 +59,9 @@ PLANS = {  # name -> (named plan, backend options), in priority order
     "fp8_fused": ("fused:w8a8", {**FP8, "fp8_weight": "tensor"}),
     "fp8_linear": ("linear:w8a8", {**FP8, "fp8_weight": "tensor"}),
     "int8_fused": ("fused:w8a8", {"w8a8": "int8", "int8_impl": "torch"}),
+    # int8 W8A8 on mixprec.kernels.w8a8_linear (Triton, int32 accumulation, epilogue in the kernel)
+    "int8_fused_triton": ("fused:w8a8", {"w8a8": "int8", "int8_impl": "triton"}),
+    "int8_linear_triton": ("linear:w8a8", {"w8a8": "int8", "int8_impl": "triton"}),
     "fp8_fused_channel": ("fused:w8a8", {**FP8, "fp8_weight": "channel"}),
     "fp8_ff": ("ff:w8a8", {**FP8, "fp8_weight": "tensor"}),
     "fp8_fused_fast": ("fused:w8a8", {**FP8, "fp8_weight": "tensor", "fp8_fast_accum": True}),
@@ -174,7 +178,7 @@ def run_variant(name: str, unet, layers, x: dict, fp_eager: torch.Tensor, state:
             base = out["variants"][BASELINE]["timing"]["median_ms"]
             rec["speedup_vs_bf16"] = base / rec["timing"]["median_ms"]
             rec["speedup_vs_bf16_again"] = rec["bf16_again"]["median_ms"] / rec["timing"]["median_ms"]
-        del graph, model, fn
+        del graph, model, call
     state.setdefault("seen", {})[name] = rec["compile_s"]
 
 

@@ -149,6 +149,7 @@ def main() -> None:
     ap.add_argument("--table-iters", type=int, default=20)
     ap.add_argument("--table", default=None, help="a latency_table.json written earlier (skips step 1)")
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--partial", default=None, help="latency_table.partial.json of a cut call: resume the table")
     ap.add_argument("--budget", type=float, default=540, help="seconds: plans start while they fit")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -165,9 +166,22 @@ def main() -> None:
             tmodel = copy.deepcopy(unet)  # compiled per region in place by the table: not the one plans copy
             tl = quant_layers(tmodel)
             set_plan(tl)
+            # resumable: every measured geometry goes to the partial file (a cut call leaves it in $OUT;
+            # pass it back with --partial and the next call measures only what is missing)
+            part_out = Path(args.out).with_name("latency_table.partial.json") if args.out else None
+            done = json.loads(Path(args.partial).read_text()) if args.partial else {}
+            if done:
+                log(f"resuming the table: {len(done)} measurements from {args.partial}", clock)
+
+            def measured(d):
+                write_json(part_out, d)
+                if len(d) % 10 == 0:
+                    log(f"table: {len(d)} geometry x choice measurements", clock)
+
             table = measure_latency_table(tmodel, tl, x, args.choices.split(","), cfg, args.table_iters, 3,
                                           meta={"res": args.res, "batch": args.batch},
-                                          compile_backend=args.compile_backend, regions=UNET_REGIONS)
+                                          compile_backend=args.compile_backend, regions=UNET_REGIONS,
+                                          done=done, on_measured=measured)
             del tmodel, tl
             torch._dynamo.reset()
             if args.out:

@@ -78,6 +78,8 @@ INFER_DISPATCH = "infer_dispatch.json"
 BENCHMARK_DISPATCH = "benchmark_dispatch.json"
 CHECKPOINT_FILE = "quantized_denoiser.safetensors"
 LAYER_LATENCY = "layer_latency.json"
+# the per-geometry measurements of an unfinished latency_table run (removed when the table is written)
+LAYER_LATENCY_PARTIAL = "layer_latency.partial.json"
 LATENCY_PLANS_PREFIX = "latency_"
 PARETO_LATENCY_CSV = "pareto_latency.csv"
 PARETO_LATENCY_PNG = "pareto_latency.png"

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from mixprec import artifacts
 from mixprec.kernels import BackendConfig, convert_
 from mixprec.kernels.latency_table import (FULL, LatencyTable, _module_for, measure_latency_table, measure_layers,
                                           model_latency_ms, parse_choice, time_module)
@@ -197,3 +198,35 @@ def test_regional_compile_choice_times_the_model_per_block():
     compiled = [m for m in unet.modules() if getattr(m, "_compiled_call_impl", None) is not None]
     assert compiled and all(type(m).__name__ in DEFAULT_REGIONS for m in compiled)
     torch._dynamo.reset()
+
+
+def test_interrupted_latency_table_resumes_from_its_partial_file(make_cfg, tmp_path, monkeypatch):
+    import mixprec.kernels.latency_table as lt
+
+    args = ("model=tiny_random", "stage=latency_table", "stage.calibration=random", "stage.dtype=float32",
+            "stage.iters=1", "stage.warmup=0", "stage.choices=[w8a8]")
+    real, calls = lt.time_module, []
+
+    def cut_after_five(*a, **k):
+        if len(calls) == 5:
+            raise KeyboardInterrupt("cut")
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(lt, "time_module", cut_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(make_cfg(*args))
+    ws = next(tmp_path.rglob(artifacts.LAYER_LATENCY_PARTIAL)).parent
+    assert not (ws / artifacts.LAYER_LATENCY).exists()  # a cut run leaves no table that looks finished
+    assert len(json.loads((ws / artifacts.LAYER_LATENCY_PARTIAL).read_text())["done"]) == 5
+
+    resumed = []
+    monkeypatch.setattr(lt, "time_module", lambda *a, **k: resumed.append(1) or real(*a, **k))
+    head = run_stage(make_cfg(*args))
+    assert head["layers"] > 0 and not head["reused"]
+    assert len(resumed) > 0 and not (ws / artifacts.LAYER_LATENCY_PARTIAL).exists()
+    # only what the cut run had not measured was measured again: 5 fewer than a fresh run
+    fresh = []
+    monkeypatch.setattr(lt, "time_module", lambda *a, **k: fresh.append(1) or real(*a, **k))
+    run_stage(make_cfg(*args, "stage.force=true"))
+    assert len(resumed) == len(fresh) - 5

@@ -23,7 +23,7 @@ import itertools
 import math
 import statistics
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -204,42 +204,68 @@ def _random_input(shape: tuple[int, ...], device, dtype, seed: int) -> torch.Ten
     return x
 
 
+def geometry_key(layer: QuantLayer, shape: tuple[int, ...], choice: str) -> str:
+    """The string a measured (geometry, choice) is saved under in a partial table (JSON keys)."""
+    return repr((_geometry(layer, shape), choice))
+
+
 def measure_layers(layers: Mapping[str, QuantLayer], shapes: Mapping[str, tuple[int, ...]], choices: Sequence[str],
                    backend: BackendConfig, iters: int = 20, warmup: int = 3,
-                   compile_backend: str | None = None) -> tuple[dict, dict]:
+                   compile_backend: str | None = None, done: MutableMapping[str, list] | None = None,
+                   on_measured: Callable[[MutableMapping[str, list]], None] | None = None,
+                   progress: bool = False) -> tuple[dict, dict]:
     """``(ms, paths)``: ``ms[layer][choice]`` for every layer in ``shapes``, identical geometries
-    measured once; ``paths[layer][choice]`` is the backend the choice runs on."""
-    cache: dict[tuple, tuple[float, str]] = {}
+    measured once; ``paths[layer][choice]`` is the backend the choice runs on.
+
+    ``done``: measurements saved earlier (``{geometry_key: [ms, path]}``, e.g. from an interrupted
+    run), reused and extended in place; ``on_measured(done)`` is called after each new geometry, so
+    a caller can save it and a rerun resumes where the last one stopped."""
+    done = {} if done is None else done
     producers: dict = {}
     ms: dict[str, dict[str, float]] = {}
     paths: dict[str, dict[str, str]] = {}
+    todo = {geometry_key(layers[n], s, c) for n, s in shapes.items() for c in choices} - set(done)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), desc="latency table (geometries x choices)", leave=False)
     for name, shape in shapes.items():
         layer = layers[name]
         p = layer.inner.weight
         ms[name], paths[name] = {}, {}
         for key in choices:
             w, a = parse_choice(key)
-            geo = (_geometry(layer, shape), key)
-            if geo not in cache:
+            geo = geometry_key(layer, shape, key)
+            if geo not in done:
                 module = _module_for(layer, w, a, backend)
                 how = module.spec.backend if isinstance(module, KernelLayer) else "fp"
-                x = _random_input(shape, p.device, p.dtype, seed=len(cache))
-                cache[geo] = (time_module(module, x, iters, warmup, compile_backend, producers), how)
+                x = _random_input(shape, p.device, p.dtype, seed=len(done))
+                done[geo] = [time_module(module, x, iters, warmup, compile_backend, producers), how]
                 del module
-            ms[name][key], paths[name][key] = cache[geo]
+                if on_measured is not None:
+                    on_measured(done)
+                if bar is not None:
+                    bar.update()
+            ms[name][key], paths[name][key] = float(done[geo][0]), str(done[geo][1])
+    if bar is not None:
+        bar.close()
     return ms, paths
 
 
 def measure_latency_table(model: nn.Module, layers: Mapping[str, QuantLayer], example_kwargs: Mapping[str, Any],
                           choices: Iterable[str], backend: BackendConfig | None = None, iters: int = 20,
                           warmup: int = 3, meta: Mapping[str, Any] | None = None,
-                          compile_backend: str | None = None, regions: Sequence[str] | None = None) -> LatencyTable:
+                          compile_backend: str | None = None, regions: Sequence[str] | None = None,
+                          done: MutableMapping[str, list] | None = None,
+                          on_measured: Callable[[MutableMapping[str, list]], None] | None = None,
+                          progress: bool = False) -> LatencyTable:
     """The table for ``model`` (its QuantLayers calibrated, their plan cleared) at the input
     ``example_kwargs`` describes (resolution, batch). ``choices``: e.g. ``["w16a16", "w8a8", "w4a16"]``
     (``w16a16`` is always measured). ``compile_backend``: measure layers and model under
     torch.compile (see :func:`time_module`); None: eager kernels. ``regions``: with ``compile_backend``,
     the whole model is compiled per repeated block (:func:`mixprec.kernels.regional.compile_regions`,
-    in place) instead of whole, the way ``stage=benchmark stage.compile=regional`` times plans."""
+    in place) instead of whole, the way ``stage=benchmark stage.compile=regional`` times plans.
+    ``done`` / ``on_measured`` / ``progress``: see :func:`measure_layers` (resuming a cut run)."""
     backend = backend or BackendConfig()
     keys = [FULL] + [k for k in (choice_key(*parse_choice(c)) for c in choices) if k != FULL]
     keys = list(dict.fromkeys(keys))
@@ -249,7 +275,8 @@ def measure_latency_table(model: nn.Module, layers: Mapping[str, QuantLayer], ex
                              f"so the whole-model time is the 16-bit one")
     shapes = layer_input_shapes(model, layers, example_kwargs)
     t0 = time.perf_counter()
-    ms, paths = measure_layers(layers, shapes, keys, backend, iters, warmup, compile_backend)
+    ms, paths = measure_layers(layers, shapes, keys, backend, iters, warmup, compile_backend, done, on_measured,
+                               progress)
     p = next(model.parameters())
     model_ms = model_latency_ms(model, example_kwargs, iters, warmup, compile_backend, regions)
     info = {"choices": keys, "backend": backend.to_dict(), "iters": iters, "warmup": warmup, "env": env_info(),

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import w8a8_linear
 from .packing import planes, unpack
 
 try:  # Triton is optional: CPU machines run the emulation
@@ -225,6 +226,9 @@ def _sm_count(index: int) -> int:
 
 # Set by benchmarks to try other tiles; None = the heuristic below.
 TILE_OVERRIDE: TileConfig | None = None
+# Linear layers with 8-bit weights and pre-quantized int8 / fp8 activations run the dedicated kernel of
+# w8a8_linear (this general kernel's int8 path ran at half its fp8 speed on Hopper); False: this kernel.
+LINEAR_W8_KERNEL = True
 
 
 def pick_tiles(m: int, n: int, cp: int, mma: int, w_bits: int, sms: int = 132) -> TileConfig:
@@ -287,6 +291,10 @@ def launch(a: torch.Tensor, w: torch.Tensor, row_scale: torch.Tensor, col_bias: 
         rows = (0, a.stride(1), w.stride(0), 0, out.stride(1))
     else:
         m, c = a.shape
+        if (LINEAR_W8_KERNEL and tiles is None and w_bits == 8 and not qa and mma in (MMA_INT8, MMA_FP8)
+                and w8a8_linear.supports(a, w)):
+            # pre-quantized 8-bit Linear: the dedicated kernel (tiles per shape, TMA where it won)
+            return w8a8_linear.w8a8_linear(a, w, row_scale, col_bias, out_dtype)
         groups = 1
         out = torch.empty((m, n), device=a.device, dtype=out_dtype)
         geo = (1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0)

@@ -48,10 +48,24 @@ def run(ctx: StageContext) -> dict:
         x[key] = x[key].contiguous(memory_format=torch.channels_last)
     set_plan(bundle.layers)
     compile_backend, regions = compile_choice(str(s.compile))
+    # an interrupted run left its per-geometry measurements: reuse them when they were taken the same way
+    partial = {"settings": settings, "fingerprints": ws.fingerprints, "done": {}}
+    if ws.exists(artifacts.LAYER_LATENCY_PARTIAL) and not is_forced(s.force, "latency_table"):
+        old_partial = ws.read_json(artifacts.LAYER_LATENCY_PARTIAL, "latency_table")
+        if {k: old_partial.get(k) for k in ("settings", "fingerprints")} == {k: partial[k] for k in ("settings", "fingerprints")}:
+            partial["done"] = dict(old_partial.get("done") or {})
+            log.info("latency_table: resuming, %d measurements from %s", len(partial["done"]),
+                     artifacts.LAYER_LATENCY_PARTIAL)
+        else:
+            log.info("latency_table: %s was measured with other settings: measuring anew",
+                     artifacts.LAYER_LATENCY_PARTIAL)
     table = measure_latency_table(denoiser, bundle.layers, x, settings["choices"], backend, int(s.iters),
                                   int(s.warmup), meta={"settings": settings, "fingerprints": ws.fingerprints},
-                                  compile_backend=compile_backend, regions=regions)
+                                  compile_backend=compile_backend, regions=regions, done=partial["done"],
+                                  on_measured=lambda _done: ws.write_json(artifacts.LAYER_LATENCY_PARTIAL, partial),
+                                  progress=True)
     ws.write_json(artifacts.LAYER_LATENCY, table.to_json())
+    ws.path(artifacts.LAYER_LATENCY_PARTIAL).unlink(missing_ok=True)
     log.info("latency_table: %d layers x %d choices, 16-bit denoiser %.3f ms (%.3f ms outside the layers)",
              len(table.ms), len(table.choices), table.model_ms, table.rest_ms)
     return _headline(table, reused=False)
