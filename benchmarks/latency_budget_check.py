@@ -8,7 +8,8 @@ weights, calibrated on random inputs (``issue21_matrix.build``), then
    ``--choices`` on ``--kernels``, each layer compiled by inductor behind a fusable producer and the
    16-bit denoiser compiled per repeated block (``regions``: as ``stage=benchmark
    stage.compile=regional`` and ``issue21_compiled.py`` time plans), written to ``latency_table.json``;
-2. for each budget (``--budgets``: fractions of the table's 16-bit time), the plan of
+2. for each budget (``--budgets``: fractions of the table's 16-bit time, or ``auto``: between the
+   fastest plan the table allows and the 16-bit time), the plan of
    ``mixprec.search.latency.solve_latency`` (HiGHS) with a stand-in quality score per layer (the
    weight's quantization SQNR in dB at each width; activations score alike at every layer): random
    weights have no image quality to rank by, and what is checked here is the latency, not the score;
@@ -40,7 +41,7 @@ from benchmarks.common import Clock, write_json  # noqa: E402
 from benchmarks.issue21_compiled import Graph, compiled_call, device_info, log  # noqa: E402
 from benchmarks.issue21_matrix import build, inputs_for  # noqa: E402
 from mixprec.kernels import BackendConfig, convert_, weight_bytes  # noqa: E402
-from mixprec.kernels.latency_table import LatencyTable, measure_latency_table, parse_choice  # noqa: E402
+from mixprec.kernels.latency_table import FULL, LatencyTable, measure_latency_table, parse_choice  # noqa: E402
 from mixprec.kernels.probing import sqnr_db  # noqa: E402
 from mixprec.kernels.regional import UNET_REGIONS  # noqa: E402
 from mixprec.quantizers import dequantize_weight, quant_layers, set_plan  # noqa: E402
@@ -73,6 +74,17 @@ def weight_score(layers, bits: list[int]) -> dict:
     return out
 
 
+def budget_fractions(table: LatencyTable, choices: list[str], spec: str, headroom: float = 0.0) -> list[float]:
+    """``spec``: comma-separated fractions of the table's 16-bit time, or ``auto``: a quarter, half and
+    three quarters of the way from the smallest budget the table allows (each layer at its fastest
+    choice, plus the headroom) to the 16-bit time, so each budget is feasible and binds."""
+    if spec != "auto":
+        return [float(f) for f in spec.split(",")]
+    fastest = table.rest_ms + sum(min(row[c] for c in [FULL, *choices] if c in row) for row in table.ms.values())
+    lo = fastest / (1.0 - headroom) / table.model_ms
+    return [round(lo + (1.0 - lo) * q, 4) for q in (0.75, 0.5, 0.25)]
+
+
 def choose_plans(table: LatencyTable, layers, args) -> list[dict]:
     keys = [c for c in args.choices.split(",") if c != "w16a16"]
     wbits = sorted({w for w, _ in map(parse_choice, keys) if w})
@@ -83,18 +95,33 @@ def choose_plans(table: LatencyTable, layers, args) -> list[dict]:
     bits = {g: tuple(wbits) for g in ("content", "quality")}
     abit = {g: tuple(abits) for g in ("content", "quality")} if abits else None
     plans = []
-    for frac in map(float, args.budgets.split(",")):
+    for frac in budget_fractions(table, keys, args.budgets, args.headroom):
         budget = frac * table.model_ms
         rec = {"budget_fraction": frac, "budget_ms": budget}
         try:
             sol = solve_latency(score, act, groups, table.ms, table.rest_ms, budget, weight_bits=bits, act_bits=abit,
-                                solver=args.solver, time_limit_s=20)
-            rec.update(predicted_ms=sol.predicted_ms, weight_bits=sol.weight_bits, act_bits=sol.act_bits,
+                                solver=args.solver, time_limit_s=20, headroom=args.headroom)
+            rec.update(predicted_ms=sol.predicted_ms, headroom=args.headroom, weight_bits=sol.weight_bits, act_bits=sol.act_bits,
                        choices=dict(Counter(f"w{sol.weight_bits[l]}a{sol.act_bits[l]}" for l in groups)))
         except Exception as exc:  # infeasible budget: recorded, the others go on
             rec["error"] = repr(exc)[:400]
         plans.append(rec)
     return plans
+
+
+def write_plan_yamls(folder: Path, plans: list[dict], table_ms: float) -> None:
+    """Each solved plan as the weight + activation YAML pair ``stage=allocate stage.budget=latency``
+    writes (kind ``latency``), so ``stage=benchmark stage.plans=[<weight YAML>]`` runs it."""
+    from mixprec.search.plan import Plan, write_plan
+
+    for i, plan in enumerate(p for p in plans if "weight_bits" in p):
+        header = {"kind": "latency", "budget": "latency", "budget_ms": plan["budget_ms"], "target": plan["budget_ms"],
+                  "predicted_ms": plan["predicted_ms"], "headroom": plan.get("headroom", 0.0),
+                  "latency_table": {"model_ms": table_ms}, "source": "benchmarks/latency_budget_check.py"}
+        name = f"latency_{plan['budget_ms']:.3f}ms"
+        write_plan(folder / f"{name}_act.yaml", Plan(header=dict(header, part="act"), bits=dict(plan["act_bits"])))
+        write_plan(folder / f"{name}.yaml", Plan(header=dict(header, part="weight", act_plan=f"{name}_act.yaml"),
+                                                 bits=dict(plan["weight_bits"])))
 
 
 def time_plan(name: str, unet, x: dict, plan: dict | None, cfg: BackendConfig, state: dict, args, clock) -> dict:
@@ -141,8 +168,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--choices", default="w16a16,w8a8,w4a8")
     ap.add_argument("--kernels", default=json.dumps(DEFAULT_KERNELS), help="BackendConfig options (JSON)")
-    ap.add_argument("--budgets", default="0.98,0.95,0.92", help="fractions of the table's 16-bit time")
+    ap.add_argument("--budgets", default="auto", help="fractions of the table's 16-bit time, or auto "
+                    "(1/4, 1/2, 3/4 of the way from the fastest plan the table allows to the 16-bit time)")
     ap.add_argument("--solver", default="highs")
+    ap.add_argument("--headroom", type=float, default=0.03, help="fraction of each budget the prediction keeps free")
     ap.add_argument("--compile-backend", default="inductor")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
@@ -151,6 +180,7 @@ def main() -> None:
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--partial", default=None, help="latency_table.partial.json of a cut call: resume the table")
     ap.add_argument("--budget", type=float, default=540, help="seconds: plans start while they fit")
+    ap.add_argument("--write-plans", default=None, help="folder for each plan's weight + activation YAML")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     clock = Clock(args.budget)
@@ -196,6 +226,8 @@ def main() -> None:
             out["status"] = "done"
             return
         out["plans"] = choose_plans(table, layers, args)
+        if args.write_plans:
+            write_plan_yamls(Path(args.write_plans), out["plans"], table.model_ms)
         write_json(args.out, out)
         state: dict = {}
         out["bf16"] = time_plan("bf16", unet, x, None, cfg, state, args, clock)

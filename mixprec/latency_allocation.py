@@ -35,6 +35,7 @@ class LatencyRequest:
     solver: str = "cp-sat"
     time_limit_s: float = 10.0
     metric_cap: float = 100.0
+    headroom: float = 0.0  # fraction of the budget the prediction keeps free (see solve_latency)
 
     @property
     def paths(self) -> tuple[str, str]:
@@ -52,7 +53,7 @@ def allocate_latency(ws: Workspace, requests: Sequence[LatencyRequest], table: L
         wplan, aplan, sol = latency_plans(
             groups=groups, per_prompt=per_prompt, bits=r.bits, act_protected=protected_acts, layer_ms=table.ms,
             rest_ms=table.rest_ms, budget_ms=r.budget_ms, K=r.K, seed=r.seed, solver=r.solver,
-            time_limit_s=r.time_limit_s, metric_cap=r.metric_cap,
+            time_limit_s=r.time_limit_s, metric_cap=r.metric_cap, headroom=r.headroom,
             table_meta={"file": table_file, "model_ms": table.model_ms, **settings}, fingerprints=ws.fingerprints)
         wrel, arel = r.paths
         wplan.header["act_plan"] = Path(arel).name

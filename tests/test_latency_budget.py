@@ -17,7 +17,7 @@ from mixprec.kernels.probing import calibrate_random, denoiser_inputs
 from mixprec.models.toy import build_unet
 from mixprec.quantizers import LayerQuantParams, QuantLayer, act_qparams, set_plan, weight_scales
 from mixprec.runner import run_stage
-from mixprec.search import InfeasibleBudgetError, read_plan
+from mixprec.search import AllocationError, InfeasibleBudgetError, read_plan
 from mixprec.search.latency import solve_latency
 from mixprec.search.synthetic import sdxl_census, write_synthetic_workspace
 from mixprec.artifacts import collect_candidates, read_layers
@@ -111,6 +111,17 @@ def test_latency_program_stays_within_budget_and_uses_it():
     assert sol.objective == pytest.approx(4.0)
     with pytest.raises(InfeasibleBudgetError, match="below the fastest plan"):
         solve_latency(metric, metric, groups, table.ms, table.rest_ms, fastest - 0.1, weight_bits=bits, act_bits=bits)
+    # headroom: the prediction keeps that fraction of the budget free; a budget feasible only without
+    # it says so; a headroom outside [0, 1) is refused
+    roomy = solve_latency(metric, metric, groups, table.ms, table.rest_ms, (fastest + 0.01) / 0.97, weight_bits=bits,
+                          act_bits=bits, headroom=0.03)
+    assert roomy.predicted_ms <= fastest + 0.01 + 1e-9
+    with pytest.raises(InfeasibleBudgetError, match="minus the 3% headroom"):
+        solve_latency(metric, metric, groups, table.ms, table.rest_ms, fastest + 1e-3, weight_bits=bits, act_bits=bits,
+                      headroom=0.03)
+    with pytest.raises(AllocationError, match="headroom must be a fraction"):
+        solve_latency(metric, metric, groups, table.ms, table.rest_ms, fastest, weight_bits=bits, act_bits=bits,
+                      headroom=1.5)
 
 
 def test_allocate_stage_with_latency_budgets_writes_both_plans_and_the_front(make_cfg, tmp_path):
@@ -127,7 +138,9 @@ def test_allocate_stage_with_latency_budgets_writes_both_plans_and_the_front(mak
         wplan = read_plan(ws / row["plan"])
         aplan = read_plan(ws / row["plan"]).header["act_plan"]
         acts = read_plan((ws / row["plan"]).parent / aplan).bits
-        assert wplan.header["kind"] == "latency" and wplan.header["predicted_ms"] <= budget
+        # the default 2% headroom: the prediction stays 2% under the budget
+        assert wplan.header["kind"] == "latency" and wplan.header["predicted_ms"] <= budget * 0.98 + 1e-9
+        assert wplan.header["headroom"] == 0.02
         assert wplan.header["predicted_ms"] == pytest.approx(lt.predict_ms(wplan.bits, acts))
         protected = (ws / "protected_layers.yaml").read_text().split()
         assert all(acts[l] == 16 for l in acts if f"{l}" in protected)

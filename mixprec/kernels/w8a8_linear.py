@@ -45,8 +45,23 @@ class W8Tiles:
         return (self.block_m + self.block_n) * self.block_k * self.num_stages
 
 
-# (rows bucket, N, K) -> tiles, filled from the H200 sweep; rows bucket = next power of two >= M.
-TILES: dict[tuple[int, int, int], W8Tiles] = {}
+# (rows bucket, N, K) -> tiles: the fastest int8 configuration of the H200 sweep (session 30,
+# docs/measurements/kernels/s30/call1/w8a8_triton.json; pointer loads won every shape, TMA lost by
+# 5-50%); rows bucket = the next power of two >= M. SDXL's Linear shapes at 512 px batch 1 and 4x rows.
+TILES: dict[tuple[int, int, int], W8Tiles] = {
+    (256, 10240, 1280): W8Tiles(64, 128, 128, 4, 3),  # 11.86 us (bf16 14.37)
+    (256, 1280, 1280): W8Tiles(64, 64, 256, 4, 3),  # 4.51 us (bf16 5.99)
+    (256, 1280, 5120): W8Tiles(64, 64, 256, 4, 4),  # 11.01 us (bf16 12.15)
+    (1024, 5120, 640): W8Tiles(128, 64, 128, 4, 3),  # 14.21 us (bf16 15.87)
+    (1024, 640, 640): W8Tiles(128, 64, 128, 4, 4),  # 4.58 us (bf16 4.87)
+    (1024, 640, 2560): W8Tiles(64, 64, 256, 4, 3),  # 9.11 us (bf16 8.98)
+    (1024, 10240, 1280): W8Tiles(128, 128, 128, 4, 3),  # 33.35 us (bf16 44.52)
+    (1024, 1280, 1280): W8Tiles(64, 64, 128, 4, 4),  # 8.25 us (bf16 8.46)
+    (1024, 1280, 5120): W8Tiles(64, 128, 128, 4, 4),  # 18.51 us (bf16 20.44)
+    (4096, 5120, 640): W8Tiles(128, 128, 128, 4, 3),  # 38.88 us (bf16 45.04)
+    (4096, 640, 640): W8Tiles(64, 128, 128, 4, 3),  # 7.98 us (bf16 8.42)
+    (4096, 640, 2560): W8Tiles(64, 128, 128, 4, 3),  # 16.09 us (bf16 20.02)
+}
 
 
 def rows_bucket(m: int) -> int:
