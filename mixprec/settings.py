@@ -79,7 +79,7 @@ class AllocateSettings(StageSettings):
     content_metric: Literal["ssim", "ssim_db"] = "ssim"
     quality_metric: Literal["sqnr_db", "noise_power"] = "sqnr_db"
     latency_table: str = "layer_latency.json"
-    latency_headroom: Number = 0.02
+    latency_headroom: Number = 0.03
     K: Union[Number, list[Number]] = 1.0
     seed: Union[int, list[int]] = 0
     solver: Literal["cp-sat", "highs", "scip", "cbc"] = "cp-sat"

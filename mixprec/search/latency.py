@@ -80,8 +80,8 @@ def solve_latency(weight_metric: Mapping[str, Mapping[str, Mapping[int, float]]]
 
     ``headroom``: the fraction of the budget kept free, the plan's prediction stays within
     ``budget_ms * (1 - headroom)``. Why: the table times each layer alone behind a producer; in the
-    whole compiled denoiser quantized layers ran 0.7-1.8% slower than predicted (H200, session 30), so
-    a plan predicted exactly at the budget measured just over it.
+    whole compiled denoiser plans ran 0.7-2.4% slower than predicted (H200, session 30; more quantized
+    layers, more error), so a plan predicted exactly at the budget measured just over it.
 
     ``weight_metric``/``act_metric``: ``{group: {layer: {bits: value}}}`` (higher is better);
     without ``act_metric`` activations stay 16-bit. ``layer_ms``: ``{layer: {"w8a8": ms, ...}}``
