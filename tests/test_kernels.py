@@ -371,6 +371,23 @@ for m in (1, 3, 16):  # the GEMV kernel (autotuned on a GPU), int8 and fp8 codes
         out = tg.gemv(a, codes, rs, cb, torch.float32)
         ref = (a.double() @ codes.double().t()) * rs.double() + cb.double()
         assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-6, m
+# the dedicated 8-bit Linear kernels (pointer and TMA loads), int8 and fp8, K a block multiple or not
+import triton
+from mixprec.kernels import w8a8_linear as w8
+triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8))
+for m, n, k, bk in ((70, 96, 256, 64), (128, 128, 192, 128)):
+    for int8 in (True, False):
+        if int8:
+            a, w = torch.randint(-128, 128, (m, k), dtype=torch.int8), torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        else:
+            a, w = (torch.randn(m, k) * 10).to(torch.float8_e4m3fn), (torch.randn(n, k) * 10).to(torch.float8_e4m3fn)
+        rs, cb = torch.rand(n) * 1e-3, torch.randn(n)
+        ref = (a.double() @ w.double().t()) * rs.double() + cb.double()
+        for kernel in (w8._w8_ptr_kernel, w8._w8_tma_kernel):
+            out = torch.empty(m, n)
+            kernel[(triton.cdiv(m, 64) * triton.cdiv(n, 64),)](a, w, out, rs, cb, m, n, k, k, k, n, INT8=int8,
+                HAS_BIAS=True, EVEN_K=k % bk == 0, BLOCK_M=64, BLOCK_N=64, BLOCK_K=bk, GROUP_M=8)
+            assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-6, (m, n, k, int8, kernel)
 print("ok")
 """
 

@@ -51,6 +51,7 @@ FP8_MMAS = (MMA_FP8, MMA_FP8_FAST)
 
 # --------------------------------------------------------------------------- the kernel
 if HAS_TRITON:
+    from .w8a8_linear import tile_ids
 
     @triton.jit
     def _qgemm_kernel(
@@ -71,14 +72,7 @@ if HAS_TRITON:
         # a byte whose every field decodes to 0: masked weight loads must add nothing
         W_ZERO: tl.constexpr = 0x88 if P == 2 else 0xAA
 
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        per_group = GROUP_M * num_n
-        first_m = (pid // per_group) * GROUP_M
-        group_rows = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % group_rows
-        pid_n = (pid % per_group) // group_rows
+        pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
