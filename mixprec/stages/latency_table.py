@@ -49,10 +49,13 @@ def run(ctx: StageContext) -> dict:
     set_plan(bundle.layers)
     compile_backend, regions = compile_choice(str(s.compile))
     # an interrupted run left its per-geometry measurements: reuse them when they were taken the same way
-    partial = {"settings": settings, "fingerprints": ws.fingerprints, "done": {}}
+    # (and on the same kind of device: times from another GPU must not mix in)
+    where = torch.cuda.get_device_name(bundle.device) if bundle.device.type == "cuda" else str(bundle.device)
+    partial = {"settings": settings, "fingerprints": ws.fingerprints, "device": where, "done": {}}
     if ws.exists(artifacts.LAYER_LATENCY_PARTIAL) and not is_forced(s.force, "latency_table"):
         old_partial = ws.read_json(artifacts.LAYER_LATENCY_PARTIAL, "latency_table")
-        if {k: old_partial.get(k) for k in ("settings", "fingerprints")} == {k: partial[k] for k in ("settings", "fingerprints")}:
+        same = ("settings", "fingerprints", "device")
+        if {k: old_partial.get(k) for k in same} == {k: partial[k] for k in same}:
             partial["done"] = dict(old_partial.get("done") or {})
             log.info("latency_table: resuming, %d measurements from %s", len(partial["done"]),
                      artifacts.LAYER_LATENCY_PARTIAL)
