@@ -75,3 +75,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def calibrated_tiny_unet(w_bits: int, a_bits: int, **calibrate_kwargs):
+    """(unet, layers, probe input): the tiny UNet built under seed 0, calibrated on two random batch-1
+    inputs (``calibrate_kwargs`` go to ``calibrate_random``, e.g. ``weight_bits=(4,)``), a uniform
+    W{w_bits}A{a_bits} plan set on every layer, and a batch-1 input of seed 5 - the set-up the
+    kernel-path tests share."""
+    import torch
+
+    from mixprec.kernels.probing import calibrate_random, denoiser_inputs, uniform_plan
+    from mixprec.models.toy import build_unet
+    from mixprec.quantizers import set_plan
+
+    torch.manual_seed(0)
+    unet = build_unet("tiny")
+    calib = [denoiser_inputs(unet, 1, seed=s) for s in range(2)]
+    layers = calibrate_random(unet, lambda: [unet(**c) for c in calib], **calibrate_kwargs)
+    set_plan(layers, *uniform_plan(layers, w_bits, a_bits))
+    return unet, layers, denoiser_inputs(unet, 1, seed=5)

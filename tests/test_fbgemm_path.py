@@ -14,9 +14,10 @@ from mixprec.kernels import BackendConfig, KernelLayer, convert_, reference_path
 from mixprec.kernels import fbgemm
 from mixprec.kernels import triton_gemm as tg
 from mixprec.kernels.convert import choose_backend
-from mixprec.kernels.probing import calibrate_random, denoiser_inputs, sqnr_db, uniform_plan
+from mixprec.kernels.probing import sqnr_db
 from mixprec.models.toy import build_unet
-from mixprec.quantizers import LayerQuantParams, QuantLayer, act_qparams, set_plan, weight_scales
+from mixprec.quantizers import LayerQuantParams, QuantLayer, act_qparams, weight_scales
+from tests.conftest import calibrated_tiny_unet
 
 
 def _w4a8(mod: nn.Module, x: torch.Tensor, w_bits: int = 4, a_bits: int | None = 8) -> QuantLayer:
@@ -109,12 +110,7 @@ def test_fp8_layer_on_the_reference_backend_keeps_fp8_activations():
 def test_converted_unet_keeps_fp8_activation_format_through_a_checkpoint(tmp_path):
     from mixprec.checkpoint import load_quantized, save_quantized
 
-    torch.manual_seed(0)
-    unet = build_unet("tiny")
-    calib = [denoiser_inputs(unet, 1, seed=s) for s in range(2)]
-    layers = calibrate_random(unet, lambda: [unet(**c) for c in calib], weight_bits=(4,), act_bits=(8,))
-    set_plan(layers, *uniform_plan(layers, 4, 8))
-    x = denoiser_inputs(unet, 1, seed=5)
+    unet, _, x = calibrated_tiny_unet(4, 8, weight_bits=(4,), act_bits=(8,))
     report = convert_(unet, BackendConfig(low_bit="fbgemm"))
     kinds = {(d.kind, d.backend) for d in report}
     assert ("linear", "fp8") in kinds and ("conv", "int8") in kinds

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 
 from mixprec.kernels import BackendConfig, KernelLayer, convert_, reference_path
 from mixprec.kernels import triton_gemm as tg
-from mixprec.kernels.probing import calibrate_random, denoiser_inputs, sqnr_db, uniform_plan
+from mixprec.kernels.probing import sqnr_db
 from mixprec.models.toy import build_unet
-from mixprec.quantizers import LayerQuantParams, QuantLayer, act_qparams, set_plan, weight_scales
+from mixprec.quantizers import LayerQuantParams, QuantLayer, act_qparams, weight_scales
+from tests.conftest import calibrated_tiny_unet
 
 E4M3_STEP = 2.0 ** -3  # e4m3 keeps 3 mantissa bits: relative rounding error <= half a step
 
@@ -157,12 +158,7 @@ def test_converted_unet_takes_token_scales_on_linear_layers_only(tmp_path):
     assert BackendConfig().fp8_act == "tensor"  # opt-in until measured on a GPU
     with pytest.raises(ValueError, match="fp8_act"):
         BackendConfig(fp8_act="row")
-    torch.manual_seed(0)
-    unet = build_unet("tiny")
-    calib = [denoiser_inputs(unet, 1, seed=s) for s in range(2)]
-    layers = calibrate_random(unet, lambda: [unet(**c) for c in calib], weight_bits=(8,), act_bits=(8,))
-    set_plan(layers, *uniform_plan(layers, 8, 8))
-    x = denoiser_inputs(unet, 1, seed=5)
+    unet, _, x = calibrated_tiny_unet(8, 8, weight_bits=(8,), act_bits=(8,))
     convert_(unet, BackendConfig(w8a8="fp8", fp8_act="token", cpu="emulate", bos="exact"))
     kernels = [m for m in unet.modules() if isinstance(m, KernelLayer)]
     assert {m.spec.fp8_act for m in kernels if m.spec.kind == "linear"} == {"token"}

@@ -21,6 +21,7 @@ from mixprec.kernels.probing import calibrate_random, denoiser_inputs, sqnr_db, 
 from mixprec.models.toy import build_unet
 from mixprec.quantizers import (LayerQuantParams, QuantLayer, act_qparams, dequantize_weight, fake_quant_weight,
                                 quant_layers, quantize_weight, set_plan, weight_scales)
+from tests.conftest import calibrated_tiny_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,12 +170,7 @@ def test_fp8_scaled_mm_path_computes_the_reference_function(gran):
 
 
 def test_reference_path_context_runs_the_fake_quant_function():
-    torch.manual_seed(0)
-    unet = build_unet("tiny")
-    calib = [denoiser_inputs(unet, 1, seed=s) for s in range(2)]
-    layers = calibrate_random(unet, lambda: [unet(**c) for c in calib])
-    set_plan(layers, *uniform_plan(layers, 8, 8))
-    x = denoiser_inputs(unet, 1, seed=5)
+    unet, _, x = calibrated_tiny_unet(8, 8)
     # Per-token scales: the emulation is the reference bit for bit. With the static scale
     # (fp8_act=tensor) the float64 emulation and the reference differ at ~46 dB on this model, a gap
     # the old reference_path bug hid (docs/kernels.md, session 24).
