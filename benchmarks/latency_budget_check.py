@@ -114,7 +114,7 @@ def write_plan_yamls(folder: Path, plans: list[dict], table_ms: float) -> None:
     writes (kind ``latency``), so ``stage=benchmark stage.plans=[<weight YAML>]`` runs it."""
     from mixprec.search.plan import Plan, write_plan
 
-    for i, plan in enumerate(p for p in plans if "weight_bits" in p):
+    for plan in (p for p in plans if "weight_bits" in p):
         header = {"kind": "latency", "budget": "latency", "budget_ms": plan["budget_ms"], "target": plan["budget_ms"],
                   "predicted_ms": plan["predicted_ms"], "headroom": plan.get("headroom", 0.0),
                   "latency_table": {"model_ms": table_ms}, "source": "benchmarks/latency_budget_check.py"}
