@@ -171,6 +171,10 @@ class BenchmarkSettings(StageSettings):
     end_to_end: bool = True
     end_to_end_repeats: Optional[int] = None
     end_to_end_compile_vae: bool = True
+    # pipeline components replayed from CUDA graphs end to end (GPU only): text_encoder,
+    # text_encoder_2, denoiser, vae_decode
+    end_to_end_cuda_graphs: list[str] = dataclasses.field(
+        default_factory=lambda: ["text_encoder", "text_encoder_2", "denoiser", "vae_decode"])
     save_checkpoint: Optional[str] = None
     kernels: Optional[dict[str, Any]] = None
     # what resolutions/batch_sizes/iters/warmup/end_to_end_repeats left at null mean, per device type

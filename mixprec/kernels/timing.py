@@ -45,8 +45,9 @@ def summarize(ms: list[float]) -> dict:
             "max_ms": s[-1], "std_ms": statistics.pstdev(s), "n": len(s)}
 
 
-def capture(fn: Callable[[], object], warmup: int = 3) -> torch.cuda.CUDAGraph:
-    """Warm ``fn`` up on a side stream (compiles, autotunes, allocates) and capture it in a graph."""
+def capture(fn: Callable[[], object], warmup: int = 3, pool=None) -> torch.cuda.CUDAGraph:
+    """Warm ``fn`` up on a side stream (compiles, autotunes, allocates) and capture it in a graph
+    (``pool``: a memory pool shared with other graphs replayed one at a time)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -55,7 +56,7 @@ def capture(fn: Callable[[], object], warmup: int = 3) -> torch.cuda.CUDAGraph:
     torch.cuda.current_stream().wait_stream(s)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with torch.cuda.graph(g, pool=pool):
         fn()
     torch.cuda.synchronize()
     return g

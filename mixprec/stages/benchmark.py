@@ -17,7 +17,8 @@ path to a plan YAML file (a latency-budget plan brings its activation plan along
 reference of a plan is its converted model run on the reference path
 (:func:`mixprec.kernels.reference_path`): the exact function of the stored codes, fp8 rounding
 included. The end-to-end pipeline runs the same compiled denoiser (and, with
-``end_to_end_compile_vae``, a compiled VAE decoder) and reports its time split into text
+``end_to_end_compile_vae``, a compiled VAE decoder), the components named in
+``end_to_end_cuda_graphs`` replayed from CUDA graphs on a GPU, and reports its time split into text
 encoders, denoiser and VAE decode.
 """
 
@@ -146,9 +147,29 @@ def _measure(name: str, fn_model, model, s, shapes, reference_denoiser, text_len
     return timing
 
 
-def _end_to_end(bundle, denoiser, run: RunSettings, batch: int, repeats: int) -> dict | None:
+END_TO_END_COMPONENTS = ("text_encoder", "text_encoder_2", "denoiser", "vae_decode")
+
+
+def end_to_end_graph_components(names, cuda: bool) -> list[str]:
+    """The pipeline components whose calls replay CUDA graphs end to end (none without CUDA)."""
+    names = list(names or [])
+    unknown = [n for n in names if n not in END_TO_END_COMPONENTS]
+    if unknown:
+        raise ValueError(f"stage.end_to_end_cuda_graphs: unknown component {unknown[0]!r}; choose from "
+                         f"{list(END_TO_END_COMPONENTS)} (or [] for none)")
+    if names and not cuda:
+        log.info("benchmark on CPU: stage.end_to_end_cuda_graphs ignored (CUDA graphs need a GPU)")
+        return []
+    return names
+
+
+def _end_to_end(bundle, denoiser, run: RunSettings, batch: int, repeats: int,
+                graph_components: list[str]) -> dict | None:
     """Pipeline time (prompt encoding, all denoiser steps, VAE decode) with ``denoiser`` in place,
-    split by component (:func:`mixprec.kernels.pipeline_timing.time_pipeline`)."""
+    split by component (:func:`mixprec.kernels.pipeline_timing.time_pipeline`); the components in
+    ``graph_components`` replay CUDA graphs (:mod:`mixprec.kernels.cuda_graphs`), as a deployment
+    would, instead of launching every kernel from Python at each call."""
+    from mixprec.kernels.cuda_graphs import graphed_forwards
     pairs = run.prompt_set("inference" if "inference" in run.prompts else "calibration")
     pairs = (pairs * batch)[:batch]
     prompts, seeds = [p for p, _ in pairs], [sd for _, sd in pairs]
@@ -157,9 +178,13 @@ def _end_to_end(bundle, denoiser, run: RunSettings, batch: int, repeats: int) ->
     try:
         sampler = type(bundle.sampler)(pipe, bundle.spec.resolution, bundle.spec.num_inference_steps,
                                        bundle.spec.guidance_scale, batch_size=batch)
-        # the text encoders run in every timed call: embeddings are not reused between runs
-        out = time_pipeline(lambda: sampler.generate(prompts, seeds), pipeline_components(pipe, denoiser),
-                            repeats, warmup=1, before_each=sampler.clear_prompt_cache)
+        components = pipeline_components(pipe, denoiser)
+        graphed = {n: m for n, m in components.items() if n in graph_components}
+        with graphed_forwards(graphed) as graphs:
+            # the text encoders run in every timed call: embeddings are not reused between runs
+            out = time_pipeline(lambda: sampler.generate(prompts, seeds), components, repeats, warmup=1,
+                                before_each=sampler.clear_prompt_cache)
+            out["cuda_graphs"] = {n: g.summary() for n, g in graphs.items()}
         total = out["breakdown_ms"]["total"]
         out.update(median_s=total["median_ms"] / 1000, p10_s=total["p10_ms"] / 1000, p90_s=total["p90_ms"] / 1000,
                    batch=batch, resolution=bundle.spec.resolution, steps=bundle.spec.num_inference_steps)
@@ -218,7 +243,9 @@ def _final_plans_digest(ws: Workspace) -> str:
 
 def run(ctx: StageContext) -> dict:
     ws, track = ctx.workspace, ctx.tracker
-    s = sized_settings(ctx.settings, resolve_device(ctx.run.device).type)
+    device_type = resolve_device(ctx.run.device).type
+    s = sized_settings(ctx.settings, device_type)
+    graph_components = end_to_end_graph_components(s.end_to_end_cuda_graphs, device_type == "cuda")
     shapes = benchmark_shapes(s, int(ctx.run.model.resolution))
     latent0 = shapes[0][0] // 8
     bundle, dtype = load_for_kernels(ctx.run, ws, latent0, str(s.calibration), s.dtype)
@@ -242,7 +269,7 @@ def run(ctx: StageContext) -> dict:
     names += list(s.plans)
     for name in names:
         result["plans"][name] = _run_plan(name, name == names[0], bundle, layers, s, shapes, x0, fp_out, text_len,
-                                          dtype, backend, ctx.run, ws, track, dispatch_detail)
+                                          dtype, backend, ctx.run, ws, track, dispatch_detail, graph_components)
     base = result["plans"][names[0]]["timing"]
     for name in names[1:]:
         rec = result["plans"][name]
@@ -254,7 +281,7 @@ def run(ctx: StageContext) -> dict:
 
 
 def _run_plan(name, full, bundle, layers, s, shapes, x0, fp_out, text_len, dtype, backend, run, ws, track,
-              dispatch_detail) -> dict[str, Any]:
+              dispatch_detail, graph_components) -> dict[str, Any]:
     """Convert, check and time one plan (the 16-bit baseline when ``full``)."""
     denoiser, device = bundle.denoiser, bundle.device
     cuda = device.type == "cuda"
@@ -284,7 +311,8 @@ def _run_plan(name, full, bundle, layers, s, shapes, x0, fp_out, text_len, dtype
     if s.end_to_end:
         if s.end_to_end_compile_vae:
             _compile_vae_decoder(bundle, str(s.compile))
-        rec["end_to_end"] = _end_to_end(bundle, fn_model, run, shapes[0][1], int(s.end_to_end_repeats))
+        rec["end_to_end"] = _end_to_end(bundle, fn_model, run, shapes[0][1], int(s.end_to_end_repeats),
+                                        graph_components)
     if s.save_checkpoint and name == s.save_checkpoint:
         from mixprec.checkpoint import save_quantized
         rec["checkpoint"] = save_quantized(model, ws.path(CHECKPOINT_FILE), extra={"plan": name})
