@@ -175,6 +175,8 @@ class BenchmarkSettings(StageSettings):
     # text_encoder_2, denoiser, vae_decode
     end_to_end_cuda_graphs: list[str] = dataclasses.field(
         default_factory=lambda: ["text_encoder", "text_encoder_2", "denoiser", "vae_decode"])
+    # > 0: one more end-to-end run under cProfile, that many functions by own host time in the JSON
+    end_to_end_host_profile: int = 0
     save_checkpoint: Optional[str] = None
     kernels: Optional[dict[str, Any]] = None
     # what resolutions/batch_sizes/iters/warmup/end_to_end_repeats left at null mean, per device type

@@ -37,6 +37,7 @@ def test_benchmark_names_plans_and_splits_the_pipeline_time(make_cfg, tmp_path):
     head = run_stage(make_cfg("model=tiny_random", "prompts.inference.n=2", "stage=benchmark",
                               "stage.calibration=random", "stage.resolutions=[32]", "stage.batch_sizes=[1]",
                               "stage.compile=none", "stage.iters=2", "stage.warmup=0", "stage.end_to_end_repeats=2",
+                              "stage.end_to_end_host_profile=5",
                               "stage.plans=[linear:w8a8:fp8,inner:w8a8:int8,fused:w4a8:fbgemm]"))
     plans = head["plans"]
     fp8, int8 = plans["linear:w8a8:fp8"], plans["inner:w8a8:int8"]
@@ -55,6 +56,10 @@ def test_benchmark_names_plans_and_splits_the_pipeline_time(make_cfg, tmp_path):
         runs = e2e["runs_ms"]
         assert abs(sum(runs[k][i] for k in parts if k != "total") - runs["total"][i]) < 1e-6
     assert e2e["p10_s"] <= e2e["median_s"] <= e2e["p90_s"] and e2e["steps"] == 2
+    profile = e2e["host_profile"]  # one more run under cProfile: the 5 functions with most own time
+    assert len(profile) == 5 and profile[0]["own_ms"] >= profile[-1]["own_ms"] > 0
+    assert all(p["cumulative_ms"] >= p["own_ms"] and p["calls"] >= 1 for p in profile)
+    assert e2e["cuda_graphs"] == {}  # no CUDA here: every component ran eagerly
     saved = json.loads((tmp_path / "tiny_random" / "benchmark.json").read_text()) \
         if (tmp_path / "tiny_random" / "benchmark.json").exists() else None
     if saved is not None:

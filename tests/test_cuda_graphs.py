@@ -49,7 +49,7 @@ class _Block(nn.Module):
         self.lin = nn.Linear(16, 16)
 
     def forward(self, x, t, cond=None, scale: float = 1.0):
-        h = self.lin(x) * t[:, None] * scale
+        h = self.lin(x) * t.to(x.device)[:, None] * scale  # t may come from the host
         if cond is not None:
             h = h + cond["bias"]
         return (h.relu(), {"sum": h.sum(dim=-1)})

@@ -8,6 +8,7 @@ left of the run's wall time (scheduler, latents, tokenizers, host overhead) is `
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Mapping
 
@@ -77,28 +78,41 @@ def pipeline_components(pipe, denoiser: nn.Module) -> dict[str, nn.Module]:
 
 
 def time_pipeline(run: Callable[[], object], components: Mapping[str, nn.Module], repeats: int,
-                  warmup: int = 1, before_each: Callable[[], None] | None = None) -> dict:
+                  warmup: int = 1, before_each: Callable[[], None] | None = None,
+                  host_profile: int = 0) -> dict:
     """Run ``run()`` ``warmup`` + ``repeats`` times; wall time and per-component time of each
     timed run (median, p10/p90 in milliseconds) and the per-run lists.
 
     ``before_each`` runs untimed before every call (e.g. dropping cached text embeddings so that
-    the text encoders run each time).
+    the text encoders run each time). ``host_profile`` > 0: one more, untimed run under cProfile;
+    its ``host_profile`` entry lists that many functions with the most host time of their own (where
+    ``other`` goes when the GPU waits for Python).
     """
     cuda = torch.cuda.is_available() and any(
         p.is_cuda for m in components.values() for p in m.parameters())
     timer = ComponentTimer(components, cuda)
     runs: dict[str, list[float]] = {"total": [], **{n: [] for n in components}, "other": []}
+    gc_enabled = gc.isenabled()
     try:
         for i in range(warmup + repeats):
             if before_each is not None:
                 before_each()
             timer.reset()
+            # Python's garbage collector stays off while a run is timed (as in timeit): a full
+            # collection in a process holding several compiled models is slow, and it would land in
+            # whichever run it happened to interrupt (session 31: "other" grew with plan order)
+            gc.collect()
+            gc.disable()
             if cuda:
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            run()
-            if cuda:
-                torch.cuda.synchronize()
+            try:
+                run()
+                if cuda:
+                    torch.cuda.synchronize()
+            finally:
+                if gc_enabled:
+                    gc.enable()
             total = (time.perf_counter() - t) * 1000
             if i < warmup:
                 continue
@@ -109,5 +123,31 @@ def time_pipeline(run: Callable[[], object], components: Mapping[str, nn.Module]
             runs["other"].append(total - sum(parts.values()))
     finally:
         timer.remove()
-    return {"breakdown_ms": {n: summarize(v) for n, v in runs.items()}, "runs_ms": runs,
-            "repeats": repeats, "warmup": warmup}
+    out = {"breakdown_ms": {n: summarize(v) for n, v in runs.items()}, "runs_ms": runs,
+           "repeats": repeats, "warmup": warmup}
+    if host_profile > 0:
+        out["host_profile"] = profile_host(run, int(host_profile), before_each, cuda)
+    return out
+
+
+def profile_host(run: Callable[[], object], top: int, before_each: Callable[[], None] | None = None,
+                 cuda: bool = False) -> list[dict]:
+    """One run of ``run()`` under cProfile: the ``top`` functions by host time spent in the function
+    itself (milliseconds; the profiler's own overhead inflates them alike)."""
+    import cProfile
+    import pstats
+
+    if before_each is not None:
+        before_each()
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+    finally:
+        prof.disable()
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (primitive calls, calls, own s, cumulative s, callers)}
+    rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    return [{"function": f"{file}:{line}({name})", "calls": calls, "own_ms": own * 1000, "cumulative_ms": cum * 1000}
+            for (file, line, name), (_, calls, own, cum, _) in rows]

@@ -164,7 +164,7 @@ def end_to_end_graph_components(names, cuda: bool) -> list[str]:
 
 
 def _end_to_end(bundle, denoiser, run: RunSettings, batch: int, repeats: int,
-                graph_components: list[str]) -> dict | None:
+                graph_components: list[str], host_profile: int = 0) -> dict | None:
     """Pipeline time (prompt encoding, all denoiser steps, VAE decode) with ``denoiser`` in place,
     split by component (:func:`mixprec.kernels.pipeline_timing.time_pipeline`); the components in
     ``graph_components`` replay CUDA graphs (:mod:`mixprec.kernels.cuda_graphs`), as a deployment
@@ -183,7 +183,7 @@ def _end_to_end(bundle, denoiser, run: RunSettings, batch: int, repeats: int,
         with graphed_forwards(graphed) as graphs:
             # the text encoders run in every timed call: embeddings are not reused between runs
             out = time_pipeline(lambda: sampler.generate(prompts, seeds), components, repeats, warmup=1,
-                                before_each=sampler.clear_prompt_cache)
+                                before_each=sampler.clear_prompt_cache, host_profile=host_profile)
             out["cuda_graphs"] = {n: g.summary() for n, g in graphs.items()}
         total = out["breakdown_ms"]["total"]
         out.update(median_s=total["median_ms"] / 1000, p10_s=total["p10_ms"] / 1000, p90_s=total["p90_ms"] / 1000,
@@ -312,7 +312,7 @@ def _run_plan(name, full, bundle, layers, s, shapes, x0, fp_out, text_len, dtype
         if s.end_to_end_compile_vae:
             _compile_vae_decoder(bundle, str(s.compile))
         rec["end_to_end"] = _end_to_end(bundle, fn_model, run, shapes[0][1], int(s.end_to_end_repeats),
-                                        graph_components)
+                                        graph_components, int(s.end_to_end_host_profile))
     if s.save_checkpoint and name == s.save_checkpoint:
         from mixprec.checkpoint import save_quantized
         rec["checkpoint"] = save_quantized(model, ws.path(CHECKPOINT_FILE), extra={"plan": name})
