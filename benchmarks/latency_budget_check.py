@@ -41,7 +41,7 @@ from benchmarks.common import Clock, write_json  # noqa: E402
 from benchmarks.issue21_compiled import Graph, compiled_call, device_info, log  # noqa: E402
 from benchmarks.issue21_matrix import build, inputs_for  # noqa: E402
 from mixprec.kernels import BackendConfig, convert_, weight_bytes  # noqa: E402
-from mixprec.kernels.latency_table import FULL, LatencyTable, measure_latency_table, parse_choice  # noqa: E402
+from mixprec.kernels.latency_table import LatencyTable, measure_latency_table, parse_choice  # noqa: E402
 from mixprec.kernels.probing import sqnr_db  # noqa: E402
 from mixprec.kernels.regional import UNET_REGIONS  # noqa: E402
 from mixprec.quantizers import dequantize_weight, quant_layers, set_plan  # noqa: E402
@@ -80,8 +80,7 @@ def budget_fractions(table: LatencyTable, choices: list[str], spec: str, headroo
     choice, plus the headroom) to the 16-bit time, so each budget is feasible and binds."""
     if spec != "auto":
         return [float(f) for f in spec.split(",")]
-    fastest = table.rest_ms + sum(min(row[c] for c in [FULL, *choices] if c in row) for row in table.ms.values())
-    lo = fastest / (1.0 - headroom) / table.model_ms
+    lo = table.fastest_ms(choices) / (1.0 - headroom) / table.model_ms
     return [round(lo + (1.0 - lo) * q, 4) for q in (0.75, 0.5, 0.25)]
 
 

@@ -71,6 +71,12 @@ class LatencyTable:
         """What the quantizable layers do not cover: attention, norms, activations, launch gaps."""
         return self.model_ms - sum(row[FULL] for row in self.ms.values())
 
+    def fastest_ms(self, choices: Sequence[str]) -> float:
+        """The denoiser's predicted latency with every layer at its fastest of ``choices`` (16 bit
+        always allowed): the smallest latency budget the table can meet with them."""
+        allowed = [FULL, *choices]
+        return self.rest_ms + sum(min(row[c] for c in allowed if c in row) for row in self.ms.values())
+
     def layer_ms(self, layer: str, w_bits: int | None, a_bits: int | None) -> float:
         row = self.ms.get(layer)
         if row is None:
