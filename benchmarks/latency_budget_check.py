@@ -41,7 +41,8 @@ from benchmarks.common import Clock, write_json  # noqa: E402
 from benchmarks.issue21_compiled import Graph, compiled_call, device_info, log  # noqa: E402
 from benchmarks.issue21_matrix import build, inputs_for  # noqa: E402
 from mixprec.kernels import BackendConfig, convert_, weight_bytes  # noqa: E402
-from mixprec.kernels.latency_table import LatencyTable, measure_latency_table, parse_choice  # noqa: E402
+from mixprec.kernels.latency_table import (  # noqa: E402
+    LatencyTable, calibrate_overhead, measure_latency_table, parse_choice)
 from mixprec.kernels.probing import sqnr_db  # noqa: E402
 from mixprec.kernels.regional import UNET_REGIONS  # noqa: E402
 from mixprec.quantizers import dequantize_weight, quant_layers, set_plan  # noqa: E402
@@ -98,7 +99,7 @@ def choose_plans(table: LatencyTable, layers, args) -> list[dict]:
         budget = frac * table.model_ms
         rec = {"budget_fraction": frac, "budget_ms": budget}
         try:
-            sol = solve_latency(score, act, groups, table.ms, table.rest_ms, budget, weight_bits=bits, act_bits=abit,
+            sol = solve_latency(score, act, groups, table.plan_ms, table.rest_ms, budget, weight_bits=bits, act_bits=abit,
                                 solver=args.solver, time_limit_s=20, headroom=args.headroom)
             rec.update(predicted_ms=sol.predicted_ms, headroom=args.headroom, weight_bits=sol.weight_bits, act_bits=sol.act_bits,
                        choices=dict(Counter(f"w{sol.weight_bits[l]}a{sol.act_bits[l]}" for l in groups)))
@@ -170,13 +171,17 @@ def main() -> None:
     ap.add_argument("--budgets", default="auto", help="fractions of the table's 16-bit time, or auto "
                     "(1/4, 1/2, 3/4 of the way from the fastest plan the table allows to the 16-bit time)")
     ap.add_argument("--solver", default="highs")
-    ap.add_argument("--headroom", type=float, default=0.03, help="fraction of each budget the prediction keeps free")
+    ap.add_argument("--headroom", type=float, default=None, help="fraction of each budget the prediction keeps "
+                    "free (default: 0.01 with a calibrated table, else 0.03: LatencyTable.default_headroom)")
     ap.add_argument("--compile-backend", default="inductor")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--table-iters", type=int, default=20)
     ap.add_argument("--table", default=None, help="a latency_table.json written earlier (skips step 1)")
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="time the table's fastest plan as a whole first and predict with the overhead per "
+                         "quantized layer it shows (LatencyTable.quantized_layer_ms)")
     ap.add_argument("--partial", default=None, help="latency_table.partial.json of a cut call: resume the table")
     ap.add_argument("--budget", type=float, default=540, help="seconds: plans start while they fit")
     ap.add_argument("--write-plans", default=None, help="folder for each plan's weight + activation YAML")
@@ -210,14 +215,23 @@ def main() -> None:
             table = measure_latency_table(tmodel, tl, x, args.choices.split(","), cfg, args.table_iters, 3,
                                           meta={"res": args.res, "batch": args.batch},
                                           compile_backend=args.compile_backend, regions=UNET_REGIONS,
-                                          done=done, on_measured=measured)
+                                          done=done, on_measured=measured, calibrate=args.calibrate)
             del tmodel, tl
             torch._dynamo.reset()
             if args.out:
                 write_json(Path(args.out).with_name("latency_table.json"), table.to_json())
+        if args.calibrate and "calibration" not in table.meta:  # a table read from a file
+            table = calibrate_overhead(table, copy.deepcopy(unet), x, cfg, args.table_iters, 3, args.compile_backend,
+                                       UNET_REGIONS)
+            torch._dynamo.reset()
+        if "calibration" in table.meta:
+            log(f"calibration: {table.meta['calibration']}", clock)
+        if args.headroom is None:
+            args.headroom = table.default_headroom
         out["table"] = {"model_ms": table.model_ms, "rest_ms": table.rest_ms, "layers": len(table.ms),
+                        "quantized_layer_ms": table.quantized_layer_ms, "calibration": table.meta.get("calibration"),
                         "measure_s": table.meta.get("measure_s"), "uniform_predicted_ms": {
-                            c: table.rest_ms + sum(r[c] for r in table.ms.values()) for c in table.choices}}
+                            c: table.rest_ms + sum(r[c] for r in table.plan_ms.values()) for c in table.choices}}
         log(f"table: 16-bit {table.model_ms:.3f} ms, {table.rest_ms:.3f} outside the layers, "
             f"{out['table']['uniform_predicted_ms']}", clock)
         write_json(args.out, out)

@@ -51,7 +51,7 @@ def allocate_latency(ws: Workspace, requests: Sequence[LatencyRequest], table: L
     results = []
     for r in requests:
         wplan, aplan, sol = latency_plans(
-            groups=groups, per_prompt=per_prompt, bits=r.bits, act_protected=protected_acts, layer_ms=table.ms,
+            groups=groups, per_prompt=per_prompt, bits=r.bits, act_protected=protected_acts, layer_ms=table.plan_ms,
             rest_ms=table.rest_ms, budget_ms=r.budget_ms, K=r.K, seed=r.seed, solver=r.solver,
             time_limit_s=r.time_limit_s, metric_cap=r.metric_cap, headroom=r.headroom,
             table_meta={"file": table_file, "model_ms": table.model_ms, **settings}, fingerprints=ws.fingerprints)

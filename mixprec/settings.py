@@ -79,7 +79,7 @@ class AllocateSettings(StageSettings):
     content_metric: Literal["ssim", "ssim_db"] = "ssim"
     quality_metric: Literal["sqnr_db", "noise_power"] = "sqnr_db"
     latency_table: str = "layer_latency.json"
-    latency_headroom: Number = 0.03
+    latency_headroom: Optional[Number] = None
     K: Union[Number, list[Number]] = 1.0
     seed: Union[int, list[int]] = 0
     solver: Literal["cp-sat", "highs", "scip", "cbc"] = "cp-sat"
@@ -195,6 +195,8 @@ class LatencyTableSettings(StageSettings):
     iters: int = 20
     warmup: int = 3
     kernels: Optional[dict[str, Any]] = None
+    # time the table's fastest plan as a whole too: the overhead per quantized layer predictions add
+    calibrate: bool = True
 
 
 # ------------------------------------------------------------------ training stages

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 
@@ -11,8 +12,8 @@ import torch
 
 from mixprec import artifacts
 from mixprec.kernels import BackendConfig, convert_
-from mixprec.kernels.latency_table import (FULL, LatencyTable, _module_for, measure_latency_table, measure_layers,
-                                          model_latency_ms, parse_choice, time_module)
+from mixprec.kernels.latency_table import (FULL, LatencyTable, _module_for, calibrate_overhead, measure_latency_table,
+                                          measure_layers, model_latency_ms, parse_choice, time_module)
 from mixprec.kernels.probing import calibrate_random, denoiser_inputs
 from mixprec.models.toy import build_unet
 from mixprec.quantizers import LayerQuantParams, QuantLayer, act_qparams, set_plan, weight_scales
@@ -63,6 +64,44 @@ def test_latency_table_on_the_tiny_model_predicts_the_plans_it_times():
     measured = model_latency_ms(unet, x, iters=3, warmup=1)
     predicted = table.predict_ms({n: 8 for n in layers}, {n: 8 for n in layers})
     assert 0.2 < measured / predicted < 5
+
+
+def test_overhead_calibration_makes_the_fastest_plan_predict_its_whole_model_time():
+    torch.manual_seed(0)
+    unet = build_unet("tiny")
+    calib = [denoiser_inputs(unet, 1, seed=s) for s in range(2)]
+    layers = calibrate_random(unet, lambda: [unet(**c) for c in calib], weight_bits=(8,), act_bits=(8,))
+    x = denoiser_inputs(unet, 1, seed=3)
+    set_plan(layers)
+    names = sorted(layers)
+    # a table in which every other layer is faster at w8a8 (on the CPU the emulated kernels are not)
+    ms = {n: {FULL: 0.02, "w8a8": 0.01 if i % 2 else 0.03} for i, n in enumerate(names)}
+    table = LatencyTable(ms=ms, model_ms=1.0, meta={"choices": [FULL, "w8a8"]})
+    fast = {n for i, n in enumerate(names) if i % 2}
+    assert {n for n, k in table.fastest_plan().items() if k != FULL} == fast
+    cal = calibrate_overhead(table, copy.deepcopy(unet), x, BackendConfig(w8a8="int8"), iters=3, warmup=1)
+    info = cal.meta["calibration"]
+    assert info["quantized_layers"] == len(fast) and info["predicted_ms"] == pytest.approx(1.0 - 0.01 * len(fast))
+    assert cal.quantized_layer_ms == pytest.approx((info["measured_ms"] - info["predicted_ms"]) / len(fast))
+    # the calibrated table predicts the plan it was calibrated on at its measured time; 16 bit is untouched
+    plan = {n: 8 for n in fast}
+    assert cal.predict_ms(plan, plan) == pytest.approx(info["measured_ms"])
+    assert cal.predict_ms({}, {}) == pytest.approx(table.model_ms) and cal.rest_ms == pytest.approx(table.rest_ms)
+    n = names[1]
+    assert cal.plan_ms[n][FULL] == ms[n][FULL] and cal.plan_ms[n]["w8a8"] == max(0.0, ms[n]["w8a8"] + cal.quantized_layer_ms)
+    again = LatencyTable.from_json(json.loads(json.dumps(cal.to_json())))
+    assert again.quantized_layer_ms == cal.quantized_layer_ms and again.predict_ms(plan, plan) == pytest.approx(
+        info["measured_ms"])
+    # no layer faster quantized: nothing to calibrate, and the table says so
+    slow = LatencyTable(ms={n: {FULL: 0.01, "w8a8": 0.02} for n in names}, model_ms=1.0)
+    skipped = calibrate_overhead(slow, copy.deepcopy(unet), x, BackendConfig(w8a8="int8"), iters=3, warmup=1)
+    assert skipped.quantized_layer_ms == 0.0 and "no layer is faster" in skipped.meta["calibration"]["skipped"]
+    # a table of another model
+    other = LatencyTable(ms={"mid_block.nope": {FULL: 0.02, "w8a8": 0.01}}, model_ms=1.0)
+    with pytest.raises(ValueError, match="has no layer 'mid_block.nope' of the table"):
+        calibrate_overhead(other, copy.deepcopy(unet), x, BackendConfig(w8a8="int8"))
+    with pytest.raises(ValueError, match="quantized_layer_ms is nan"):
+        LatencyTable.from_json({**cal.to_json(), "quantized_layer_ms": float("nan")})
 
 
 def test_compiled_layer_timing_subtracts_its_producer():
@@ -244,3 +283,21 @@ def test_interrupted_latency_table_resumes_from_its_partial_file(make_cfg, tmp_p
     monkeypatch.setattr(lt, "time_module", lambda *a, **k: fresh.append(1) or real(*a, **k))
     run_stage(make_cfg(*args, "stage.force=true"))
     assert len(resumed) == len(fresh) - 5
+
+
+def test_default_latency_headroom_follows_the_tables_calibration(make_cfg, tmp_path):
+    ws = write_synthetic_workspace(tmp_path / "ws", n_prompts=4)
+    table = synthetic_table([{"name": c.name, "params": c.params} for c in read_layers(ws / "layers.csv")])
+    lt = LatencyTable.from_json(table)
+    assert not lt.calibrated and lt.default_headroom == 0.03
+    budget = round(lt.model_ms, 3)  # feasible with 5% headroom too
+    calibrated = {**table, "quantized_layer_ms": 0.0005,
+                  "meta": {**table.get("meta", {}), "calibration": {"measured_ms": 1.0, "predicted_ms": 0.9}}}
+    for extra, headroom in [([], 0.01), (["stage.latency_headroom=0.05"], 0.05)]:
+        (ws / "layer_latency.json").write_text(json.dumps(calibrated))
+        assert LatencyTable.from_json(calibrated).default_headroom == 0.01
+        head = run_stage(make_cfg("stage=allocate", f"paths.workspace={ws}", "stage.budget=latency",
+                                  f"stage.budget_ms=[{budget}]", "stage.time_limit_s=5", "stage.force=true", *extra))
+        wplan = read_plan(ws / head["plans"][0]["plan"])
+        assert wplan.header["headroom"] == headroom
+        assert wplan.header["predicted_ms"] <= budget * (1 - headroom) + 1e-9

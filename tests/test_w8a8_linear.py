@@ -46,8 +46,10 @@ def test_products_match_float64_on_the_gpu(dtype, tma):
         ref = (a.double() @ w.double().t()) * rs.double() + cb.double()
         t = W8Tiles(64, 64, 64 if k % 128 else 128, 4, 3, 8, tma)
         out = w8a8_linear(a, w, rs, cb, torch.float32, t).double()
-        # int8 sums exactly in int32; fp8 products are exact and summed in float32
-        assert ((out - ref).norm() / ref.norm()).item() < (1e-6 if dtype == torch.int8 else 1e-5)
+        # int8 sums exactly in int32. fp8 products are exact, but Hopper's fp8 MMA adds them up inside
+        # one K block with fewer mantissa bits than float32 (the kernel promotes to float32 between
+        # blocks): 1.27e-4 measured on an H200 (session 31), the order of 2^-13
+        assert ((out - ref).norm() / ref.norm()).item() < (1e-6 if dtype == torch.int8 else 5e-4)
         # the general kernel hands these products to this one, and returns the same result
         general = triton_gemm.launch(a, w, rs, cb, None, k, 8, triton_gemm.MMA_INT8 if dtype == torch.int8
                                      else triton_gemm.MMA_FP8, False, 255, torch.float32, [])

@@ -137,8 +137,12 @@ def _latency(ctx: StageContext, q, census, per_prompt) -> dict:
     rel = str(s.latency_table)
     table = LatencyTable.from_json(artifacts.read_latency_table(ws, rel), str(ws.path(rel)))
     bits = {"weight": q.bits_by_group("weight"), "act": q.bits_by_group("act")}
+    headroom = table.default_headroom if s.latency_headroom is None else float(s.latency_headroom)
+    if s.latency_headroom is None:
+        log.info("allocate: latency headroom %.0f%% (the default for a%s table)", 100 * headroom,
+                 " calibrated" if table.calibrated else "n uncalibrated")
     requests = [LatencyRequest(float(b), bits, float(K), int(seed), str(s.solver), float(s.time_limit_s),
-                               float(s.metric_cap), float(s.latency_headroom))
+                               float(s.metric_cap), headroom)
                 for b, K, seed in itertools.product(_as_list(s.budget_ms), _as_list(s.K), _as_list(s.seed))]
     protected = artifacts.read_protected(ws) if ws.exists(artifacts.PROTECTED_YAML) else []
     return allocate_latency(ws, requests, table, census, per_prompt, protected, ctx.tracker, rel)

@@ -29,7 +29,8 @@ def run(ctx: StageContext) -> dict:
     backend = BackendConfig.merged(ctx.run.quant.kernels, s.kernels)
     settings = {"resolution": int(s.resolution or ctx.run.model.resolution), "batch_size": int(s.batch_size),
                 "choices": [str(c) for c in s.choices], "dtype": str(s.dtype), "memory_format": str(s.memory_format),
-                "calibration": str(s.calibration), "compile": str(s.compile), "backend_options": backend.to_dict()}
+                "calibration": str(s.calibration), "compile": str(s.compile), "backend_options": backend.to_dict(),
+                "calibrate_overhead": bool(s.calibrate)}
     if ws.exists(artifacts.LAYER_LATENCY) and not is_forced(s.force, "latency_table"):
         old = LatencyTable.from_json(artifacts.read_latency_table(ws), str(ws.path(artifacts.LAYER_LATENCY)))
         if old.meta.get("settings") == settings and old.meta.get("fingerprints") == ws.fingerprints:
@@ -66,11 +67,18 @@ def run(ctx: StageContext) -> dict:
                                   int(s.warmup), meta={"settings": settings, "fingerprints": ws.fingerprints},
                                   compile_backend=compile_backend, regions=regions, done=partial["done"],
                                   on_measured=lambda _done: ws.write_json(artifacts.LAYER_LATENCY_PARTIAL, partial),
-                                  progress=True)
+                                  progress=True, calibrate=bool(s.calibrate))
     ws.write_json(artifacts.LAYER_LATENCY, table.to_json())
     ws.path(artifacts.LAYER_LATENCY_PARTIAL).unlink(missing_ok=True)
     log.info("latency_table: %d layers x %d choices, 16-bit denoiser %.3f ms (%.3f ms outside the layers)",
              len(table.ms), len(table.choices), table.model_ms, table.rest_ms)
+    cal = table.meta.get("calibration") or {}
+    if "measured_ms" in cal:
+        log.info("latency_table: the fastest plan (%d quantized layers) measured %.3f ms, predicted %.3f ms alone: "
+                 "%+.2f us per quantized layer added to predictions", cal["quantized_layers"], cal["measured_ms"],
+                 cal["predicted_ms"], 1000 * table.quantized_layer_ms)
+    elif cal:
+        log.info("latency_table: overhead not calibrated: %s", cal.get("skipped"))
     return _headline(table, reused=False)
 
 
@@ -88,7 +96,7 @@ def compile_choice(mode: str) -> tuple[str | None, tuple[str, ...] | None]:
 
 
 def _headline(table: LatencyTable, reused: bool) -> dict:
-    sums = {c: sum(row.get(c, float("nan")) for row in table.ms.values()) for c in table.choices}
+    sums = {c: sum(row.get(c, float("nan")) for row in table.plan_ms.values()) for c in table.choices}
     return {"file": artifacts.LAYER_LATENCY, "layers": len(table.ms), "choices": table.choices,
-            "model_ms": table.model_ms, "rest_ms": table.rest_ms,
+            "model_ms": table.model_ms, "rest_ms": table.rest_ms, "quantized_layer_ms": table.quantized_layer_ms,
             "uniform_predicted_ms": {c: table.rest_ms + v for c, v in sums.items()}, "reused": reused}
