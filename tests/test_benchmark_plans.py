@@ -66,6 +66,18 @@ def test_benchmark_names_plans_and_splits_the_pipeline_time(make_cfg, tmp_path):
         assert saved["headline"]["settings"]["compile"] == "none"
     assert head["settings"]["plans"] == ["linear:w8a8:fp8", "inner:w8a8:int8", "fused:w4a8:fbgemm"]
     assert head["env"]["torch"]
+    # the report's benchmark table: one row per plan, the timing, speedup and end-to-end split
+    from mixprec.report import load_workspace
+    from mixprec.report.data import benchmark_plan_rows
+    from mixprec.report.html import benchmark_section
+
+    rows = benchmark_plan_rows(head)
+    assert [r["plan"] for r in rows] == [next(iter(plans)), "linear:w8a8:fp8", "inner:w8a8:int8", "fused:w4a8:fbgemm"]
+    assert rows[0]["32x1_speedup"] == 1.0 and rows[1]["32x1_speedup"] == fp8["speedup"]["32x1"]
+    assert rows[1]["32x1_ms"] == fp8["timing"]["32x1"]["median_ms"] and rows[1]["weight_mib"] == fp8["weight_mib"]
+    assert rows[1]["e2e_denoiser_ms"] == parts["denoiser"]["median_ms"] and "e2e_other_ms" in rows[1]
+    html = benchmark_section(load_workspace(tmp_path / "tiny_random"))
+    assert "<h3>plans</h3>" in html and "e2e_vae_decode_ms" in html and "fused:w4a8:fbgemm" in html
 
 
 def test_benchmark_shapes_are_explicit_pairs_or_the_product():

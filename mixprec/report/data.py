@@ -275,6 +275,26 @@ def measured_latency(rows: Sequence[Mapping[str, Any]], root: Path, benchmark: M
     return out
 
 
+def benchmark_plan_rows(benchmark: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """One row per plan of ``benchmark.json``: weights, SQNR, the denoiser's median (p10, p90) and
+    speedup over 16 bit at each timed shape, and the end-to-end pipeline's median per component."""
+    rows = []
+    for name, rec in ((benchmark or {}).get("plans") or {}).items():
+        if not isinstance(rec, Mapping):
+            continue
+        row: dict[str, Any] = {"plan": name, "weight_mib": rec.get("weight_mib"),
+                               "quantized_layers": rec.get("quantized_layers"),
+                               "sqnr_vs_16bit_db": rec.get("sqnr_vs_16bit_db")}
+        speedup = rec.get("speedup") or {}
+        for shape, t in (rec.get("timing") or {}).items():
+            row.update({f"{shape}_ms": t.get("median_ms"), f"{shape}_p10_ms": t.get("p10_ms"),
+                        f"{shape}_p90_ms": t.get("p90_ms"), f"{shape}_speedup": speedup.get(shape, 1.0)})
+        for part, t in (((rec.get("end_to_end") or {}).get("breakdown_ms")) or {}).items():
+            row[f"e2e_{part}_ms"] = t.get("median_ms")
+        rows.append(row)
+    return rows
+
+
 def latency_rows(d: "WorkspaceData") -> list[dict[str, Any]]:
     """The workspace's latency-budget plans (``pareto_latency.csv``) with their measured latency where
     ``stage=benchmark`` timed them, at the latency table's resolution and batch."""

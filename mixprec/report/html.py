@@ -21,8 +21,8 @@ import yaml
 
 from mixprec import artifacts
 
-from .data import (FULL_PRECISION_BITS, Source, WorkspaceData, allocation_by_block, census_by_block, latency_rows,
-                   roles_of_block)
+from .data import (FULL_PRECISION_BITS, Source, WorkspaceData, allocation_by_block, benchmark_plan_rows, census_by_block,
+                   latency_rows, roles_of_block)
 
 CSS = """
 :root { --fg:#1d2330; --muted:#5b6474; --line:#dde1e8; --bg:#f4f6f9; --card:#fff; --accent:#3559c7; }
@@ -522,6 +522,11 @@ def benchmark_section(d: WorkspaceData) -> str | None:
     if not d.benchmark:
         return None
     parts = []
+    plan_rows = benchmark_plan_rows(d.benchmark)
+    if plan_rows:
+        cols = list(dict.fromkeys(c for r in plan_rows for c in r))
+        parts.append("<h3>plans</h3>" + table(cols, [[r.get(c) for c in cols] for r in plan_rows],
+                                              [c != "plan" for c in cols]))
     lists = {k: v for k, v in d.benchmark.items() if isinstance(v, list) and v and all(isinstance(x, Mapping) for x in v)}
     for k, v in lists.items():
         cols = list(dict.fromkeys(c for x in v for c, val in x.items() if not isinstance(val, (Mapping, list))))

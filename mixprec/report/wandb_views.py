@@ -26,7 +26,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .data import FULL_PRECISION_BITS, WorkspaceData, allocation_by_block, census_by_block, latency_rows
+from .data import (FULL_PRECISION_BITS, WorkspaceData, allocation_by_block, benchmark_plan_rows, census_by_block,
+                   latency_rows)
 
 MAX_TABLE_ROWS = 2000
 
@@ -198,6 +199,10 @@ def _log_evaluate_and_benchmark(track, d: WorkspaceData) -> None:
     if d.benchmark:
         from .html import _flatten
 
+        plan_rows = benchmark_plan_rows(d.benchmark)
+        if plan_rows:
+            cols = list(dict.fromkeys(c for r in plan_rows for c in r))
+            track.log_table("benchmark/plans", cols, [[r.get(c) for c in cols] for r in plan_rows])
         flat = _flatten(d.benchmark)
         track.log_table("benchmark", ["key", "value"], [[k, json.dumps(v) if not isinstance(v, str) else v]
                                                         for k, v in flat])
