@@ -37,6 +37,15 @@ def test_end_to_end_graph_components_are_checked_and_ignored_without_cuda():
         end_to_end_graph_components(["denoiser", "vae"], cuda=True)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_graphed_forwards_without_cuda_says_why():
+    with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):
+        with graphed_forwards({"lin": nn.Linear(2, 2)}):
+            pass
+    with graphed_forwards({}) as graphs:  # nothing to graph: nothing needed
+        assert graphs == {}
+
+
 def test_a_typo_in_the_graph_components_stops_the_benchmark_before_any_model_loads(make_cfg):
     with pytest.raises(ValueError, match="unknown component 'unet'"):
         run_stage(make_cfg("model=tiny_random", "stage=benchmark", "stage.calibration=random",
