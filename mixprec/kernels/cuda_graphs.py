@@ -12,7 +12,9 @@ caller holds). Forward hooks stay outside the replay, so component timers time t
 A call runs eagerly instead, and the module says why (``eager_reasons``), when an input tensor is
 not on the GPU, an argument cannot be part of a signature (not hashable), the output holds
 something other than tensors and constants, the capture fails (a host synchronisation inside the
-forward), or ``max_graphs`` signatures are captured already.
+forward), or ``max_graphs`` signatures are captured already. A forward that writes into its input
+tensors in place would write into the static copies instead: the pipelines' text encoders, UNets and
+VAE decoders do not.
 """
 
 from __future__ import annotations

@@ -344,7 +344,8 @@ def calibrate_overhead(table: LatencyTable, model: nn.Module, example_kwargs: Ma
     QuantLayers, plan cleared; converted and compiled in place here, so pass a copy) runs the table's
     fastest plan (:meth:`LatencyTable.fastest_plan`), timed as ``model_ms`` was; the difference to the
     table's prediction, spread over its quantized layers, is the overhead per quantized layer.
-    Without any layer faster quantized the table comes back unchanged.
+    Without any layer faster quantized there is nothing to time: the table comes back with
+    ``quantized_layer_ms`` 0 and the reason under ``meta["calibration"]``.
     """
     plan = {layer: key for layer, key in table.fastest_plan().items() if key != FULL}
     if not plan:

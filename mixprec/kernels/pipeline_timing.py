@@ -99,8 +99,8 @@ def time_pipeline(run: Callable[[], object], components: Mapping[str, nn.Module]
                 before_each()
             timer.reset()
             # Python's garbage collector stays off while a run is timed (as in timeit): a full
-            # collection in a process holding several compiled models is slow, and it would land in
-            # whichever run it happened to interrupt (session 31: "other" grew with plan order)
+            # collection in a process holding several compiled models is slow, and it would be
+            # charged to whichever run (and plan) it happened to interrupt
             gc.collect()
             gc.disable()
             if cuda:
