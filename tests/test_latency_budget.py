@@ -192,6 +192,7 @@ def test_allocate_stage_with_latency_budgets_writes_both_plans_and_the_front(mak
 
     html = latency_section(load_workspace(ws))
     assert "pareto_latency.csv" in html and "<img" in html and str(budgets[0]) in html
+    assert "overhead per quantized layer not calibrated" in html
     assert not any(r["path"].startswith("plans/latency_") for r in collect_candidates(ws))
     # plans that stage=benchmark timed get their measured latency beside the prediction, and a front
     # of score vs measured latency
@@ -301,3 +302,8 @@ def test_default_latency_headroom_follows_the_tables_calibration(make_cfg, tmp_p
         wplan = read_plan(ws / head["plans"][0]["plan"])
         assert wplan.header["headroom"] == headroom
         assert wplan.header["predicted_ms"] <= budget * (1 - headroom) + 1e-9
+    from mixprec.report import load_workspace
+    from mixprec.report.html import latency_section
+
+    html = latency_section(load_workspace(ws))  # the report says how the predictions were made
+    assert "overhead per quantized layer calibrated" in html and "each quantized layer adds 0.5 us" in html

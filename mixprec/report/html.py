@@ -12,6 +12,7 @@ import base64
 import datetime as _dt
 import html
 import io
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -539,6 +540,23 @@ def benchmark_section(d: WorkspaceData) -> str | None:
     return section("benchmark", "".join(parts), ["benchmark.json"], sources=_sources(d, "benchmark"))
 
 
+def _latency_table_note(root) -> str:
+    """One line on how the predictions were made: the table's 16-bit time and its calibration."""
+    try:
+        data = json.loads((root / artifacts.LAYER_LATENCY).read_text())
+    except (OSError, ValueError):
+        return ""
+    cal = (data.get("meta") or {}).get("calibration") or {}
+    if "measured_ms" in cal:
+        how = (f"calibrated: the fastest plan ({cal.get('quantized_layers', '?')} quantized layers) measured "
+               f"{fmt(cal['measured_ms'])} ms against {fmt(cal.get('predicted_ms'))} ms predicted from its layers, so "
+               f"each quantized layer adds {fmt(1000 * float(data.get('quantized_layer_ms') or 0.0))} us")
+    else:
+        how = "not calibrated (" + str(cal.get("skipped", "stage.calibrate=false or an older table")) + ")"
+    return (f"<p>Latency table: 16-bit denoiser {fmt(data.get('model_ms'))} ms; overhead per quantized layer "
+            f"{esc(how)}.</p>")
+
+
 def latency_section(d: WorkspaceData) -> str | None:
     """The latency-budget plans (stage=allocate stage.budget=latency), their front, and where
     stage=benchmark timed them, the measured latency against the prediction."""
@@ -553,6 +571,7 @@ def latency_section(d: WorkspaceData) -> str | None:
     body = table(cols, [[r.get(c) for c in cols] for r in rows], [c in nums for c in cols])
     png = d.root / artifacts.PARETO_LATENCY_PNG
     img = image_file(png, "score vs predicted latency", 720) if png.exists() else ""
+    body = _latency_table_note(d.root) + body
     return section("latency", img + body, [artifacts.PARETO_LATENCY_CSV, artifacts.PARETO_LATENCY_PNG,
                                            artifacts.LAYER_LATENCY])
 
