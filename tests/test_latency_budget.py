@@ -22,6 +22,7 @@ from mixprec.search import AllocationError, InfeasibleBudgetError, read_plan
 from mixprec.search.latency import solve_latency
 from mixprec.search.synthetic import sdxl_census, write_synthetic_workspace
 from mixprec.artifacts import collect_candidates, read_layers
+from tests.conftest import calibrated_tiny_unet
 
 CHOICES = ["w16a16", "w8a8", "w4a16", "w4a8"]
 
@@ -67,12 +68,8 @@ def test_latency_table_on_the_tiny_model_predicts_the_plans_it_times():
 
 
 def test_overhead_calibration_makes_the_fastest_plan_predict_its_whole_model_time():
-    torch.manual_seed(0)
-    unet = build_unet("tiny")
-    calib = [denoiser_inputs(unet, 1, seed=s) for s in range(2)]
-    layers = calibrate_random(unet, lambda: [unet(**c) for c in calib], weight_bits=(8,), act_bits=(8,))
-    x = denoiser_inputs(unet, 1, seed=3)
-    set_plan(layers)
+    unet, layers, x = calibrated_tiny_unet(8, 8, weight_bits=(8,), act_bits=(8,))
+    set_plan(layers)  # calibrate_overhead sets the plan it times
     names = sorted(layers)
     # a table in which every other layer is faster at w8a8 (on the CPU the emulated kernels are not)
     ms = {n: {FULL: 0.02, "w8a8": 0.01 if i % 2 else 0.03} for i, n in enumerate(names)}
