@@ -208,3 +208,35 @@ def test_report_renders_in_a_headless_browser(tiny, tmp_path):
     from PIL import Image, ImageStat
     im = Image.open(shot).convert("L")
     assert im.size == (1400, 4000) and ImageStat.Stat(im).stddev[0] > 20
+
+
+def test_final_plans_are_priced_by_the_latency_table(tiny, tmp_path):
+    from mixprec.report.data import final_plan_latency
+    from mixprec.report.html import allocation_section
+
+    _, ws, _ = tiny
+    part = tmp_path / "ws"
+    shutil.copytree(ws, part, ignore=shutil.ignore_patterns("generated_images", "report*"))
+    d = load_workspace(part)
+    assert final_plan_latency(d) is None  # no latency table: nothing to say
+    weight, act = d.finals["weight"].bits, d.finals["act"].bits
+    keys = [f"w{w}a{a}" for w in range(2, 17) for a in range(2, 17)]
+    # every quantized choice at 0.9 of the layer's 16-bit time: the plan is predicted faster
+    table = {"model_ms": 10.0, "meta": {"settings": {"resolution": 32, "batch_size": 1}},
+             "ms": {n: {k: 0.01 if k == "w16a16" else 0.009 for k in keys} for n in weight}}
+    (part / "layer_latency.json").write_text(json.dumps(table))
+    quantized = sum(1 for n in weight if weight[n] < 16 or act.get(n, 16) < 16)
+    lat = final_plan_latency(load_workspace(part))
+    assert lat["predicted_ms"] == pytest.approx(10.0 - 0.001 * quantized) and not lat["slower_than_16bit"]
+    html = allocation_section(load_workspace(part), {})
+    assert "Latency table at 32x1 (uncalibrated): the final plans predicted" in html and "not slower than 16 bit" in html
+    # quantized choices slower than 16 bit: the report says so, and what keeps a plan under it
+    table["ms"] = {n: {k: 0.01 if k == "w16a16" else 0.02 for k in keys} for n in weight}
+    (part / "layer_latency.json").write_text(json.dumps(table))
+    html = allocation_section(load_workspace(part), {})
+    assert "<strong>slower than 16 bit</strong>" in html and "stage.budget=latency" in html
+    # a table without the plan's bit-widths cannot price it, and says which is missing
+    table["ms"] = {n: {"w16a16": 0.01, "w8a8": 0.009} for n in weight}
+    (part / "layer_latency.json").write_text(json.dumps(table))
+    assert "rerun stage=latency_table" in final_plan_latency(load_workspace(part))["error"]
+    assert "cannot predict the final plans" in allocation_section(load_workspace(part), {})

@@ -295,6 +295,32 @@ def benchmark_plan_rows(benchmark: Mapping[str, Any] | None) -> list[dict[str, A
     return rows
 
 
+def final_plan_latency(d: "WorkspaceData") -> dict[str, Any] | None:
+    """The final plans' denoiser latency as the workspace's latency table predicts it, beside the
+    table's 16-bit time: whether the plan the search picked would run slower than 16 bit. None
+    without final plans or a table; ``error`` when the table cannot price the plan (a bit-width it
+    did not measure, layers of another model)."""
+    path = d.root / artifacts.LAYER_LATENCY
+    if not d.finals or not path.exists():
+        return None
+    from mixprec.kernels.latency_table import LatencyTable
+
+    try:
+        table = LatencyTable.from_json(json.loads(path.read_text()), str(path))
+        weight = d.finals["weight"].bits if "weight" in d.finals else {}
+        act = d.finals["act"].bits if "act" in d.finals else {}
+        missing = sorted(set(weight) - set(table.ms))
+        if missing:
+            raise KeyError(f"layer {missing[0]!r} is not in the latency table; rerun stage=latency_table")
+        predicted = table.predict_ms(weight, act)
+    except (KeyError, ValueError) as e:
+        return {"error": str(e.args[0] if e.args else e)}
+    settings = table.meta.get("settings") or {}
+    shape = f"{settings['resolution']}x{settings['batch_size']}" if "resolution" in settings else None
+    return {"predicted_ms": predicted, "model_ms": table.model_ms, "speedup": table.model_ms / predicted,
+            "slower_than_16bit": predicted > table.model_ms, "calibrated": table.calibrated, "shape": shape}
+
+
 def latency_rows(d: "WorkspaceData") -> list[dict[str, Any]]:
     """The workspace's latency-budget plans (``pareto_latency.csv``) with their measured latency where
     ``stage=benchmark`` timed them, at the latency table's resolution and batch."""

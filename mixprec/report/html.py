@@ -23,7 +23,7 @@ import yaml
 from mixprec import artifacts
 
 from .data import (FULL_PRECISION_BITS, Source, WorkspaceData, allocation_by_block, benchmark_plan_rows, census_by_block,
-                   latency_rows, roles_of_block)
+                   final_plan_latency, latency_rows, roles_of_block)
 
 CSS = """
 :root { --fg:#1d2330; --muted:#5b6474; --line:#dde1e8; --bg:#f4f6f9; --card:#fff; --accent:#3559c7; }
@@ -410,6 +410,17 @@ def allocation_section(d: WorkspaceData, figs: Mapping[str, bytes | None]) -> st
             [f"A {x}" for x in blabel])
     parts.append("<h3>Per block (layers at each bit-width)</h3>" + table(cols, brows, [False] + [True] * (len(cols) - 1)))
     parts.append(f'<p class="source">final plans {esc(d.plans_digest)}</p>')
+    lat = final_plan_latency(d)
+    if lat and "error" in lat:
+        parts.append(f"<p>Latency table: cannot predict the final plans ({esc(lat['error'])}).</p>")
+    elif lat:
+        verdict = ("<strong>slower than 16 bit</strong>: a latency budget (<code>stage=allocate "
+                   "stage.budget=latency</code>) keeps a plan at or under it") if lat["slower_than_16bit"] else \
+            "not slower than 16 bit"
+        parts.append(f"<p>Latency table{' at ' + esc(lat['shape']) if lat['shape'] else ''}"
+                     f"{'' if lat['calibrated'] else ' (uncalibrated)'}: the final plans predicted "
+                     f"{fmt(lat['predicted_ms'])} ms against {fmt(lat['model_ms'])} ms at 16 bit "
+                     f"({fmt(lat['speedup'])}x), {verdict}.</p>")
     if d.infer:
         wts = d.infer.get("weights") or {}
         parts.append("<h3>Final inference (infer.json)</h3>" + source_note(d.source("infer")) + kv_table([

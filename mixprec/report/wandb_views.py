@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import (FULL_PRECISION_BITS, WorkspaceData, allocation_by_block, benchmark_plan_rows, census_by_block,
-                   latency_rows)
+                   final_plan_latency, latency_rows)
 
 MAX_TABLE_ROWS = 2000
 
@@ -156,6 +156,10 @@ def _log_finals(track, d: WorkspaceData, summary: dict[str, Any]) -> None:
         summary[f"final/{kind}_score"] = h.get("score")
         for k, v in (h.get("selection_scores") or {}).items():
             summary[f"final/{kind}_select_{k}"] = v
+    lat = final_plan_latency(d)
+    if lat and "error" not in lat:
+        summary.update({"final/predicted_ms": lat["predicted_ms"], "final/predicted_speedup": lat["speedup"],
+                        "final/slower_than_16bit": lat["slower_than_16bit"]})
     track.log_table("allocation/by_block", ["kind", "block", "layers", "mean_bits", "share_2", "share_4",
                                             "share_8", "share_fp"], rows)
     track.log_artifact("final_plans", "plan", [d.root / f.path for f in d.finals.values()])
