@@ -74,7 +74,8 @@ class AllocateSettings(StageSettings):
     budget: Literal["mean_bits", "bytes", "latency"] = "mean_bits"
     target: Union[Number, list[Number], None] = 4.0
     budget_mib: Union[Number, list[Number], None] = None
-    budget_ms: Union[Number, list[Number], None] = None
+    # milliseconds, or "<f>x": f times the latency table's 16-bit time ("1x": not slower than 16 bit)
+    budget_ms: Union[Number, str, list[Union[Number, str]], None] = None
     program: Literal["split", "joint", "both"] = "split"
     content_metric: Literal["ssim", "ssim_db"] = "ssim"
     quality_metric: Literal["sqnr_db", "noise_power"] = "sqnr_db"

@@ -304,3 +304,18 @@ def test_default_latency_headroom_follows_the_tables_calibration(make_cfg, tmp_p
 
     html = latency_section(load_workspace(ws))  # the report says how the predictions were made
     assert "overhead per quantized layer calibrated" in html and "each quantized layer adds 0.5 us" in html
+
+
+def test_latency_budget_as_a_multiple_of_the_16_bit_time(make_cfg, tmp_path):
+    ws = write_synthetic_workspace(tmp_path / "ws", n_prompts=4)
+    table = synthetic_table([{"name": c.name, "params": c.params} for c in read_layers(ws / "layers.csv")])
+    (ws / "layer_latency.json").write_text(json.dumps(table))
+    full = LatencyTable.from_json(table).model_ms
+    head = run_stage(make_cfg("stage=allocate", f"paths.workspace={ws}", "stage.budget=latency",
+                              "stage.budget_ms=[1x,0.97x]", "stage.time_limit_s=5"))
+    assert [row["budget_ms"] for row in head["plans"]] == [round(full, 3), round(0.97 * full, 3)]
+    for row in head["plans"]:  # "1x": not slower than 16 bit, by the table (with the default 3% headroom)
+        assert read_plan(ws / row["plan"]).header["predicted_ms"] <= row["budget_ms"] * 0.97 + 1e-9 <= full
+    with pytest.raises(ValueError, match=r"stage.budget_ms: 'fastx' is neither milliseconds nor a multiple"):
+        run_stage(make_cfg("stage=allocate", f"paths.workspace={ws}", "stage.budget=latency",
+                           "stage.budget_ms=fastx", "stage.time_limit_s=5"))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -128,6 +129,19 @@ def _reachable(combos: list, census, q, protected_acts: list[str], on_infeasible
     return keep, skipped
 
 
+def latency_budget_ms(value: Any, full_ms: float) -> float:
+    """One ``stage.budget_ms`` item in milliseconds: a number is milliseconds; ``"<f>x"`` is ``f`` times
+    the latency table's 16-bit time ``full_ms`` (``"1x"``: not slower than 16 bit, ``"0.95x"``: 5 %
+    faster), rounded to the microsecond."""
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*x\s*", value.lower())
+        if not m:
+            raise ValueError(f"stage.budget_ms: {value!r} is neither milliseconds nor a multiple of the 16-bit time "
+                             f"written '<f>x' (e.g. 9.2, '1x', '0.95x')")
+        return round(float(m.group(1)) * full_ms, 3)
+    return float(value)
+
+
 def _latency(ctx: StageContext, q, census, per_prompt) -> dict:
     """stage.budget=latency: plans under the latency table's prediction (mixprec.latency_allocation)."""
     s, ws = ctx.settings, ctx.workspace
@@ -136,6 +150,7 @@ def _latency(ctx: StageContext, q, census, per_prompt) -> dict:
                          "table's resolution and batch)")
     rel = str(s.latency_table)
     table = LatencyTable.from_json(artifacts.read_latency_table(ws, rel), str(ws.path(rel)))
+    budgets = [latency_budget_ms(b, table.model_ms) for b in _as_list(s.budget_ms)]
     bits = {"weight": q.bits_by_group("weight"), "act": q.bits_by_group("act")}
     headroom = table.default_headroom if s.latency_headroom is None else float(s.latency_headroom)
     if s.latency_headroom is None:
@@ -143,7 +158,7 @@ def _latency(ctx: StageContext, q, census, per_prompt) -> dict:
                  " calibrated" if table.calibrated else "n uncalibrated")
     requests = [LatencyRequest(float(b), bits, float(K), int(seed), str(s.solver), float(s.time_limit_s),
                                float(s.metric_cap), headroom)
-                for b, K, seed in itertools.product(_as_list(s.budget_ms), _as_list(s.K), _as_list(s.seed))]
+                for b, K, seed in itertools.product(budgets, _as_list(s.K), _as_list(s.seed))]
     protected = artifacts.read_protected(ws) if ws.exists(artifacts.PROTECTED_YAML) else []
     return allocate_latency(ws, requests, table, census, per_prompt, protected, ctx.tracker, rel)
 
