@@ -179,9 +179,10 @@ def main() -> None:
     ap.add_argument("--table-iters", type=int, default=20)
     ap.add_argument("--table", default=None, help="a latency_table.json written earlier (skips step 1)")
     ap.add_argument("--table-only", action="store_true")
-    ap.add_argument("--calibrate", action="store_true",
+    ap.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                     help="time the table's fastest plan as a whole first and predict with the overhead per "
-                         "quantized layer it shows (LatencyTable.quantized_layer_ms)")
+                         "quantized layer it shows (LatencyTable.quantized_layer_ms; stage=latency_table's "
+                         "default too); --no-calibrate predicts from the layers alone")
     ap.add_argument("--partial", default=None, help="latency_table.partial.json of a cut call: resume the table")
     ap.add_argument("--budget", type=float, default=540, help="seconds: plans start while they fit")
     ap.add_argument("--write-plans", default=None, help="folder for each plan's weight + activation YAML")
