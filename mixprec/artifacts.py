@@ -248,9 +248,11 @@ def plan_paths(root: str | os.PathLike, kind: str | None = None) -> list[Path]:
     return sorted(found, key=lambda p: natural_key(str(p)))
 
 
-def latency_plan_paths(budget_ms: float, K: float, seed: int) -> tuple[str, str]:
-    """(weight plan, activation plan) of one latency-budget candidate, relative to the workspace."""
-    folder = f"{PLANS_DIR}/{LATENCY_PLANS_PREFIX}{float(budget_ms):g}ms_{float(K):g}"
+def latency_plan_paths(budget_ms: float, K: float, seed: int, budget_mib: float | None = None) -> tuple[str, str]:
+    """(weight plan, activation plan) of one latency-budget candidate, relative to the workspace
+    (``budget_mib``: the weight-byte cap beside the latency budget, named in the folder)."""
+    cap = f"{float(budget_mib):g}mib_" if budget_mib is not None else ""
+    folder = f"{PLANS_DIR}/{LATENCY_PLANS_PREFIX}{float(budget_ms):g}ms_{cap}{float(K):g}"
     return f"{folder}/seed{int(seed)}.yaml", f"{folder}/act_seed{int(seed)}.yaml"
 
 

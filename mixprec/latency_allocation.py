@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from mixprec import artifacts, search
-from mixprec.artifacts import CensusLayer
+from mixprec.artifacts import FULL_PRECISION_BITS, CensusLayer
 from mixprec.kernels.latency_table import LatencyTable
+from mixprec.search.budget import LayerSizes
 from mixprec.search.latency import latency_plans
 from mixprec.workspace import Workspace
 
@@ -36,10 +37,11 @@ class LatencyRequest:
     time_limit_s: float = 10.0
     metric_cap: float = 100.0
     headroom: float = 0.0  # fraction of the budget the prediction keeps free (see solve_latency)
+    budget_mib: float | None = None  # a cap on the plan's weight MiB beside the latency budget
 
     @property
     def paths(self) -> tuple[str, str]:
-        return artifacts.latency_plan_paths(self.budget_ms, self.K, self.seed)
+        return artifacts.latency_plan_paths(self.budget_ms, self.K, self.seed, self.budget_mib)
 
 
 def allocate_latency(ws: Workspace, requests: Sequence[LatencyRequest], table: LatencyTable,
@@ -48,19 +50,26 @@ def allocate_latency(ws: Workspace, requests: Sequence[LatencyRequest], table: L
     """Solve and write every request; refresh the latency front; the stage's headline."""
     groups = {c.name: c.group for c in census}
     settings = table.meta.get("settings") or {}
+    sizes = LayerSizes.of(census)
     results = []
     for r in requests:
+        layer_bytes = None
+        if r.budget_mib is not None:  # stored weight bytes per layer at every width the recipe allows
+            widths = {b for g in r.bits["weight"].values() for b in g} | {FULL_PRECISION_BITS}
+            layer_bytes = {l: {b: sizes.layer_bytes("weight", l, b) for b in widths} for l in groups}
         wplan, aplan, sol = latency_plans(
             groups=groups, per_prompt=per_prompt, bits=r.bits, act_protected=protected_acts, layer_ms=table.plan_ms,
             rest_ms=table.rest_ms, budget_ms=r.budget_ms, K=r.K, seed=r.seed, solver=r.solver,
             time_limit_s=r.time_limit_s, metric_cap=r.metric_cap, headroom=r.headroom,
-            table_meta={"file": table_file, "model_ms": table.model_ms, **settings}, fingerprints=ws.fingerprints)
+            table_meta={"file": table_file, "model_ms": table.model_ms, **settings}, fingerprints=ws.fingerprints,
+            layer_bytes=layer_bytes, max_bytes=None if r.budget_mib is None else int(r.budget_mib * 2 ** 20))
         wrel, arel = r.paths
         wplan.header["act_plan"] = Path(arel).name
         artifacts.write_plan_file(ws, arel, aplan)
         artifacts.write_plan_file(ws, wrel, wplan)
         h = wplan.header
         results.append({"plan": wrel, "status": h["status"], "budget_ms": r.budget_ms, "predicted_ms": h["predicted_ms"],
+                        "budget_mib": r.budget_mib, "mib": h.get("mib"),
                         "score": h["score"], "objective": h["objective"], "layers_by_choice": h["layers_by_choice"],
                         "solve_time_s": sol.solve_time_s})
         log.info("allocate: %s %s predicted %.3f ms (budget %.3f), score %.4f, %s", wrel, h["status"],

@@ -319,3 +319,38 @@ def test_latency_budget_as_a_multiple_of_the_16_bit_time(make_cfg, tmp_path):
     with pytest.raises(ValueError, match=r"stage.budget_ms: 'fastx' is neither milliseconds nor a multiple"):
         run_stage(make_cfg("stage=allocate", f"paths.workspace={ws}", "stage.budget=latency",
                            "stage.budget_ms=fastx", "stage.time_limit_s=5"))
+
+
+@pytest.mark.parametrize("solver", ["highs", "cp-sat"])
+def test_latency_budget_with_a_weight_byte_cap(make_cfg, tmp_path, solver):
+    if solver == "cp-sat":
+        pytest.importorskip("ortools")
+    from mixprec.search.budget import LayerSizes
+
+    ws = write_synthetic_workspace(tmp_path / "ws", n_prompts=4)
+    census = read_layers(ws / "layers.csv")
+    table = synthetic_table([{"name": c.name, "params": c.params} for c in census])
+    (ws / "layer_latency.json").write_text(json.dumps(table))
+    sizes = LayerSizes.of(census)
+    full_mib = sizes.plan_bytes("weight", {c.name: 16 for c in census}) / 2 ** 20
+    base = ["stage=allocate", f"paths.workspace={ws}", "stage.budget=latency", "stage.time_limit_s=5",
+            f"stage.solver={solver}", "stage.budget_ms=1x"]
+    alone = run_stage(make_cfg(*base))["plans"][0]  # the latency budget alone keeps most layers at 16 bits
+    alone_mib = sizes.plan_bytes("weight", read_plan(ws / alone["plan"]).bits) / 2 ** 20
+    cap = round(0.6 * full_mib, 1)
+    assert alone_mib > cap
+    head = run_stage(make_cfg(*base, f"stage.budget_mib={cap}"))
+    row = head["plans"][0]
+    plan = read_plan(ws / row["plan"])
+    assert f"ms_{cap:g}mib_" in row["plan"] and row["budget_mib"] == cap
+    # both hold: the weights fit the cap (by the one byte count), the prediction the latency budget
+    mib = sizes.plan_bytes("weight", plan.bits) / 2 ** 20
+    assert mib == pytest.approx(plan.header["mib"]) and mib <= cap
+    assert plan.header["predicted_ms"] <= plan.header["budget_ms"] * (1 - plan.header["headroom"]) + 1e-9
+    assert plan.header["score"] <= read_plan(ws / alone["plan"]).header["score"] + 1e-9  # a second row costs
+    # a cap below the smallest plan the bit-widths allow, and two caps that cannot hold together
+    with pytest.raises(InfeasibleBudgetError, match="is below the smallest plan the allowed bit-widths give"):
+        run_stage(make_cfg(*base, "stage.budget_mib=0.01"))
+    least_mib = sizes.plan_bytes("weight", {c.name: 4 for c in census}) / 2 ** 20  # the table's narrowest: 4 bits
+    with pytest.raises(InfeasibleBudgetError, match=r"and [\d.]+ MiB of weights .*raise stage.budget_ms or stage.budget_mib"):
+        run_stage(make_cfg(*base[:-1], "stage.budget_ms=0.97x", f"stage.budget_mib={round(least_mib * 1.01, 2)}"))

@@ -52,6 +52,7 @@ class LatencySolution:
     deterministic_time: float | None = None
     reachable_ms: tuple[float, float] = (math.nan, math.nan)
     choices: dict[str, int] = field(default_factory=dict)
+    weight_bytes: int | None = None  # the plan's weight bytes, when a byte cap was given
 
 
 def allowed_choices(layer: str, group: str, table_row: Mapping[str, float], weight_bits: Mapping[str, Sequence[int]],
@@ -75,7 +76,9 @@ def solve_latency(weight_metric: Mapping[str, Mapping[str, Mapping[int, float]]]
                   layer_ms: Mapping[str, Mapping[str, float]], rest_ms: float, budget_ms: float, *, K: float = 1.0,
                   weight_bits: Mapping[str, Sequence[int]], act_bits: Mapping[str, Sequence[int]] | None = None,
                   act_protected: Iterable[str] = (), solver: str = "cp-sat", time_limit_s: float = 10.0,
-                  metric_cap: float = 100.0, objective_scale: float = 1e9, headroom: float = 0.0) -> LatencySolution:
+                  metric_cap: float = 100.0, objective_scale: float = 1e9, headroom: float = 0.0,
+                  layer_bytes: Mapping[str, Mapping[int, int]] | None = None,
+                  max_bytes: int | None = None) -> LatencySolution:
     """Choose (weight bits, activation bits) per layer within ``budget_ms`` (see the module doc).
 
     ``headroom``: the fraction of the budget kept free, the plan's prediction stays within
@@ -87,6 +90,9 @@ def solve_latency(weight_metric: Mapping[str, Mapping[str, Mapping[int, float]]]
     without ``act_metric`` activations stay 16-bit. ``layer_ms``: ``{layer: {"w8a8": ms, ...}}``
     from the latency table (every layer of ``groups`` needs a row, with ``w16a16``). Layers in
     ``act_protected`` keep 16-bit activations.
+
+    ``max_bytes`` with ``layer_bytes`` (``{layer: {weight bits: stored bytes}}``, 16 included): the
+    plan's weights must also fit in ``max_bytes`` (e.g. half the 16-bit size and not slower than 16 bit).
     """
     solver = _check_solver(solver)
     if not (0.0 <= headroom < 1.0):
@@ -123,18 +129,32 @@ def solve_latency(weight_metric: Mapping[str, Mapping[str, Mapping[int, float]]]
             f"latency budget {budget_ms:.3f} ms{kept} is below the fastest plan the table allows ({lo_ms:.3f} ms; the "
             f"slowest is {hi_ms:.3f} ms, {rest_ms:.3f} ms of it outside the quantizable layers); raise stage.budget_ms, "
             f"lower stage.latency_headroom or allow more bit-widths")
+    extra = ()
+    if max_bytes is not None:
+        if layer_bytes is None:
+            raise AllocationError("solve_latency: max_bytes needs layer_bytes (stored bytes per layer and weight bits)")
+        sizes = {l: {c: int(layer_bytes[l][decode_choice(c)[0]]) for c in choices[l]} for l in layers}
+        least = sum(min(r.values()) for r in sizes.values())
+        if least > max_bytes:
+            raise InfeasibleBudgetError(
+                f"weight budget {max_bytes / 2 ** 20:.2f} MiB is below the smallest plan the allowed bit-widths "
+                f"give ({least / 2 ** 20:.2f} MiB); raise stage.budget_mib or allow fewer bits")
+        extra = ((sizes, 0, int(max_bytes), "weight bytes"),)
     prog = _Program(layers=layers, choices=choices, weight=weight, lo=0, hi=cap, value=value,
-                    int_value=_int_values(value, objective_scale))
+                    int_value=_int_values(value, objective_scale), extra=extra)
     plan, status, dt, det = _solve(prog, solver, time_limit_s)
-    if plan is None:  # cannot happen above lo_ms, kept as a guard
-        raise InfeasibleBudgetError(f"no plan within {target_ms:.3f} ms (reachable [{lo_ms:.3f}, {hi_ms:.3f}] ms)")
+    if plan is None:  # without a byte cap this cannot happen above lo_ms, kept as a guard
+        both = f" and {max_bytes / 2 ** 20:.2f} MiB of weights" if extra else ""
+        raise InfeasibleBudgetError(f"no plan within {target_ms:.3f} ms{both} (latency reachable [{lo_ms:.3f}, "
+                                    f"{hi_ms:.3f}] ms): raise stage.budget_ms or stage.budget_mib")
     _verify(prog, plan, "latency budget")
     pairs = {l: decode_choice(c) for l, c in plan.items()}
     predicted = rest_ms + sum(layer_ms[l][f"w{w}a{a}"] for l, (w, a) in pairs.items())
     return LatencySolution(weight_bits={l: w for l, (w, a) in pairs.items()},
                            act_bits={l: a for l, (w, a) in pairs.items()}, predicted_ms=predicted,
                            objective=sum(value[l][plan[l]] for l in layers), status=status, solver=solver,
-                           solve_time_s=dt, deterministic_time=det, reachable_ms=(lo_ms, hi_ms), choices=plan)
+                           solve_time_s=dt, deterministic_time=det, reachable_ms=(lo_ms, hi_ms), choices=plan,
+                           weight_bytes=sum(extra[0][0][l][plan[l]] for l in layers) if extra else None)
 
 
 def joint_score(weight_bits: Mapping[str, int], act_bits: Mapping[str, int],
@@ -161,7 +181,8 @@ def latency_plans(*, groups: Mapping[str, str], per_prompt: Mapping[str, Mapping
                   act_protected: Sequence[str], layer_ms: Mapping[str, Mapping[str, float]], rest_ms: float,
                   budget_ms: float, K: float, seed: int, solver: str, time_limit_s: float, metric_cap: float,
                   table_meta: Mapping | None = None, fingerprints: Mapping[str, str] | None = None,
-                  headroom: float = 0.0):
+                  headroom: float = 0.0, layer_bytes: Mapping[str, Mapping[int, int]] | None = None,
+                  max_bytes: int | None = None):
     """(weight plan, activation plan, solution) for one latency budget; plain arguments, no Hydra.
     ``groups``: layer -> ``content`` | ``quality`` (the census).
 
@@ -184,7 +205,7 @@ def latency_plans(*, groups: Mapping[str, str], per_prompt: Mapping[str, Mapping
     sol = solve_latency(metric["weight"], metric.get("act"), groups, layer_ms, rest_ms, float(budget_ms), K=float(K),
                         weight_bits=bits["weight"], act_bits=bits["act"] if "act" in kinds else None,
                         act_protected=prot, solver=solver, time_limit_s=time_limit_s, metric_cap=metric_cap,
-                        headroom=headroom)
+                        headroom=headroom, layer_bytes=layer_bytes, max_bytes=max_bytes)
     score = joint_score(sol.weight_bits, sol.act_bits, ref["weight"], ref.get("act"), groups, bits, prot, 1.0,
                         metric_cap)
     fp = dict(fingerprints or {})
@@ -195,6 +216,8 @@ def latency_plans(*, groups: Mapping[str, str], per_prompt: Mapping[str, Mapping
               "layers_by_choice": _count_choices(sol), "act_sensitivities": "act" in kinds,
               "latency_table": dict(table_meta or {}), "model_fingerprint": fp.get("model"),
               "quant_fingerprint": fp.get("quant")}
+    if max_bytes is not None:  # the byte cap beside the latency budget, and what the plan's weights take
+        header.update(budget_mib=max_bytes / 2 ** 20, mib=sol.weight_bytes / 2 ** 20)
     return Plan(header=dict(header, part="weight", act_plan=None), bits=dict(sol.weight_bits)), \
         Plan(header=dict(header, part="act"), bits=dict(sol.act_bits)), sol
 

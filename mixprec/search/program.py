@@ -254,6 +254,9 @@ class _Program:
     hi: int
     value: dict[str, dict[int, float]]  # float objective per (layer, bits), maximized
     int_value: dict[str, dict[int, int]]  # the same, scaled and rounded for CP-SAT
+    # further rows that must hold too, each (coefficient per (layer, bits), lo, hi, what it is): e.g.
+    # a byte cap beside a latency budget
+    extra: tuple[tuple[dict[str, dict[int, int]], int, int, str], ...] = ()
 
 
 def _int_values(value: Mapping[str, Mapping[int, float]], scale: float) -> dict[str, dict[int, int]]:
@@ -266,33 +269,38 @@ def _int_values(value: Mapping[str, Mapping[int, float]], scale: float) -> dict[
     return out
 
 
-def _solve(p: _Program, solver: str, time_limit_s: float) -> tuple[dict[str, int], str, float, float | None]:
-    # Shift by each layer's cheapest choice and divide by the gcd: same feasible set, smaller numbers.
-    base = sum(min(p.weight[l].values()) for l in p.layers)
-    w = {l: {b: c - min(p.weight[l].values()) for b, c in p.weight[l].items()} for l in p.layers}
+def _row(layers: Sequence[str], weight: Mapping[str, Mapping[int, int]], lo: int, hi: int):
+    """A constraint row shifted by each layer's cheapest choice and divided by the gcd: the same
+    feasible set with smaller numbers. (coefficients, lo, hi)."""
+    base = sum(min(weight[l].values()) for l in layers)
+    w = {l: {b: c - min(weight[l].values()) for b, c in weight[l].items()} for l in layers}
     g = _gcd(c for row in w.values() for c in row.values())
     w = {l: {b: c // g for b, c in row.items()} for l, row in w.items()}
-    lo = -(-(p.lo - base) // g)  # ceil
-    hi = (p.hi - base) // g  # floor
+    return w, -(-(lo - base) // g), (hi - base) // g  # lo rounded up, hi down
+
+
+def _solve(p: _Program, solver: str, time_limit_s: float) -> tuple[dict[str, int], str, float, float | None]:
+    rows = [_row(p.layers, p.weight, p.lo, p.hi)] + [_row(p.layers, w, lo, hi) for w, lo, hi, _ in p.extra]
     t0 = time.perf_counter()
     if solver == "cp-sat":
-        bits, status, det = _solve_cpsat(p, w, lo, hi, time_limit_s)
+        bits, status, det = _solve_cpsat(p, rows, time_limit_s)
     else:
         once = _highs_once if solver == "highs" else _ortools_mip_once
-        bits, status = _solve_mip(p, w, lo, hi, solver, time_limit_s, once)
+        bits, status = _solve_mip(p, rows, solver, time_limit_s, once)
         det = None
     return bits, status, time.perf_counter() - t0, det
 
 
-def _solve_cpsat(p: _Program, w, lo: int, hi: int, time_limit_s: float):
+def _solve_cpsat(p: _Program, rows, time_limit_s: float):
     from ortools.sat.python import cp_model
 
     m = cp_model.CpModel()
     x = {(l, b): m.NewBoolVar(f"x{i}_{b}") for i, l in enumerate(p.layers) for b in p.choices[l]}
     for l in p.layers:
         m.AddExactlyOne(x[l, b] for b in p.choices[l])
-    expr = sum(w[l][b] * x[l, b] for l in p.layers for b in p.choices[l] if w[l][b])
-    m.AddLinearConstraint(expr, lo, hi)
+    for w, lo, hi in rows:
+        expr = sum(w[l][b] * x[l, b] for l in p.layers for b in p.choices[l] if w[l][b])
+        m.AddLinearConstraint(expr, lo, hi)
     m.Maximize(sum(p.int_value[l][b] * x[l, b] for l in p.layers for b in p.choices[l] if p.int_value[l][b]))
     s = cp_model.CpSolver()
     # One worker, a fixed seed and a deterministic-time limit: same input -> same plan, even when
@@ -318,29 +326,34 @@ def _solve_cpsat(p: _Program, w, lo: int, hi: int, time_limit_s: float):
     return bits, name, s.deterministic_time
 
 
-def _solve_mip(p: _Program, w, lo: int, hi: int, solver: str, time_limit_s: float, once):
-    """A float MIP (objective: regret vs each layer's best choice), re-solved with a tightened row
-    when the answer breaks the exact budget."""
-    lo_cur, hi_cur = lo, hi
+def _solve_mip(p: _Program, rows, solver: str, time_limit_s: float, once):
+    """A float MIP (objective: regret vs each layer's best choice), re-solved with tightened rows
+    when the answer breaks an exact bound."""
+    bounds = [(lo, hi) for _, lo, hi in rows]
     # A MIP accepts a row violated within its (relative) feasibility tolerance; on big coefficients
     # that can exceed the exact budget by a few units. Tighten by the excess and solve again.
     bits: dict[str, int] | None = None
     for _ in range(4):
-        bits, optimal = once(p, w, lo_cur, hi_cur, solver, time_limit_s)
+        bits, optimal = once(p, [(w, lo, hi) for (w, _, _), (lo, hi) in zip(rows, bounds)], solver, time_limit_s)
         if bits is None:
             return None, "INFEASIBLE"
         status = "OPTIMAL" if optimal else "FEASIBLE"
-        used = sum(w[l][bits[l]] for l in p.layers if bits[l] != -1)
-        if lo <= used <= hi or -1 in bits.values():
+        if -1 in bits.values():
             return bits, status
-        if used > hi:
-            hi_cur -= used - hi
-        else:
-            lo_cur += lo - used
+        broken = False
+        for i, (w, lo, hi) in enumerate(rows):
+            used = sum(w[l][bits[l]] for l in p.layers)
+            if used > hi:
+                bounds[i] = (bounds[i][0], bounds[i][1] - (used - hi))
+            elif used < lo:
+                bounds[i] = (bounds[i][0] + (lo - used), bounds[i][1])
+            broken |= not lo <= used <= hi
+        if not broken:
+            return bits, status
     return bits, "FEASIBLE"
 
 
-def _ortools_mip_once(p: _Program, w, lo: int, hi: int, solver: str, time_limit_s: float):
+def _ortools_mip_once(p: _Program, rows, solver: str, time_limit_s: float):
     from ortools.linear_solver import pywraplp
 
     s = pywraplp.Solver.CreateSolver(solver.upper())
@@ -351,8 +364,9 @@ def _ortools_mip_once(p: _Program, w, lo: int, hi: int, solver: str, time_limit_
     x = {(l, b): s.BoolVar(f"x{i}_{b}") for i, l in enumerate(p.layers) for b in p.choices[l]}
     for l in p.layers:
         s.Add(sum(x[l, b] for b in p.choices[l]) == 1)
-    s.Add(sum(w[l][b] * x[l, b] for l in p.layers for b in p.choices[l]) <= hi)
-    s.Add(sum(w[l][b] * x[l, b] for l in p.layers for b in p.choices[l]) >= lo)
+    for w, lo, hi in rows:
+        s.Add(sum(w[l][b] * x[l, b] for l in p.layers for b in p.choices[l]) <= hi)
+        s.Add(sum(w[l][b] * x[l, b] for l in p.layers for b in p.choices[l]) >= lo)
     obj = s.Objective()
     for l in p.layers:
         best = max(p.value[l].values())
@@ -377,7 +391,7 @@ def _chosen(p: _Program, layer: str, value) -> int:
     return chosen[0] if len(chosen) == 1 else -1
 
 
-def _highs_once(p: _Program, w, lo: int, hi: int, solver: str, time_limit_s: float):
+def _highs_once(p: _Program, rows, solver: str, time_limit_s: float):
     """HiGHS through scipy.optimize.milp: no OR-Tools needed (e.g. on a machine without its wheel).
 
     HiGHS' branch and bound runs on one thread here and is deterministic for the same model, and the
@@ -389,15 +403,16 @@ def _highs_once(p: _Program, w, lo: int, hi: int, solver: str, time_limit_s: flo
 
     index = [(l, b) for l in p.layers for b in p.choices[l]]
     cost = np.array([max(p.value[l].values()) - p.value[l][b] for l, b in index])  # regret: minimized
-    rows = lil_matrix((len(p.layers) + 1, len(index)))
+    a = lil_matrix((len(p.layers) + len(rows), len(index)))
     start = 0
     for r, l in enumerate(p.layers):
-        rows[r, start:start + len(p.choices[l])] = 1.0
+        a[r, start:start + len(p.choices[l])] = 1.0
         start += len(p.choices[l])
-    rows[len(p.layers), :] = np.array([float(w[l][b]) for l, b in index])
-    lower = np.r_[np.ones(len(p.layers)), float(lo)]
-    upper = np.r_[np.ones(len(p.layers)), float(hi)]
-    res = milp(cost, constraints=LinearConstraint(rows.tocsr(), lower, upper), integrality=np.ones(len(index)),
+    for r, (w, _, _) in enumerate(rows):
+        a[len(p.layers) + r, :] = np.array([float(w[l][b]) for l, b in index])
+    lower = np.r_[np.ones(len(p.layers)), [float(lo) for _, lo, _ in rows]]
+    upper = np.r_[np.ones(len(p.layers)), [float(hi) for _, _, hi in rows]]
+    res = milp(cost, constraints=LinearConstraint(a.tocsr(), lower, upper), integrality=np.ones(len(index)),
                bounds=Bounds(0, 1), options={"time_limit": float(time_limit_s), "mip_rel_gap": 0.0,
                                              "presolve": True, "disp": False})
     if res.x is None:
@@ -416,6 +431,10 @@ def _verify(p: _Program, bits: Mapping[str, int], what: str) -> None:
     used = sum(p.weight[l][bits[l]] for l in p.layers)
     if not p.lo <= used <= p.hi:
         raise PlanVerificationError(f"{what}: solver plan uses {used}, outside the budget [{p.lo}, {p.hi}]")
+    for weight, lo, hi, name in p.extra:
+        used = sum(weight[l][bits[l]] for l in p.layers)
+        if not lo <= used <= hi:
+            raise PlanVerificationError(f"{what}: solver plan uses {used} of {name}, outside [{lo}, {hi}]")
 
 
 # ---------------------------------------------------------------------------- mean-bit program

@@ -156,9 +156,11 @@ def _latency(ctx: StageContext, q, census, per_prompt) -> dict:
     if s.latency_headroom is None:
         log.info("allocate: latency headroom %.0f%% (the default for a%s table)", 100 * headroom,
                  " calibrated" if table.calibrated else "n uncalibrated")
+    # stage.budget_mib beside budget=latency: a cap on the plan's weight MiB too (e.g. half the size, 1x the time)
+    caps = [None if m is None else float(m) for m in _as_list(s.budget_mib)]
     requests = [LatencyRequest(float(b), bits, float(K), int(seed), str(s.solver), float(s.time_limit_s),
-                               float(s.metric_cap), headroom)
-                for b, K, seed in itertools.product(budgets, _as_list(s.K), _as_list(s.seed))]
+                               float(s.metric_cap), headroom, mib)
+                for b, mib, K, seed in itertools.product(budgets, caps, _as_list(s.K), _as_list(s.seed))]
     protected = artifacts.read_protected(ws) if ws.exists(artifacts.PROTECTED_YAML) else []
     return allocate_latency(ws, requests, table, census, per_prompt, protected, ctx.tracker, rel)
 
