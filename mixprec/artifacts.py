@@ -83,7 +83,8 @@ LAYER_LATENCY_PARTIAL = "layer_latency.partial.json"
 LATENCY_PLANS_PREFIX = "latency_"
 PARETO_LATENCY_CSV = "pareto_latency.csv"
 PARETO_LATENCY_PNG = "pareto_latency.png"
-PARETO_LATENCY_COLUMNS = ["budget_ms", "K", "seed", "predicted_ms", "score", "objective", "status", "pareto", "path"]
+PARETO_LATENCY_COLUMNS = ["budget_ms", "budget_mib", "K", "seed", "predicted_ms", "mib", "score", "objective", "status",
+                          "pareto", "path"]
 EVALUATE_MD = "evaluate.md"
 EVALUATE_SQNR_RECORDS = "evaluate/sqnr_content.jsonl"
 TRAIN_TINY_METRICS = "train_tiny_metrics.json"
@@ -267,8 +268,9 @@ def latency_candidate_rows(root: str | os.PathLike) -> list[dict[str, Any]]:
     rows = []
     for p in plan_paths(root, "latency"):
         h = read_plan_header(p)
-        rows.append({"budget_ms": h.get("budget_ms"), "K": h.get("K"), "seed": h.get("seed"),
-                     "predicted_ms": h.get("predicted_ms"), "score": h.get("score"), "objective": h.get("objective"),
+        rows.append({"budget_ms": h.get("budget_ms"), "budget_mib": h.get("budget_mib"), "K": h.get("K"),
+                     "seed": h.get("seed"), "predicted_ms": h.get("predicted_ms"), "mib": h.get("mib"),
+                     "score": h.get("score"), "objective": h.get("objective"),
                      "status": h.get("status"), "path": str(p.relative_to(root))})
     return rows
 
@@ -287,7 +289,8 @@ def _read_csv_numbers(path: Path, numeric: Sequence[str]) -> list[dict[str, Any]
 
 def read_pareto_latency_csv(root: str | os.PathLike) -> list[dict[str, Any]]:
     """``pareto_latency.csv`` with numbers parsed (empty when the file is missing)."""
-    rows = _read_csv_numbers(Path(root) / PARETO_LATENCY_CSV, ("budget_ms", "K", "predicted_ms", "score", "objective"))
+    rows = _read_csv_numbers(Path(root) / PARETO_LATENCY_CSV, ("budget_ms", "budget_mib", "K", "predicted_ms", "mib",
+                                                               "score", "objective"))
     for r in rows:
         r["pareto"] = _truthy(r.get("pareto"))
     return rows

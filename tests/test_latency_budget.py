@@ -348,6 +348,13 @@ def test_latency_budget_with_a_weight_byte_cap(make_cfg, tmp_path, solver):
     assert mib == pytest.approx(plan.header["mib"]) and mib <= cap
     assert plan.header["predicted_ms"] <= plan.header["budget_ms"] * (1 - plan.header["headroom"]) + 1e-9
     assert plan.header["score"] <= read_plan(ws / alone["plan"]).header["score"] + 1e-9  # a second row costs
+    from mixprec.artifacts import read_pareto_latency_csv
+    from mixprec.report import load_workspace
+    from mixprec.report.html import latency_section
+
+    capped = [r for r in read_pareto_latency_csv(ws) if r["budget_mib"] is not None]
+    assert len(capped) == 1 and capped[0]["mib"] == pytest.approx(mib) and capped[0]["path"] == row["plan"]
+    assert "budget_mib" in latency_section(load_workspace(ws))
     # a cap below the smallest plan the bit-widths allow, and two caps that cannot hold together
     with pytest.raises(InfeasibleBudgetError, match="is below the smallest plan the allowed bit-widths give"):
         run_stage(make_cfg(*base, "stage.budget_mib=0.01"))

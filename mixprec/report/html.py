@@ -574,11 +574,13 @@ def latency_section(d: WorkspaceData) -> str | None:
     rows = latency_rows(d)
     if not rows:
         return None
-    cols = ["budget_ms", "predicted_ms", "measured_ms", "error_pct", "within_budget", "score", "K", "seed", "status",
-            "pareto", "pareto_measured", "path"]
+    cols = ["budget_ms", "budget_mib", "predicted_ms", "measured_ms", "error_pct", "within_budget", "mib", "score", "K",
+            "seed", "status", "pareto", "pareto_measured", "path"]
     if not any("measured_ms" in r for r in rows):
         cols = [c for c in cols if c not in ("measured_ms", "error_pct", "within_budget", "pareto_measured")]
-    nums = ("budget_ms", "predicted_ms", "measured_ms", "error_pct", "score", "K")
+    if not any(r.get("budget_mib") is not None for r in rows):  # no byte caps: no byte columns
+        cols = [c for c in cols if c not in ("budget_mib", "mib")]
+    nums = ("budget_ms", "budget_mib", "predicted_ms", "measured_ms", "error_pct", "mib", "score", "K")
     body = table(cols, [[r.get(c) for c in cols] for r in rows], [c in nums for c in cols])
     png = d.root / artifacts.PARETO_LATENCY_PNG
     img = image_file(png, "score vs predicted latency", 720) if png.exists() else ""
