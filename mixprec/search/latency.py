@@ -138,7 +138,7 @@ def solve_latency(weight_metric: Mapping[str, Mapping[str, Mapping[int, float]]]
         if least > max_bytes:
             raise InfeasibleBudgetError(
                 f"weight budget {max_bytes / 2 ** 20:.2f} MiB is below the smallest plan the allowed bit-widths "
-                f"give ({least / 2 ** 20:.2f} MiB); raise stage.budget_mib or allow fewer bits")
+                f"give ({least / 2 ** 20:.2f} MiB); raise stage.budget_mib or allow narrower bit-widths")
         extra = ((sizes, 0, int(max_bytes), "weight bytes"),)
     prog = _Program(layers=layers, choices=choices, weight=weight, lo=0, hi=cap, value=value,
                     int_value=_int_values(value, objective_scale), extra=extra)
