@@ -71,6 +71,21 @@ def _values(layer: str, group: str, pairs: list[tuple[int, int]], nw: Mapping, n
     return {encode_choice(w, a): weight * (part(nw, w) + part(na, a)) for w, a in pairs}
 
 
+def _byte_row(choices: Mapping[str, Sequence[int]], layers: Sequence[str],
+              layer_bytes: Mapping[str, Mapping[int, int]] | None, max_bytes: int) -> tuple:
+    """The program row that caps the plan's weight bytes at ``max_bytes`` (``layer_bytes``: stored
+    bytes per layer and weight bits, 16 included)."""
+    if layer_bytes is None:
+        raise AllocationError("solve_latency: max_bytes needs layer_bytes (stored bytes per layer and weight bits)")
+    sizes = {l: {c: int(layer_bytes[l][decode_choice(c)[0]]) for c in choices[l]} for l in layers}
+    least = sum(min(r.values()) for r in sizes.values())
+    if least > max_bytes:
+        raise InfeasibleBudgetError(
+            f"weight budget {max_bytes / 2 ** 20:.2f} MiB is below the smallest plan the allowed bit-widths "
+            f"give ({least / 2 ** 20:.2f} MiB); raise stage.budget_mib or allow narrower bit-widths")
+    return sizes, 0, max_bytes, "weight bytes"
+
+
 def solve_latency(weight_metric: Mapping[str, Mapping[str, Mapping[int, float]]],
                   act_metric: Mapping[str, Mapping[str, Mapping[int, float]]] | None, groups: Mapping[str, str],
                   layer_ms: Mapping[str, Mapping[str, float]], rest_ms: float, budget_ms: float, *, K: float = 1.0,
@@ -129,17 +144,7 @@ def solve_latency(weight_metric: Mapping[str, Mapping[str, Mapping[int, float]]]
             f"latency budget {budget_ms:.3f} ms{kept} is below the fastest plan the table allows ({lo_ms:.3f} ms; the "
             f"slowest is {hi_ms:.3f} ms, {rest_ms:.3f} ms of it outside the quantizable layers); raise stage.budget_ms, "
             f"lower stage.latency_headroom or allow more bit-widths")
-    extra = ()
-    if max_bytes is not None:
-        if layer_bytes is None:
-            raise AllocationError("solve_latency: max_bytes needs layer_bytes (stored bytes per layer and weight bits)")
-        sizes = {l: {c: int(layer_bytes[l][decode_choice(c)[0]]) for c in choices[l]} for l in layers}
-        least = sum(min(r.values()) for r in sizes.values())
-        if least > max_bytes:
-            raise InfeasibleBudgetError(
-                f"weight budget {max_bytes / 2 ** 20:.2f} MiB is below the smallest plan the allowed bit-widths "
-                f"give ({least / 2 ** 20:.2f} MiB); raise stage.budget_mib or allow narrower bit-widths")
-        extra = ((sizes, 0, int(max_bytes), "weight bytes"),)
+    extra = () if max_bytes is None else (_byte_row(choices, layers, layer_bytes, int(max_bytes)),)
     prog = _Program(layers=layers, choices=choices, weight=weight, lo=0, hi=cap, value=value,
                     int_value=_int_values(value, objective_scale), extra=extra)
     plan, status, dt, det = _solve(prog, solver, time_limit_s)
