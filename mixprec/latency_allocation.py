@@ -50,13 +50,13 @@ def allocate_latency(ws: Workspace, requests: Sequence[LatencyRequest], table: L
     """Solve and write every request; refresh the latency front; the stage's headline."""
     groups = {c.name: c.group for c in census}
     settings = table.meta.get("settings") or {}
-    sizes = LayerSizes.of(census)
+    layer_bytes = None
+    if any(r.budget_mib is not None for r in requests):  # stored weight bytes per layer at every allowed width
+        sizes = LayerSizes.of(census)
+        widths = {b for r in requests for g in r.bits["weight"].values() for b in g} | {FULL_PRECISION_BITS}
+        layer_bytes = {l: {b: sizes.layer_bytes("weight", l, b) for b in widths} for l in groups}
     results = []
     for r in requests:
-        layer_bytes = None
-        if r.budget_mib is not None:  # stored weight bytes per layer at every width the recipe allows
-            widths = {b for g in r.bits["weight"].values() for b in g} | {FULL_PRECISION_BITS}
-            layer_bytes = {l: {b: sizes.layer_bytes("weight", l, b) for b in widths} for l in groups}
         wplan, aplan, sol = latency_plans(
             groups=groups, per_prompt=per_prompt, bits=r.bits, act_protected=protected_acts, layer_ms=table.plan_ms,
             rest_ms=table.rest_ms, budget_ms=r.budget_ms, K=r.K, seed=r.seed, solver=r.solver,

@@ -88,13 +88,15 @@ class LatencyTable:
     def default_headroom(self) -> float:
         return HEADROOM_CALIBRATED if self.calibrated else HEADROOM_UNCALIBRATED
 
+    def _cost(self, key: str, ms: float) -> float:
+        """What a choice measured at ``ms`` alone adds to the whole model (see ``plan_ms``)."""
+        return ms if key == FULL else max(0.0, ms + self.quantized_layer_ms)
+
     @property
     def plan_ms(self) -> dict[str, dict[str, float]]:
         """What each layer's choice adds to the whole model: its measured time, plus
         ``quantized_layer_ms`` for a quantized choice. Predictions and the latency solver use these."""
-        c = self.quantized_layer_ms
-        return {layer: {k: v if k == FULL else max(0.0, v + c) for k, v in row.items()}
-                for layer, row in self.ms.items()}
+        return {layer: {k: self._cost(k, v) for k, v in row.items()} for layer, row in self.ms.items()}
 
     def fastest_ms(self, choices: Sequence[str]) -> float:
         """The denoiser's predicted latency with every layer at its fastest of ``choices`` (16 bit
@@ -114,7 +116,7 @@ class LatencyTable:
         if key not in row:
             raise KeyError(f"layer {layer!r} has no latency for {key} (table choices: {sorted(row)}); rerun "
                            f"stage=latency_table with {key} in stage.choices")
-        return row[key] if key == FULL else max(0.0, row[key] + self.quantized_layer_ms)
+        return self._cost(key, row[key])
 
     def predict_ms(self, weight_bits: Mapping[str, int | None], act_bits: Mapping[str, int | None]) -> float:
         """Predicted denoiser latency of a plan (layers missing from both plans stay 16-bit)."""
@@ -347,7 +349,8 @@ def calibrate_overhead(table: LatencyTable, model: nn.Module, example_kwargs: Ma
     Without any layer faster quantized there is nothing to time: the table comes back with
     ``quantized_layer_ms`` 0 and the reason under ``meta["calibration"]``.
     """
-    plan = {layer: key for layer, key in table.fastest_plan().items() if key != FULL}
+    fastest = table.fastest_plan()
+    plan = {layer: key for layer, key in fastest.items() if key != FULL}
     if not plan:
         return LatencyTable(ms=table.ms, model_ms=table.model_ms, quantized_layer_ms=0.0,
                             meta={**table.meta, "calibration": {"skipped": "no layer is faster quantized"}})
@@ -360,7 +363,7 @@ def calibrate_overhead(table: LatencyTable, model: nn.Module, example_kwargs: Ma
     set_plan(layers, {l: w for l, (w, _) in choices.items()}, {l: a for l, (_, a) in choices.items()})
     convert_(model, backend, example_kwargs=dict(example_kwargs))
     measured = model_latency_ms(model, example_kwargs, iters, warmup, compile_backend, regions)
-    predicted = table.rest_ms + sum(table.ms[layer][key] for layer, key in table.fastest_plan().items())
+    predicted = table.rest_ms + sum(table.ms[layer][key] for layer, key in fastest.items())
     overhead = (measured - predicted) / len(plan)
     info = {"plan": "fastest", "quantized_layers": len(plan), "predicted_ms": predicted, "measured_ms": measured,
             "quantized_layer_ms": overhead}
