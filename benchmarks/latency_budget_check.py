@@ -231,8 +231,7 @@ def main() -> None:
             args.headroom = table.default_headroom
         out["table"] = {"model_ms": table.model_ms, "rest_ms": table.rest_ms, "layers": len(table.ms),
                         "quantized_layer_ms": table.quantized_layer_ms, "calibration": table.meta.get("calibration"),
-                        "measure_s": table.meta.get("measure_s"), "uniform_predicted_ms": {
-                            c: table.rest_ms + sum(r[c] for r in table.plan_ms.values()) for c in table.choices}}
+                        "measure_s": table.meta.get("measure_s"), "uniform_predicted_ms": table.uniform_ms()}
         log(f"table: 16-bit {table.model_ms:.3f} ms, {table.rest_ms:.3f} outside the layers, "
             f"{out['table']['uniform_predicted_ms']}", clock)
         write_json(args.out, out)

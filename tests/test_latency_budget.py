@@ -54,6 +54,9 @@ def test_latency_table_on_the_tiny_model_predicts_the_plans_it_times():
     assert again.ms == table.ms and again.rest_ms == pytest.approx(table.rest_ms)
     # the 16-bit plan is predicted at the measured whole-model time, by construction
     assert table.predict_ms({}, {}) == pytest.approx(table.model_ms)
+    uniform = table.uniform_ms()
+    assert uniform["w16a16"] == pytest.approx(table.model_ms)
+    assert uniform["w8a8"] == pytest.approx(table.predict_ms({n: 8 for n in layers}, {n: 8 for n in layers}))
     with pytest.raises(KeyError, match="rerun stage=latency_table with w4a8"):
         table.predict_ms({n: 4 for n in layers}, {n: 8 for n in layers})
     assert parse_choice("w16a16") == (None, None) and parse_choice("W4a16") == (4, None)

@@ -98,6 +98,12 @@ class LatencyTable:
         ``quantized_layer_ms`` for a quantized choice. Predictions and the latency solver use these."""
         return {layer: {k: self._cost(k, v) for k, v in row.items()} for layer, row in self.ms.items()}
 
+    def uniform_ms(self) -> dict[str, float]:
+        """The predicted denoiser latency with every layer at one choice, per choice (NaN where a layer
+        lacks it)."""
+        rows = self.plan_ms.values()
+        return {c: self.rest_ms + sum(row.get(c, math.nan) for row in rows) for c in self.choices}
+
     def fastest_ms(self, choices: Sequence[str]) -> float:
         """The denoiser's predicted latency with every layer at its fastest of ``choices`` (16 bit
         always allowed): the smallest latency budget the table can meet with them."""

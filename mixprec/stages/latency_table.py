@@ -73,7 +73,7 @@ def run(ctx: StageContext) -> dict:
     log.info("latency_table: %d layers x %d choices, 16-bit denoiser %.3f ms (%.3f ms outside the layers)",
              len(table.ms), len(table.choices), table.model_ms, table.rest_ms)
     cal = table.meta.get("calibration") or {}
-    if "measured_ms" in cal:
+    if table.calibrated:
         log.info("latency_table: the fastest plan (%d quantized layers) measured %.3f ms, predicted %.3f ms alone: "
                  "%+.2f us per quantized layer added to predictions", cal["quantized_layers"], cal["measured_ms"],
                  cal["predicted_ms"], 1000 * table.quantized_layer_ms)
@@ -96,7 +96,6 @@ def compile_choice(mode: str) -> tuple[str | None, tuple[str, ...] | None]:
 
 
 def _headline(table: LatencyTable, reused: bool) -> dict:
-    sums = {c: sum(row.get(c, float("nan")) for row in table.plan_ms.values()) for c in table.choices}
     return {"file": artifacts.LAYER_LATENCY, "layers": len(table.ms), "choices": table.choices,
             "model_ms": table.model_ms, "rest_ms": table.rest_ms, "quantized_layer_ms": table.quantized_layer_ms,
-            "uniform_predicted_ms": {c: table.rest_ms + v for c, v in sums.items()}, "reused": reused}
+            "uniform_predicted_ms": table.uniform_ms(), "reused": reused}
