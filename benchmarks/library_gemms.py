@@ -89,6 +89,8 @@ class Variants:
             self._guard("fbgemm", self._fbgemm)
         if "gemlite" in libs:
             self._guard("gemlite", self._gemlite)
+        if "inductor" in libs:
+            self._guard("inductor", self._inductor)
 
     def _guard(self, name, fn):
         try:
@@ -150,6 +152,32 @@ class Variants:
             return q, rs, torch.zeros_like(rs), torch.tensor([1.0, 0.0, 0.0], device=w.device), 0
 
         self.add("mixprec_fp8", lambda x: tg.quant_act_fp8(x, 1 / s_fp8), prep_fp8, call(8, tg.MMA_FP8))
+
+    def _inductor(self):
+        """bf16 and tensor-wise fp8 GEMMs as inductor compiles them with ``max-autotune``: cuBLAS and
+        inductor's Triton templates (on Hopper also the persistent TMA ones, and split-K by
+        ``decompose_k``) timed at each shape, the fastest kept. One compiled function per variant and
+        shape (weights are graph inputs, so the rotated copies share it)."""
+        import torch._dynamo
+        import torch._inductor.config as ind
+
+        ind.triton.enable_persistent_tma_matmul = True
+        ind.max_autotune_gemm_backends = "ATEN,TRITON"
+        torch._dynamo.config.cache_size_limit = 256
+        if hasattr(torch._dynamo.config, "recompile_limit"):
+            torch._dynamo.config.recompile_limit = 256
+        bf = torch.bfloat16
+
+        def compiled(fn):
+            return torch.compile(fn, mode="max-autotune-no-cudagraphs", dynamic=False, fullgraph=True)
+
+        linear = compiled(lambda x, w: F.linear(x, w))
+        self.add("inductor_bf16", lambda x: x, lambda w: w, lambda x, w: linear(x, w))
+        for fast in (False, True):
+            mm = compiled(lambda xq, xs, wq, ws, fast=fast: torch._scaled_mm(
+                xq, wq.t(), scale_a=xs, scale_b=ws, out_dtype=bf, use_fast_accum=fast))
+            self.add(f"inductor_scaled_mm_tensor{'_fast' if fast else ''}", fp8_tensorwise, fp8_tensorwise,
+                     lambda xs, ws, mm=mm: mm(xs[0], xs[1], ws[0], ws[1]), min_m=16)
 
     def _fbgemm(self):
         import fbgemm_gpu.experimental.gen_ai  # noqa: F401  (loads the CUTLASS ops)
@@ -273,7 +301,7 @@ def compile_checks(v: Variants, names: list[str]) -> dict:
     w = torch.randn(1280, 1280, device=dev, dtype=bf) * 0.02
     res = {}
     for name in names:
-        if name.startswith(("bf16", "mixprec", "gemlite")):  # covered elsewhere / module calls
+        if name.startswith(("bf16", "mixprec", "gemlite", "inductor")):  # covered elsewhere / module calls
             continue
         act, prep, call, _ = v.table[name]
         try:
@@ -293,7 +321,8 @@ def compile_checks(v: Variants, names: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
-    ap.add_argument("--libs", default="mixprec,fbgemm,gemlite")
+    ap.add_argument("--libs", default="mixprec,fbgemm,gemlite",
+                    help="also: inductor (bf16 and fp8 GEMMs compiled with max-autotune; minutes per shape)")
     ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     ap.add_argument("--copies", type=int, default=12)
     ap.add_argument("--iters", type=int, default=20)
