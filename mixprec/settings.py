@@ -165,8 +165,7 @@ class BenchmarkSettings(StageSettings):
     # explicit "RESxBATCH" pairs instead of resolutions x batch_sizes (e.g. ["512x1", "1024x1", "512x4"])
     shapes: Optional[list[str]] = None
     dtype: Optional[str] = None
-    compile: Optional[Literal["none", "default", "regional", "regional-max-autotune", "reduce-overhead",
-                              "max-autotune-no-cudagraphs"]] = None
+    compile: Optional[Literal["none", "default", "regional", "reduce-overhead", "max-autotune-no-cudagraphs"]] = None
     memory_format: Literal["channels_last", "contiguous"] = "channels_last"
     iters: Optional[int] = None
     warmup: Optional[int] = None

@@ -157,22 +157,3 @@ def test_benchmark_stage_compile_regional_compiles_the_blocks_in_place(calibrate
     _compile_vae_decoder(bundle, "regional")
     _compile_vae_decoder(bundle, "regional")
     assert vae.decoder is decoder and compiled(decoder) and all(compiled(decoder))
-
-
-def test_benchmark_stage_compile_regional_max_autotune(calibrated, monkeypatch):
-    """``stage.compile=regional-max-autotune``: the same blocks, each compiled with inductor's
-    max-autotune (no CUDA graphs of its own) and the Hopper GEMM templates allowed."""
-    import torch._inductor.config as inductor_config
-
-    from mixprec.kernels import regional
-    from mixprec.settings import check_stage
-    from mixprec.stages.benchmark import _compile
-
-    assert check_stage({"name": "benchmark", "compile": "regional-max-autotune"}).compile == "regional-max-autotune"
-    seen = []
-    monkeypatch.setattr(regional, "compile_regions", lambda model, **kw: seen.append(kw))
-    monkeypatch.setattr(inductor_config.triton, "enable_persistent_tma_matmul", False)
-    model = copy.deepcopy(calibrated[0])
-    assert _compile(model, "regional-max-autotune") is model
-    assert seen == [{"dynamic": False, "mode": "max-autotune-no-cudagraphs"}]
-    assert inductor_config.triton.enable_persistent_tma_matmul is True

@@ -34,6 +34,10 @@ def test_products_match_float64_on_the_gpu(dtype, tma):
     if not torch.cuda.is_available() or not triton_gemm.HAS_TRITON:
         pytest.skip("needs CUDA and Triton")
     torch.manual_seed(0)
+    # int8 sums exactly in int32. fp8 products are exact, but Hopper's fp8 MMA adds them up inside one K
+    # block with fewer mantissa bits than float32 (the kernels promote to float32 between blocks):
+    # 1.27e-4 measured on an H200 (session 31), the order of 2^-13
+    bound = 1e-6 if dtype == torch.int8 else 5e-4
     for m, n, k in [(77, 1280, 2048), (256, 640, 640), (33, 96, 192)]:
         if dtype == torch.int8:
             a = torch.randint(-128, 128, (m, k), device="cuda", dtype=torch.int8)
@@ -46,11 +50,8 @@ def test_products_match_float64_on_the_gpu(dtype, tma):
         ref = (a.double() @ w.double().t()) * rs.double() + cb.double()
         t = W8Tiles(64, 64, 64 if k % 128 else 128, 4, 3, 8, tma)
         out = w8a8_linear(a, w, rs, cb, torch.float32, t).double()
-        # int8 sums exactly in int32. fp8 products are exact, but Hopper's fp8 MMA adds them up inside
-        # one K block with fewer mantissa bits than float32 (the kernel promotes to float32 between
-        # blocks): 1.27e-4 measured on an H200 (session 31), the order of 2^-13
-        assert ((out - ref).norm() / ref.norm()).item() < (1e-6 if dtype == torch.int8 else 5e-4)
+        assert ((out - ref).norm() / ref.norm()).item() < bound
         # the general kernel hands these products to this one, and returns the same result
         general = triton_gemm.launch(a, w, rs, cb, None, k, 8, triton_gemm.MMA_INT8 if dtype == torch.int8
                                      else triton_gemm.MMA_FP8, False, 255, torch.float32, [])
-        assert ((general.double() - ref).norm() / ref.norm()).item() < 1e-5
+        assert ((general.double() - ref).norm() / ref.norm()).item() < max(bound, 1e-5)

@@ -28,19 +28,6 @@ import torch.nn as nn
 UNET_REGIONS = ("Transformer2DModel", "ResnetBlock2D")
 DEFAULT_REGIONS = ("Transformer2DModel", "BasicTransformerBlock", "ResnetBlock2D")
 
-# compile settings (``stage.compile`` values) that compile per region -> their torch.compile arguments;
-# max-autotune times cuBLAS against inductor's Triton GEMM templates at every GEMM shape and keeps the
-# fastest (the 16-bit baseline and the plans alike)
-REGIONAL_MODES = {"regional": {}, "regional-max-autotune": {"mode": "max-autotune-no-cudagraphs"}}
-
-
-def use_hopper_gemm_templates() -> None:
-    """Let max-autotune also try inductor's persistent TMA GEMM templates (Hopper and later; off by
-    default in inductor, ignored on GPUs without TMA)."""
-    import torch._inductor.config as inductor_config
-
-    inductor_config.triton.enable_persistent_tma_matmul = True
-
 
 def region_names(model: nn.Module, classes: Iterable[str]) -> list[str]:
     """Names of the outermost submodules of ``model`` whose class name is in ``classes``."""

@@ -106,14 +106,11 @@ def _peak(model, kwargs, cuda: bool) -> dict:
 
 
 def _compile(model, mode: str):
-    from mixprec.kernels.regional import REGIONAL_MODES, compile_regions, use_hopper_gemm_templates
-
     if mode in (None, "none", ""):
         return model
-    if "max-autotune" in mode:
-        use_hopper_gemm_templates()
-    if mode in REGIONAL_MODES:  # inductor on each repeated block, in place; the glue stays eager
-        compile_regions(model, dynamic=False, **REGIONAL_MODES[mode])
+    if mode == "regional":  # inductor (default mode) on each repeated block, in place; the glue stays eager
+        from mixprec.kernels.regional import compile_regions
+        compile_regions(model, dynamic=False)
         return model
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
@@ -201,9 +198,8 @@ def _compile_vae_decoder(bundle, mode: str) -> None:
     vae = getattr(bundle.pipe, "vae", None)
     if vae is None or mode in (None, "none", "") or isinstance(vae.decoder, torch._dynamo.eval_frame.OptimizedModule):
         return
-    from mixprec.kernels.regional import DEFAULT_REGIONS, REGIONAL_MODES, region_names
-
-    if mode in REGIONAL_MODES:
+    if mode == "regional":
+        from mixprec.kernels.regional import DEFAULT_REGIONS, region_names
         if getattr(vae, "_mixprec_regions_compiled", False) or not region_names(vae.decoder, DEFAULT_REGIONS):
             return  # compiled already, or no repeated block to compile: the decoder stays eager
         vae._mixprec_regions_compiled = True
