@@ -7,6 +7,7 @@ with no model at all) build quickly.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +75,13 @@ class WorkspaceData:
     @property
     def name(self) -> str:
         return self.root.name
+
+    @functools.cached_property
+    def latency_table_json(self) -> dict[str, Any] | None:
+        """The workspace's ``layer_latency.json`` (stage=latency_table), read once per report; None
+        when there is none; ``ValueError`` when it is not JSON (not cached: the caller says why)."""
+        path = self.root / artifacts.LAYER_LATENCY
+        return json.loads(path.read_text()) if path.exists() else None
 
     @property
     def quantizable(self) -> list[Layer]:
@@ -300,13 +308,12 @@ def final_plan_latency(d: "WorkspaceData") -> dict[str, Any] | None:
     table's 16-bit time: whether the plan the search picked would run slower than 16 bit. None
     without final plans or a table; ``error`` when the table cannot price the plan (a bit-width it
     did not measure, layers of another model)."""
-    path = d.root / artifacts.LAYER_LATENCY
-    if not d.finals or not path.exists():
+    if not d.finals or not (d.root / artifacts.LAYER_LATENCY).exists():
         return None
     from mixprec.kernels.latency_table import LatencyTable
 
     try:
-        table = LatencyTable.from_json(json.loads(path.read_text()), str(path))
+        table = LatencyTable.from_json(d.latency_table_json, str(d.root / artifacts.LAYER_LATENCY))
         weight = d.finals["weight"].bits if "weight" in d.finals else {}
         act = d.finals["act"].bits if "act" in d.finals else {}
         missing = sorted(set(weight) - set(table.ms))
@@ -329,8 +336,7 @@ def latency_rows(d: "WorkspaceData") -> list[dict[str, Any]]:
         return []
     settings: dict[str, Any] = {}
     try:
-        meta = json.loads((d.root / artifacts.LAYER_LATENCY).read_text()).get("meta") or {}
-        settings = meta.get("settings") or {}
+        settings = ((d.latency_table_json or {}).get("meta") or {}).get("settings") or {}
     except (OSError, ValueError):
         pass
     shape = f"{settings['resolution']}x{settings['batch_size']}" if "resolution" in settings else None

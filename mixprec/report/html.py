@@ -551,11 +551,13 @@ def benchmark_section(d: WorkspaceData) -> str | None:
     return section("benchmark", "".join(parts), ["benchmark.json"], sources=_sources(d, "benchmark"))
 
 
-def _latency_table_note(root) -> str:
+def _latency_table_note(d: WorkspaceData) -> str:
     """One line on how the predictions were made: the table's 16-bit time and its calibration."""
     try:
-        data = json.loads((root / artifacts.LAYER_LATENCY).read_text())
+        data = d.latency_table_json
     except (OSError, ValueError):
+        return ""
+    if data is None:
         return ""
     cal = (data.get("meta") or {}).get("calibration") or {}
     if "measured_ms" in cal:
@@ -584,7 +586,7 @@ def latency_section(d: WorkspaceData) -> str | None:
     body = table(cols, [[r.get(c) for c in cols] for r in rows], [c in nums for c in cols])
     png = d.root / artifacts.PARETO_LATENCY_PNG
     img = image_file(png, "score vs predicted latency", 720) if png.exists() else ""
-    body = _latency_table_note(d.root) + body
+    body = _latency_table_note(d) + body
     return section("latency", img + body, [artifacts.PARETO_LATENCY_CSV, artifacts.PARETO_LATENCY_PNG,
                                            artifacts.LAYER_LATENCY])
 
