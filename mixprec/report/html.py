@@ -12,7 +12,6 @@ import base64
 import datetime as _dt
 import html
 import io
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
