@@ -555,8 +555,8 @@ def _latency_table_note(d: WorkspaceData) -> str:
     try:
         data = d.latency_table_json
     except (OSError, ValueError):
-        return ""
-    if data is None:
+        data = None
+    if not data:
         return ""
     cal = (data.get("meta") or {}).get("calibration") or {}
     if "measured_ms" in cal:
