@@ -212,7 +212,7 @@ def test_report_renders_in_a_headless_browser(tiny, tmp_path):
 
 def test_final_plans_are_priced_by_the_latency_table(tiny, tmp_path):
     from mixprec.report.data import final_plan_latency
-    from mixprec.report.html import allocation_section
+    from mixprec.report.html import _latency_table_note, allocation_section
 
     _, ws, _ = tiny
     part = tmp_path / "ws"
@@ -240,3 +240,9 @@ def test_final_plans_are_priced_by_the_latency_table(tiny, tmp_path):
     (part / "layer_latency.json").write_text(json.dumps(table))
     assert "rerun stage=latency_table" in final_plan_latency(load_workspace(part))["error"]
     assert "cannot predict the final plans" in allocation_section(load_workspace(part), {})
+    # a table file that is not JSON (a cut write): the final plans are unpriced with the parser's reason,
+    # and the latency section's note is left out instead of failing the report
+    (part / "layer_latency.json").write_text('{"model_ms": 10.0, "ms": {')
+    d = load_workspace(part)
+    assert "Expecting" in final_plan_latency(d)["error"]
+    assert _latency_table_note(d) == ""
