@@ -21,6 +21,7 @@ file                                      written by   read by
 ``plans/latency_<ms>ms_<K>/[act_]seed<s>.yaml``  allocate  benchmark (:func:`latency_plan_paths`)
 ``pareto_latency.csv`` / ``.png``          allocate     report (:func:`read_pareto_latency_csv`)
 ``generated_images/``                     infer        report
+``benchmark_traces/<plan>.json``          benchmark    a person, in Perfetto / chrome://tracing
 ``<stage>.json``                          the runner   pipeline, report (:func:`read_stage_records`)
 ========================================  ===========  =====================================================
 
@@ -76,6 +77,7 @@ SELECT_GRIDS_DIR = "select"
 IMAGES_DIR = "generated_images"
 INFER_DISPATCH = "infer_dispatch.json"
 BENCHMARK_DISPATCH = "benchmark_dispatch.json"
+BENCHMARK_TRACES_DIR = "benchmark_traces"  # <plan>.json: one end-to-end run's timeline (stage.end_to_end_trace)
 CHECKPOINT_FILE = "quantized_denoiser.safetensors"
 LAYER_LATENCY = "layer_latency.json"
 # the per-geometry measurements of an unfinished latency_table run (removed when the table is written)

@@ -37,7 +37,7 @@ def test_benchmark_names_plans_and_splits_the_pipeline_time(make_cfg, tmp_path):
     head = run_stage(make_cfg("model=tiny_random", "prompts.inference.n=2", "stage=benchmark",
                               "stage.calibration=random", "stage.resolutions=[32]", "stage.batch_sizes=[1]",
                               "stage.compile=none", "stage.iters=2", "stage.warmup=0", "stage.end_to_end_repeats=2",
-                              "stage.end_to_end_host_profile=5",
+                              "stage.end_to_end_host_profile=5", "stage.end_to_end_trace=true",
                               "stage.plans=[linear:w8a8:fp8,inner:w8a8:int8,fused:w4a8:fbgemm]"))
     plans = head["plans"]
     fp8, int8 = plans["linear:w8a8:fp8"], plans["inner:w8a8:int8"]
@@ -60,6 +60,14 @@ def test_benchmark_names_plans_and_splits_the_pipeline_time(make_cfg, tmp_path):
     assert len(profile) == 5 and profile[0]["own_ms"] >= profile[-1]["own_ms"] > 0
     assert all(p["cumulative_ms"] >= p["own_ms"] and p["calls"] >= 1 for p in profile)
     assert e2e["cuda_graphs"] == {}  # no CUDA here: every component ran eagerly
+    # one more run under torch.profiler: its timeline in the workspace, named after the plan
+    trace = e2e["trace"]
+    assert trace["file"] == "benchmark_traces/linear_w8a8_fp8.json" and trace["wall_ms"] > 0
+    assert trace["gpu_busy_ms"] is None  # no GPU here
+    events = json.loads((tmp_path / "tiny_random" / trace["file"]).read_text())["traceEvents"]
+    assert any(e.get("ph") == "X" and str(e.get("name", "")).startswith("aten::") for e in events)
+    assert sorted(p.name for p in (tmp_path / "tiny_random" / "benchmark_traces").iterdir()) == sorted(
+        f"{n}.json" for n in (next(iter(plans)), "linear_w8a8_fp8", "inner_w8a8_int8", "fused_w4a8_fbgemm"))
     saved = json.loads((tmp_path / "tiny_random" / "benchmark.json").read_text()) \
         if (tmp_path / "tiny_random" / "benchmark.json").exists() else None
     if saved is not None:
@@ -93,3 +101,13 @@ def test_benchmark_shapes_are_explicit_pairs_or_the_product():
     assert benchmark_shapes(explicit, 64) == [(512, 1), (1024, 1), (512, 4)]
     with pytest.raises(ValueError, match="stage.shapes: '512' is not RESOLUTIONxBATCH"):
         benchmark_shapes(replace(product, shapes=["512"]), 64)
+
+
+def test_gpu_busy_time_is_the_union_of_kernel_intervals():
+    from mixprec.kernels.pipeline_timing import busy_ms
+
+    assert busy_ms([]) == 0.0
+    assert busy_ms([(0, 1000)]) == 1.0
+    # overlapping kernels on two streams count once; a nested one adds nothing; a gap is idle
+    assert busy_ms([(500, 2000), (0, 1000), (600, 700), (3000, 3500)]) == 2.5
+    assert busy_ms([(0, 1000), (1000, 1500)]) == 1.5  # touching intervals

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -79,14 +80,15 @@ def pipeline_components(pipe, denoiser: nn.Module) -> dict[str, nn.Module]:
 
 def time_pipeline(run: Callable[[], object], components: Mapping[str, nn.Module], repeats: int,
                   warmup: int = 1, before_each: Callable[[], None] | None = None,
-                  host_profile: int = 0) -> dict:
+                  host_profile: int = 0, trace_path: Path | None = None) -> dict:
     """Run ``run()`` ``warmup`` + ``repeats`` times; wall time and per-component time of each
     timed run (median, p10/p90 in milliseconds) and the per-run lists.
 
     ``before_each`` runs untimed before every call (e.g. dropping cached text embeddings so that
     the text encoders run each time). ``host_profile`` > 0: one more, untimed run under cProfile;
     its ``host_profile`` entry lists that many functions with the most host time of their own (where
-    ``other`` goes when the GPU waits for Python).
+    ``other`` goes when the GPU waits for Python). ``trace_path``: one more, untimed run under
+    torch.profiler, its timeline written there (:func:`trace_run`).
     """
     cuda = torch.cuda.is_available() and any(
         p.is_cuda for m in components.values() for p in m.parameters())
@@ -127,6 +129,8 @@ def time_pipeline(run: Callable[[], object], components: Mapping[str, nn.Module]
            "repeats": repeats, "warmup": warmup}
     if host_profile > 0:
         out["host_profile"] = profile_host(run, int(host_profile), before_each, cuda)
+    if trace_path is not None:
+        out["trace"] = trace_run(run, Path(trace_path), before_each, cuda)
     return out
 
 
@@ -151,3 +155,47 @@ def profile_host(run: Callable[[], object], top: int, before_each: Callable[[], 
     rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
     return [{"function": f"{file}:{line}({name})", "calls": calls, "own_ms": own * 1000, "cumulative_ms": cum * 1000}
             for (file, line, name), (_, calls, own, cum, _) in rows]
+
+
+def busy_ms(intervals: Iterable[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals in microseconds, as milliseconds (overlapping
+    kernels on several streams count once)."""
+    total, cur_start, cur_end = 0.0, None, None
+    for start, end in sorted(intervals):
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return total / 1000
+
+
+def trace_run(run: Callable[[], object], path: Path, before_each: Callable[[], None] | None = None,
+              cuda: bool = False) -> dict:
+    """One run of ``run()`` under torch.profiler: its timeline as a Chrome / Perfetto trace at ``path``,
+    and the run's wall time against the time the GPU was busy (the union of its kernels, memcpys and
+    memsets). A GPU idle for much of the wall time means the host sets the pace: time the GPU saves
+    then shows up as host time (``other``), not as a shorter run."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    if before_each is not None:
+        before_each()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t = time.perf_counter()
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) * 1000
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(path))
+    out = {"file": str(path), "wall_ms": wall, "gpu_busy_ms": None, "gpu_idle_ms": None}
+    if cuda:
+        busy = busy_ms((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type == DeviceType.CUDA)
+        out.update(gpu_busy_ms=busy, gpu_idle_ms=wall - busy)
+    return out

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from mixprec import artifacts, search
-from mixprec.artifacts import CHECKPOINT_FILE
+from mixprec.artifacts import BENCHMARK_TRACES_DIR, CHECKPOINT_FILE
 from mixprec.kernels import BackendConfig, convert_, reference_path, weight_bytes
 from mixprec.kernels.named_plans import parse_plan_name
 from mixprec.kernels.pipeline_timing import pipeline_components, time_pipeline
@@ -164,7 +164,7 @@ def end_to_end_graph_components(names, cuda: bool) -> list[str]:
 
 
 def _end_to_end(bundle, denoiser, run: RunSettings, batch: int, repeats: int,
-                graph_components: list[str], host_profile: int = 0) -> dict | None:
+                graph_components: list[str], host_profile: int = 0, trace_path: Path | None = None) -> dict | None:
     """Pipeline time (prompt encoding, all denoiser steps, VAE decode) with ``denoiser`` in place,
     split by component (:func:`mixprec.kernels.pipeline_timing.time_pipeline`); the components in
     ``graph_components`` replay CUDA graphs (:mod:`mixprec.kernels.cuda_graphs`), as a deployment
@@ -183,14 +183,24 @@ def _end_to_end(bundle, denoiser, run: RunSettings, batch: int, repeats: int,
         with graphed_forwards(graphed) as graphs:
             # the text encoders run in every timed call: embeddings are not reused between runs
             out = time_pipeline(lambda: sampler.generate(prompts, seeds), components, repeats, warmup=1,
-                                before_each=sampler.clear_prompt_cache, host_profile=host_profile)
+                                before_each=sampler.clear_prompt_cache, host_profile=host_profile,
+                                trace_path=trace_path)
             out["cuda_graphs"] = {n: g.summary() for n, g in graphs.items()}
+        if "trace" in out:
+            tr = out["trace"]
+            busy = "" if tr["gpu_busy_ms"] is None else f", GPU busy {tr['gpu_busy_ms']:.1f} ms"
+            log.info("end-to-end trace: wall %.1f ms%s; timeline %s", tr["wall_ms"], busy, tr["file"])
         total = out["breakdown_ms"]["total"]
         out.update(median_s=total["median_ms"] / 1000, p10_s=total["p10_ms"] / 1000, p90_s=total["p90_ms"] / 1000,
                    batch=batch, resolution=bundle.spec.resolution, steps=bundle.spec.num_inference_steps)
         return out
     finally:
         replace_denoiser(pipe, original)
+
+
+def _file_slug(plan: str) -> str:
+    """A plan name (``fused:w8a8:fp8``, or a plan YAML's path) as a file name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", plan).strip("_") or "plan"
 
 
 def _compile_vae_decoder(bundle, mode: str) -> None:
@@ -311,8 +321,11 @@ def _run_plan(name, full, bundle, layers, s, shapes, x0, fp_out, text_len, dtype
     if s.end_to_end:
         if s.end_to_end_compile_vae:
             _compile_vae_decoder(bundle, str(s.compile))
+        trace = ws.path(f"{BENCHMARK_TRACES_DIR}/{_file_slug(name)}.json") if s.end_to_end_trace else None
         rec["end_to_end"] = _end_to_end(bundle, fn_model, run, shapes[0][1], int(s.end_to_end_repeats),
-                                        graph_components, int(s.end_to_end_host_profile))
+                                        graph_components, int(s.end_to_end_host_profile), trace)
+        if trace is not None:  # the JSON names the timeline inside the workspace, not on this machine
+            rec["end_to_end"]["trace"]["file"] = trace.relative_to(ws.root).as_posix()
     if s.save_checkpoint and name == s.save_checkpoint:
         from mixprec.checkpoint import save_quantized
         rec["checkpoint"] = save_quantized(model, ws.path(CHECKPOINT_FILE), extra={"plan": name})
