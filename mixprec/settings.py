@@ -178,6 +178,7 @@ class BenchmarkSettings(StageSettings):
         default_factory=lambda: ["text_encoder", "text_encoder_2", "denoiser", "vae_decode"])
     # > 0: one more end-to-end run under cProfile, that many functions by own host time in the JSON
     end_to_end_host_profile: int = 0
+    # one more end-to-end run under torch.profiler: timeline file, wall vs GPU-busy time in the JSON
     end_to_end_trace: bool = False
     save_checkpoint: Optional[str] = None
     kernels: Optional[dict[str, Any]] = None

@@ -160,16 +160,11 @@ def profile_host(run: Callable[[], object], top: int, before_each: Callable[[], 
 def busy_ms(intervals: Iterable[tuple[float, float]]) -> float:
     """Length of the union of ``(start, end)`` intervals in microseconds, as milliseconds (overlapping
     kernels on several streams count once)."""
-    total, cur_start, cur_end = 0.0, None, None
-    for start, end in sorted(intervals):
-        if cur_end is None or start > cur_end:
-            if cur_end is not None:
-                total += cur_end - cur_start
-            cur_start, cur_end = start, end
-        else:
-            cur_end = max(cur_end, end)
-    if cur_end is not None:
-        total += cur_end - cur_start
+    total, covered_to = 0.0, float("-inf")
+    for start, end in sorted(intervals):  # by start: each interval adds only what lies past the union so far
+        if end > covered_to:
+            total += end - max(start, covered_to)
+            covered_to = end
     return total / 1000
 
 
