@@ -308,12 +308,15 @@ def final_plan_latency(d: "WorkspaceData") -> dict[str, Any] | None:
     table's 16-bit time: whether the plan the search picked would run slower than 16 bit. None
     without final plans or a table; ``error`` when the table cannot price the plan (a bit-width it
     did not measure, layers of another model)."""
-    if not d.finals or not (d.root / artifacts.LAYER_LATENCY).exists():
+    if not d.finals:
         return None
     from mixprec.kernels.latency_table import LatencyTable
 
     try:
-        table = LatencyTable.from_json(d.latency_table_json, str(d.root / artifacts.LAYER_LATENCY))
+        data = d.latency_table_json
+        if data is None:
+            return None
+        table = LatencyTable.from_json(data, str(d.root / artifacts.LAYER_LATENCY))
         weight = d.finals["weight"].bits if "weight" in d.finals else {}
         act = d.finals["act"].bits if "act" in d.finals else {}
         missing = sorted(set(weight) - set(table.ms))
@@ -322,10 +325,15 @@ def final_plan_latency(d: "WorkspaceData") -> dict[str, Any] | None:
         predicted = table.predict_ms(weight, act)
     except (KeyError, ValueError) as e:
         return {"error": str(e.args[0] if e.args else e)}
-    settings = table.meta.get("settings") or {}
-    shape = f"{settings['resolution']}x{settings['batch_size']}" if "resolution" in settings else None
     return {"predicted_ms": predicted, "model_ms": table.model_ms, "speedup": table.model_ms / predicted,
-            "slower_than_16bit": predicted > table.model_ms, "calibrated": table.calibrated, "shape": shape}
+            "slower_than_16bit": predicted > table.model_ms, "calibrated": table.calibrated,
+            "shape": _table_shape(table.meta)}
+
+
+def _table_shape(meta: Mapping[str, Any]) -> str | None:
+    """``<resolution>x<batch>`` the latency table was measured at (None for a table without settings)."""
+    settings = meta.get("settings") or {}
+    return f"{settings['resolution']}x{settings['batch_size']}" if "resolution" in settings else None
 
 
 def latency_rows(d: "WorkspaceData") -> list[dict[str, Any]]:
@@ -334,10 +342,8 @@ def latency_rows(d: "WorkspaceData") -> list[dict[str, Any]]:
     rows = artifacts.read_pareto_latency_csv(d.root)
     if not rows:
         return []
-    settings: dict[str, Any] = {}
     try:
-        settings = ((d.latency_table_json or {}).get("meta") or {}).get("settings") or {}
+        shape = _table_shape((d.latency_table_json or {}).get("meta") or {})
     except (OSError, ValueError):
-        pass
-    shape = f"{settings['resolution']}x{settings['batch_size']}" if "resolution" in settings else None
+        shape = None
     return measured_latency(rows, d.root, d.benchmark, shape)
